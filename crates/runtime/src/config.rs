@@ -1,0 +1,333 @@
+//! Typed configuration from four layers, later ones winning: defaults < TOML file <
+//! environment (`MAILSUITE_*` and `DATABASE_URL`) < command-line `--set key=value` flags.
+//!
+//! The layers are merged as TOML values and deserialised once into the service's struct,
+//! whose `#[serde(deny_unknown_fields)]` rejects unknown keys from the file and from flags.
+//! The environment is injected as a map (tests pass their own); a `MAILSUITE_*` variable
+//! only applies to a key the struct has, because other tools (e.g. `mailctl`) share the prefix.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use toml::{Table, Value};
+
+pub const ENV_PREFIX: &str = "MAILSUITE_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("bad --set {0:?}: expected key=value")]
+    BadOverride(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Where configuration comes from, besides the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigSources {
+    pub file: Option<PathBuf>,
+    pub env: HashMap<String, String>,
+    /// `key.path=value` pairs from the command line, applied last.
+    pub overrides: Vec<String>,
+}
+
+impl ConfigSources {
+    /// The process environment, the given file and flags.
+    pub fn from_process(file: Option<PathBuf>, overrides: Vec<String>) -> Self {
+        ConfigSources {
+            file,
+            env: std::env::vars().collect(),
+            overrides,
+        }
+    }
+}
+
+/// Command-line arguments every binary accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "MAILSUITE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set listen_smtp=127.0.0.1:2525` (repeatable; wins over
+    /// file and environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn sources(&self) -> ConfigSources {
+        ConfigSources::from_process(self.config.clone(), self.set.clone())
+    }
+}
+
+/// Build `T` from its defaults and the given sources.
+pub fn load<T>(sources: &ConfigSources) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let defaults = match Value::try_from(T::default()) {
+        Ok(Value::Table(t)) => t,
+        Ok(_) => return Err(ConfigError::Invalid("config is not a table".into())),
+        Err(e) => return Err(ConfigError::Invalid(e.to_string())),
+    };
+    let mut merged = defaults.clone();
+
+    if let Some(path) = &sources.file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        merge(&mut merged, file);
+    }
+
+    let mut env: Vec<(&String, &String)> = sources.env.iter().collect();
+    env.sort();
+    for (name, value) in env {
+        let path: Vec<String> = if name == "DATABASE_URL" {
+            vec!["database_url".into()]
+        } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+            rest.to_ascii_lowercase()
+                .split("__")
+                .map(str::to_owned)
+                .collect()
+        } else {
+            continue;
+        };
+        if has_path(&defaults, &path) {
+            set_path(&mut merged, &path, parse_scalar(value));
+        }
+    }
+
+    for o in &sources.overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+        let path: Vec<String> = key.trim().split('.').map(str::to_owned).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::BadOverride(o.clone()));
+        }
+        set_path(&mut merged, &path, parse_scalar(value.trim()));
+    }
+
+    Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))
+}
+
+/// A value as TOML would read it (numbers, booleans, arrays), else a plain string.
+fn parse_scalar(raw: &str) -> Value {
+    match toml::from_str::<Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.into())),
+        Err(_) => Value::String(raw.into()),
+    }
+}
+
+fn merge(into: &mut Table, from: Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Table(a)), Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn has_path(t: &Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => t.contains_key(last),
+        [first, rest @ ..] => match t.get(first) {
+            Some(Value::Table(sub)) => has_path(sub, rest) || (rest.len() == 1 && !sub.is_empty()),
+            _ => false,
+        },
+    }
+}
+
+fn set_path(t: &mut Table, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            // Keep strings for keys that are strings by default ("0123" stays a string).
+            let value = match (t.get(last), value) {
+                (Some(Value::String(_)), v) if !v.is_str() => Value::String(scalar_text(&v)),
+                (_, v) => v,
+            };
+            t.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = t
+                .entry(first.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
+            if !entry.is_table() {
+                *entry = Value::Table(Table::new());
+            }
+            if let Value::Table(sub) = entry {
+                set_path(sub, rest, value);
+            }
+        }
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        listen: String,
+        max_connections: u32,
+        hostname: String,
+        database_url: String,
+        tls: SampleTls,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct SampleTls {
+        cert: String,
+        required: bool,
+    }
+
+    impl Default for Sample {
+        fn default() -> Self {
+            Sample {
+                listen: "127.0.0.1:25".into(),
+                max_connections: 100,
+                hostname: "default.host".into(),
+                database_url: String::new(),
+                tls: SampleTls::default(),
+            }
+        }
+    }
+
+    impl Default for SampleTls {
+        fn default() -> Self {
+            SampleTls {
+                cert: String::new(),
+                required: true,
+            }
+        }
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_alone() {
+        let c: Sample = load(&ConfigSources::default()).unwrap();
+        assert_eq!(c, Sample::default());
+    }
+
+    #[test]
+    fn precedence_flag_over_env_over_file_over_default() {
+        let f = file("listen = \"file:1\"\nmax_connections = 7\nhostname = \"file.host\"\n[tls]\ncert = \"file.pem\"\n");
+        let env: HashMap<String, String> = [
+            ("MAILSUITE_LISTEN", "env:2"),
+            ("MAILSUITE_MAX_CONNECTIONS", "8"),
+            ("MAILSUITE_TLS__REQUIRED", "false"),
+            ("DATABASE_URL", "postgres://env/db"),
+            ("MAILSUITE_STORE_URL", "ignored: not a key of this struct"),
+            ("UNRELATED", "x"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let sources = ConfigSources {
+            file: Some(f.path().to_path_buf()),
+            env,
+            overrides: vec!["listen=flag:3".into()],
+        };
+        let c: Sample = load(&sources).unwrap();
+        assert_eq!(c.listen, "flag:3", "flag wins over env and file");
+        assert_eq!(c.max_connections, 8, "env wins over file");
+        assert_eq!(c.hostname, "file.host", "file wins over default");
+        assert_eq!(c.tls.cert, "file.pem");
+        assert!(!c.tls.required, "nested env key applied");
+        assert_eq!(c.database_url, "postgres://env/db", "DATABASE_URL honoured");
+    }
+
+    #[test]
+    fn unknown_keys_rejected_in_file_and_flags() {
+        let f = file("listne = \"typo\"\n");
+        let err = load::<Sample>(&ConfigSources {
+            file: Some(f.path().to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+
+        let f = file("[tls]\ncertt = \"x\"\n");
+        let err = load::<Sample>(&ConfigSources {
+            file: Some(f.path().to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("certt"), "{err}");
+
+        let err = load::<Sample>(&ConfigSources {
+            overrides: vec!["nope=1".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+
+        let err = load::<Sample>(&ConfigSources {
+            overrides: vec!["novalue".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::BadOverride(_)));
+    }
+
+    #[test]
+    fn bad_types_and_syntax_are_reported() {
+        let err = load::<Sample>(&ConfigSources {
+            overrides: vec!["max_connections=lots".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let f = file("listen = \n");
+        let err = load::<Sample>(&ConfigSources {
+            file: Some(f.path().to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn string_keys_keep_numeric_looking_values_as_strings() {
+        let c: Sample = load(&ConfigSources {
+            overrides: vec!["hostname=12345".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.hostname, "12345");
+    }
+}

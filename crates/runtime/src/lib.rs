@@ -1,0 +1,16 @@
+//! What every mailsuite service shares: configuration, telemetry, TLS, listeners with
+//! connection limits, graceful shutdown, gRPC plumbing (health, trace propagation, error
+//! mapping) and the database (pool + migrations).
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod listener;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+pub use error::ServiceError;
+pub use shutdown::Shutdown;

@@ -1,0 +1,206 @@
+//! A TCP listener that enforces a global and a per-IP connection limit. Connections over a
+//! limit are handed back as `Refused`, so the protocol can send its own refusal (SMTP 421,
+//! POP3 -ERR, IMAP BYE) before closing.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnLimits {
+    /// Connections open at once on this listener; 0 = unlimited.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; 0 = unlimited.
+    pub max_per_ip: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 10_000,
+            max_per_ip: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    TooManyConnections,
+    TooManyFromIp,
+}
+
+#[derive(Default, Debug)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Held by an accepted connection; releases its slot when dropped.
+#[derive(Debug)]
+pub struct ConnGuard {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub enum Admission {
+    Accepted {
+        stream: TcpStream,
+        peer: SocketAddr,
+        guard: ConnGuard,
+    },
+    Refused {
+        stream: TcpStream,
+        peer: SocketAddr,
+        reason: RefuseReason,
+    },
+}
+
+pub struct LimitedListener {
+    inner: TcpListener,
+    limits: ConnLimits,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl LimitedListener {
+    pub async fn bind(addr: &str, limits: ConnLimits) -> std::io::Result<Self> {
+        let inner = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+        })?;
+        Ok(Self::from_listener(inner, limits))
+    }
+
+    pub fn from_listener(inner: TcpListener, limits: ConnLimits) -> Self {
+        LimitedListener {
+            inner,
+            limits,
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Open connections right now.
+    pub fn open_connections(&self) -> usize {
+        self.counts.lock().map(|c| c.total).unwrap_or(0)
+    }
+
+    pub async fn accept(&self) -> std::io::Result<Admission> {
+        let (stream, peer) = self.inner.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let ip = peer.ip();
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if self.limits.max_connections > 0 && c.total >= self.limits.max_connections {
+            return Ok(Admission::Refused {
+                stream,
+                peer,
+                reason: RefuseReason::TooManyConnections,
+            });
+        }
+        let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if self.limits.max_per_ip > 0 && from_ip >= self.limits.max_per_ip {
+            return Ok(Admission::Refused {
+                stream,
+                peer,
+                reason: RefuseReason::TooManyFromIp,
+            });
+        }
+        c.total += 1;
+        *c.per_ip.entry(ip).or_insert(0) += 1;
+        drop(c);
+        Ok(Admission::Accepted {
+            stream,
+            peer,
+            guard: ConnGuard {
+                counts: self.counts.clone(),
+                ip,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn admit(l: &LimitedListener, addr: SocketAddr) -> (TcpStream, Admission) {
+        let client = TcpStream::connect(addr).await.unwrap();
+        (client, l.accept().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn per_ip_limit_refuses_and_releases() {
+        let l = LimitedListener::bind(
+            "127.0.0.1:0",
+            ConnLimits {
+                max_connections: 100,
+                max_per_ip: 2,
+            },
+        )
+        .await
+        .unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_c1, a1) = admit(&l, addr).await;
+        let (_c2, a2) = admit(&l, addr).await;
+        let (_c3, a3) = admit(&l, addr).await;
+        assert!(matches!(a1, Admission::Accepted { .. }));
+        assert!(matches!(a2, Admission::Accepted { .. }));
+        assert!(matches!(
+            a3,
+            Admission::Refused {
+                reason: RefuseReason::TooManyFromIp,
+                ..
+            }
+        ));
+        assert_eq!(l.open_connections(), 2);
+        drop(a1);
+        assert_eq!(l.open_connections(), 1);
+        let (_c4, a4) = admit(&l, addr).await;
+        assert!(
+            matches!(a4, Admission::Accepted { .. }),
+            "slot freed by the closed connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn global_limit_refuses() {
+        let l = LimitedListener::bind(
+            "127.0.0.1:0",
+            ConnLimits {
+                max_connections: 1,
+                max_per_ip: 0,
+            },
+        )
+        .await
+        .unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_c1, a1) = admit(&l, addr).await;
+        let (_c2, a2) = admit(&l, addr).await;
+        assert!(matches!(a1, Admission::Accepted { .. }));
+        assert!(matches!(
+            a2,
+            Admission::Refused {
+                reason: RefuseReason::TooManyConnections,
+                ..
+            }
+        ));
+    }
+}

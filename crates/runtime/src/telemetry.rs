@@ -1,0 +1,88 @@
+//! Logs and traces: a `tracing` subscriber (text or JSON), plus OpenTelemetry export over
+//! OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The W3C trace-context propagator is
+//! always installed, so traces continue across services even when only some export.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Flushes and shuts the exporter down when dropped.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.force_flush();
+            let _ = p.shutdown();
+        }
+    }
+}
+
+pub fn install_propagator() {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+/// A tracer provider sending every span to `exporter` as it ends (used by tests with an
+/// in-memory exporter) or in batches (OTLP).
+pub fn provider_with(exporter: impl SpanExporter + 'static, service: &str, batch: bool) -> SdkTracerProvider {
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_string())
+        .build();
+    let b = SdkTracerProvider::builder().with_resource(resource);
+    let b = if batch {
+        b.with_batch_exporter(exporter)
+    } else {
+        b.with_simple_exporter(exporter)
+    };
+    b.build()
+}
+
+/// Install the global subscriber. `json` switches log lines to JSON. The service name comes
+/// from `OTEL_SERVICE_NAME` when set.
+pub fn init(service: &str, json: bool) -> TelemetryGuard {
+    install_propagator();
+    let filter = EnvFilter::try_from_env("MAILSUITE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
+
+    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(ep) if !ep.is_empty() => {
+            match opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+            {
+                Ok(exp) => Some(provider_with(exp, &service, true)),
+                Err(e) => {
+                    eprintln!("OTLP exporter disabled: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("mailsuite"))
+            .boxed()
+    });
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer().compact().boxed()
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    TelemetryGuard { provider }
+}

@@ -1,0 +1,186 @@
+//! Finding a PostgreSQL server: `DATABASE_URL`, else localhost:5432, else a private cluster
+//! started with `initdb`/`pg_ctl` (found on PATH or under /usr/lib/postgresql/*/bin). The
+//! same logic serves `mailsuite up` (a cluster under ./var) and the test kit (a cluster in
+//! the system temp dir, kept running and reused by later test binaries).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error(
+        "no PostgreSQL server is reachable and no PostgreSQL binaries (initdb, pg_ctl) were found.\n\
+         Install PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql`)\n\
+         or set DATABASE_URL to a server you have."
+    )]
+    NoBinaries,
+    #[error("{step} failed: {message}")]
+    Command { step: String, message: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Directory holding `initdb` and `pg_ctl`.
+pub fn find_bindir() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// Is something accepting TCP connections at host:port?
+pub fn port_open(host: &str, port: u16) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(addrs) = (host, port).to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the process's effective user.
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// initdb refuses to run as root: run the PostgreSQL tools as the `postgres` user then.
+fn pg_command(bindir: &Path, tool: &str, as_postgres: bool) -> Command {
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bindir.join(tool));
+        c
+    } else {
+        Command::new(bindir.join(tool))
+    }
+}
+
+fn run(step: &str, mut c: Command) -> Result<(), PgError> {
+    let out = c.output().map_err(|e| PgError::Command {
+        step: step.into(),
+        message: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(PgError::Command {
+            step: step.into(),
+            message: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A private cluster in `dir`, created if needed and started if not running. Returns a
+/// superuser URL for it (trust auth on 127.0.0.1 only).
+pub struct PrivateCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    bindir: PathBuf,
+    as_postgres: bool,
+}
+
+impl PrivateCluster {
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn ensure(dir: &Path) -> Result<PrivateCluster, PgError> {
+        let bindir = find_bindir().ok_or(PgError::NoBinaries)?;
+        let as_postgres = is_root();
+        std::fs::create_dir_all(dir)?;
+        let data = dir.join("data");
+        let port_file = dir.join("port");
+        if as_postgres {
+            run("chown", {
+                let mut c = Command::new("chown");
+                c.args(["-R", "postgres:postgres"]).arg(dir);
+                c
+            })?;
+        }
+        if !data.join("PG_VERSION").exists() {
+            let mut c = pg_command(&bindir, "initdb", as_postgres);
+            c.arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+            run("initdb", c)?;
+        }
+        let port = match std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+        {
+            Some(p) if port_open("127.0.0.1", p) => {
+                return Ok(PrivateCluster {
+                    dir: dir.into(),
+                    port: p,
+                    bindir,
+                    as_postgres,
+                });
+            }
+            _ => free_port()?,
+        };
+        std::fs::write(&port_file, port.to_string())?;
+        let mut c = pg_command(&bindir, "pg_ctl", as_postgres);
+        c.arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=on",
+                dir.display()
+            ))
+            .arg("start");
+        run("pg_ctl start", c)?;
+        Ok(PrivateCluster {
+            dir: dir.into(),
+            port,
+            bindir,
+            as_postgres,
+        })
+    }
+
+    pub fn stop(&self) -> Result<(), PgError> {
+        let mut c = pg_command(&self.bindir, "pg_ctl", self.as_postgres);
+        c.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"]);
+        run("pg_ctl stop", c)
+    }
+}
+
+/// A superuser URL for some server: DATABASE_URL, else localhost:5432, else a private
+/// cluster in `private_dir`. The second value is the cluster when one was started.
+pub fn locate(private_dir: &Path) -> Result<(String, Option<PrivateCluster>), PgError> {
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && !url.is_empty()
+    {
+        return Ok((url, None));
+    }
+    if port_open("127.0.0.1", 5432) {
+        return Ok(("postgres://postgres@127.0.0.1:5432/postgres".into(), None));
+    }
+    let c = PrivateCluster::ensure(private_dir)?;
+    Ok((c.url(), Some(c)))
+}
