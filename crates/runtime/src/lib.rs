@@ -8,6 +8,7 @@ pub mod error;
 pub mod grpc;
 pub mod listener;
 pub mod ops;
+pub mod pg;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
-use crate::pg;
+use mailsuite_runtime::pg;
 
 static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
 

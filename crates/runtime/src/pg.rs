@@ -184,3 +184,28 @@ pub fn locate(private_dir: &Path) -> Result<(String, Option<PrivateCluster>), Pg
     let c = PrivateCluster::ensure(private_dir)?;
     Ok((c.url(), Some(c)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_cluster_starts_serves_and_stops() {
+        if find_bindir().is_none() {
+            // The DESIGN requires a clear error in that case; that is what we check then.
+            let dir = tempfile::tempdir().unwrap();
+            let err = PrivateCluster::ensure(dir.path()).err().unwrap();
+            assert!(err.to_string().contains("Install PostgreSQL"));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = PrivateCluster::ensure(dir.path()).expect("private cluster");
+        assert!(port_open("127.0.0.1", cluster.port));
+        assert!(cluster.url().contains(&cluster.port.to_string()));
+        // A second ensure reuses the running cluster.
+        let again = PrivateCluster::ensure(dir.path()).unwrap();
+        assert_eq!(again.port, cluster.port);
+        cluster.stop().unwrap();
+        assert!(!port_open("127.0.0.1", cluster.port));
+    }
+}
