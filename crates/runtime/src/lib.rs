@@ -7,6 +7,7 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod listener;
+pub mod metrics;
 pub mod ops;
 pub mod pg;
 pub mod shutdown;

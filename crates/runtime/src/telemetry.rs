@@ -1,6 +1,7 @@
 //! Logs and traces: a `tracing` subscriber (text or JSON), plus OpenTelemetry export over
 //! OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The W3C trace-context propagator is
-//! always installed, so traces continue across services even when only some export.
+//! always installed, so traces continue across services even when only some export. Metrics
+//! (`crate::metrics`) are set up here too: OTLP push beside the Prometheus endpoint.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -12,6 +13,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// Flushes and shuts the exporter down when dropped.
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    _metrics: crate::metrics::MetricsGuard,
 }
 
 impl Drop for TelemetryGuard {
@@ -29,7 +31,11 @@ pub fn install_propagator() {
 
 /// A tracer provider sending every span to `exporter` as it ends (used by tests with an
 /// in-memory exporter) or in batches (OTLP).
-pub fn provider_with(exporter: impl SpanExporter + 'static, service: &str, batch: bool) -> SdkTracerProvider {
+pub fn provider_with(
+    exporter: impl SpanExporter + 'static,
+    service: &str,
+    batch: bool,
+) -> SdkTracerProvider {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service.to_string())
         .build();
@@ -84,5 +90,8 @@ pub fn init(service: &str, json: bool) -> TelemetryGuard {
         .with(fmt)
         .with(otel)
         .try_init();
-    TelemetryGuard { provider }
+    TelemetryGuard {
+        provider,
+        _metrics: crate::metrics::init(&service),
+    }
 }
