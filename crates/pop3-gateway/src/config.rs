@@ -1,0 +1,173 @@
+//! Configuration of the POP3 gateway. Every limit is a field here with its default documented.
+
+use mailsuite_runtime::listener::ConnLimits;
+use mailsuite_runtime::tls::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Plain POP3 with STLS (RFC 2595). Empty string disables it.
+    pub listen_pop3: String,
+    /// POP3 over implicit TLS. Empty string disables it.
+    pub listen_pop3s: String,
+    /// HTTP `/healthz`, `/readyz`, `/metrics`. Empty string disables it.
+    pub listen_ops: String,
+    /// The mailbox-store gRPC endpoint.
+    pub store_url: String,
+    /// Shown in the greeting.
+    pub hostname: String,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    /// RFC 2449 EXPIRE capability (e.g. "NEVER" or a number of days). Advertised only: the
+    /// retention policy itself is enforced elsewhere. Empty = not advertised.
+    pub expire: String,
+    /// RFC 2449 LOGIN-DELAY in seconds: advertised, and a login of the same account sooner
+    /// than this on this replica is refused with `[LOGIN-DELAY]`. 0 = not advertised.
+    pub login_delay: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_pop3: "0.0.0.0:110".into(),
+            listen_pop3s: "0.0.0.0:995".into(),
+            listen_ops: "0.0.0.0:9110".into(),
+            store_url: "http://127.0.0.1:50051".into(),
+            hostname: "localhost".into(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+            expire: String::new(),
+            login_delay: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accept USER/PASS and AUTH without TLS from loopback peers (tests, local tools).
+    /// Connections from any other address always need TLS first.
+    pub allow_plaintext_loopback: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections per listener and per client IP (over the limit: `-ERR [SYS/TEMP]`).
+    pub connections: ConnLimits,
+    /// Longest accepted command line, CRLF included (default 1024; RFC 2449 bounds client
+    /// commands to 255 octets, but SASL responses may be longer).
+    pub max_line: usize,
+    /// RFC 1939 §3 auto-logout timer in seconds (default 600; the RFC requires at least 10
+    /// minutes, lower values are for tests).
+    pub idle_timeout_secs: u64,
+    /// Give up on a client that does not read its response for this long (default 300).
+    pub write_timeout_secs: u64,
+    /// TLS handshake deadline, for both STLS and port 995 (default 30).
+    pub tls_handshake_timeout_secs: u64,
+    /// Delay before answering a failed login; doubles with every further failure in the
+    /// same connection (default 1000 ms) ...
+    pub auth_failure_delay_ms: u64,
+    /// ... up to this much (default 16000 ms).
+    pub auth_failure_delay_max_ms: u64,
+    /// Failed logins after which the connection is closed (default 5).
+    pub max_auth_failures: u32,
+    /// Unknown, malformed or out-of-state commands after which the connection is closed
+    /// (default 20).
+    pub max_bad_commands: u32,
+    /// Deadline for one call to mailbox-store, and for each chunk of a streamed message
+    /// (default 30).
+    pub store_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: ConnLimits::default(),
+            max_line: 1024,
+            idle_timeout_secs: 600,
+            write_timeout_secs: 300,
+            tls_handshake_timeout_secs: 30,
+            auth_failure_delay_ms: 1000,
+            auth_failure_delay_max_ms: 16_000,
+            max_auth_failures: 5,
+            max_bad_commands: 20,
+            store_timeout_secs: 30,
+        }
+    }
+}
+
+impl Limits {
+    /// How long to wait before answering the `failures`-th failed login (1-based).
+    pub fn auth_failure_delay(&self, failures: u32) -> std::time::Duration {
+        let shift = failures.saturating_sub(1).min(20);
+        let ms = self
+            .auth_failure_delay_ms
+            .saturating_mul(1u64 << shift)
+            .min(
+                self.auth_failure_delay_max_ms
+                    .max(self.auth_failure_delay_ms),
+            );
+        std::time::Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailsuite_runtime::config::{ConfigSources, load};
+    use std::time::Duration;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: Config = load(&ConfigSources::default()).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen_pop3, "0.0.0.0:110");
+        assert_eq!(c.listen_pop3s, "0.0.0.0:995");
+        assert_eq!(c.listen_ops, "0.0.0.0:9110");
+        assert!(
+            c.limits.idle_timeout_secs >= 600,
+            "RFC 1939: at least 10 minutes"
+        );
+
+        let c: Config = load(&ConfigSources {
+            overrides: vec![
+                "listen_pop3=".into(),
+                "limits.max_line=300".into(),
+                "auth.allow_plaintext_loopback=true".into(),
+                "limits.connections.max_per_ip=3".into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen_pop3, "");
+        assert_eq!(c.limits.max_line, 300);
+        assert!(c.auth.allow_plaintext_loopback);
+        assert_eq!(c.limits.connections.max_per_ip, 3);
+
+        let err = load::<Config>(&ConfigSources {
+            overrides: vec!["limits.max_lines=3".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_lines"), "{err}");
+    }
+
+    #[test]
+    fn auth_delay_grows_and_is_capped() {
+        let l = Limits {
+            auth_failure_delay_ms: 100,
+            auth_failure_delay_max_ms: 1000,
+            ..Limits::default()
+        };
+        let d: Vec<Duration> = (1..=6).map(|n| l.auth_failure_delay(n)).collect();
+        assert_eq!(
+            d,
+            [100, 200, 400, 800, 1000, 1000].map(Duration::from_millis)
+        );
+        assert_eq!(l.auth_failure_delay(u32::MAX), Duration::from_millis(1000));
+    }
+}
