@@ -1,0 +1,212 @@
+//! What the session needs from the rest of the system, as a trait (so the state machine is
+//! tested without sockets), and its implementation over gRPC: Directory, Delivery and
+//! Mailbox of mailbox-store, Queue of relay-queue.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use mailsuite_proto::delivery_client::DeliveryClient;
+use mailsuite_proto::directory_client::DirectoryClient;
+use mailsuite_proto::mailbox_client::MailboxClient;
+use mailsuite_proto::queue_client::QueueClient;
+use mailsuite_proto::{
+    Account, AlertRequest, AuthenticateRequest, CheckSenderRequest, DeliverChunk, DeliverHeader,
+    DeliverResponse, EnqueueChunk, EnqueueHeader, EnqueueResponse, ExpandRequest, ExpandResponse,
+    FlushRequest, ResolveRequest, ResolveResponse, deliver_chunk, enqueue_chunk,
+};
+use mailsuite_runtime::ServiceError;
+use mailsuite_runtime::grpc::{GrpcChannel, connect_lazy};
+
+/// Streamed message chunks stay under the 64 KiB frame rule.
+const CHUNK: usize = 64 * 1024;
+
+pub type BResult<T> = Result<T, ServiceError>;
+
+pub trait Backend: Send + Sync + 'static {
+    fn resolve(&self, address: &str) -> impl Future<Output = BResult<ResolveResponse>> + Send;
+    /// `Ok(None)` for a wrong user name or password.
+    fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        remote_ip: &str,
+    ) -> impl Future<Output = BResult<Option<Account>>> + Send;
+    fn check_sender(
+        &self,
+        account_id: i64,
+        address: &str,
+    ) -> impl Future<Output = BResult<bool>> + Send;
+    fn expand(&self, address: &str) -> impl Future<Output = BResult<ExpandResponse>> + Send;
+    fn deliver(
+        &self,
+        header: DeliverHeader,
+        body: Bytes,
+    ) -> impl Future<Output = BResult<DeliverResponse>> + Send;
+    fn enqueue(
+        &self,
+        header: EnqueueHeader,
+        body: Bytes,
+    ) -> impl Future<Output = BResult<EnqueueResponse>> + Send;
+    /// Returns whether the user had an open session.
+    fn alert(&self, address: &str, text: &str) -> impl Future<Output = BResult<bool>> + Send;
+    /// ETRN: recipients made due.
+    fn flush(&self, domain: &str) -> impl Future<Output = BResult<u32>> + Send;
+}
+
+#[derive(Clone)]
+pub struct GrpcBackend {
+    directory: DirectoryClient<GrpcChannel>,
+    delivery: DeliveryClient<GrpcChannel>,
+    mailbox: MailboxClient<GrpcChannel>,
+    queue: QueueClient<GrpcChannel>,
+}
+
+impl GrpcBackend {
+    pub fn new(store_url: &str, queue_url: &str) -> Result<Self, tonic::transport::Error> {
+        let store = connect_lazy(store_url)?;
+        let queue = connect_lazy(queue_url)?;
+        Ok(GrpcBackend {
+            directory: DirectoryClient::new(store.clone()),
+            delivery: DeliveryClient::new(store.clone()),
+            mailbox: MailboxClient::new(store),
+            queue: QueueClient::new(queue),
+        })
+    }
+}
+
+fn chunks<T>(body: &Bytes, wrap: impl Fn(Bytes) -> T) -> Vec<T> {
+    let mut out = Vec::with_capacity(body.len() / CHUNK + 1);
+    let mut at = 0;
+    while at < body.len() {
+        let end = (at + CHUNK).min(body.len());
+        out.push(wrap(body.slice(at..end)));
+        at = end;
+    }
+    out
+}
+
+impl Backend for GrpcBackend {
+    async fn resolve(&self, address: &str) -> BResult<ResolveResponse> {
+        let r = self
+            .directory
+            .clone()
+            .resolve(ResolveRequest {
+                address: address.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        remote_ip: &str,
+    ) -> BResult<Option<Account>> {
+        let r = self
+            .directory
+            .clone()
+            .authenticate(AuthenticateRequest {
+                username: username.to_string(),
+                password: password.to_string(),
+                remote_ip: remote_ip.to_string(),
+                protocol: "smtp".into(),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(if r.ok { r.account } else { None })
+            }
+            Err(s) => match ServiceError::from(s) {
+                ServiceError::Unauthenticated | ServiceError::NotFound(_) => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn check_sender(&self, account_id: i64, address: &str) -> BResult<bool> {
+        let r = self
+            .directory
+            .clone()
+            .check_sender(CheckSenderRequest {
+                account_id,
+                address: address.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().allowed)
+    }
+
+    async fn expand(&self, address: &str) -> BResult<ExpandResponse> {
+        let r = self
+            .directory
+            .clone()
+            .expand(ExpandRequest {
+                address: address.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    async fn deliver(&self, header: DeliverHeader, body: Bytes) -> BResult<DeliverResponse> {
+        let mut msgs = vec![DeliverChunk {
+            part: Some(deliver_chunk::Part::Header(header)),
+        }];
+        msgs.extend(chunks(&body, |b| DeliverChunk {
+            part: Some(deliver_chunk::Part::Data(b.to_vec())),
+        }));
+        let r = self
+            .delivery
+            .clone()
+            .deliver(tokio_stream::iter(msgs))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    async fn enqueue(&self, header: EnqueueHeader, body: Bytes) -> BResult<EnqueueResponse> {
+        let mut msgs = vec![EnqueueChunk {
+            part: Some(enqueue_chunk::Part::Header(header)),
+        }];
+        msgs.extend(chunks(&body, |b| EnqueueChunk {
+            part: Some(enqueue_chunk::Part::Data(b.to_vec())),
+        }));
+        let r = self.queue.clone().enqueue(tokio_stream::iter(msgs)).await?;
+        Ok(r.into_inner())
+    }
+
+    async fn alert(&self, address: &str, text: &str) -> BResult<bool> {
+        let r = self
+            .mailbox
+            .clone()
+            .alert(AlertRequest {
+                address: address.to_string(),
+                text: text.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().online)
+    }
+
+    async fn flush(&self, domain: &str) -> BResult<u32> {
+        let r = self
+            .queue
+            .clone()
+            .flush(FlushRequest {
+                domain: domain.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().recipients)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_chunked_under_64k() {
+        let body = Bytes::from(vec![7u8; CHUNK * 2 + 5]);
+        let c = chunks(&body, |b| b.len());
+        assert_eq!(c, vec![CHUNK, CHUNK, 5]);
+        assert!(chunks(&Bytes::new(), |b| b.len()).is_empty());
+    }
+}

@@ -1,0 +1,172 @@
+//! smtp-ingress configuration. Every limit is here with its default; an empty listen address
+//! disables that listener.
+
+use mailsuite_runtime::listener::ConnLimits;
+use mailsuite_runtime::tls::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::BareLineEnd;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// MX: inbound mail for hosted domains (STARTTLS offered).
+    pub listen_smtp: String,
+    /// Submission with STARTTLS (RFC 6409).
+    pub listen_submission: String,
+    /// Submission over implicit TLS (RFC 8314).
+    pub listen_submissions: String,
+    /// HTTP /healthz /readyz /metrics.
+    pub listen_ops: String,
+    /// Our name in the greeting, EHLO, Received and Authentication-Results.
+    pub hostname: String,
+    pub store_url: String,
+    pub queue_url: String,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    pub policy: Policy,
+    pub dns: DnsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_smtp: "0.0.0.0:25".into(),
+            listen_submission: "0.0.0.0:587".into(),
+            listen_submissions: "0.0.0.0:465".into(),
+            listen_ops: "0.0.0.0:9025".into(),
+            hostname: "localhost".into(),
+            store_url: "http://127.0.0.1:50051".into(),
+            queue_url: "http://127.0.0.1:50052".into(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+            policy: Policy::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line accepted, without CRLF (RFC 5321 §4.5.3.1.4 asks for at least 510).
+    pub max_line_length: usize,
+    /// Largest message (SIZE, enforced during DATA/BDAT too).
+    pub max_message_size: u64,
+    /// Recipients per message (RFC 5321 §4.5.3.1.8: at least 100).
+    pub max_recipients: usize,
+    /// Messages per connection; then `421`.
+    pub max_messages_per_session: u32,
+    /// Protocol errors (5xx replies to bad or out-of-order commands) per connection; then `421`.
+    pub max_errors: u32,
+    /// Connections open at once, overall and per IP (per listener).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Messages accepted from one IP per minute (0 = unlimited); then `450 4.7.1`.
+    pub max_messages_per_ip_per_minute: u32,
+    /// AUTH failures from one IP per minute before `421`; each failure waits longer.
+    pub max_auth_failures_per_ip_per_minute: u32,
+    /// Delay added per recent AUTH failure of that IP, in milliseconds (capped at 5 s).
+    pub auth_failure_delay_ms: u64,
+    /// Waiting for a command (RFC 5321 §4.5.3.2: 5 minutes).
+    pub command_timeout_secs: u64,
+    /// Waiting for the next block of DATA (RFC 5321 §4.5.3.2.5: 3 minutes).
+    pub data_timeout_secs: u64,
+    /// The whole DATA/BDAT transfer of one message, against clients that trickle bytes.
+    pub data_total_timeout_secs: u64,
+    /// Lifetime of one connection, so no client can hold a task forever.
+    pub session_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line_length: 2048,
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 100,
+            max_messages_per_session: 100,
+            max_errors: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            max_messages_per_ip_per_minute: 600,
+            max_auth_failures_per_ip_per_minute: 10,
+            auth_failure_delay_ms: 500,
+            command_timeout_secs: 300,
+            data_timeout_secs: 180,
+            data_total_timeout_secs: 600,
+            session_timeout_secs: 3600,
+        }
+    }
+}
+
+impl Limits {
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            max_per_ip: self.max_connections_per_ip,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Allow AUTH without TLS from loopback addresses (tests only).
+    pub allow_plaintext_loopback: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Bare CR/LF inside DATA: `reject` (550 5.6.0) or `normalize`.
+    pub bare_line_end: BareLineEnd,
+    /// Refuse a DMARC `p=reject` failure with `550 5.7.1` (else only record it).
+    pub dmarc_reject: bool,
+    /// Verify SPF, DKIM and DMARC on the MX port.
+    pub verify_inbound: bool,
+    /// VRFY answers truthfully for authenticated submission sessions (else always `252`).
+    pub vrfy: bool,
+    /// EXPN lists members for authenticated sessions (else `502`).
+    pub expn: bool,
+    /// SEND/SOML/SAML for authenticated submission sessions (else `502`).
+    pub terminal_commands: bool,
+    /// ETRN (RFC 1985).
+    pub etrn: bool,
+    /// Refuse an unauthenticated MAIL FROM in one of our own domains on the MX port.
+    pub reject_unauthenticated_local_sender: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            bare_line_end: BareLineEnd::Reject,
+            dmarc_reject: true,
+            verify_inbound: true,
+            vrfy: true,
+            expn: true,
+            terminal_commands: true,
+            etrn: true,
+            reject_unauthenticated_local_sender: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers as `ip:port`; empty = the system configuration (/etc/resolv.conf).
+    pub nameservers: Vec<String>,
+    /// Per-query timeout.
+    pub timeout_secs: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout_secs: 5,
+        }
+    }
+}

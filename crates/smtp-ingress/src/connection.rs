@@ -1,0 +1,310 @@
+//! The I/O driver of one SMTP connection: reads with timeouts, frames lines, feeds the session,
+//! streams DATA/BDAT bodies through their bounded readers, upgrades to TLS on STARTTLS, and
+//! says goodbye (`421 4.3.2`) when the server shuts down.
+//!
+//! Pipelining (RFC 2920): replies are collected while complete commands remain in the input
+//! buffer and flushed when it runs dry, so a pipelined batch costs one write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailsuite_runtime::Shutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsAcceptor;
+
+use crate::backend::Backend;
+use crate::codec::{BdatReader, DataReader, Line, LineReader, parse_command};
+use crate::reply::Reply;
+use crate::session::{Next, Outcome, Session, TlsInfo};
+
+/// Any byte stream a session can run on (TCP, TLS over TCP, an in-memory pipe in tests).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+const READ_CHUNK: usize = 16 * 1024;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upgrade a stream to TLS (STARTTLS, or implicit TLS on 465).
+pub async fn into_tls<S: Io + 'static>(
+    stream: S,
+    acceptor: &TlsAcceptor,
+) -> std::io::Result<(Box<dyn Io>, TlsInfo)> {
+    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout")
+        })??;
+    let conn = tls.get_ref().1;
+    let version = conn
+        .protocol_version()
+        .and_then(|v| v.as_str())
+        .unwrap_or("TLS")
+        .replace('_', ".");
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|c| c.suite().as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    Ok((Box::new(tls), TlsInfo { version, cipher }))
+}
+
+enum Stop {
+    /// The peer closed, or an I/O error: nothing more to say.
+    Gone,
+    /// Say this and close.
+    Say(Reply),
+}
+
+struct Driver<B: Backend> {
+    io: Box<dyn Io>,
+    session: Session<B>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    shutdown: Shutdown,
+    session_deadline: Instant,
+    command_timeout: Duration,
+    data_timeout: Duration,
+    data_total: Duration,
+    max_line: usize,
+    bare: crate::codec::BareLineEnd,
+}
+
+impl<B: Backend> Driver<B> {
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if !self.output.is_empty() {
+            let out = std::mem::take(&mut self.output);
+            self.io.write_all(&out).await.map_err(|_| Stop::Gone)?;
+            self.io.flush().await.map_err(|_| Stop::Gone)?;
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, r: &Reply) {
+        self.output.extend_from_slice(&r.serialize());
+    }
+
+    fn timeout_reply(&self) -> Reply {
+        Reply::new(421, "4.4.2", "Timeout exceeded, closing connection")
+    }
+
+    /// Read more input. `idle`: we are between commands, so shutdown ends the session.
+    async fn fill(&mut self, deadline: Instant, idle: bool) -> Result<(), Stop> {
+        self.flush().await?;
+        let deadline = deadline.min(self.session_deadline);
+        let mut tmp = [0u8; READ_CHUNK];
+        let read = async {
+            tokio::select! {
+                r = timeout_at(deadline, self.io.read(&mut tmp)) => Some(r),
+                _ = self.shutdown.stopping(), if idle => None,
+                _ = self.shutdown.forced() => None,
+            }
+        };
+        match read.await {
+            None => Err(Stop::Say(self.session.shutdown_reply())),
+            Some(Err(_)) => Err(Stop::Say(self.timeout_reply())),
+            Some(Ok(Ok(0))) | Some(Ok(Err(_))) => Err(Stop::Gone),
+            Some(Ok(Ok(n))) => {
+                self.input.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+        }
+    }
+
+    async fn next_line(&mut self, lines: &mut LineReader) -> Result<Line, Stop> {
+        loop {
+            if !self.input.is_empty() {
+                let (n, line) = lines.feed(&self.input);
+                self.input.drain(..n);
+                if let Some(l) = line {
+                    return Ok(l);
+                }
+                continue;
+            }
+            let idle = lines.pending() == 0;
+            let deadline = Instant::now() + self.command_timeout;
+            self.fill(deadline, idle).await?;
+        }
+    }
+
+    /// Run a session step, abandoning it only when shutdown is forced.
+    async fn step<F: std::future::Future<Output = Outcome>>(
+        shutdown: &Shutdown,
+        fut: F,
+    ) -> Result<Outcome, Stop> {
+        tokio::select! {
+            o = fut => Ok(o),
+            _ = shutdown.forced() => Err(Stop::Gone),
+        }
+    }
+
+    async fn read_data(&mut self) -> Result<(Vec<u8>, crate::codec::BodyEnd), Stop> {
+        let mut reader = DataReader::new(self.session.max_message_size(), self.bare);
+        let total = Instant::now() + self.data_total;
+        loop {
+            if !self.input.is_empty() {
+                let (n, end) = reader.feed(&self.input);
+                self.input.drain(..n);
+                if let Some(end) = end {
+                    return Ok((reader.take_body(), end));
+                }
+                continue;
+            }
+            let deadline = (Instant::now() + self.data_timeout).min(total);
+            self.fill(deadline, false).await?;
+        }
+    }
+
+    async fn read_bdat(&mut self, size: u64) -> Result<(), Stop> {
+        let mut reader = BdatReader::new(size);
+        let max = self.session.max_message_size();
+        let total = Instant::now() + self.data_total;
+        let mut scratch = Vec::new();
+        while reader.remaining() > 0 {
+            if self.input.is_empty() {
+                let deadline = (Instant::now() + self.data_timeout).min(total);
+                self.fill(deadline, false).await?;
+                continue;
+            }
+            let (n, _) = match self.session.bdat_sink() {
+                Some(body) => reader.feed(&self.input, body, max),
+                None => {
+                    scratch.clear();
+                    reader.feed(&self.input, &mut scratch, 0)
+                }
+            };
+            self.input.drain(..n);
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, tls: Option<&TlsAcceptor>) -> Result<(), Stop> {
+        let greeting = self.session.greeting();
+        self.queue(&greeting);
+        let mut lines = LineReader::new(self.max_line);
+        loop {
+            let outcome = match self.next_line(&mut lines).await? {
+                Line::TooLong => self
+                    .session
+                    .bad_command(crate::codec::CommandError::LineTooLong),
+                Line::Complete(l) => match parse_command(&l) {
+                    Ok(cmd) => Self::step(&self.shutdown, self.session.command(cmd)).await?,
+                    Err(e) => self.session.bad_command(e),
+                },
+            };
+            let mut outcome = outcome;
+            // Follow-up steps (AUTH challenges, bodies) until the session is back at a command.
+            loop {
+                let Outcome { reply, next } = outcome;
+                match next {
+                    Next::Continue => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        break;
+                    }
+                    Next::Delay(d) => {
+                        self.flush().await?;
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = self.shutdown.forced() => return Err(Stop::Gone),
+                        }
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        break;
+                    }
+                    Next::Close => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    Next::StartTls => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        self.flush().await?;
+                        // Anything pipelined after STARTTLS was sent in plaintext and could
+                        // have been injected (CVE-2011-0411): it is dropped, never executed.
+                        self.input.clear();
+                        lines = LineReader::new(self.max_line);
+                        let Some(acceptor) = tls else {
+                            return Err(Stop::Gone);
+                        };
+                        let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
+                        let (io, info) = into_tls(plain, acceptor).await.map_err(|_| Stop::Gone)?;
+                        self.io = io;
+                        self.session.tls_established(info);
+                        break;
+                    }
+                    Next::AuthLine => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        let line = match self.next_line(&mut lines).await? {
+                            Line::Complete(l) => l,
+                            Line::TooLong => b"*".to_vec(),
+                        };
+                        outcome = Self::step(&self.shutdown, self.session.auth_line(&line)).await?;
+                    }
+                    Next::Data => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        let (body, end) = self.read_data().await?;
+                        outcome =
+                            Self::step(&self.shutdown, self.session.data_end(body, end)).await?;
+                    }
+                    Next::Bdat { size, last } => {
+                        if let Some(r) = reply {
+                            self.queue(&r);
+                        }
+                        self.read_bdat(size).await?;
+                        outcome =
+                            Self::step(&self.shutdown, self.session.bdat_end(size, last)).await?;
+                    }
+                }
+            }
+            if self.shutdown.is_stopping() && self.input.is_empty() {
+                let r = self.session.shutdown_reply();
+                self.queue(&r);
+                self.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Run one SMTP session to its end. `implicit_tls` has already been applied by the caller
+/// when the session starts with TLS (`session` then knows it).
+pub async fn serve<B: Backend>(
+    io: Box<dyn Io>,
+    session: Session<B>,
+    shared: Arc<crate::session::Shared<B>>,
+    tls: Option<TlsAcceptor>,
+    shutdown: Shutdown,
+) {
+    let config = &shared.config;
+    let l = &config.limits;
+    let mut d = Driver {
+        io,
+        session,
+        input: Vec::new(),
+        output: Vec::new(),
+        shutdown,
+        session_deadline: Instant::now() + Duration::from_secs(l.session_timeout_secs.max(1)),
+        command_timeout: Duration::from_secs(l.command_timeout_secs.max(1)),
+        data_timeout: Duration::from_secs(l.data_timeout_secs.max(1)),
+        data_total: Duration::from_secs(l.data_total_timeout_secs.max(1)),
+        max_line: l.max_line_length,
+        bare: config.policy.bare_line_end,
+    };
+    let result = d.run(tls.as_ref()).await;
+    if let Err(Stop::Say(r)) = result {
+        d.queue(&r);
+        let _ = tokio::time::timeout(Duration::from_secs(5), d.flush()).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), d.io.shutdown()).await;
+}

@@ -1,0 +1,1143 @@
+//! The SMTP state machine: (state, command) → reply + what the connection must do next.
+//! Every sequence rule (RCPT before MAIL, AUTH before MAIL on submission, STARTTLS before
+//! AUTH ...) lives here, in one place. Lookups and the hand-off go through `Backend`, so the
+//! whole table is tested without sockets.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use mailsuite_proto::{
+    AddressKind, DeliverHeader, DsnRet, EnqueueHeader, EnvelopeRecipient, RecipientStatus,
+};
+use smtp_proto as sp;
+
+use crate::backend::Backend;
+use crate::codec::{BodyEnd, Command, CommandError, MailFrom, RcptTo, Terminal, xtext_encode};
+use crate::config::Config;
+use crate::limits::RateLimiter;
+use crate::reply::{Reply, lookup_error, service_error};
+use crate::verify::Verifier;
+
+/// Which listener the connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// 25: inbound for hosted domains.
+    Mx,
+    /// 587: STARTTLS, then AUTH, then MAIL.
+    Submission,
+    /// 465: implicit TLS.
+    Submissions,
+}
+
+/// The TLS parameters of the connection, for the Received header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// State shared by all sessions of a server.
+pub struct Shared<B> {
+    pub config: Config,
+    pub backend: B,
+    pub rates: RateLimiter,
+    pub verifier: Option<Verifier>,
+    pub tls_available: bool,
+}
+
+/// What the connection does after sending the reply (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// Send the reply, then close.
+    Close,
+    /// Send the reply, drop any pipelined input, then run the TLS handshake.
+    StartTls,
+    /// Send the 354, then read a DATA body and call `data_end`.
+    Data,
+    /// Read `size` octets (no reply yet), then call `bdat_end`.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    /// Send the 334 challenge, then read one line and call `auth_line`.
+    AuthLine,
+    /// Wait this long before sending the reply (AUTH failure back-off).
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub reply: Option<Reply>,
+    pub next: Next,
+}
+
+impl Outcome {
+    fn reply(r: Reply) -> Outcome {
+        Outcome {
+            reply: Some(r),
+            next: Next::Continue,
+        }
+    }
+    fn then(r: Reply, next: Next) -> Outcome {
+        Outcome {
+            reply: Some(r),
+            next,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub id: i64,
+    pub address: String,
+}
+
+#[derive(Debug, Clone)]
+struct Recipient {
+    address: String,
+    notify: Vec<String>,
+    orcpt: String,
+    remote: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Transaction {
+    from: MailFrom<String>,
+    terminal: Option<Terminal>,
+    rcpts: Vec<Recipient>,
+    /// BDAT chunks received so far.
+    bdat: Option<Vec<u8>>,
+    bdat_total: u64,
+}
+
+#[derive(Debug, Clone)]
+enum AuthStep {
+    PlainResponse,
+    LoginUser,
+    LoginPass(String),
+}
+
+pub struct Session<B> {
+    shared: Arc<Shared<B>>,
+    port: Port,
+    peer: SocketAddr,
+    tls: Option<TlsInfo>,
+    helo: Option<(String, bool)>,
+    auth: Option<Authenticated>,
+    tx: Option<Transaction>,
+    auth_step: Option<AuthStep>,
+    /// A BDAT chunk that will be refused once read.
+    bdat_refusal: Option<Reply>,
+    messages: u32,
+    errors: u32,
+    queue_seq: u32,
+    session_id: String,
+}
+
+const HELP: &str = "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY EXPN \
+                    SEND SOML SAML TURN ETRN STARTTLS AUTH";
+
+impl<B: Backend> Session<B> {
+    pub fn new(shared: Arc<Shared<B>>, port: Port, peer: SocketAddr, tls: Option<TlsInfo>) -> Self {
+        Session {
+            shared,
+            port,
+            peer,
+            tls,
+            helo: None,
+            auth: None,
+            tx: None,
+            auth_step: None,
+            bdat_refusal: None,
+            messages: 0,
+            errors: 0,
+            queue_seq: 0,
+            session_id: uuid::Uuid::now_v7().simple().to_string()[..16].to_uppercase(),
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::raw(
+            220,
+            vec![format!("{} ESMTP mailsuite ready", self.cfg().hostname)],
+        )
+    }
+
+    /// After a successful STARTTLS handshake: everything learnt before it is forgotten
+    /// (RFC 3207 §4.2).
+    pub fn tls_established(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+        self.helo = None;
+        self.auth = None;
+        self.tx = None;
+        self.auth_step = None;
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn authenticated(&self) -> Option<&Authenticated> {
+        self.auth.as_ref()
+    }
+
+    pub fn max_message_size(&self) -> u64 {
+        self.cfg().limits.max_message_size
+    }
+
+    /// A protocol error: counted, and past the limit the connection ends with `421`.
+    fn error(&mut self, r: Reply) -> Outcome {
+        self.errors += 1;
+        if self.errors > self.cfg().limits.max_errors {
+            return Outcome::then(
+                Reply::new(421, "4.7.0", "Too many errors, closing connection"),
+                Next::Close,
+            );
+        }
+        Outcome::reply(r)
+    }
+
+    fn bad_sequence(&mut self, text: &str) -> Outcome {
+        self.error(Reply::new(503, "5.5.1", text))
+    }
+
+    /// A line the codec could not turn into a command.
+    pub fn bad_command(&mut self, e: CommandError) -> Outcome {
+        let r = match e {
+            CommandError::Unknown => Reply::new(500, "5.5.2", "Command not recognized"),
+            CommandError::Syntax(s) => Reply::new(501, "5.5.4", format!("Syntax: {s}")),
+            CommandError::BadSender => Reply::new(501, "5.1.7", "Bad sender address syntax"),
+            CommandError::BadRecipient => Reply::new(501, "5.1.3", "Bad recipient address syntax"),
+            CommandError::UnsupportedParameter(p) => {
+                Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
+            }
+            CommandError::LineTooLong => Reply::new(500, "5.5.6", "Line too long"),
+        };
+        self.error(r)
+    }
+
+    /// The goodbye for a server shutting down.
+    pub fn shutdown_reply(&self) -> Reply {
+        Reply::new(
+            421,
+            "4.3.2",
+            format!("{} Service shutting down", self.cfg().hostname),
+        )
+    }
+
+    fn tls_offered(&self) -> bool {
+        self.shared.tls_available && self.tls.is_none()
+    }
+
+    fn auth_allowed(&self) -> bool {
+        self.tls.is_some()
+            || (self.shared.config.auth.allow_plaintext_loopback && self.peer.ip().is_loopback())
+    }
+
+    fn ehlo_reply(&self, host: &str) -> Reply {
+        let l = &self.cfg().limits;
+        let mut lines = vec![
+            format!("{} Hello {host} [{}]", self.cfg().hostname, self.peer.ip()),
+            "PIPELINING".into(),
+            format!("SIZE {}", l.max_message_size),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "CHUNKING".into(),
+            "BINARYMIME".into(),
+            "DSN".into(),
+            "HELP".into(),
+        ];
+        if self.cfg().policy.etrn {
+            lines.push("ETRN".into());
+        }
+        if self.cfg().policy.vrfy {
+            lines.push("VRFY".into());
+        }
+        if self.cfg().policy.expn {
+            lines.push("EXPN".into());
+        }
+        if self.tls_offered() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_allowed() && self.auth.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        Reply::raw(250, lines)
+    }
+
+    /// Handle one command.
+    pub async fn command(&mut self, cmd: Command) -> Outcome {
+        match cmd {
+            Command::Helo(host) => {
+                self.helo = Some((host.clone(), false));
+                self.tx = None;
+                Outcome::reply(Reply::raw(
+                    250,
+                    vec![format!("{} Hello {host}", self.cfg().hostname)],
+                ))
+            }
+            Command::Ehlo(host) => {
+                let r = self.ehlo_reply(&host);
+                self.helo = Some((host, true));
+                self.tx = None;
+                Outcome::reply(r)
+            }
+            Command::Rset => {
+                self.tx = None;
+                Outcome::reply(Reply::new(250, "2.0.0", "OK"))
+            }
+            Command::Noop => Outcome::reply(Reply::new(250, "2.0.0", "OK")),
+            Command::Quit => Outcome::then(
+                Reply::new(
+                    221,
+                    "2.0.0",
+                    format!("{} closing connection", self.cfg().hostname),
+                ),
+                Next::Close,
+            ),
+            Command::Help(_) => Outcome::reply(Reply::multi(
+                214,
+                "2.0.0",
+                [HELP.to_string(), "See RFC 5321".to_string()],
+            )),
+            Command::Turn => self.error(Reply::new(
+                502,
+                "5.5.1",
+                "TURN is not supported (RFC 2645: unauthenticated role reversal)",
+            )),
+            Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth_start(mechanism, initial).await,
+            Command::Mail(from) => self.mail(from, None).await,
+            Command::Send(t, from) => self.mail(from, Some(t)).await,
+            Command::Rcpt(to) => self.rcpt(to).await,
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Vrfy(v) => self.vrfy(&v).await,
+            Command::Expn(v) => self.expn(&v).await,
+            Command::Etrn(d) => self.etrn(&d).await,
+        }
+    }
+
+    fn starttls(&mut self) -> Outcome {
+        if self.tls.is_some() {
+            return self.bad_sequence("Already in TLS");
+        }
+        if !self.shared.tls_available {
+            return self.error(Reply::new(454, "4.7.0", "TLS not available"));
+        }
+        if self.tx.is_some() {
+            return self.bad_sequence("STARTTLS not allowed in a mail transaction");
+        }
+        Outcome::then(
+            Reply::new(220, "2.0.0", "Ready to start TLS"),
+            Next::StartTls,
+        )
+    }
+
+    async fn auth_start(&mut self, mechanism: u64, initial: String) -> Outcome {
+        if self.helo.as_ref().is_none_or(|h| !h.1) {
+            return self.bad_sequence("Send EHLO first");
+        }
+        if self.auth.is_some() {
+            return self.bad_sequence("Already authenticated");
+        }
+        if self.tx.is_some() {
+            return self.bad_sequence("AUTH not allowed in a mail transaction");
+        }
+        if !self.auth_allowed() {
+            return self.error(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        match mechanism {
+            sp::AUTH_PLAIN => {
+                if initial.is_empty() {
+                    self.auth_step = Some(AuthStep::PlainResponse);
+                    Outcome::then(Reply::raw(334, vec![String::new()]), Next::AuthLine)
+                } else if initial == "=" {
+                    self.auth_plain(b"").await
+                } else {
+                    match B64.decode(initial.as_bytes()) {
+                        Ok(d) => self.auth_plain(&d).await,
+                        Err(_) => self.error(Reply::new(501, "5.5.2", "Invalid base64")),
+                    }
+                }
+            }
+            sp::AUTH_LOGIN => {
+                if initial.is_empty() {
+                    self.auth_step = Some(AuthStep::LoginUser);
+                    Outcome::then(
+                        Reply::raw(334, vec![B64.encode("Username:")]),
+                        Next::AuthLine,
+                    )
+                } else {
+                    match B64.decode(initial.as_bytes()).map(String::from_utf8) {
+                        Ok(Ok(u)) => {
+                            self.auth_step = Some(AuthStep::LoginPass(u));
+                            Outcome::then(
+                                Reply::raw(334, vec![B64.encode("Password:")]),
+                                Next::AuthLine,
+                            )
+                        }
+                        _ => self.error(Reply::new(501, "5.5.2", "Invalid base64")),
+                    }
+                }
+            }
+            _ => self.error(Reply::new(504, "5.5.4", "Unrecognized authentication type")),
+        }
+    }
+
+    /// The client's answer to a 334 challenge.
+    pub async fn auth_line(&mut self, line: &[u8]) -> Outcome {
+        let Some(step) = self.auth_step.take() else {
+            return self.bad_sequence("No AUTH in progress");
+        };
+        if line == b"*" {
+            return self.error(Reply::new(501, "5.0.0", "Authentication cancelled"));
+        }
+        let Ok(decoded) = B64.decode(line) else {
+            return self.error(Reply::new(501, "5.5.2", "Invalid base64"));
+        };
+        match step {
+            AuthStep::PlainResponse => self.auth_plain(&decoded).await,
+            AuthStep::LoginUser => match String::from_utf8(decoded) {
+                Ok(u) => {
+                    self.auth_step = Some(AuthStep::LoginPass(u));
+                    Outcome::then(
+                        Reply::raw(334, vec![B64.encode("Password:")]),
+                        Next::AuthLine,
+                    )
+                }
+                Err(_) => self.error(Reply::new(501, "5.5.2", "Invalid user name")),
+            },
+            AuthStep::LoginPass(user) => match String::from_utf8(decoded) {
+                Ok(p) => self.auth_check(&user, &p).await,
+                Err(_) => self.error(Reply::new(501, "5.5.2", "Invalid password encoding")),
+            },
+        }
+    }
+
+    async fn auth_plain(&mut self, msg: &[u8]) -> Outcome {
+        // authzid NUL authcid NUL passwd (RFC 4616)
+        let mut parts = msg.split(|b| *b == 0);
+        let (Some(authz), Some(user), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.error(Reply::new(501, "5.5.2", "Malformed PLAIN response"));
+        };
+        let (Ok(authz), Ok(user), Ok(pass)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(pass),
+        ) else {
+            return self.error(Reply::new(501, "5.5.2", "Malformed PLAIN response"));
+        };
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(user) {
+            return self.error(Reply::new(
+                535,
+                "5.7.8",
+                "Authorization identity not allowed",
+            ));
+        }
+        self.auth_check(user, pass).await
+    }
+
+    async fn auth_check(&mut self, user: &str, pass: &str) -> Outcome {
+        let ip = self.peer.ip();
+        let limits = &self.shared.config.limits;
+        if self
+            .shared
+            .rates
+            .auth_blocked(ip, limits.max_auth_failures_per_ip_per_minute)
+        {
+            return Outcome::then(
+                Reply::new(421, "4.7.0", "Too many authentication failures"),
+                Next::Close,
+            );
+        }
+        match self
+            .shared
+            .backend
+            .authenticate(user, pass, &ip.to_string())
+            .await
+        {
+            Ok(Some(acct)) => {
+                self.auth = Some(Authenticated {
+                    id: acct.id,
+                    address: acct.address,
+                });
+                Outcome::reply(Reply::new(235, "2.7.0", "Authentication successful"))
+            }
+            Ok(None) => {
+                let n = self.shared.rates.auth_failed(ip);
+                self.errors += 1;
+                let delay = Duration::from_millis(
+                    (limits.auth_failure_delay_ms.saturating_mul(n as u64)).min(5000),
+                );
+                if n > limits.max_auth_failures_per_ip_per_minute {
+                    return Outcome::then(
+                        Reply::new(421, "4.7.0", "Too many authentication failures"),
+                        Next::Close,
+                    );
+                }
+                Outcome {
+                    reply: Some(Reply::new(
+                        535,
+                        "5.7.8",
+                        "Authentication credentials invalid",
+                    )),
+                    next: Next::Delay(delay),
+                }
+            }
+            Err(e) => Outcome::reply(Reply::new(
+                454,
+                "4.7.0",
+                format!("Temporary authentication failure ({})", short(&e)),
+            )),
+        }
+    }
+
+    fn is_submission(&self) -> bool {
+        self.port != Port::Mx
+    }
+
+    async fn mail(&mut self, from: MailFrom<String>, terminal: Option<Terminal>) -> Outcome {
+        if self.helo.is_none() {
+            return self.bad_sequence("Send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.bad_sequence("Nested MAIL command");
+        }
+        if let Some(_t) = terminal
+            && (!self.cfg().policy.terminal_commands
+                || !self.is_submission()
+                || self.auth.is_none())
+        {
+            return self.error(Reply::new(
+                502,
+                "5.5.1",
+                "SEND/SOML/SAML only for authenticated submission",
+            ));
+        }
+        if self.port == Port::Submission && self.tls.is_none() && !self.auth_allowed() {
+            return self.error(Reply::new(
+                530,
+                "5.7.0",
+                "Must issue a STARTTLS command first",
+            ));
+        }
+        if self.is_submission() && self.auth.is_none() {
+            return self.error(Reply::new(530, "5.7.0", "Authentication required"));
+        }
+        let limits = &self.shared.config.limits;
+        if self.messages >= limits.max_messages_per_session {
+            return Outcome::then(
+                Reply::new(421, "4.7.0", "Too many messages in this session"),
+                Next::Close,
+            );
+        }
+        if from.size as u64 > limits.max_message_size {
+            return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        if !self
+            .shared
+            .rates
+            .message_allowed(self.peer.ip(), limits.max_messages_per_ip_per_minute)
+        {
+            return Outcome::reply(Reply::new(450, "4.7.1", "Rate limit exceeded, try later"));
+        }
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
+        if !esmtp && (from.flags != 0 || from.size != 0 || from.env_id.is_some()) {
+            return self.error(Reply::new(555, "5.5.4", "Parameters require EHLO"));
+        }
+        if let Some(auth) = &self.auth {
+            if !from.address.is_empty() {
+                match self
+                    .shared
+                    .backend
+                    .check_sender(auth.id, &from.address)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Outcome::reply(Reply::new(
+                            553,
+                            "5.7.1",
+                            format!("Sender address <{}> not owned by you", from.address),
+                        ));
+                    }
+                    Err(e) => return Outcome::reply(lookup_error(&e)),
+                }
+            }
+        } else if self.cfg().policy.reject_unauthenticated_local_sender && !from.address.is_empty()
+        {
+            match self.shared.backend.resolve(&from.address).await {
+                Ok(r) if r.kind() != AddressKind::Remote => {
+                    return Outcome::reply(Reply::new(
+                        553,
+                        "5.7.1",
+                        "Sender address of a local domain requires authentication",
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Outcome::reply(lookup_error(&e)),
+            }
+        }
+        self.tx = Some(Transaction {
+            from,
+            terminal,
+            rcpts: Vec::new(),
+            bdat: None,
+            bdat_total: 0,
+        });
+        Outcome::reply(Reply::new(250, "2.1.0", "Sender OK"))
+    }
+
+    async fn rcpt(&mut self, to: RcptTo<String>) -> Outcome {
+        let Some(tx) = &self.tx else {
+            return self.bad_sequence("Need MAIL before RCPT");
+        };
+        if tx.bdat.is_some() {
+            return self.bad_sequence("RCPT not allowed during BDAT");
+        }
+        let terminal = tx.terminal;
+        if tx.rcpts.len() >= self.cfg().limits.max_recipients {
+            return Outcome::reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
+        if !esmtp && (to.flags != 0 || to.orcpt.is_some()) {
+            return self.error(Reply::new(555, "5.5.4", "Parameters require EHLO"));
+        }
+        let r = match self.shared.backend.resolve(&to.address).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::reply(lookup_error(&e)),
+        };
+        let addr = &to.address;
+        let mut reply = Reply::new(250, "2.1.5", format!("Recipient <{addr}> OK"));
+        let remote = match r.kind() {
+            AddressKind::Account => {
+                if r.over_quota {
+                    return Outcome::reply(Reply::new(452, "4.2.2", "Mailbox full"));
+                }
+                false
+            }
+            AddressKind::Alias | AddressKind::List => {
+                if let Some(t) = r.remote_targets.first()
+                    && r.local_targets.is_empty()
+                    && r.remote_targets.len() == 1
+                {
+                    reply = Reply::new(
+                        251,
+                        "2.1.5",
+                        format!("User not local; will forward to <{t}>"),
+                    );
+                }
+                !r.remote_targets.is_empty()
+            }
+            AddressKind::Unknown | AddressKind::Unspecified => {
+                return Outcome::reply(Reply::new(550, "5.1.1", format!("<{addr}>: no such user")));
+            }
+            AddressKind::Disabled => {
+                return Outcome::reply(Reply::new(550, "5.2.1", "Mailbox disabled"));
+            }
+            AddressKind::Moved => {
+                return Outcome::reply(Reply::new(
+                    551,
+                    "5.1.6",
+                    format!("User not local; please try <{}>", r.moved_to),
+                ));
+            }
+            AddressKind::Remote => {
+                if self.auth.is_none() {
+                    return Outcome::reply(Reply::new(554, "5.7.1", "Relay access denied"));
+                }
+                true
+            }
+        };
+        if terminal.is_some() && (remote || r.kind() != AddressKind::Account) {
+            return Outcome::reply(Reply::new(
+                550,
+                "5.7.1",
+                "SEND/SOML/SAML only to local users",
+            ));
+        }
+        let mut notify = Vec::new();
+        for (flag, name) in [
+            (sp::RCPT_NOTIFY_NEVER, "NEVER"),
+            (sp::RCPT_NOTIFY_SUCCESS, "SUCCESS"),
+            (sp::RCPT_NOTIFY_FAILURE, "FAILURE"),
+            (sp::RCPT_NOTIFY_DELAY, "DELAY"),
+        ] {
+            if to.flags & flag != 0 {
+                notify.push(name.to_string());
+            }
+        }
+        let orcpt = to
+            .orcpt
+            .as_deref()
+            .map(|o| format!("rfc822;{}", xtext_encode(o)))
+            .unwrap_or_default();
+        if let Some(tx) = &mut self.tx {
+            tx.rcpts.push(Recipient {
+                address: to.address,
+                notify,
+                orcpt,
+                remote,
+            });
+        }
+        Outcome::reply(reply)
+    }
+
+    fn data(&mut self) -> Outcome {
+        let Some(tx) = &self.tx else {
+            return self.bad_sequence("Need MAIL before DATA");
+        };
+        if tx.rcpts.is_empty() {
+            return self.bad_sequence("Need RCPT before DATA");
+        }
+        if tx.bdat.is_some() {
+            return self.bad_sequence("DATA not allowed after BDAT");
+        }
+        if tx.from.flags & sp::MAIL_BODY_BINARYMIME != 0 {
+            return self.bad_sequence("BODY=BINARYMIME requires BDAT");
+        }
+        Outcome::then(
+            Reply::new(354, "2.0.0", "Start mail input; end with <CRLF>.<CRLF>"),
+            Next::Data,
+        )
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) -> Outcome {
+        self.bdat_refusal = match &self.tx {
+            None => Some(Reply::new(503, "5.5.1", "Need MAIL before BDAT")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(Reply::new(503, "5.5.1", "Need RCPT before BDAT"))
+            }
+            Some(_) => None,
+        };
+        if self.bdat_refusal.is_none()
+            && let Some(tx) = &mut self.tx
+            && tx.bdat.is_none()
+        {
+            tx.bdat = Some(Vec::new());
+        }
+        Outcome {
+            reply: None,
+            next: Next::Bdat { size, last },
+        }
+    }
+
+    /// Where the octets of the current BDAT chunk go (None: they are discarded), and the
+    /// room left under the size limit.
+    pub fn bdat_sink(&mut self) -> Option<&mut Vec<u8>> {
+        if self.bdat_refusal.is_some() {
+            return None;
+        }
+        self.tx.as_mut().and_then(|t| t.bdat.as_mut())
+    }
+
+    /// A BDAT chunk of `size` octets has been read.
+    pub async fn bdat_end(&mut self, size: u64, last: bool) -> Outcome {
+        if let Some(r) = self.bdat_refusal.take() {
+            return self.error(r);
+        }
+        let max = self.max_message_size();
+        let Some(tx) = &mut self.tx else {
+            return self.bad_sequence("Need MAIL before BDAT");
+        };
+        tx.bdat_total = tx.bdat_total.saturating_add(size);
+        if tx.bdat_total > max {
+            self.tx = None;
+            return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        if !last {
+            return Outcome::reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+        }
+        let body = tx.bdat.take().unwrap_or_default();
+        let n = body.len() as u64;
+        self.finish_message(
+            body,
+            BodyEnd {
+                size: n,
+                too_large: false,
+                bare_line_end: false,
+            },
+        )
+        .await
+    }
+
+    /// The DATA body has been read to `<CRLF>.<CRLF>`.
+    pub async fn data_end(&mut self, body: Vec<u8>, end: BodyEnd) -> Outcome {
+        self.finish_message(body, end).await
+    }
+
+    async fn finish_message(&mut self, body: Vec<u8>, end: BodyEnd) -> Outcome {
+        let Some(tx) = self.tx.take() else {
+            return self.bad_sequence("No transaction");
+        };
+        if end.too_large {
+            return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        if end.bare_line_end {
+            return Outcome::reply(Reply::new(
+                550,
+                "5.6.0",
+                "Bare CR or LF not allowed in message; use CRLF line endings",
+            ));
+        }
+        self.messages += 1;
+        self.queue_seq += 1;
+        let queue_id = format!("{}{:04X}", self.session_id, self.queue_seq);
+
+        let mut headers = String::new();
+        let mut dmarc_reject = false;
+        if self.port == Port::Mx && self.auth.is_none() {
+            if let Some(v) = &self.shared.verifier {
+                let helo = self.helo.as_ref().map(|h| h.0.as_str()).unwrap_or("");
+                let out = v
+                    .verify(self.peer.ip(), helo, &tx.from.address, &body)
+                    .await;
+                headers.push_str(&out.header);
+                dmarc_reject = out.dmarc_reject;
+            }
+        } else if let Some(a) = &self.auth {
+            headers.push_str(&format!(
+                "Authentication-Results: {}; auth=pass smtp.auth={}\r\n",
+                self.cfg().hostname,
+                a.address
+            ));
+        }
+        if dmarc_reject && self.cfg().policy.dmarc_reject {
+            return Outcome::reply(Reply::new(
+                550,
+                "5.7.1",
+                "Message rejected by the sender domain's DMARC policy",
+            ));
+        }
+        let received = self.received(&tx, &queue_id);
+        let mut msg = Vec::with_capacity(received.len() + headers.len() + body.len());
+        msg.extend_from_slice(received.as_bytes());
+        msg.extend_from_slice(headers.as_bytes());
+        msg.extend_from_slice(&body);
+        let msg = Bytes::from(msg);
+
+        if let Some(t) = tx.terminal {
+            return self.terminal(t, &tx, &body, msg, &queue_id).await;
+        }
+        let any_remote = tx.rcpts.iter().any(|r| r.remote);
+        let result = if any_remote {
+            self.enqueue(&tx, msg, &queue_id).await
+        } else {
+            let addrs: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
+            self.deliver(&tx, addrs, msg, &queue_id).await
+        };
+        match result {
+            Ok(()) => Outcome::reply(Reply::new(250, "2.0.0", format!("OK queued as {queue_id}"))),
+            Err(r) => Outcome::reply(r),
+        }
+    }
+
+    async fn deliver(
+        &self,
+        tx: &Transaction,
+        recipients: Vec<String>,
+        msg: Bytes,
+        queue_id: &str,
+    ) -> Result<(), Reply> {
+        let header = DeliverHeader {
+            idempotency_key: queue_id.to_string(),
+            return_path: tx.from.address.clone(),
+            recipients,
+            size_hint: msg.len() as u64,
+            add_delivery_headers: true,
+            ..Default::default()
+        };
+        let b = &self.shared.backend;
+        let mut r = b.deliver(header.clone(), msg.clone()).await;
+        if let Err(mailsuite_runtime::ServiceError::Unavailable(_)) = &r {
+            r = b.deliver(header, msg).await;
+        }
+        let resp = r.map_err(|e| service_error(&e))?;
+        let delivered = resp.results.iter().any(|x| {
+            matches!(
+                x.status(),
+                RecipientStatus::Delivered | RecipientStatus::Remote
+            )
+        });
+        if delivered || resp.results.is_empty() || resp.duplicate {
+            return Ok(());
+        }
+        // Nobody could take it: say why, from the first recipient.
+        Err(match resp.results[0].status() {
+            RecipientStatus::OverQuota => Reply::new(452, "4.2.2", "Mailbox full"),
+            RecipientStatus::Disabled => Reply::new(550, "5.2.1", "Mailbox disabled"),
+            _ => Reply::new(550, "5.1.1", "No such user"),
+        })
+    }
+
+    async fn enqueue(&self, tx: &Transaction, msg: Bytes, queue_id: &str) -> Result<(), Reply> {
+        let f = &tx.from;
+        let header = EnqueueHeader {
+            idempotency_key: queue_id.to_string(),
+            return_path: f.address.clone(),
+            recipients: tx
+                .rcpts
+                .iter()
+                .map(|r| EnvelopeRecipient {
+                    address: r.address.clone(),
+                    notify: r.notify.clone(),
+                    orcpt: r.orcpt.clone(),
+                })
+                .collect(),
+            envid: f.env_id.clone().unwrap_or_default(),
+            ret: if f.flags & sp::MAIL_RET_FULL != 0 {
+                DsnRet::Full as i32
+            } else if f.flags & sp::MAIL_RET_HDRS != 0 {
+                DsnRet::Hdrs as i32
+            } else {
+                DsnRet::Unspecified as i32
+            },
+            submitter: self
+                .auth
+                .as_ref()
+                .map(|a| a.address.clone())
+                .unwrap_or_default(),
+            body_8bit: f.flags & (sp::MAIL_BODY_8BITMIME | sp::MAIL_BODY_BINARYMIME) != 0,
+            smtputf8: f.flags & sp::MAIL_SMTPUTF8 != 0,
+            size_hint: msg.len() as u64,
+            traceparent: String::new(),
+        };
+        let b = &self.shared.backend;
+        let mut r = b.enqueue(header.clone(), msg.clone()).await;
+        if let Err(mailsuite_runtime::ServiceError::Unavailable(_)) = &r {
+            r = b.enqueue(header, msg).await;
+        }
+        r.map(|_| ()).map_err(|e| service_error(&e))
+    }
+
+    /// SEND / SOML / SAML: the subject and sender are shown in the recipient's open IMAP
+    /// sessions; SOML mails when nobody is online, SAML always mails too.
+    async fn terminal(
+        &self,
+        t: Terminal,
+        tx: &Transaction,
+        body: &[u8],
+        msg: Bytes,
+        queue_id: &str,
+    ) -> Outcome {
+        let parsed = mail_parser::MessageParser::new().parse_headers(body);
+        let subject = parsed
+            .as_ref()
+            .and_then(|m| m.subject())
+            .unwrap_or("(no subject)")
+            .to_string();
+        let sender = if tx.from.address.is_empty() {
+            "<>".to_string()
+        } else {
+            tx.from.address.clone()
+        };
+        let text = format!("Message from {sender}: {subject}");
+        let mut to_mail = Vec::new();
+        let mut online_any = false;
+        for r in &tx.rcpts {
+            let online = match self.shared.backend.alert(&r.address, &text).await {
+                Ok(o) => o,
+                Err(e) => return Outcome::reply(service_error(&e)),
+            };
+            online_any |= online;
+            match t {
+                Terminal::Send => {}
+                Terminal::Soml if online => {}
+                Terminal::Soml | Terminal::Saml => to_mail.push(r.address.clone()),
+            }
+        }
+        if t == Terminal::Send && !online_any {
+            return Outcome::reply(Reply::new(450, "4.2.1", "Recipient is not logged in"));
+        }
+        if !to_mail.is_empty()
+            && let Err(r) = self.deliver(tx, to_mail, msg, queue_id).await
+        {
+            return Outcome::reply(r);
+        }
+        Outcome::reply(Reply::new(250, "2.0.0", format!("OK {queue_id}")))
+    }
+
+    /// The trace header of RFC 5321 §4.4, with the TLS parameters in a comment.
+    fn received(&self, tx: &Transaction, queue_id: &str) -> String {
+        let helo = self
+            .helo
+            .as_ref()
+            .map(|h| h.0.as_str())
+            .unwrap_or("unknown");
+        let ip = match self.peer.ip() {
+            IpAddr::V4(a) => format!("[{a}]"),
+            IpAddr::V6(a) => format!("[IPv6:{a}]"),
+        };
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
+        let utf8 = tx.from.flags & sp::MAIL_SMTPUTF8 != 0;
+        let mut with = String::from(match (esmtp, utf8) {
+            (false, _) => "SMTP",
+            (true, false) => "ESMTP",
+            (true, true) => "UTF8SMTP",
+        });
+        if esmtp && self.tls.is_some() {
+            with.push('S');
+        }
+        if esmtp && self.auth.is_some() {
+            with.push('A');
+        }
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| format!("\r\n\t(version={} cipher={})", t.version, t.cipher))
+            .unwrap_or_default();
+        let for_ = if tx.rcpts.len() == 1 {
+            format!("\r\n\tfor <{}>", tx.rcpts[0].address)
+        } else {
+            String::new()
+        };
+        format!(
+            "Received: from {} ({ip})\r\n\tby {} (mailsuite) with {with} id {queue_id}{tls}{for_};\r\n\t{}\r\n",
+            sanitize(helo),
+            self.cfg().hostname,
+            chrono::Utc::now().to_rfc2822()
+        )
+    }
+
+    async fn vrfy(&mut self, arg: &str) -> Outcome {
+        let arg = arg.trim().trim_start_matches('<').trim_end_matches('>');
+        let truthful = self.cfg().policy.vrfy && self.is_submission() && self.auth.is_some();
+        if !truthful {
+            return Outcome::reply(Reply::new(
+                252,
+                "2.1.5",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ));
+        }
+        if !arg.contains('@') {
+            return Outcome::reply(Reply::new(553, "5.1.4", "Ambiguous: give the full address"));
+        }
+        match self.shared.backend.resolve(arg).await {
+            Ok(r) if r.kind() == AddressKind::Account => {
+                let addr = if r.canonical.is_empty() {
+                    arg.to_string()
+                } else {
+                    r.canonical
+                };
+                let text = if r.display_name.is_empty() {
+                    format!("<{addr}>")
+                } else {
+                    format!("{} <{addr}>", r.display_name)
+                };
+                Outcome::reply(Reply::new(250, "2.1.5", text))
+            }
+            Ok(r) if matches!(r.kind(), AddressKind::Alias | AddressKind::List) => {
+                let n = r.local_targets.len() + r.remote_targets.len();
+                if n == 1 {
+                    let t = r.local_targets.first().or(r.remote_targets.first());
+                    Outcome::reply(Reply::new(
+                        250,
+                        "2.1.5",
+                        format!("<{}>", t.cloned().unwrap_or_default()),
+                    ))
+                } else {
+                    Outcome::reply(Reply::new(553, "5.1.4", "Ambiguous: a list, use EXPN"))
+                }
+            }
+            Ok(r) if r.kind() == AddressKind::Moved => Outcome::reply(Reply::new(
+                551,
+                "5.1.6",
+                format!("User not local; please try <{}>", r.moved_to),
+            )),
+            Ok(_) => Outcome::reply(Reply::new(550, "5.1.1", "No such user")),
+            Err(e) => Outcome::reply(lookup_error(&e)),
+        }
+    }
+
+    async fn expn(&mut self, arg: &str) -> Outcome {
+        if !self.cfg().policy.expn {
+            return self.error(Reply::new(502, "5.5.1", "EXPN not available"));
+        }
+        if self.auth.is_none() {
+            return Outcome::reply(Reply::new(550, "5.7.1", "EXPN requires authentication"));
+        }
+        let arg = arg.trim().trim_start_matches('<').trim_end_matches('>');
+        match self.shared.backend.expand(arg).await {
+            Ok(r)
+                if matches!(r.kind(), AddressKind::List | AddressKind::Alias)
+                    && !r.members.is_empty() =>
+            {
+                let lines = r.members.iter().map(|m| {
+                    if m.display_name.is_empty() {
+                        format!("<{}>", m.address)
+                    } else {
+                        format!("{} <{}>", m.display_name, m.address)
+                    }
+                });
+                Outcome::reply(Reply::multi(250, "2.1.5", lines))
+            }
+            Ok(_) => Outcome::reply(Reply::new(550, "5.1.1", "No such list")),
+            Err(e) => Outcome::reply(lookup_error(&e)),
+        }
+    }
+
+    async fn etrn(&mut self, arg: &str) -> Outcome {
+        if !self.cfg().policy.etrn {
+            return self.error(Reply::new(502, "5.5.1", "ETRN not available"));
+        }
+        if self.helo.is_none() {
+            return self.bad_sequence("Send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.bad_sequence("ETRN not allowed in a mail transaction");
+        }
+        // Options '@' (subdomains) and '#' (queue names) of RFC 1985 are not offered.
+        let valid = !arg.is_empty()
+            && arg.len() <= 255
+            && arg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !valid {
+            return Outcome::reply(Reply::new(459, "4.7.1", format!("{arg}: node not allowed")));
+        }
+        match self.shared.backend.flush(arg).await {
+            Ok(n) => Outcome::reply(Reply::new(
+                250,
+                "2.0.0",
+                format!("Queuing for node {arg} started ({n} recipients)"),
+            )),
+            Err(_) => Outcome::reply(Reply::new(
+                458,
+                "4.3.0",
+                format!("Unable to queue messages for node {arg}"),
+            )),
+        }
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && *c != '(' && *c != ')')
+        .take(255)
+        .collect()
+}
+
+fn short(e: &mailsuite_runtime::ServiceError) -> &'static str {
+    if e.is_temporary() {
+        "try again later"
+    } else {
+        "refused"
+    }
+}
