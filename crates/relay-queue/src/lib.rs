@@ -1,1 +1,208 @@
+//! relay-queue: the durable outbound queue. Accepts messages over gRPC (`Queue.Enqueue`,
+//! replying only after the commit), delivers hosted-domain recipients through mailbox-store
+//! and remote ones over SMTP (transport map, smarthost or MX), retries temporary failures on a
+//! schedule, returns RFC 3464 DSNs, and DKIM-signs outbound mail.
 
+pub mod config;
+pub mod db;
+pub mod dkim;
+pub mod dsn;
+pub mod route;
+pub mod service;
+pub mod smtp;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mailsuite_proto::admin_client::AdminClient;
+use mailsuite_proto::queue_server::QueueServer;
+use mailsuite_runtime::{Shutdown, grpc};
+
+pub use config::Config;
+
+use crate::dkim::{KeySpec, Keyring};
+use crate::service::QueueService;
+use crate::worker::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("gRPC client: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The bound address of every listener (absent when disabled).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub grpc: Option<SocketAddr>,
+    pub ops: Option<SocketAddr>,
+    /// The delivery engine (metrics; tests use it to wake the workers).
+    pub engine: Arc<Engine>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+fn config_keys(config: &Config) -> Result<Vec<KeySpec>, Error> {
+    config
+        .dkim
+        .iter()
+        .map(|k| {
+            let pem = if k.private_key_pem.is_empty() {
+                std::fs::read_to_string(&k.private_key_file).map_err(|e| {
+                    Error::Config(format!("dkim key file {:?}: {e}", k.private_key_file))
+                })?
+            } else {
+                k.private_key_pem.clone()
+            };
+            Ok(KeySpec {
+                domain: k.domain.to_ascii_lowercase(),
+                selector: k.selector.clone(),
+                algorithm: k.algorithm.clone(),
+                private_key_pem: pem,
+            })
+        })
+        .collect()
+}
+
+pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
+    mailsuite_runtime::tls::install_crypto_provider();
+    let pool =
+        mailsuite_runtime::db::connect(&config.database_url, (config.workers.count as u32) * 2 + 8)
+            .await?;
+    if config.migrate_on_start {
+        mailsuite_runtime::db::migrate(&pool).await?;
+    }
+    let keyring = Keyring::default();
+    let static_keys = config_keys(&config)?;
+    if let Some(e) = keyring.set(static_keys.clone()).into_iter().next() {
+        return Err(Error::Config(e.to_string()));
+    }
+    let store = grpc::connect_lazy(&config.store_url)?;
+    let tls = smtp::TlsClients::new(&config.tls_extra_roots).map_err(Error::Config)?;
+
+    // Bind everything before spawning anything.
+    let grpc_listener = if config.listen_grpc.is_empty() {
+        None
+    } else {
+        Some(grpc::bind(&config.listen_grpc).await?)
+    };
+    let ops_listener = if config.listen_ops.is_empty() {
+        None
+    } else {
+        Some(grpc::bind(&config.listen_ops).await?)
+    };
+
+    let engine = Engine::new(
+        config.clone(),
+        db::Db { pool },
+        keyring.clone(),
+        store.clone(),
+        tls,
+    );
+    engine.spawn(&shutdown);
+
+    if config.dkim_from_store {
+        let sd = shutdown.clone();
+        let every = Duration::from_secs(config.dkim_refresh_secs.max(5));
+        shutdown.spawn(async move {
+            let mut admin = AdminClient::new(store);
+            loop {
+                match admin
+                    .list_dkim_keys(mailsuite_proto::ListDkimKeysRequest {
+                        domain: String::new(),
+                        include_private: true,
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        let mut specs = static_keys.clone();
+                        specs.extend(r.into_inner().keys.into_iter().map(|k| KeySpec {
+                            domain: k.domain.to_ascii_lowercase(),
+                            selector: k.selector,
+                            algorithm: k.algorithm,
+                            private_key_pem: k.private_key_pem,
+                        }));
+                        if specs != keyring.specs() {
+                            for e in keyring.set(specs) {
+                                tracing::warn!("DKIM key from the store skipped: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("DKIM keys from the store: {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = sd.stopping() => return,
+                }
+            }
+        });
+    }
+
+    let grpc_addr = if let Some((listener, addr)) = grpc_listener {
+        let (reporter, health) = grpc::health_reporter();
+        reporter.set_serving::<QueueServer<QueueService>>().await;
+        let svc = QueueServer::new(QueueService {
+            engine: engine.clone(),
+        })
+        .max_decoding_message_size(4 * 1024 * 1024);
+        let sd = shutdown.clone();
+        shutdown.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .layer(grpc::ServerTraceLayer)
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(grpc::incoming(listener), async move {
+                    sd.stopping().await
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("queue gRPC server: {e}");
+            }
+        });
+        tracing::info!(%addr, "relay-queue gRPC listening");
+        Some(addr)
+    } else {
+        None
+    };
+
+    let ops_addr = if let Some((listener, addr)) = ops_listener {
+        let e = engine.clone();
+        let ops = mailsuite_runtime::ops::Ops::with_metrics(move || {
+            let m = &e.metrics;
+            format!(
+                "# TYPE relay_deliveries_total counter\n\
+                 relay_deliveries_total{{outcome=\"delivered\"}} {}\n\
+                 relay_deliveries_total{{outcome=\"deferred\"}} {}\n\
+                 relay_deliveries_total{{outcome=\"failed\"}} {}\n",
+                m.delivered.load(Ordering::Relaxed),
+                m.deferred.load(Ordering::Relaxed),
+                m.failed.load(Ordering::Relaxed),
+            )
+        });
+        ops.set_ready(true);
+        shutdown.spawn(ops.serve(listener, shutdown.clone()));
+        Some(addr)
+    } else {
+        None
+    };
+
+    Ok(Started {
+        grpc: grpc_addr,
+        ops: ops_addr,
+        engine,
+    })
+}

@@ -1,1 +1,32 @@
-fn main() {}
+//! The relay-queue binary: configuration, telemetry, `start`, wait for a signal, drain.
+
+use std::time::Duration;
+
+use clap::Parser;
+use mailsuite_runtime::config::ConfigArgs;
+
+/// mailsuite relay-queue: durable outbound queue, MX delivery, retries, DSNs and DKIM.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Log lines as JSON.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config: mailsuite_relay_queue::Config =
+        mailsuite_runtime::config::load(&args.config.sources())?;
+    let _telemetry = mailsuite_runtime::telemetry::init("relay-queue", args.log_json);
+    let shutdown = mailsuite_runtime::Shutdown::new();
+    let started = mailsuite_relay_queue::start(config, shutdown.clone()).await?;
+    tracing::info!(grpc = ?started.grpc, ops = ?started.ops, "relay-queue started");
+    mailsuite_runtime::shutdown::signal().await;
+    tracing::info!("shutting down");
+    shutdown.drain(Duration::from_secs(30)).await;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! relay-queue configuration. Every limit and timer is a field with a documented default.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC `Queue` service; empty disables it.
+    pub listen_grpc: String,
+    /// HTTP `/healthz` `/readyz` `/metrics`; empty disables it.
+    pub listen_ops: String,
+    pub database_url: String,
+    /// mailbox-store (Directory + Delivery) for hosted-domain recipients.
+    pub store_url: String,
+    /// Our name in EHLO, Received: and DSNs.
+    pub hostname: String,
+    /// Apply the migrations at start-up (under sqlx's advisory lock).
+    pub migrate_on_start: bool,
+    /// Per-domain routes, `domain = "host:port"`, checked before MX lookup. A leading `[`
+    /// is not needed: the host is used as is, without MX lookup.
+    pub transports: BTreeMap<String, String>,
+    /// Relay every remote message through this `host:port` instead of MX lookup.
+    pub smarthost: String,
+    /// AUTH PLAIN credentials for the smarthost (sent only over TLS).
+    pub smarthost_user: String,
+    pub smarthost_password: String,
+    /// Domains whose delivery must use verified TLS (never fall back to plain text).
+    pub require_tls_domains: Vec<String>,
+    /// Extra PEM roots trusted for STARTTLS verification (in addition to the webpki roots).
+    pub tls_extra_roots: String,
+    /// Opportunistic STARTTLS with an unverifiable certificate: go on in TLS (true, like
+    /// most MTAs; the result is recorded) or refuse and defer (false).
+    pub tls_allow_invalid_opportunistic: bool,
+    /// DKIM keys from configuration (in addition to the store's Admin.ListDkimKeys).
+    pub dkim: Vec<DkimKeyConfig>,
+    /// Ask the store for DKIM keys (Admin.ListDkimKeys) every `dkim_refresh_secs`.
+    pub dkim_from_store: bool,
+    pub dkim_refresh_secs: u64,
+    pub retry: RetryConfig,
+    pub workers: WorkerConfig,
+    pub timeouts: TimeoutConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimKeyConfig {
+    pub domain: String,
+    pub selector: String,
+    /// "rsa-sha256" or "ed25519-sha256".
+    pub algorithm: String,
+    /// PKCS#8 (or PKCS#1 for RSA) PEM, inline.
+    pub private_key_pem: String,
+    /// Or a path to it.
+    pub private_key_file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delays (seconds) after the 1st, 2nd, ... failed attempt; the last one repeats.
+    pub schedule_secs: Vec<u64>,
+    /// A recipient still undelivered this long after it was queued fails with a DSN.
+    pub max_lifetime_secs: u64,
+    /// Send a "delayed" DSN (NOTIFY=DELAY) once a recipient has waited this long; 0 = never.
+    pub delay_warning_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Claiming loops in this process.
+    pub count: usize,
+    /// How often a worker looks for due recipients when nothing wakes it.
+    pub poll_interval_ms: u64,
+    /// How long a claim is held; a worker that dies is replaced after this.
+    pub lease_secs: u64,
+    /// Recipients claimed per round.
+    pub batch: i64,
+    /// Concurrent SMTP transactions to one destination (domain or route) per process.
+    pub per_destination: usize,
+    /// Concurrent deliveries per process.
+    pub max_in_flight: usize,
+}
+
+/// RFC 5321 §4.5.3.2 timeouts, in seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    pub connect: u64,
+    pub greeting: u64,
+    pub ehlo: u64,
+    pub starttls: u64,
+    pub mail: u64,
+    pub rcpt: u64,
+    pub data_init: u64,
+    /// Per block of data written.
+    pub data_block: u64,
+    pub data_term: u64,
+    /// Local delivery (gRPC) and DNS.
+    pub rpc: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_bytes: u64,
+    pub max_recipients: usize,
+    /// Messages with more Received: headers than this are looping and fail.
+    pub max_received_headers: usize,
+    pub max_reply_bytes: usize,
+    /// MX hosts tried per attempt.
+    pub max_mx_hosts: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_grpc: "0.0.0.0:50052".into(),
+            listen_ops: "0.0.0.0:9052".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
+            store_url: "http://127.0.0.1:50051".into(),
+            hostname: "localhost".into(),
+            migrate_on_start: true,
+            transports: BTreeMap::new(),
+            smarthost: String::new(),
+            smarthost_user: String::new(),
+            smarthost_password: String::new(),
+            require_tls_domains: Vec::new(),
+            tls_extra_roots: String::new(),
+            tls_allow_invalid_opportunistic: true,
+            dkim: Vec::new(),
+            dkim_from_store: true,
+            dkim_refresh_secs: 300,
+            retry: RetryConfig::default(),
+            workers: WorkerConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            schedule_secs: vec![300, 600, 1800, 3600, 7200, 14400],
+            max_lifetime_secs: 5 * 24 * 3600,
+            delay_warning_secs: 4 * 3600,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Delay before the next attempt after `attempts` failed ones (1-based).
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let i = (attempts.max(1) as usize - 1).min(self.schedule_secs.len().saturating_sub(1));
+        Duration::from_secs(self.schedule_secs.get(i).copied().unwrap_or(14400))
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            count: 2,
+            poll_interval_ms: 5000,
+            lease_secs: 600,
+            batch: 100,
+            per_destination: 4,
+            max_in_flight: 32,
+        }
+    }
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect: 30,
+            greeting: 300,
+            ehlo: 300,
+            starttls: 120,
+            mail: 300,
+            rcpt: 300,
+            data_init: 120,
+            data_block: 180,
+            data_term: 600,
+            rpc: 60,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_received_headers: 50,
+            max_reply_bytes: 64 * 1024,
+            max_mx_hosts: 5,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_repeats_last_step() {
+        let r = RetryConfig::default();
+        assert_eq!(r.delay_after(1), Duration::from_secs(300));
+        assert_eq!(r.delay_after(2), Duration::from_secs(600));
+        assert_eq!(r.delay_after(6), Duration::from_secs(14400));
+        assert_eq!(r.delay_after(60), Duration::from_secs(14400));
+    }
+
+    #[test]
+    fn loads_transport_map_from_file() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            "[transports]\n\"remote.test\" = \"127.0.0.1:2525\"\n[retry]\nschedule_secs = [1, 2]\n",
+        )
+        .unwrap();
+        let c: Config =
+            mailsuite_runtime::config::load(&mailsuite_runtime::config::ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.transports["remote.test"], "127.0.0.1:2525");
+        assert_eq!(c.retry.schedule_secs, vec![1, 2]);
+        assert_eq!(c.workers, WorkerConfig::default());
+    }
+}

@@ -1,0 +1,656 @@
+//! Workers: claim due recipients, group them per (message, destination domain) into one
+//! delivery each, deliver (locally through mailbox-store, remotely over SMTP), and record
+//! the results. Any number of workers in any number of replicas share one queue: claims use
+//! `FOR UPDATE SKIP LOCKED`, and a lease that is not renewed (its worker died) expires.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use mailsuite_proto::delivery_client::DeliveryClient;
+use mailsuite_proto::directory_client::DirectoryClient;
+use mailsuite_proto::{AddressKind, DeliverChunk, DeliverHeader, RecipientStatus, ResolveRequest};
+use mailsuite_runtime::grpc::GrpcChannel;
+use mailsuite_runtime::{ServiceError, Shutdown};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::db::{Claimed, Db, MessageRow, Policy, Result1};
+use crate::dkim::Keyring;
+use crate::route::{self, RouteError, Target};
+use crate::smtp::{self, Outcome, SessionError, SessionParams, TlsClients, Transaction};
+
+/// Everything a delivery needs, shared by the workers of one process.
+pub struct Engine {
+    pub config: Config,
+    pub db: Db,
+    pub keyring: Keyring,
+    pub directory: DirectoryClient<GrpcChannel>,
+    pub delivery: DeliveryClient<GrpcChannel>,
+    pub tls: TlsClients,
+    resolver: Mutex<Option<Arc<TokioResolver>>>,
+    in_flight: Arc<Semaphore>,
+    per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
+    wakers: Vec<Arc<Notify>>,
+    pub metrics: Metrics,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub delivered: std::sync::atomic::AtomicU64,
+    pub deferred: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+impl Engine {
+    pub fn new(
+        config: Config,
+        db: Db,
+        keyring: Keyring,
+        store: GrpcChannel,
+        tls: TlsClients,
+    ) -> Arc<Engine> {
+        let workers = config.workers.count.max(1);
+        Arc::new(Engine {
+            in_flight: Arc::new(Semaphore::new(config.workers.max_in_flight.max(1))),
+            directory: DirectoryClient::new(store.clone()),
+            delivery: DeliveryClient::new(store),
+            config,
+            db,
+            keyring,
+            tls,
+            resolver: Mutex::new(None),
+            per_destination: Mutex::new(HashMap::new()),
+            wakers: (0..workers).map(|_| Arc::new(Notify::new())).collect(),
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Make every worker of this process look for due work now.
+    pub fn wake(&self) {
+        for w in &self.wakers {
+            w.notify_one();
+        }
+    }
+
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            retry: &self.config.retry,
+            hostname: &self.config.hostname,
+            max_full_bytes: 10 * 1024 * 1024,
+        }
+    }
+
+    fn resolver(&self) -> Result<Arc<TokioResolver>, RouteError> {
+        let mut g = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = &*g {
+            return Ok(r.clone());
+        }
+        let r = TokioResolver::builder_tokio()
+            .and_then(|b| b.build())
+            .map_err(|e| RouteError::Temporary(format!("4.4.3 DNS resolver: {e}")))?;
+        let r = Arc::new(r);
+        *g = Some(r.clone());
+        Ok(r)
+    }
+
+    fn destination_slot(&self, key: &str) -> Arc<Semaphore> {
+        let mut g = self
+            .per_destination
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        g.entry(key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.workers.per_destination.max(1))))
+            .clone()
+    }
+
+    /// Spawn the workers (and the wake-up listener) under `shutdown`.
+    pub fn spawn(self: &Arc<Self>, shutdown: &Shutdown) {
+        for i in 0..self.wakers.len() {
+            let me = self.clone();
+            let sd = shutdown.clone();
+            shutdown.spawn(async move { me.run_worker(i, sd).await });
+        }
+        let me = self.clone();
+        let sd = shutdown.clone();
+        shutdown.spawn(async move { me.listen_for_wakeups(sd).await });
+    }
+
+    /// Replicas wake each other through PostgreSQL NOTIFY (sent in the enqueue transaction).
+    async fn listen_for_wakeups(self: Arc<Self>, shutdown: Shutdown) {
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&self.db.pool).await?;
+                l.listen(crate::db::WAKE_CHANNEL).await?;
+                loop {
+                    l.recv().await?;
+                    self.wake();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                r = listener => {
+                    if let Err(e) = r {
+                        tracing::debug!("wake-up listener: {e}");
+                    }
+                }
+                _ = shutdown.stopping() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.stopping() => return,
+            }
+        }
+    }
+
+    async fn run_worker(self: Arc<Self>, index: usize, shutdown: Shutdown) {
+        let worker = Uuid::new_v4();
+        let waker = self.wakers[index].clone();
+        let lease = Duration::from_secs(self.config.workers.lease_secs.max(1));
+        let poll = Duration::from_millis(self.config.workers.poll_interval_ms.max(10));
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut last_purge = tokio::time::Instant::now();
+        tracing::debug!(%worker, "relay worker started");
+        loop {
+            if shutdown.is_stopping() {
+                break;
+            }
+            let mut full = false;
+            if jobs.len() < self.config.workers.max_in_flight.max(1) {
+                match self
+                    .db
+                    .claim(worker, lease, self.config.workers.batch)
+                    .await
+                {
+                    Ok(claimed) => {
+                        full = claimed.len() as i64 >= self.config.workers.batch;
+                        let mut groups: BTreeMap<(Uuid, String), Vec<Claimed>> = BTreeMap::new();
+                        for c in claimed {
+                            groups
+                                .entry((c.message_id, c.domain.clone()))
+                                .or_default()
+                                .push(c);
+                        }
+                        for ((msg, domain), rcpts) in groups {
+                            let me = self.clone();
+                            jobs.spawn(async move { me.job(worker, msg, domain, rcpts).await });
+                        }
+                    }
+                    Err(e) => tracing::warn!("claiming work: {e}"),
+                }
+            }
+            if index == 0 && last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = tokio::time::Instant::now();
+                if let Err(e) = self.db.purge(Duration::from_secs(24 * 3600)).await {
+                    tracing::warn!("purging finished messages: {e}");
+                }
+            }
+            if full && jobs.len() < self.config.workers.max_in_flight.max(1) {
+                continue;
+            }
+            tokio::select! {
+                _ = waker.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                _ = shutdown.stopping() => break,
+            }
+        }
+        // Deliveries in progress finish their transaction; when forced, they are dropped and
+        // their recipients come back after the lease expires.
+        tokio::select! {
+            _ = async { while jobs.join_next().await.is_some() {} } => {}
+            _ = shutdown.forced() => jobs.abort_all(),
+        }
+    }
+
+    /// Deliver one message to the claimed recipients of one domain, renewing the lease
+    /// while it runs, then record the results.
+    async fn job(self: Arc<Self>, worker: Uuid, msg_id: Uuid, domain: String, rcpts: Vec<Claimed>) {
+        let ids: Vec<i64> = rcpts.iter().map(|r| r.id).collect();
+        let lease = Duration::from_secs(self.config.workers.lease_secs.max(1));
+        let renew = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                if let Err(e) = self.db.renew(worker, &ids, lease).await {
+                    tracing::warn!("renewing lease: {e}");
+                }
+            }
+        };
+        let work = async {
+            let _slot = self.in_flight.clone().acquire_owned().await;
+            let msg = match self.db.load_message(msg_id).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return, // deleted meanwhile
+                Err(e) => {
+                    tracing::warn!(%msg_id, "loading message: {e}");
+                    return;
+                }
+            };
+            let results = self.deliver(&msg, &domain, rcpts).await;
+            for r in &results {
+                let m = match r.outcome {
+                    Outcome::Delivered(_) => &self.metrics.delivered,
+                    Outcome::Deferred(_) => &self.metrics.deferred,
+                    Outcome::Failed(_) => &self.metrics.failed,
+                };
+                m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(queue_id = %msg.id, rcpt = %r.rcpt.address, host = %r.host,
+                    tls = r.tls, outcome = ?r.outcome, "delivery attempt");
+            }
+            match self.db.record(worker, &msg, &results, &self.policy()).await {
+                Ok(dsns) if dsns > 0 => self.wake(),
+                Ok(_) => {}
+                Err(e) => tracing::error!(%msg_id, "recording results: {e}"),
+            }
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = renew => {}
+        }
+    }
+
+    async fn deliver(&self, msg: &MessageRow, domain: &str, rcpts: Vec<Claimed>) -> Vec<Result1> {
+        let all = |o: Outcome, host: &str, rcpts: Vec<Claimed>| -> Vec<Result1> {
+            rcpts
+                .into_iter()
+                .map(|rcpt| Result1 {
+                    rcpt,
+                    outcome: o.clone(),
+                    host: host.to_string(),
+                    tls: false,
+                })
+                .collect()
+        };
+        let received = count_received(&msg.raw);
+        if received > self.config.limits.max_received_headers {
+            return all(
+                Outcome::Failed(format!(
+                    "5.4.6 routing loop detected ({received} Received: header fields)"
+                )),
+                "",
+                rcpts,
+            );
+        }
+        // A configured route wins; otherwise ask the store whether we host the domain.
+        if let Some(route) = self.config.transports.get(domain) {
+            return self.deliver_remote_static(msg, domain, route, rcpts).await;
+        }
+        match self.is_local(&rcpts[0].address).await {
+            Ok(true) => return self.deliver_local(msg, rcpts).await,
+            Ok(false) => {}
+            Err(e) => {
+                return all(
+                    Outcome::Deferred(format!("4.4.3 directory unavailable: {e}")),
+                    "",
+                    rcpts,
+                );
+            }
+        }
+        if !self.config.smarthost.is_empty() {
+            let route = self.config.smarthost.clone();
+            return self.deliver_remote_static(msg, domain, &route, rcpts).await;
+        }
+        let resolver = match self.resolver() {
+            Ok(r) => r,
+            Err(RouteError::Temporary(e)) | Err(RouteError::Permanent(e)) => {
+                return all(Outcome::Deferred(e), "", rcpts);
+            }
+        };
+        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
+        let targets = match tokio::time::timeout(
+            rpc,
+            route::mx_targets(&resolver, domain, self.config.limits.max_mx_hosts),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(RouteError::Permanent(e))) => return all(Outcome::Failed(e), "", rcpts),
+            Ok(Err(RouteError::Temporary(e))) => return all(Outcome::Deferred(e), "", rcpts),
+            Err(_) => {
+                return all(
+                    Outcome::Deferred(format!("4.4.3 DNS timeout for {domain}")),
+                    "",
+                    rcpts,
+                );
+            }
+        };
+        self.deliver_smtp(msg, domain, &targets, false, rcpts).await
+    }
+
+    async fn deliver_remote_static(
+        &self,
+        msg: &MessageRow,
+        domain: &str,
+        route: &str,
+        rcpts: Vec<Claimed>,
+    ) -> Vec<Result1> {
+        let is_smarthost = route == self.config.smarthost;
+        match route::static_target(route).await {
+            Ok(t) => {
+                self.deliver_smtp(msg, domain, &[t], is_smarthost, rcpts)
+                    .await
+            }
+            Err(RouteError::Temporary(e)) | Err(RouteError::Permanent(e)) => rcpts
+                .into_iter()
+                .map(|rcpt| Result1 {
+                    rcpt,
+                    outcome: Outcome::Deferred(e.clone()),
+                    host: route.to_string(),
+                    tls: false,
+                })
+                .collect(),
+        }
+    }
+
+    async fn is_local(&self, address: &str) -> Result<bool, ServiceError> {
+        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
+        let mut c = self.directory.clone();
+        let r = tokio::time::timeout(
+            rpc,
+            c.resolve(ResolveRequest {
+                address: address.to_string(),
+            }),
+        )
+        .await
+        .map_err(|_| ServiceError::Unavailable("timeout".into()))?
+        .map_err(ServiceError::from)?
+        .into_inner();
+        Ok(r.kind() != AddressKind::Remote)
+    }
+
+    async fn deliver_local(&self, msg: &MessageRow, rcpts: Vec<Claimed>) -> Vec<Result1> {
+        let mut ids: Vec<i64> = rcpts.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        let key = format!(
+            "relay:{}:{}",
+            msg.id,
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        );
+        let header = DeliverHeader {
+            idempotency_key: key,
+            return_path: msg.return_path.clone(),
+            recipients: rcpts.iter().map(|r| r.address.clone()).collect(),
+            size_hint: msg.raw.len() as u64,
+            add_delivery_headers: true,
+            ..Default::default()
+        };
+        let mut chunks = vec![DeliverChunk {
+            part: Some(mailsuite_proto::deliver_chunk::Part::Header(header)),
+        }];
+        for c in msg.raw.chunks(64 * 1024) {
+            chunks.push(DeliverChunk {
+                part: Some(mailsuite_proto::deliver_chunk::Part::Data(c.to_vec())),
+            });
+        }
+        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
+        let mut client = self.delivery.clone();
+        let res = tokio::time::timeout(rpc, client.deliver(tokio_stream::iter(chunks))).await;
+        let host = "mailbox-store";
+        let outcome_all = |o: Outcome, rcpts: Vec<Claimed>| -> Vec<Result1> {
+            rcpts
+                .into_iter()
+                .map(|rcpt| Result1 {
+                    rcpt,
+                    outcome: o.clone(),
+                    host: host.into(),
+                    tls: false,
+                })
+                .collect()
+        };
+        let resp = match res {
+            Err(_) => {
+                return outcome_all(
+                    Outcome::Deferred("4.4.1 local delivery timed out".into()),
+                    rcpts,
+                );
+            }
+            Ok(Err(status)) => {
+                let e = ServiceError::from(status);
+                let o = match &e {
+                    ServiceError::OverQuota {
+                        permanent: true, ..
+                    }
+                    | ServiceError::TooLarge(_) => Outcome::Failed(format!("5.2.2 {e}")),
+                    _ => Outcome::Deferred(format!("4.3.0 local delivery: {e}")),
+                };
+                return outcome_all(o, rcpts);
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let by_rcpt: HashMap<String, mailsuite_proto::RecipientResult> = resp
+            .results
+            .into_iter()
+            .map(|r| (r.recipient.to_ascii_lowercase(), r))
+            .collect();
+        let mut out = Vec::with_capacity(rcpts.len());
+        let mut remote_targets = Vec::new();
+        for rcpt in rcpts {
+            let outcome = match by_rcpt.get(&rcpt.address.to_ascii_lowercase()) {
+                None => Outcome::Deferred("4.3.0 no result from the mailbox store".into()),
+                Some(r) => match r.status() {
+                    RecipientStatus::Delivered => {
+                        remote_targets.extend(r.remote_targets.iter().cloned());
+                        Outcome::Delivered(format!(
+                            "250 2.0.0 delivered to {}",
+                            if r.delivered_to.is_empty() {
+                                rcpt.address.clone()
+                            } else {
+                                r.delivered_to.join(", ")
+                            }
+                        ))
+                    }
+                    RecipientStatus::Unknown => {
+                        Outcome::Failed("550 5.1.1 no such user here".into())
+                    }
+                    RecipientStatus::OverQuota => {
+                        Outcome::Deferred("452 4.2.2 mailbox full".into())
+                    }
+                    RecipientStatus::Disabled => {
+                        Outcome::Failed("550 5.2.1 mailbox disabled".into())
+                    }
+                    RecipientStatus::Remote => {
+                        remote_targets.extend(r.remote_targets.iter().cloned());
+                        Outcome::Delivered(format!(
+                            "250 2.1.5 forwarded to {}",
+                            r.remote_targets.join(", ")
+                        ))
+                    }
+                    RecipientStatus::Unspecified => {
+                        Outcome::Deferred("4.3.0 unexpected result from the mailbox store".into())
+                    }
+                },
+            };
+            out.push(Result1 {
+                rcpt,
+                outcome,
+                host: host.into(),
+                tls: false,
+            });
+        }
+        if !remote_targets.is_empty() {
+            // Aliases pointing outside: relay those targets as new recipients of this message.
+            // If that fails, retry all: the store's idempotency key makes the local part a no-op.
+            if let Err(e) = self.db.add_recipients(msg.id, &remote_targets).await {
+                for r in out.iter_mut() {
+                    r.outcome = Outcome::Deferred(format!("4.3.0 queueing alias targets: {e}"));
+                }
+            }
+        }
+        out
+    }
+
+    async fn deliver_smtp(
+        &self,
+        msg: &MessageRow,
+        domain: &str,
+        targets: &[Target],
+        smarthost: bool,
+        rcpts: Vec<Claimed>,
+    ) -> Vec<Result1> {
+        let dest = if smarthost {
+            "smarthost".to_string()
+        } else {
+            domain.to_string()
+        };
+        let _slot = self.destination_slot(&dest).acquire_owned().await;
+        let signature = self.keyring.sign(&msg.raw, domain_part(&msg.return_path));
+        let mut signed = signature;
+        signed.extend_from_slice(&msg.raw);
+        let addrs: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
+        let params: Vec<String> = rcpts.iter().map(rcpt_params).collect();
+        let envid = xtext(&msg.envid);
+        let tx = Transaction {
+            return_path: &msg.return_path,
+            recipients: &addrs,
+            rcpt_params: &params,
+            message: &signed,
+            body_8bit: msg.body_8bit,
+            smtputf8: msg.smtputf8,
+            envid: &envid,
+            ret: msg.ret,
+        };
+        let require_tls = self
+            .config
+            .require_tls_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain));
+        let auth = (smarthost && !self.config.smarthost_user.is_empty()).then(|| {
+            (
+                self.config.smarthost_user.clone(),
+                self.config.smarthost_password.clone(),
+            )
+        });
+        let mut last_err = String::from("4.4.1 no host to try");
+        let mut last_host = String::new();
+        for t in targets {
+            for addr in &t.addrs {
+                let p = SessionParams {
+                    helo_name: self.config.hostname.clone(),
+                    tls_name: t.name.clone(),
+                    require_tls,
+                    allow_invalid_opportunistic: self.config.tls_allow_invalid_opportunistic,
+                    tls: self.tls.clone(),
+                    timeouts: self.config.timeouts.clone(),
+                    max_reply: self.config.limits.max_reply_bytes,
+                    auth: auth.clone(),
+                };
+                last_host = format!("{} ({})", t.name, addr);
+                match smtp::deliver(*addr, &p, &tx).await {
+                    Ok(report) => {
+                        return rcpts
+                            .into_iter()
+                            .zip(report.outcomes)
+                            .map(|(rcpt, outcome)| Result1 {
+                                rcpt,
+                                outcome,
+                                host: t.name.clone(),
+                                tls: report.tls != "none",
+                            })
+                            .collect();
+                    }
+                    Err(e) if e.is_permanent() => {
+                        let text = match &e {
+                            SessionError::Refused(r) => r.to_string(),
+                            other => other.to_string(),
+                        };
+                        return rcpts
+                            .into_iter()
+                            .map(|rcpt| Result1 {
+                                rcpt,
+                                outcome: Outcome::Failed(text.clone()),
+                                host: t.name.clone(),
+                                tls: false,
+                            })
+                            .collect();
+                    }
+                    Err(e) => {
+                        tracing::info!(host = %last_host, "delivery attempt failed: {e}");
+                        last_err = match e {
+                            SessionError::Refused(r) => r.to_string(),
+                            other => format!("4.4.1 {}: {other}", t.name),
+                        };
+                    }
+                }
+            }
+        }
+        rcpts
+            .into_iter()
+            .map(|rcpt| Result1 {
+                rcpt,
+                outcome: Outcome::Deferred(last_err.clone()),
+                host: last_host.clone(),
+                tls: false,
+            })
+            .collect()
+    }
+}
+
+fn domain_part(addr: &str) -> &str {
+    addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+}
+
+/// RFC 3461 NOTIFY/ORCPT parameters to pass on.
+fn rcpt_params(r: &Claimed) -> String {
+    let mut p = Vec::new();
+    if !r.notify.is_empty() {
+        p.push(format!("NOTIFY={}", r.notify));
+    }
+    if !r.orcpt.is_empty() {
+        p.push(format!("ORCPT={}", r.orcpt));
+    }
+    p.join(" ")
+}
+
+/// RFC 3461 §4 xtext for ENVID.
+fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Received: fields in the header section (loop detection).
+pub fn count_received(raw: &[u8]) -> usize {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(raw.len());
+    let header = &raw[..end];
+    let mut n = 0;
+    let mut at_start = true;
+    for (i, &b) in header.iter().enumerate() {
+        if at_start && header.len() - i >= 9 && header[i..i + 9].eq_ignore_ascii_case(b"received:")
+        {
+            n += 1;
+        }
+        at_start = b == b'\n';
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_fields_are_counted_in_the_header_only() {
+        let m =
+            b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received(m), 2);
+    }
+
+    #[test]
+    fn xtext_encodes_specials() {
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+}
