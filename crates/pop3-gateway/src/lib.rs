@@ -1,7 +1,166 @@
 //! pop3-gateway: POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), AUTH PLAIN (RFC 5034)
 //! and implicit TLS on 995, in front of mailbox-store. Stateless: the maildrop lock lives in
 //! PostgreSQL (through the store), so any number of replicas may run.
+//!
+//! Layers: `codec` (lines → commands, replies → bytes, message byte-stuffing) → `session`
+//! (the RFC 1939 state machine, no I/O) → `connection` (sockets, TLS, timers, shutdown);
+//! `store` is the mailbox-store client behind the `backend::Backend` trait.
 
+pub mod backend;
 pub mod codec;
 pub mod config;
+pub mod connection;
 pub mod session;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailsuite_runtime::Shutdown;
+use mailsuite_runtime::listener::{Admission, LimitedListener};
+use mailsuite_runtime::metrics;
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::TlsAcceptor;
+
+pub use backend::Backend;
+pub use config::Config;
+use connection::Shared;
+pub use store::StoreBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] mailsuite_runtime::tls::TlsError),
+    #[error("store_url: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The bound address of every listener (`None`: disabled by an empty listen address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub pop3: Option<SocketAddr>,
+    pub pop3s: Option<SocketAddr>,
+    pub ops: Option<SocketAddr>,
+}
+
+/// Bind every listener, then serve POP3 against the mailbox-store at `config.store_url`
+/// until `shutdown`.
+pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
+    let backend = StoreBackend::connect(
+        &config.store_url,
+        Duration::from_secs(config.limits.store_timeout_secs.max(1)),
+    )?;
+    start_with(backend, config, shutdown).await
+}
+
+/// `start` with any backend (tests use an in-memory one).
+pub async fn start_with<B: Backend>(
+    backend: B,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<Started, Error> {
+    if config.limits.idle_timeout_secs < 600 {
+        tracing::warn!(
+            idle_timeout_secs = config.limits.idle_timeout_secs,
+            "RFC 1939 requires an auto-logout timer of at least 10 minutes"
+        );
+    }
+    let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
+    let limits = config.limits.connections;
+    let bind = |addr: String| async move {
+        if addr.is_empty() {
+            return Ok::<_, std::io::Error>(None);
+        }
+        Ok(Some(LimitedListener::bind(&addr, limits).await?))
+    };
+    let pop3 = bind(config.listen_pop3.clone()).await?;
+    let pop3s = bind(config.listen_pop3s.clone()).await?;
+    let ops = if config.listen_ops.is_empty() {
+        None
+    } else {
+        let (l, _) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
+        Some(l)
+    };
+    let started = Started {
+        pop3: pop3.as_ref().map(|l| l.local_addr()).transpose()?,
+        pop3s: pop3s.as_ref().map(|l| l.local_addr()).transpose()?,
+        ops: ops.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+
+    let shared = Arc::new(Shared::new(backend, config, acceptor, shutdown.clone()));
+    if let Some(l) = pop3 {
+        shutdown.spawn(accept_loop(shared.clone(), l, false));
+    }
+    if let Some(l) = pop3s {
+        shutdown.spawn(accept_loop(shared.clone(), l, true));
+    }
+    if let Some(l) = ops {
+        let ops = metrics::ops();
+        ops.set_ready(true);
+        shutdown.spawn(ops.serve(l, shutdown.clone()));
+    }
+    tracing::info!(?started, "pop3-gateway listening");
+    Ok(started)
+}
+
+async fn accept_loop<B: Backend>(shared: Arc<Shared<B>>, listener: LimitedListener, tls: bool) {
+    let name = if tls { "pop3s" } else { "pop3" };
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let admission = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.stopping() => return,
+        };
+        match admission {
+            Ok(Admission::Accepted {
+                stream,
+                peer,
+                guard,
+            }) => {
+                metrics::counter(
+                    "mailsuite_pop3_connections_total",
+                    &[("listener", name), ("result", "accepted")],
+                )
+                .inc();
+                let shared = shared.clone();
+                shutdown.spawn(async move {
+                    connection::handle(shared, stream, peer, tls).await;
+                    drop(guard);
+                });
+            }
+            Ok(Admission::Refused {
+                mut stream,
+                peer,
+                reason,
+            }) => {
+                metrics::counter(
+                    "mailsuite_pop3_connections_total",
+                    &[("listener", name), ("result", "refused")],
+                )
+                .inc();
+                tracing::info!(%peer, ?reason, "connection refused");
+                // Over TLS a plaintext refusal would be garbage to the client: just close.
+                if !tls {
+                    shutdown.spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            stream.write_all(b"-ERR [SYS/TEMP] too many connections\r\n"),
+                        )
+                        .await;
+                    });
+                }
+            }
+            Err(e) => {
+                // Typically out of file descriptors: pause rather than spin on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        }
+    }
+}

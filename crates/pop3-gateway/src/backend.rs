@@ -1,0 +1,62 @@
+//! What a POP3 session needs from the mail store, as a trait: the gRPC client in `store`
+//! implements it for production, tests may implement it in memory.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use futures::Stream;
+
+use crate::session::{LoginError, Maildrop, Target};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Retrying later may work (`-ERR [SYS/TEMP]`).
+    Temporary(String),
+    /// It will not work (`-ERR [SYS/PERM]`).
+    Permanent(String),
+    /// The message was expunged meanwhile (by IMAP, or an administrator).
+    Gone,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Temporary(m) | Failure::Permanent(m) => f.write_str(m),
+            Failure::Gone => f.write_str("message no longer exists"),
+        }
+    }
+}
+
+/// A message's content in order, in chunks of any size.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Failure>> + Send>>;
+
+pub trait Backend: Send + Sync + 'static {
+    /// Held for the whole session: exclusive access to the maildrop (RFC 1939 §8) ends when
+    /// it is dropped.
+    type Lock: Send + 'static;
+
+    /// Check the credentials, take the maildrop lock, and list the maildrop.
+    fn login(
+        &self,
+        user: &str,
+        password: &str,
+        peer: IpAddr,
+    ) -> impl Future<Output = Result<(Maildrop, Self::Lock), LoginError>> + Send;
+
+    /// The content of message `uid` with CRLF line ends, streamed.
+    fn body(
+        &self,
+        target: Target,
+        uid: u32,
+    ) -> impl Future<Output = Result<BodyStream, Failure>> + Send;
+
+    /// The UPDATE state: mark `seen` \Seen, remove exactly the `deleted` messages.
+    fn update(
+        &self,
+        target: Target,
+        deleted: &[u32],
+        seen: &[u32],
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+}

@@ -1,0 +1,446 @@
+//! The I/O driver of one POP3 connection: reads lines under the auto-logout timer, runs the
+//! session's actions against the [`Backend`], streams messages, upgrades to TLS on STLS (the
+//! stream type is generic, so the same loop runs before and after), and says goodbye on
+//! shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mailsuite_runtime::Shutdown;
+use mailsuite_runtime::metrics;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::backend::{Backend, Failure};
+use crate::codec::{BodyEncoder, LineDecoder, Reply, RespCode};
+use crate::config::Config;
+use crate::session::{Action, LoginError, Maildrop, Session, SessionConfig, Target};
+
+/// Output is written to the socket whenever this much is buffered while streaming.
+const WRITE_CHUNK: usize = 64 * 1024;
+const READ_BUF: usize = 8 * 1024;
+
+/// What every connection of a gateway shares.
+pub struct Shared<B> {
+    pub backend: B,
+    pub config: Config,
+    pub acceptor: TlsAcceptor,
+    pub shutdown: Shutdown,
+    /// Last successful login per account, for LOGIN-DELAY (this replica only).
+    login_times: Mutex<HashMap<i64, Instant>>,
+}
+
+impl<B: Backend> Shared<B> {
+    pub fn new(backend: B, config: Config, acceptor: TlsAcceptor, shutdown: Shutdown) -> Self {
+        Shared {
+            backend,
+            config,
+            acceptor,
+            shutdown,
+            login_times: Mutex::default(),
+        }
+    }
+
+    /// Record a login of `account`; false if the previous one was less than LOGIN-DELAY ago.
+    fn login_allowed(&self, account: i64) -> bool {
+        let delay = Duration::from_secs(self.config.login_delay);
+        if delay.is_zero() {
+            return true;
+        }
+        let now = Instant::now();
+        let mut times = self.login_times.lock().unwrap_or_else(|p| p.into_inner());
+        if times
+            .get(&account)
+            .is_some_and(|t| now.duration_since(*t) < delay)
+        {
+            return false;
+        }
+        if times.len() >= 4096 {
+            times.retain(|_, t| now.duration_since(*t) < delay);
+        }
+        times.insert(account, now);
+        true
+    }
+}
+
+enum Flow {
+    Continue,
+    /// Send what is buffered, then close.
+    Close,
+    StartTls,
+    /// Drop the connection at once (I/O failure, broken stream).
+    Abort,
+}
+
+enum Next<S> {
+    Closed,
+    StartTls(S),
+}
+
+struct Conn<B: Backend> {
+    shared: Arc<Shared<B>>,
+    session: Session,
+    decoder: LineDecoder,
+    out: Vec<u8>,
+    peer: SocketAddr,
+    lock: Option<B::Lock>,
+}
+
+/// Serve one accepted connection until it ends (or shutdown forces it to).
+pub async fn handle<B: Backend>(
+    shared: Arc<Shared<B>>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+) {
+    let span = tracing::info_span!("pop3", %peer, tls = implicit_tls);
+    let forced = shared.shutdown.force_token();
+    let _active = metrics::up_down("mailsuite_pop3_sessions_active", &[]).guard();
+    tokio::select! {
+        _ = forced.cancelled() => tracing::debug!(parent: &span, "ended by forced shutdown"),
+        _ = serve(shared, tcp, peer, implicit_tls).instrument(span.clone()) => {}
+    }
+}
+
+async fn serve<B: Backend>(
+    shared: Arc<Shared<B>>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+) {
+    let cfg = &shared.config;
+    let session_cfg = SessionConfig {
+        hostname: cfg.hostname.clone(),
+        stls_available: !implicit_tls,
+        plaintext_ok: cfg.auth.allow_plaintext_loopback && peer.ip().is_loopback(),
+        expire: (!cfg.expire.is_empty()).then(|| cfg.expire.clone()),
+        login_delay: (cfg.login_delay > 0).then_some(cfg.login_delay),
+        max_auth_failures: cfg.limits.max_auth_failures.max(1),
+        max_bad_commands: cfg.limits.max_bad_commands,
+    };
+    let handshake = Duration::from_secs(cfg.limits.tls_handshake_timeout_secs.max(1));
+    let mut conn = Conn {
+        decoder: LineDecoder::new(cfg.limits.max_line),
+        session: Session::new(session_cfg, implicit_tls),
+        out: Vec::new(),
+        peer,
+        lock: None,
+        shared: shared.clone(),
+    };
+    if implicit_tls {
+        let tls = match tokio::time::timeout(handshake, shared.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        conn.session.greeting().serialize(&mut conn.out);
+        conn.run(tls).await;
+        return;
+    }
+    conn.session.greeting().serialize(&mut conn.out);
+    if let Next::StartTls(tcp) = conn.run(tcp).await {
+        match tokio::time::timeout(handshake, shared.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                conn.session.tls_started();
+                tracing::debug!("STLS complete");
+                // The TLS layer cannot start TLS again: the session refuses a second STLS.
+                let _ = conn.run(tls).await;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "STLS handshake failed"),
+            Err(_) => tracing::debug!("STLS handshake timed out"),
+        }
+    }
+}
+
+impl<B: Backend> Conn<B> {
+    fn limits(&self) -> &crate::config::Limits {
+        &self.shared.config.limits
+    }
+
+    async fn run<S>(&mut self, mut io: S) -> Next<S>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut buf = vec![0u8; READ_BUF];
+        let idle = Duration::from_secs(self.limits().idle_timeout_secs.max(1));
+        loop {
+            while let Some(line) = self.decoder.next_line() {
+                let action = self.session.handle_line(line);
+                match self.perform(action, &mut io).await {
+                    Flow::Continue => {}
+                    Flow::Close => {
+                        self.close(&mut io).await;
+                        return Next::Closed;
+                    }
+                    Flow::Abort => return Next::Closed,
+                    Flow::StartTls => {
+                        if self.write(&mut io).await.is_err() {
+                            return Next::Closed;
+                        }
+                        // Anything pipelined after STLS arrived in plaintext: it must not be
+                        // executed as if it had come over TLS.
+                        self.decoder.clear();
+                        return Next::StartTls(io);
+                    }
+                }
+            }
+            // Replies to a pipelined batch go out together, once the input is used up.
+            if self.write(&mut io).await.is_err() {
+                return Next::Closed;
+            }
+            let shutdown = self.shared.shutdown.clone();
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.stopping() => {
+                    Reply::err_code(RespCode::SysTemp, "server shutting down").serialize(&mut self.out);
+                    self.close(&mut io).await;
+                    return Next::Closed;
+                }
+                r = tokio::time::timeout(idle, io.read(&mut buf)) => r,
+            };
+            match read {
+                // RFC 1939 §3: the auto-logout timer closes without a response, and without
+                // entering UPDATE: nothing is removed.
+                Err(_) => {
+                    tracing::debug!(state = self.session.state_name(), "auto-logout");
+                    return Next::Closed;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return Next::Closed,
+                Ok(Ok(n)) => self.decoder.feed(&buf[..n]),
+            }
+        }
+    }
+
+    async fn perform<S>(&mut self, mut action: Action, io: &mut S) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        loop {
+            match action {
+                Action::Reply(r) => {
+                    r.serialize(&mut self.out);
+                    return Flow::Continue;
+                }
+                Action::Close(r) => {
+                    r.serialize(&mut self.out);
+                    return Flow::Close;
+                }
+                Action::StartTls(r) => {
+                    r.serialize(&mut self.out);
+                    return Flow::StartTls;
+                }
+                Action::Login { user, password } => {
+                    let result = self.login(&user, &password).await;
+                    action = self.session.login_done(result);
+                }
+                Action::AuthFailed { reply, close } => {
+                    metrics::counter("mailsuite_pop3_logins_total", &[("result", "failed")]).inc();
+                    tracing::info!(
+                        failures = self.session.auth_failures(),
+                        "authentication failed"
+                    );
+                    // Earlier replies go out now; this one waits, longer after every failure.
+                    if self.write(io).await.is_err() {
+                        return Flow::Abort;
+                    }
+                    let delay = self
+                        .limits()
+                        .auth_failure_delay(self.session.auth_failures());
+                    let shutdown = self.shared.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.stopping() => {
+                            Reply::err_code(RespCode::SysTemp, "server shutting down")
+                                .serialize(&mut self.out);
+                            return Flow::Close;
+                        }
+                    }
+                    reply.serialize(&mut self.out);
+                    return if close { Flow::Close } else { Flow::Continue };
+                }
+                Action::Send {
+                    reply,
+                    target,
+                    uid,
+                    top,
+                } => return self.send(io, reply, target, uid, top).await,
+                Action::Update {
+                    target,
+                    deleted,
+                    seen,
+                } => {
+                    let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
+                    let result = match tokio::time::timeout(
+                        timeout * 2,
+                        self.shared.backend.update(target, &deleted, &seen),
+                    )
+                    .await
+                    {
+                        Ok(r) => r.map_err(|f| f.to_string()),
+                        Err(_) => Err("mail store timed out".to_string()),
+                    };
+                    if result.is_ok() {
+                        metrics::counter("mailsuite_pop3_messages_deleted_total", &[])
+                            .add(deleted.len() as u64);
+                    }
+                    tracing::info!(deleted = deleted.len(), ok = result.is_ok(), "UPDATE");
+                    // RFC 1939 §6: the lock is released once UPDATE is over.
+                    self.lock = None;
+                    action = self.session.update_done(result);
+                }
+            }
+        }
+    }
+
+    async fn login(&mut self, user: &str, password: &str) -> Result<Maildrop, LoginError> {
+        let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
+        // Several store calls (authenticate, lock, select, fetch), each bounded on its own.
+        let result = match tokio::time::timeout(
+            timeout * 4,
+            self.shared.backend.login(user, password, self.peer.ip()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(LoginError::Temporary("mail store timed out".into())),
+        };
+        let result = match result {
+            Ok((md, _lock)) if !self.shared.login_allowed(md.account_id) => {
+                Err(LoginError::LoginDelay)
+            }
+            Ok((md, lock)) => {
+                self.lock = Some(lock);
+                Ok(md)
+            }
+            Err(e) => Err(e),
+        };
+        let label = match &result {
+            Ok(md) => {
+                tracing::info!(
+                    account = md.account_id,
+                    messages = md.messages.len(),
+                    "logged in"
+                );
+                "ok"
+            }
+            Err(LoginError::BadCredentials) => return result,
+            Err(LoginError::InUse) => "in_use",
+            Err(LoginError::LoginDelay) => "login_delay",
+            Err(LoginError::Temporary(_) | LoginError::Permanent(_)) => "error",
+        };
+        metrics::counter("mailsuite_pop3_logins_total", &[("result", label)]).inc();
+        result
+    }
+
+    /// RETR and TOP: the `+OK` line goes out only once the first chunk is in hand, so a
+    /// store failure can still be answered with `-ERR`. A failure later leaves the reply
+    /// without its terminating `.` and closes the connection: the client cannot mistake a
+    /// truncated message for a whole one.
+    async fn send<S>(
+        &mut self,
+        io: &mut S,
+        reply: Reply,
+        target: Target,
+        uid: u32,
+        top: Option<u32>,
+    ) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
+        let backend = &self.shared.backend;
+        let open = async {
+            let mut stream = backend.body(target, uid).await?;
+            let first = stream.next().await.unwrap_or(Err(Failure::Gone))?;
+            Ok::<_, Failure>((stream, first))
+        };
+        let (mut stream, first) = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(f)) => {
+                failure_reply(&f).serialize(&mut self.out);
+                return Flow::Continue;
+            }
+            Err(_) => {
+                Reply::err_code(RespCode::SysTemp, "mail store timed out").serialize(&mut self.out);
+                return Flow::Continue;
+            }
+        };
+        reply.serialize(&mut self.out);
+        let mut enc = top.map_or_else(BodyEncoder::full, BodyEncoder::top);
+        enc.push(&first, &mut self.out);
+        while !enc.is_done() {
+            if self.out.len() >= WRITE_CHUNK && self.write(io).await.is_err() {
+                return Flow::Abort;
+            }
+            match tokio::time::timeout(timeout, stream.next()).await {
+                Ok(Some(Ok(data))) => enc.push(&data, &mut self.out),
+                Ok(None) => break,
+                Ok(Some(Err(f))) => {
+                    tracing::warn!(uid, error = %f, "message stream failed midway");
+                    return Flow::Abort;
+                }
+                Err(_) => {
+                    tracing::warn!(uid, "message stream stalled");
+                    return Flow::Abort;
+                }
+            }
+        }
+        // TOP may stop early: dropping the stream cancels the rest of the transfer.
+        drop(stream);
+        enc.finish(&mut self.out);
+        let command = if top.is_some() { "TOP" } else { "RETR" };
+        metrics::counter(
+            "mailsuite_pop3_messages_sent_total",
+            &[("command", command)],
+        )
+        .inc();
+        Flow::Continue
+    }
+
+    /// Write out what is buffered, under the write timeout.
+    async fn write<S>(&mut self, io: &mut S) -> std::io::Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let timeout = Duration::from_secs(self.limits().write_timeout_secs.max(1));
+        let r = tokio::time::timeout(timeout, async {
+            io.write_all(&self.out).await?;
+            io.flush().await
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        self.out.clear();
+        r
+    }
+
+    async fn close<S>(&mut self, io: &mut S)
+    where
+        S: AsyncWrite + Unpin,
+    {
+        if self.write(io).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
+        }
+    }
+}
+
+fn failure_reply(f: &Failure) -> Reply {
+    match f {
+        Failure::Temporary(m) => Reply::err_code(RespCode::SysTemp, m.clone()),
+        Failure::Permanent(m) => Reply::err_code(RespCode::SysPerm, m.clone()),
+        Failure::Gone => Reply::err("message no longer exists"),
+    }
+}
