@@ -1,1 +1,162 @@
+//! imap-gateway: IMAP4rev1 (RFC 3501, with the RFC 9051 rules that apply to it) in front of
+//! mailbox-store, STARTTLS on 143 and implicit TLS on 993. Stateless: every durable fact lives
+//! in the store, so any number of replicas may run.
+//!
+//! Layers: `codec` (bytes → commands, literals and limits; imap-codec underneath) →
+//! `session` (states, sequence numbers, replies) → `connection` (sockets, TLS, IDLE, timers,
+//! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process.
 
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod convert;
+pub mod hub;
+pub mod mutf7;
+pub mod seqmap;
+pub mod session;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailsuite_runtime::Shutdown;
+use mailsuite_runtime::listener::{Admission, LimitedListener};
+use mailsuite_runtime::metrics;
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::TlsAcceptor;
+
+pub use config::Config;
+use connection::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] mailsuite_runtime::tls::TlsError),
+    #[error("store_url: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The bound address of every listener (`None`: disabled by an empty listen address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub imap: Option<SocketAddr>,
+    pub imaps: Option<SocketAddr>,
+    pub ops: Option<SocketAddr>,
+}
+
+/// Bind every listener, then serve IMAP against the mailbox-store at `config.store_url`
+/// until `shutdown`.
+pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
+    if config.limits.idle_timeout_secs < 30 * 60 {
+        tracing::warn!(
+            idle_timeout_secs = config.limits.idle_timeout_secs,
+            "RFC 9051 requires an autologout timer of at least 30 minutes"
+        );
+    }
+    let store = store::Store::connect(&config.store_url)?;
+    let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
+    let limits = config.limits.connections;
+    let bind = |addr: String| async move {
+        if addr.is_empty() {
+            return Ok::<_, std::io::Error>(None);
+        }
+        Ok(Some(LimitedListener::bind(&addr, limits).await?))
+    };
+    let imap = bind(config.listen_imap.clone()).await?;
+    let imaps = bind(config.listen_imaps.clone()).await?;
+    let ops = if config.listen_ops.is_empty() {
+        None
+    } else {
+        let (l, _) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
+        Some(l)
+    };
+    let started = Started {
+        imap: imap.as_ref().map(|l| l.local_addr()).transpose()?,
+        imaps: imaps.as_ref().map(|l| l.local_addr()).transpose()?,
+        ops: ops.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    let hub = hub::Hub::new(config.limits.max_sessions_per_account);
+    shutdown.spawn(hub.clone().run(store.clone(), shutdown.clone()));
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        hub,
+        tls: Some(acceptor),
+        shutdown: shutdown.clone(),
+    });
+    if let Some(l) = imap {
+        shutdown.spawn(accept_loop(shared.clone(), l, false));
+    }
+    if let Some(l) = imaps {
+        shutdown.spawn(accept_loop(shared.clone(), l, true));
+    }
+    if let Some(l) = ops {
+        let ops = metrics::ops();
+        ops.set_ready(true);
+        shutdown.spawn(ops.serve(l, shutdown.clone()));
+    }
+    tracing::info!(?started, "imap-gateway listening");
+    Ok(started)
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: LimitedListener, tls: bool) {
+    let name = if tls { "imaps" } else { "imap" };
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let admission = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.stopping() => return,
+        };
+        match admission {
+            Ok(Admission::Accepted {
+                stream,
+                peer,
+                guard,
+            }) => {
+                metrics::counter(
+                    "mailsuite_imap_connections_total",
+                    &[("listener", name), ("result", "accepted")],
+                )
+                .inc();
+                let shared = shared.clone();
+                shutdown.spawn(async move {
+                    connection::handle(shared, stream, peer, tls).await;
+                    drop(guard);
+                });
+            }
+            Ok(Admission::Refused {
+                mut stream,
+                peer,
+                reason,
+            }) => {
+                metrics::counter(
+                    "mailsuite_imap_connections_total",
+                    &[("listener", name), ("result", "refused")],
+                )
+                .inc();
+                tracing::info!(%peer, ?reason, "connection refused");
+                // Over TLS a plaintext refusal would be garbage to the client: just close.
+                if !tls {
+                    shutdown.spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            stream.write_all(b"* BYE [UNAVAILABLE] Too many connections\r\n"),
+                        )
+                        .await;
+                    });
+                }
+            }
+            Err(e) => {
+                // Typically out of file descriptors: pause rather than spin on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Bytes → client messages. Pure: no I/O, no tokio. Framing (lines and literals) is done by
+//! imap-codec's `Fragmentizer`, parsing by its `CommandCodec` / `AuthenticateDataCodec` /
+//! `IdleDoneCodec`; this layer adds what a server must decide itself: when to send a
+//! continuation request for a synchronizing literal, and the size limits (RFC 7888 `[TOOBIG]`).
+
+use bounded_static::IntoBoundedStatic;
+use imap_codec::fragmentizer::{DecodeMessageError, FragmentInfo, Fragmentizer};
+use imap_codec::imap_types::auth::AuthenticateData;
+use imap_codec::imap_types::command::Command;
+use imap_codec::imap_types::core::{LiteralMode, Tag};
+use imap_codec::{AuthenticateDataCodec, CommandCodec, IdleDoneCodec};
+
+/// What the next complete client message is expected to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Command,
+    /// A line answering an AUTHENTICATE continuation request.
+    AuthenticateData,
+    /// `DONE` ending IDLE.
+    IdleDone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Command(Box<Command<'static>>),
+    AuthenticateData(AuthenticateData<'static>),
+    IdleDone,
+    /// The client announced a synchronizing literal within the limits: send `+ ...`.
+    ContinueLiteral,
+    /// Unparsable message (answer BAD; the connection lives on).
+    Bad {
+        tag: Option<Tag<'static>>,
+    },
+    /// A literal or command over the limits. `append`: the command was APPEND (answer NO
+    /// [TOOBIG] per RFC 9051), else BAD [TOOBIG].
+    TooBig {
+        tag: Option<Tag<'static>>,
+        append: bool,
+    },
+    /// A line longer than `max_line`: its end cannot be found without buffering it, so the
+    /// connection must end.
+    LineTooLong,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderLimits {
+    pub max_line: u32,
+    pub max_command: u32,
+    pub max_append: u32,
+}
+
+pub struct Decoder {
+    frag: Fragmentizer,
+    mode: Mode,
+    limits: DecoderLimits,
+    /// Where the fragment being parsed started (to measure a partial line).
+    fragment_start: usize,
+    in_literal: bool,
+    /// The current message announced an over-limit literal.
+    too_big: Option<bool>,
+}
+
+impl Decoder {
+    pub fn new(limits: DecoderLimits) -> Self {
+        // The fragmentizer keeps at most this much of one message; anything beyond is dropped
+        // (and the message rejected), so memory per connection is bounded.
+        let cap = limits
+            .max_append
+            .saturating_add(limits.max_command)
+            .saturating_add(limits.max_line);
+        Decoder {
+            frag: Fragmentizer::new(cap),
+            mode: Mode::Command,
+            limits,
+            fragment_start: 0,
+            in_literal: false,
+            too_big: None,
+        }
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.frag.enqueue_bytes(bytes);
+    }
+
+    /// The next decision, or `None` when more bytes are needed.
+    pub fn next(&mut self) -> Option<Input> {
+        loop {
+            let Some(fragment) = self.frag.progress() else {
+                if !self.in_literal {
+                    let partial = self.frag.message_bytes().len() - self.fragment_start;
+                    if partial > self.limits.max_line as usize {
+                        return Some(Input::LineTooLong);
+                    }
+                }
+                return None;
+            };
+            match fragment {
+                FragmentInfo::Line {
+                    end, announcement, ..
+                } => {
+                    self.fragment_start = end;
+                    if end - fragment.range().start > self.limits.max_line as usize + 2 {
+                        return Some(Input::LineTooLong);
+                    }
+                    if let Some(a) = announcement {
+                        self.in_literal = true;
+                        if self.mode != Mode::Command {
+                            // Literals are not part of AUTHENTICATE data or DONE; the line is
+                            // bad, and the literal bytes (if sent) are discarded with it.
+                            self.frag.poison_message();
+                            continue;
+                        }
+                        let append = self.is_append();
+                        let limit = if append {
+                            self.limits.max_append
+                        } else {
+                            self.limits.max_command
+                        };
+                        let total = self.frag.message_bytes().len() as u64 + a.length as u64;
+                        if total > limit as u64 {
+                            match a.mode {
+                                LiteralMode::Sync => {
+                                    // The client waits for our "+": refusing means it will not
+                                    // send the literal, so the message ends here.
+                                    let tag = self.frag.decode_tag().map(|t| t.into_static());
+                                    self.frag.skip_message();
+                                    self.reset_message();
+                                    return Some(Input::TooBig { tag, append });
+                                }
+                                LiteralMode::NonSync => {
+                                    self.too_big = Some(append);
+                                    self.frag.poison_message();
+                                    continue;
+                                }
+                            }
+                        }
+                        if a.mode == LiteralMode::Sync && self.too_big.is_none() {
+                            return Some(Input::ContinueLiteral);
+                        }
+                        continue;
+                    }
+                }
+                FragmentInfo::Literal { end, .. } => {
+                    self.fragment_start = end;
+                    self.in_literal = false;
+                    continue;
+                }
+            }
+            // A line without announcement completes the message.
+            debug_assert!(self.frag.is_message_complete());
+            let input = self.decode();
+            self.reset_message();
+            return Some(input);
+        }
+    }
+
+    fn reset_message(&mut self) {
+        self.fragment_start = 0;
+        self.in_literal = false;
+        self.too_big = None;
+    }
+
+    fn is_append(&self) -> bool {
+        let bytes = self.frag.message_bytes();
+        let mut words = bytes.split(|b| *b == b' ');
+        let _tag = words.next();
+        let verb = words.next().unwrap_or_default();
+        let verb = if verb.eq_ignore_ascii_case(b"UID") {
+            words.next().unwrap_or_default()
+        } else {
+            verb
+        };
+        verb.eq_ignore_ascii_case(b"APPEND")
+    }
+
+    fn decode(&mut self) -> Input {
+        if let Some(append) = self.too_big {
+            let tag = self.frag.decode_tag().map(|t| t.into_static());
+            return Input::TooBig { tag, append };
+        }
+        match self.mode {
+            Mode::Command => match self.frag.decode_message(&CommandCodec::default()) {
+                Ok(cmd) => Input::Command(Box::new(cmd.into_static())),
+                Err(DecodeMessageError::MessageTooLong { .. }) => Input::TooBig {
+                    tag: self.frag.decode_tag().map(|t| t.into_static()),
+                    append: self.is_append(),
+                },
+                Err(_) => Input::Bad {
+                    tag: self.frag.decode_tag().map(|t| t.into_static()),
+                },
+            },
+            Mode::AuthenticateData => {
+                match self.frag.decode_message(&AuthenticateDataCodec::default()) {
+                    Ok(data) => Input::AuthenticateData(data.into_static()),
+                    Err(_) => Input::Bad { tag: None },
+                }
+            }
+            Mode::IdleDone => match self.frag.decode_message(&IdleDoneCodec::default()) {
+                Ok(_) => Input::IdleDone,
+                Err(_) => Input::Bad { tag: None },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::imap_types::command::CommandBody;
+
+    fn limits() -> DecoderLimits {
+        DecoderLimits {
+            max_line: 200,
+            max_command: 1000,
+            max_append: 5000,
+        }
+    }
+
+    /// Feed `input` in chunks of `chunk` bytes, collecting every decision.
+    fn run(input: &[u8], chunk: usize, modes: &[(usize, Mode)]) -> Vec<Input> {
+        let mut d = Decoder::new(limits());
+        let mut out = Vec::new();
+        for piece in input.chunks(chunk) {
+            d.feed(piece);
+            while let Some(i) = d.next() {
+                out.push(i);
+                if let Some((_, m)) = modes.iter().find(|(n, _)| *n == out.len()) {
+                    d.set_mode(*m);
+                }
+            }
+        }
+        out
+    }
+
+    fn same_in_all_chunkings(input: &[u8], modes: &[(usize, Mode)]) -> Vec<Input> {
+        let whole = run(input, input.len().max(1), modes);
+        for chunk in [1, 2, 3, 4, 7, 8, 16, 64] {
+            assert_eq!(run(input, chunk, modes), whole, "chunk size {chunk}");
+        }
+        whole
+    }
+
+    fn tag(t: &str) -> Option<Tag<'static>> {
+        Some(Tag::try_from(t.to_string()).unwrap())
+    }
+
+    #[test]
+    fn pipelined_commands_decode_identically_in_any_chunking() {
+        let out = same_in_all_chunkings(b"a1 NOOP\r\na2 CAPABILITY\r\na3 LOGOUT\r\n", &[]);
+        let names: Vec<&str> = out
+            .iter()
+            .map(|i| match i {
+                Input::Command(c) => c.name(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["NOOP", "CAPABILITY", "LOGOUT"]);
+    }
+
+    #[test]
+    fn sync_literal_asks_for_continuation_then_decodes() {
+        let out = same_in_all_chunkings(b"a1 LOGIN {5}\r\nalice {3}\r\npw1\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out[0], Input::ContinueLiteral);
+        assert_eq!(out[1], Input::ContinueLiteral);
+        match &out[2] {
+            Input::Command(c) => match &c.body {
+                CommandBody::Login { username, .. } => {
+                    assert_eq!(username.as_ref(), b"alice")
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&out[3], Input::Command(c) if c.name() == "NOOP"));
+        assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn non_sync_literal_needs_no_continuation() {
+        let out =
+            same_in_all_chunkings(b"a1 APPEND INBOX {11+}\r\nSubject: x\n\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        match &out[0] {
+            Input::Command(c) => assert_eq!(c.name(), "APPEND"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn literal_bytes_are_never_taken_for_commands() {
+        // The literal contains something that looks like a command.
+        let out = same_in_all_chunkings(b"a1 LOGIN {10+}\r\nx LOGOUT\r\n pw\r\n", &[]);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(&out[0], Input::Command(c) if c.name() == "LOGIN"));
+    }
+
+    #[test]
+    fn bad_syntax_is_reported_with_its_tag_and_decoding_continues() {
+        let out = same_in_all_chunkings(b"a1 FROB x\r\na2 NOOP\r\n* bad\r\n", &[]);
+        assert_eq!(out[0], Input::Bad { tag: tag("a1") });
+        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        assert_eq!(out[2], Input::Bad { tag: None });
+    }
+
+    #[test]
+    fn oversized_sync_literal_is_refused_without_continuation() {
+        let out = same_in_all_chunkings(b"a1 LOGIN {5000}\r\na2 NOOP\r\n", &[]);
+        assert_eq!(
+            out[0],
+            Input::TooBig {
+                tag: tag("a1"),
+                append: false
+            }
+        );
+        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        let out = same_in_all_chunkings(b"a1 APPEND INBOX {5001}\r\n", &[]);
+        assert_eq!(
+            out,
+            vec![Input::TooBig {
+                tag: tag("a1"),
+                append: true
+            }]
+        );
+    }
+
+    #[test]
+    fn oversized_non_sync_literal_is_consumed_and_refused() {
+        let mut input = b"a1 APPEND INBOX {6000+}\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 6000));
+        input.extend(b"\r\na2 NOOP\r\n");
+        let out = same_in_all_chunkings(&input, &[]);
+        assert_eq!(
+            out[0],
+            Input::TooBig {
+                tag: tag("a1"),
+                append: true
+            }
+        );
+        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn overlong_line_ends_the_connection_without_buffering_it() {
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 NOOP ");
+        assert_eq!(d.next(), None);
+        d.feed(&[b'x'; 300]);
+        assert_eq!(d.next(), Some(Input::LineTooLong));
+    }
+
+    #[test]
+    fn authenticate_data_and_idle_done_modes() {
+        let input = b"a1 AUTHENTICATE PLAIN\r\nAGFsaWNlAHB3\r\na2 IDLE\r\nDONE\r\na3 NOOP\r\n";
+        let out = same_in_all_chunkings(
+            input,
+            &[
+                (1, Mode::AuthenticateData),
+                (2, Mode::Command),
+                (3, Mode::IdleDone),
+                (4, Mode::Command),
+            ],
+        );
+        assert!(matches!(&out[0], Input::Command(c) if c.name() == "AUTHENTICATE"));
+        match &out[1] {
+            Input::AuthenticateData(AuthenticateData::Continue(d)) => {
+                assert_eq!(d.declassify().as_ref(), b"\0alice\0pw")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&out[2], Input::Command(c) if c.name() == "IDLE"));
+        assert_eq!(out[3], Input::IdleDone);
+        assert!(matches!(&out[4], Input::Command(c) if c.name() == "NOOP"));
+    }
+
+    #[test]
+    fn authenticate_cancel_and_garbage_instead_of_done() {
+        let out = same_in_all_chunkings(b"*\r\n", &[]);
+        assert_eq!(out, vec![Input::Bad { tag: None }]);
+        let mut d = Decoder::new(limits());
+        d.set_mode(Mode::AuthenticateData);
+        d.feed(b"*\r\n");
+        assert_eq!(
+            d.next(),
+            Some(Input::AuthenticateData(AuthenticateData::Cancel))
+        );
+        d.set_mode(Mode::IdleDone);
+        d.feed(b"NOOP\r\n");
+        assert_eq!(d.next(), Some(Input::Bad { tag: None }));
+    }
+}

@@ -1,0 +1,93 @@
+//! Configuration of the IMAP gateway. Every limit has a documented default.
+
+use mailsuite_runtime::listener::ConnLimits;
+use mailsuite_runtime::tls::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// IMAP with STARTTLS; empty disables it.
+    pub listen_imap: String,
+    /// IMAP over implicit TLS; empty disables it.
+    pub listen_imaps: String,
+    /// HTTP `/healthz`, `/readyz`, `/metrics`; empty disables it.
+    pub listen_ops: String,
+    /// The mailbox-store gRPC endpoint.
+    pub store_url: String,
+    /// Announced in the greeting.
+    pub hostname: String,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_imap: "0.0.0.0:143".into(),
+            listen_imaps: "0.0.0.0:993".into(),
+            listen_ops: "0.0.0.0:9143".into(),
+            store_url: "http://127.0.0.1:50051".into(),
+            hostname: "localhost".into(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Allow LOGIN / AUTHENTICATE without TLS from loopback addresses (tests, local tools).
+    pub allow_plaintext_loopback: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections per listener and per client IP.
+    pub connections: ConnLimits,
+    /// Longest command line (without literals), bytes. Default 64 KiB; longer lines end the
+    /// connection with `* BYE [TOOBIG]` because their end cannot be found safely.
+    pub max_line: u32,
+    /// Largest command other than APPEND, literals included, bytes. Default 1 MiB.
+    pub max_command: u32,
+    /// Largest message APPEND accepts, bytes. Default 64 MiB.
+    pub max_append: u32,
+    /// Seconds a client may stay silent before the connection is closed (also during IDLE).
+    /// RFC 9051 requires at least 30 minutes once authenticated.
+    pub idle_timeout_secs: u64,
+    /// Seconds a client may take to log in.
+    pub login_timeout_secs: u64,
+    /// Failed logins allowed per connection before it is closed.
+    pub max_auth_failures: u32,
+    /// First delay after a failed login, milliseconds; doubles with each further failure.
+    pub auth_failure_delay_ms: u64,
+    /// Commands per second a connection may sustain (token bucket with a burst of 10x);
+    /// 0 = unlimited.
+    pub commands_per_second: u32,
+    /// Sessions one account may have open on this gateway at once; 0 = unlimited.
+    pub max_sessions_per_account: usize,
+    /// Messages per FETCH round trip to the store (bounds memory per command).
+    pub fetch_batch: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: ConnLimits::default(),
+            max_line: 64 * 1024,
+            max_command: 1024 * 1024,
+            max_append: 64 * 1024 * 1024,
+            idle_timeout_secs: 30 * 60,
+            login_timeout_secs: 60,
+            max_auth_failures: 5,
+            auth_failure_delay_ms: 500,
+            commands_per_second: 200,
+            max_sessions_per_account: 100,
+            fetch_batch: 256,
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The I/O driver of one IMAP connection: greeting, reading with timeouts, literal
+//! continuation, STARTTLS as an upgrade of the stream, AUTHENTICATE and IDLE exchanges,
+//! unsolicited updates from the change feed, command rate limiting, and `* BYE` on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imap_codec::imap_types::auth::AuthenticateData;
+use imap_codec::imap_types::core::Tag;
+use imap_codec::imap_types::response::{Code, CommandContinuationRequest, Response, StatusKind};
+use mailsuite_proto as pb;
+use mailsuite_runtime::Shutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
+
+use crate::codec::{Decoder, DecoderLimits, Input, Mode};
+use crate::config::Config;
+use crate::hub::{Hub, Subscription};
+use crate::session::{Next, Out, Session, SessionLimits, StateKind};
+use crate::store::Store;
+
+pub struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub hub: Hub,
+    pub tls: Option<TlsAcceptor>,
+    pub shutdown: Shutdown,
+}
+
+impl Shared {
+    fn session_limits(&self) -> SessionLimits {
+        let l = &self.config.limits;
+        SessionLimits {
+            max_auth_failures: l.max_auth_failures.max(1),
+            auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
+            fetch_batch: l.fetch_batch,
+            max_fetch_bytes: (l.max_append as u64).max(64 * 1024 * 1024) * 2,
+        }
+    }
+
+    fn decoder_limits(&self) -> DecoderLimits {
+        let l = &self.config.limits;
+        DecoderLimits {
+            max_line: l.max_line,
+            max_command: l.max_command,
+            max_append: l.max_append,
+        }
+    }
+}
+
+/// Commands per second with a burst allowance; excess commands are delayed, not refused.
+struct RateLimit {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> Self {
+        let burst = (per_sec as f64 * 10.0).max(1.0);
+        RateLimit {
+            per_sec: per_sec as f64,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// How long to wait before the next command may run.
+    fn take(&mut self) -> Duration {
+        if self.per_sec <= 0.0 {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        self.last = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_sec)
+        }
+    }
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Event(Option<pb::ChangeEvent>),
+    Timeout,
+    Shutdown,
+}
+
+async fn next_event(sub: &mut Option<Subscription>) -> Option<pb::ChangeEvent> {
+    match sub {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+type Stream<S> = Either<S, TlsStream<S>>;
+
+/// Serve one accepted connection to its end.
+pub async fn handle<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, implicit_tls: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream: Stream<S> = if implicit_tls {
+        let Some(acceptor) = shared.tls.clone() else {
+            return;
+        };
+        let handshake = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream));
+        match tokio::select! {
+            r = handshake => r,
+            _ = shared.shutdown.stopping() => return,
+        } {
+            Ok(Ok(s)) => Either::Right(s),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    } else {
+        Either::Left(stream)
+    };
+    if let Err(e) = drive(shared, stream, peer).await {
+        tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+async fn drive<S>(
+    shared: Arc<Shared>,
+    mut stream: Stream<S>,
+    peer: SocketAddr,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut session = Session::new(
+        shared.store.clone(),
+        shared.hub.clone(),
+        shared.session_limits(),
+    );
+    session.tls = matches!(stream, Either::Right(_));
+    session.tls_available = shared.tls.is_some();
+    session.plaintext_ok = shared.config.auth.allow_plaintext_loopback && peer.ip().is_loopback();
+    session.remote_ip = peer.ip().to_string();
+    let mut decoder = Decoder::new(shared.decoder_limits());
+    let mut rate = RateLimit::new(shared.config.limits.commands_per_second);
+    let mut buf = vec![0u8; 16 * 1024];
+    // The tag of the AUTHENTICATE or IDLE command in progress.
+    let mut pending: Option<Tag<'static>> = None;
+    {
+        let mut out = Out::new(&mut stream);
+        session.greeting(&mut out, &shared.config.hostname);
+        out.flush().await?;
+    }
+    let limits = &shared.config.limits;
+    loop {
+        // Everything already received is handled before waiting for more.
+        while let Some(input) = decoder.next() {
+            let mut out = Out::new(&mut stream);
+            match input {
+                Input::Command(cmd) => {
+                    let wait = rate.take();
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    let tag = cmd.tag.clone();
+                    let next = tokio::select! {
+                        n = session.handle(*cmd, &mut out) => n?,
+                        _ = shared.shutdown.forced() => return Ok(()),
+                    };
+                    match next {
+                        Next::Continue => {}
+                        Next::Logout => {
+                            out.flush().await?;
+                            return Ok(());
+                        }
+                        Next::StartTls(tag) => {
+                            let Some(acceptor) = shared.tls.clone() else {
+                                out.tagged(&tag, StatusKind::Bad, None, "TLS not available");
+                                out.flush().await?;
+                                continue;
+                            };
+                            out.tagged(&tag, StatusKind::Ok, None, "Begin TLS negotiation now");
+                            out.flush().await?;
+                            drop(out);
+                            let Either::Left(plain) = stream else {
+                                return Ok(());
+                            };
+                            let tls = tokio::time::timeout(
+                                Duration::from_secs(30),
+                                acceptor.accept(plain),
+                            )
+                            .await
+                            .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
+                            stream = Either::Right(tls);
+                            session.tls = true;
+                            // Bytes pipelined after STARTTLS came in plaintext: never act on
+                            // them (command injection, CVE-2011-0411 class).
+                            decoder = Decoder::new(shared.decoder_limits());
+                            break;
+                        }
+                        Next::AuthContinue(tag) => {
+                            out.response(&Response::CommandContinuationRequest(
+                                CommandContinuationRequest::base64(Vec::new()),
+                            ));
+                            decoder.set_mode(Mode::AuthenticateData);
+                            pending = Some(tag);
+                        }
+                        Next::Idle(tag) => {
+                            out.continuation("idling");
+                            decoder.set_mode(Mode::IdleDone);
+                            pending = Some(tag);
+                            // Report anything that happened before IDLE began.
+                            session.sync(&mut out, true, true).await?;
+                        }
+                    }
+                    let _ = tag;
+                }
+                Input::AuthenticateData(data) => {
+                    decoder.set_mode(Mode::Command);
+                    let tag = pending
+                        .take()
+                        .unwrap_or_else(|| Tag::try_from("*").expect("tag"));
+                    let next = match data {
+                        AuthenticateData::Cancel => {
+                            out.tagged(&tag, StatusKind::Bad, None, "Authentication cancelled");
+                            Next::Continue
+                        }
+                        AuthenticateData::Continue(d) => {
+                            session.auth_plain(&tag, d.declassify(), &mut out).await?
+                        }
+                    };
+                    if next == Next::Logout {
+                        out.flush().await?;
+                        return Ok(());
+                    }
+                }
+                Input::IdleDone => {
+                    decoder.set_mode(Mode::Command);
+                    if let Some(tag) = pending.take() {
+                        session.sync(&mut out, true, false).await?;
+                        out.tagged(&tag, StatusKind::Ok, None, "IDLE terminated");
+                    }
+                }
+                Input::ContinueLiteral => out.continuation("Ready for literal data"),
+                Input::Bad { tag } => match decoder.mode() {
+                    Mode::Command => match tag {
+                        Some(t) => out.tagged(&t, StatusKind::Bad, None, "Syntax error"),
+                        None => out.untagged(StatusKind::Bad, None, "Syntax error"),
+                    },
+                    Mode::AuthenticateData | Mode::IdleDone => {
+                        decoder.set_mode(Mode::Command);
+                        if let Some(t) = pending.take() {
+                            out.tagged(&t, StatusKind::Bad, None, "Unexpected input");
+                        }
+                    }
+                },
+                Input::TooBig { tag, append } => {
+                    let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));
+                    let kind = if append {
+                        StatusKind::No
+                    } else {
+                        StatusKind::Bad
+                    };
+                    out.tagged(&tag, kind, Some(Code::TooBig), "Too large");
+                }
+                Input::LineTooLong => {
+                    out.bye(Some(Code::TooBig), "Line too long");
+                    out.flush().await?;
+                    return Ok(());
+                }
+            }
+            out.flush().await?;
+            if session.state() == StateKind::Logout {
+                return Ok(());
+            }
+            if shared.shutdown.is_stopping() && decoder.mode() != Mode::AuthenticateData {
+                out.bye(None, "Server shutting down");
+                out.flush().await?;
+                return Ok(());
+            }
+        }
+        let timeout = if session.state() == StateKind::NotAuthenticated {
+            limits.login_timeout_secs
+        } else {
+            limits.idle_timeout_secs
+        };
+        let wake = tokio::select! {
+            r = stream.read(&mut buf) => Wake::Read(r),
+            ev = next_event(&mut session.subscription) => Wake::Event(ev),
+            _ = tokio::time::sleep(Duration::from_secs(timeout.max(1))) => Wake::Timeout,
+            _ = shared.shutdown.stopping() => Wake::Shutdown,
+        };
+        let mut out = Out::new(&mut stream);
+        match wake {
+            Wake::Read(Ok(0)) => return Ok(()),
+            Wake::Read(Ok(n)) => decoder.feed(&buf[..n]),
+            Wake::Read(Err(e)) => return Err(e),
+            Wake::Event(None) => session.subscription = None,
+            Wake::Event(Some(ev)) => {
+                let affected = session.on_event(&ev, &mut out);
+                if affected && decoder.mode() == Mode::IdleDone {
+                    session.sync(&mut out, true, false).await?;
+                }
+                out.flush().await?;
+                if session.state() == StateKind::Logout {
+                    return Ok(());
+                }
+            }
+            Wake::Timeout => {
+                out.bye(None, "Autologout; idle for too long");
+                out.flush().await?;
+                return Ok(());
+            }
+            Wake::Shutdown => {
+                out.bye(None, "Server shutting down");
+                out.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,2301 @@
+//! The IMAP session: state (RFC 9051 §3), which commands each state allows, the sequence
+//! number map, and unsolicited updates held back where §7.5.1 requires. Replies are written
+//! through `Out`, which encodes imap-types responses with imap-codec.
+
+use std::collections::HashMap;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::time::Duration;
+
+use imap_codec::ResponseCodec;
+use imap_codec::encode::Encoder;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::command::{
+    Command, CommandBody, FetchModifier, SelectParameter, StoreModifier,
+};
+use imap_codec::imap_types::core::{AString, Charset, IString, QuotedChar, Tag, Vec1};
+use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_codec::imap_types::extensions::enable::CapabilityEnable;
+use imap_codec::imap_types::extensions::namespace::Namespace;
+use imap_codec::imap_types::extensions::quota::{QuotaGet, Resource};
+use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet as ImapUidSet};
+use imap_codec::imap_types::fetch::{
+    Macro, MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName, Section,
+};
+use imap_codec::imap_types::flag::{
+    Flag, FlagFetch, FlagNameAttribute, FlagPerm, StoreResponse, StoreType,
+};
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::response::{
+    Bye, Capability, Code, CommandContinuationRequest, Data, Response, Status, StatusBody,
+    StatusKind, Tagged,
+};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
+use mailsuite_proto as pb;
+use mailsuite_runtime::ServiceError;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::convert;
+use crate::hub::{Hub, Subscription, is_resync};
+use crate::mutf7;
+use crate::seqmap::SeqMap;
+use crate::store::Store;
+
+pub const DELIMITER: char = '/';
+
+/// Buffered replies; flushed by the connection after each command, and during long
+/// responses once the buffer grows.
+pub struct Out<'w, W> {
+    w: &'w mut W,
+    buf: Vec<u8>,
+}
+
+const FLUSH_AT: usize = 64 * 1024;
+
+impl<'w, W: AsyncWrite + Unpin> Out<'w, W> {
+    pub fn new(w: &'w mut W) -> Self {
+        Out { w, buf: Vec::new() }
+    }
+
+    pub fn response(&mut self, r: &Response<'_>) {
+        self.buf.extend(ResponseCodec::default().encode(r).dump());
+    }
+
+    pub fn data(&mut self, d: Data<'_>) {
+        self.response(&Response::Data(d));
+    }
+
+    pub fn untagged(&mut self, kind: StatusKind, code: Option<Code<'_>>, text: &str) {
+        self.response(&Response::Status(Status::Untagged(StatusBody {
+            kind,
+            code,
+            text: text_of(text),
+        })));
+    }
+
+    pub fn tagged(&mut self, tag: &Tag<'_>, kind: StatusKind, code: Option<Code<'_>>, text: &str) {
+        self.response(&Response::Status(Status::Tagged(Tagged {
+            tag: tag.clone(),
+            body: StatusBody {
+                kind,
+                code,
+                text: text_of(text),
+            },
+        })));
+    }
+
+    pub fn bye(&mut self, code: Option<Code<'_>>, text: &str) {
+        self.response(&Response::Status(Status::Bye(Bye {
+            code,
+            text: text_of(text),
+        })));
+    }
+
+    pub fn continuation(&mut self, text: &str) {
+        match CommandContinuationRequest::basic(None, text) {
+            Ok(c) => self.response(&Response::CommandContinuationRequest(c)),
+            Err(_) => self.buf.extend_from_slice(b"+ \r\n"),
+        }
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.w.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        self.w.flush().await
+    }
+
+    async fn maybe_flush(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub fn inner(&mut self) -> &mut W {
+        self.w
+    }
+
+    #[cfg(test)]
+    pub fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+fn text_of(s: &str) -> imap_codec::imap_types::core::Text<'static> {
+    let clean: String = s.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    let clean = if clean.is_empty() {
+        "ok".to_string()
+    } else {
+        clean
+    };
+    clean
+        .clone()
+        .try_into()
+        .unwrap_or_else(|_| "error".to_string().try_into().expect("valid text"))
+}
+
+fn other_code(s: &str) -> Code<'static> {
+    Code::Other(imap_codec::imap_types::response::CodeOther::unvalidated(
+        s.as_bytes().to_vec(),
+    ))
+}
+
+/// What the connection must do after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    StartTls(Tag<'static>),
+    /// AUTHENTICATE PLAIN without an initial response: ask for it.
+    AuthContinue(Tag<'static>),
+    Idle(Tag<'static>),
+    Logout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    NotAuthenticated,
+    Authenticated,
+    Selected,
+    Logout,
+}
+
+pub struct Selected {
+    pub mailbox_id: i64,
+    pub name: String,
+    pub read_only: bool,
+    pub uidvalidity: u32,
+    pub seq: SeqMap,
+    /// Highest modseq whose changes this session has seen.
+    pub modseq: u64,
+    /// A change event arrived: poll the change log at the next opportunity.
+    pub dirty: bool,
+    /// Expunges learnt while they could not be announced (§7.5.1).
+    pub pending_expunges: Vec<u32>,
+    /// Flag states this session already reported, so its own STOREs are not echoed twice.
+    pub reported: HashMap<u32, u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_auth_failures: u32,
+    pub auth_failure_delay: Duration,
+    pub fetch_batch: u32,
+    pub max_fetch_bytes: u64,
+}
+
+pub struct Session {
+    store: Store,
+    hub: Hub,
+    limits: SessionLimits,
+    pub tls: bool,
+    /// LOGIN/AUTHENTICATE allowed without TLS (loopback and configured so).
+    pub plaintext_ok: bool,
+    pub tls_available: bool,
+    pub remote_ip: String,
+    state: StateKind,
+    account: Option<pb::Account>,
+    pub selected: Option<Box<Selected>>,
+    pub subscription: Option<Subscription>,
+    pub condstore: bool,
+    pub utf8: bool,
+    auth_failures: u32,
+}
+
+type Res<T> = Result<T, ServiceError>;
+
+/// The IMAP reply for a store error (RFC 5530 response codes).
+fn error_reply(e: &ServiceError) -> (StatusKind, Option<Code<'static>>, String) {
+    let (code, text): (Option<Code<'static>>, String) = match e {
+        ServiceError::NotFound(_) => (Some(other_code("NONEXISTENT")), "No such mailbox".into()),
+        ServiceError::AlreadyExists(_) => (
+            Some(other_code("ALREADYEXISTS")),
+            "Mailbox already exists".into(),
+        ),
+        ServiceError::OverQuota { .. } => (Some(Code::OverQuota), "Quota exceeded".into()),
+        ServiceError::TooLarge(_) => (Some(Code::TooBig), "Too large".into()),
+        ServiceError::Cannot(m) => (Some(other_code("CANNOT")), m.clone()),
+        ServiceError::InvalidArgument(m) => (Some(other_code("CANNOT")), m.clone()),
+        ServiceError::PermissionDenied(_) => {
+            (Some(other_code("NOPERM")), "Permission denied".into())
+        }
+        ServiceError::Conflict(_) => (Some(other_code("INUSE")), "Try again".into()),
+        ServiceError::Unavailable(_) => (Some(other_code("UNAVAILABLE")), "Try again later".into()),
+        ServiceError::Unauthenticated => (
+            Some(other_code("AUTHENTICATIONFAILED")),
+            "Authentication failed".into(),
+        ),
+        ServiceError::Internal(_) => (Some(other_code("SERVERBUG")), "Internal error".into()),
+    };
+    (StatusKind::No, code, text)
+}
+
+fn flag_strings(flags: &[Flag<'_>]) -> Vec<String> {
+    flags.iter().map(convert::flag_name).collect()
+}
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+fn imap_uid_set(uids: &[u32]) -> Option<ImapUidSet> {
+    let set = pb::UidSet::from_uids(uids.iter().copied());
+    let elems: Vec<UidElement> = set
+        .ranges
+        .iter()
+        .filter(|r| r.start > 0)
+        .map(|r| {
+            if r.start == r.end {
+                UidElement::Single(nz(r.start))
+            } else {
+                UidElement::Range(nz(r.start), nz(r.end))
+            }
+        })
+        .collect();
+    Vec1::try_from(elems).ok().map(ImapUidSet)
+}
+
+fn sequence_set_of(nums: &[u32]) -> Option<SequenceSet> {
+    let set = pb::UidSet::from_uids(nums.iter().copied());
+    let seqs: Vec<Sequence> = set
+        .ranges
+        .iter()
+        .filter(|r| r.start > 0)
+        .map(|r| {
+            if r.start == r.end {
+                Sequence::Single(SeqOrUid::Value(nz(r.start)))
+            } else {
+                Sequence::Range(SeqOrUid::Value(nz(r.start)), SeqOrUid::Value(nz(r.end)))
+            }
+        })
+        .collect();
+    Vec1::try_from(seqs).ok().map(SequenceSet)
+}
+
+/// Does `name` match the LIST pattern (`*` any, `%` any except the delimiter)?
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
+            Some('%') => {
+                for i in 0..=n.len() {
+                    if go(&p[1..], &n[i..]) {
+                        return true;
+                    }
+                    if i < n.len() && n[i] == DELIMITER {
+                        return false;
+                    }
+                }
+                false
+            }
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Bound the backtracking of hostile patterns.
+    if p.iter().filter(|c| **c == '*' || **c == '%').count() > 8 {
+        return false;
+    }
+    // INBOX is case-insensitive (RFC 9051 §5.1).
+    if name == "INBOX" {
+        let up: String = pattern.to_ascii_uppercase();
+        let pu: Vec<char> = up.chars().collect();
+        return go(&pu, &n) || go(&p, &n);
+    }
+    go(&p, &n)
+}
+
+fn special_use_attr(su: i32) -> Option<&'static str> {
+    Some(match pb::SpecialUse::try_from(su).ok()? {
+        pb::SpecialUse::None => return None,
+        pb::SpecialUse::All => "\\All",
+        pb::SpecialUse::Archive => "\\Archive",
+        pb::SpecialUse::Drafts => "\\Drafts",
+        pb::SpecialUse::Flagged => "\\Flagged",
+        pb::SpecialUse::Junk => "\\Junk",
+        pb::SpecialUse::Sent => "\\Sent",
+        pb::SpecialUse::Trash => "\\Trash",
+    })
+}
+
+fn attr(s: &str) -> FlagNameAttribute<'static> {
+    let name = s.trim_start_matches('\\');
+    match name.to_ascii_lowercase().as_str() {
+        "noselect" => FlagNameAttribute::Noselect,
+        "noinferiors" => FlagNameAttribute::Noinferiors,
+        "marked" => FlagNameAttribute::Marked,
+        "unmarked" => FlagNameAttribute::Unmarked,
+        _ => FlagNameAttribute::from(
+            imap_codec::imap_types::core::Atom::try_from(name.to_string()).unwrap_or_else(|_| {
+                imap_codec::imap_types::core::Atom::try_from("X").expect("atom")
+            }),
+        ),
+    }
+}
+
+const SYSTEM_FLAGS: [Flag<'static>; 5] = [
+    Flag::Answered,
+    Flag::Flagged,
+    Flag::Deleted,
+    Flag::Seen,
+    Flag::Draft,
+];
+
+impl Session {
+    pub fn new(store: Store, hub: Hub, limits: SessionLimits) -> Session {
+        Session {
+            store,
+            hub,
+            limits,
+            tls: false,
+            plaintext_ok: false,
+            tls_available: true,
+            remote_ip: String::new(),
+            state: StateKind::NotAuthenticated,
+            account: None,
+            selected: None,
+            subscription: None,
+            condstore: false,
+            utf8: false,
+            auth_failures: 0,
+        }
+    }
+
+    pub fn state(&self) -> StateKind {
+        self.state
+    }
+
+    pub fn account_id(&self) -> i64 {
+        self.account.as_ref().map(|a| a.id).unwrap_or(0)
+    }
+
+    pub fn capabilities(&self) -> Vec<Capability<'static>> {
+        let mut caps = vec![Capability::Imap4Rev1];
+        let c = |s: &'static str| Capability::try_from(s).expect("capability atom");
+        if self.state == StateKind::NotAuthenticated {
+            if !self.tls && self.tls_available {
+                caps.push(Capability::StartTls);
+            }
+            if self.tls || self.plaintext_ok {
+                caps.push(Capability::Auth(AuthMechanism::Plain));
+            } else {
+                caps.push(Capability::LoginDisabled);
+            }
+            caps.push(Capability::SaslIr);
+        }
+        caps.extend([
+            Capability::LiteralPlus,
+            Capability::Id,
+            Capability::Enable,
+            Capability::Idle,
+            Capability::Namespace,
+            Capability::Unselect,
+            Capability::UidPlus,
+            Capability::Move,
+            c("SPECIAL-USE"),
+            c("CHILDREN"),
+            Capability::CondStore,
+            Capability::Binary,
+        ]);
+        caps
+    }
+
+    fn capability_code(&self) -> Code<'static> {
+        Code::Capability(Vec1::try_from(self.capabilities()).expect("non-empty"))
+    }
+
+    pub fn greeting<W: AsyncWrite + Unpin>(&self, out: &mut Out<'_, W>, hostname: &str) {
+        out.untagged(
+            StatusKind::Ok,
+            Some(self.capability_code()),
+            &format!("{hostname} IMAP ready"),
+        );
+    }
+
+    /// Mailbox name from the wire: modified UTF-7 unless UTF-8 was enabled.
+    fn name_in(&self, m: &Mailbox<'_>) -> Option<String> {
+        match m {
+            Mailbox::Inbox => Some("INBOX".into()),
+            Mailbox::Other(o) => {
+                let s = std::str::from_utf8(o.as_ref()).ok()?;
+                let s = if self.utf8 {
+                    s.to_string()
+                } else {
+                    mutf7::decode(s)?
+                };
+                let s = s.trim_end_matches(DELIMITER).to_string();
+                // "inbox/x" names the child of INBOX.
+                if s.len() > 6 && s[..6].eq_ignore_ascii_case("inbox/") {
+                    return Some(format!("INBOX{}", &s[5..]));
+                }
+                (!s.is_empty()).then_some(s)
+            }
+        }
+    }
+
+    fn name_out(&self, name: &str) -> Mailbox<'static> {
+        if name.eq_ignore_ascii_case("INBOX") {
+            return Mailbox::Inbox;
+        }
+        let wire = if self.utf8 {
+            name.to_string()
+        } else {
+            mutf7::encode(name)
+        };
+        Mailbox::try_from(wire).unwrap_or(Mailbox::Inbox)
+    }
+
+    fn list_pattern(&self, m: &ListMailbox<'_>) -> Option<String> {
+        let bytes: Vec<u8> = match m {
+            ListMailbox::Token(t) => t.as_ref().to_vec(),
+            ListMailbox::String(s) => s.as_ref().to_vec(),
+        };
+        let s = String::from_utf8(bytes).ok()?;
+        if self.utf8 {
+            Some(s)
+        } else {
+            mutf7::decode(&s)
+        }
+    }
+
+    /// Handle one command. Replies go to `out`; the connection flushes.
+    pub async fn handle<W: AsyncWrite + Unpin>(
+        &mut self,
+        cmd: Command<'static>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<Next> {
+        let tag = cmd.tag.clone();
+        let name = cmd.body.name();
+        if !self.allowed(&cmd.body) {
+            let text = match self.state {
+                StateKind::NotAuthenticated => format!("{name} requires authentication"),
+                StateKind::Authenticated => match &cmd.body {
+                    CommandBody::Login { .. }
+                    | CommandBody::Authenticate { .. }
+                    | CommandBody::StartTLS => "Already authenticated".to_string(),
+                    _ => format!("{name} requires a selected mailbox"),
+                },
+                _ => format!("{name} not allowed now"),
+            };
+            out.tagged(&tag, StatusKind::Bad, None, &text);
+            return Ok(Next::Continue);
+        }
+        // Expunges may not be sent during FETCH, STORE and SEARCH (RFC 9051 §7.5.1); the UID
+        // forms are allowed to, but holding them back is simpler and equally correct.
+        let allow_expunge = !matches!(
+            cmd.body,
+            CommandBody::Fetch { .. } | CommandBody::Store { .. } | CommandBody::Search { .. }
+        );
+        let poll_always = matches!(
+            cmd.body,
+            CommandBody::Noop | CommandBody::Check | CommandBody::Idle
+        );
+        let next = self.dispatch(cmd, out).await?;
+        if self.state == StateKind::Selected && next == Next::Continue {
+            // Unsolicited updates go before the tagged reply, which dispatch put last: move it.
+            let tagged_at = find_tagged_start(&out.buf, &tag);
+            let tail = tagged_at.map(|i| out.buf.split_off(i));
+            self.sync(out, allow_expunge, poll_always).await?;
+            if let Some(t) = tail {
+                out.buf.extend(t);
+            }
+        }
+        Ok(next)
+    }
+
+    fn allowed(&self, body: &CommandBody<'_>) -> bool {
+        use CommandBody as C;
+        let any = matches!(body, C::Capability | C::Noop | C::Logout | C::Id { .. });
+        if any {
+            return true;
+        }
+        let not_auth = matches!(body, C::StartTLS | C::Authenticate { .. } | C::Login { .. });
+        let auth = matches!(
+            body,
+            C::Select { .. }
+                | C::Examine { .. }
+                | C::Create { .. }
+                | C::Delete { .. }
+                | C::Rename { .. }
+                | C::Subscribe { .. }
+                | C::Unsubscribe { .. }
+                | C::List { .. }
+                | C::Lsub { .. }
+                | C::Status { .. }
+                | C::Append { .. }
+                | C::Namespace
+                | C::Enable { .. }
+                | C::Idle
+                | C::GetQuota { .. }
+                | C::GetQuotaRoot { .. }
+                | C::SetQuota { .. }
+        );
+        let selected = matches!(
+            body,
+            C::Check
+                | C::Close
+                | C::Unselect
+                | C::Expunge
+                | C::ExpungeUid { .. }
+                | C::Search { .. }
+                | C::Fetch { .. }
+                | C::Store { .. }
+                | C::Copy { .. }
+                | C::Move { .. }
+        );
+        match self.state {
+            StateKind::NotAuthenticated => not_auth,
+            StateKind::Authenticated => auth,
+            StateKind::Selected => auth || selected,
+            StateKind::Logout => false,
+        }
+    }
+
+    async fn dispatch<W: AsyncWrite + Unpin>(
+        &mut self,
+        cmd: Command<'static>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<Next> {
+        let tag = cmd.tag;
+        use CommandBody as C;
+        match cmd.body {
+            C::Capability => {
+                out.data(Data::Capability(
+                    Vec1::try_from(self.capabilities()).expect("non-empty"),
+                ));
+                out.tagged(&tag, StatusKind::Ok, None, "CAPABILITY completed");
+            }
+            C::Noop | C::Check => out.tagged(&tag, StatusKind::Ok, None, "NOOP completed"),
+            C::Logout => {
+                out.bye(None, "Logging out");
+                out.tagged(&tag, StatusKind::Ok, None, "LOGOUT completed");
+                self.state = StateKind::Logout;
+                return Ok(Next::Logout);
+            }
+            C::Id { .. } => {
+                let params = vec![
+                    (
+                        IString::try_from("name").expect("quoted"),
+                        convert::nstring(Some(b"mailsuite")),
+                    ),
+                    (
+                        IString::try_from("version").expect("quoted"),
+                        convert::nstring(Some(env!("CARGO_PKG_VERSION").as_bytes())),
+                    ),
+                ];
+                out.data(Data::Id {
+                    parameters: Some(params),
+                });
+                out.tagged(&tag, StatusKind::Ok, None, "ID completed");
+            }
+            C::StartTLS => {
+                if self.tls || !self.tls_available {
+                    out.tagged(&tag, StatusKind::Bad, None, "TLS already active");
+                } else {
+                    return Ok(Next::StartTls(tag));
+                }
+            }
+            C::Login { username, password } => {
+                let user = String::from_utf8_lossy(username.as_ref()).into_owned();
+                let pass = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
+                return self.login(&tag, &user, &pass, out).await;
+            }
+            C::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if mechanism != AuthMechanism::Plain {
+                    out.tagged(&tag, StatusKind::No, None, "Unsupported mechanism");
+                } else if !(self.tls || self.plaintext_ok) {
+                    out.tagged(
+                        &tag,
+                        StatusKind::No,
+                        Some(other_code("PRIVACYREQUIRED")),
+                        "Use STARTTLS first",
+                    );
+                } else if let Some(ir) = initial_response {
+                    return self.auth_plain(&tag, ir.declassify(), out).await;
+                } else {
+                    return Ok(Next::AuthContinue(tag));
+                }
+            }
+            C::Enable { capabilities } => {
+                let mut enabled = Vec::new();
+                for c in capabilities.as_ref() {
+                    match c {
+                        CapabilityEnable::CondStore => {
+                            self.condstore = true;
+                            enabled.push(CapabilityEnable::CondStore);
+                        }
+                        _ => {}
+                    }
+                }
+                out.data(Data::Enabled {
+                    capabilities: enabled,
+                });
+                out.tagged(&tag, StatusKind::Ok, None, "ENABLE completed");
+            }
+            C::Namespace => {
+                out.data(Data::Namespace {
+                    personal: vec![Namespace {
+                        prefix: IString::try_from("").expect("quoted"),
+                        delimiter: Some(QuotedChar::try_from(DELIMITER).expect("quoted char")),
+                        extensions: vec![],
+                    }],
+                    other: vec![],
+                    shared: vec![],
+                });
+                out.tagged(&tag, StatusKind::Ok, None, "NAMESPACE completed");
+            }
+            C::Select {
+                mailbox,
+                parameters,
+            } => {
+                let cs = parameters
+                    .iter()
+                    .any(|p| matches!(p, SelectParameter::CondStore));
+                self.select(&tag, &mailbox, false, cs, out).await?;
+            }
+            C::Examine {
+                mailbox,
+                parameters,
+            } => {
+                let cs = parameters
+                    .iter()
+                    .any(|p| matches!(p, SelectParameter::CondStore));
+                self.select(&tag, &mailbox, true, cs, out).await?;
+            }
+            C::Create { mailbox } => {
+                let r = match self.name_in(&mailbox) {
+                    Some(n) if n == "INBOX" => Err(ServiceError::AlreadyExists("INBOX".into())),
+                    Some(n) => self.store.create(self.account_id(), &n).await.map(|_| ()),
+                    None => Err(ServiceError::InvalidArgument("Bad mailbox name".into())),
+                };
+                self.simple_reply(&tag, r, "CREATE completed", out);
+            }
+            C::Delete { mailbox } => {
+                let r = match self.name_in(&mailbox) {
+                    Some(n) => {
+                        let r = self.store.delete(self.account_id(), &n).await;
+                        if r.is_ok() && self.selected.as_ref().is_some_and(|s| s.name == n) {
+                            self.selected = None;
+                            self.state = StateKind::Authenticated;
+                        }
+                        r
+                    }
+                    None => Err(ServiceError::NotFound(String::new())),
+                };
+                self.simple_reply(&tag, r, "DELETE completed", out);
+            }
+            C::Rename { from, to } => {
+                let r = match (self.name_in(&from), self.name_in(&to)) {
+                    (Some(f), Some(t)) => self.store.rename(self.account_id(), &f, &t).await,
+                    _ => Err(ServiceError::InvalidArgument("Bad mailbox name".into())),
+                };
+                self.simple_reply(&tag, r, "RENAME completed", out);
+            }
+            C::Subscribe { mailbox } => {
+                let r = match self.name_in(&mailbox) {
+                    Some(n) => self.store.subscribe(self.account_id(), &n, true).await,
+                    None => Err(ServiceError::NotFound(String::new())),
+                };
+                self.simple_reply(&tag, r, "SUBSCRIBE completed", out);
+            }
+            C::Unsubscribe { mailbox } => {
+                let r = match self.name_in(&mailbox) {
+                    Some(n) => self.store.subscribe(self.account_id(), &n, false).await,
+                    None => Err(ServiceError::NotFound(String::new())),
+                };
+                self.simple_reply(&tag, r, "UNSUBSCRIBE completed", out);
+            }
+            C::List {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(&tag, &reference, &mailbox_wildcard, false, out)
+                    .await?
+            }
+            C::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(&tag, &reference, &mailbox_wildcard, true, out)
+                    .await?
+            }
+            C::Status {
+                mailbox,
+                item_names,
+            } => self.status(&tag, &mailbox, &item_names, out).await?,
+            C::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } => {
+                self.append(&tag, &mailbox, &flags, date, message, out)
+                    .await?
+            }
+            C::Idle => {
+                return Ok(Next::Idle(tag));
+            }
+            C::GetQuota { .. } | C::GetQuotaRoot { .. } => self.quota(&tag, out).await?,
+            C::SetQuota { .. } => out.tagged(
+                &tag,
+                StatusKind::No,
+                Some(other_code("NOPERM")),
+                "Quotas are set by the administrator",
+            ),
+            C::Close => {
+                if let Some(sel) = self.selected.take() {
+                    if !sel.read_only {
+                        let _ = self
+                            .store
+                            .expunge(pb::ExpungeRequest {
+                                account_id: self.account_id(),
+                                mailbox_id: sel.mailbox_id,
+                                uids: None,
+                            })
+                            .await;
+                    }
+                }
+                self.state = StateKind::Authenticated;
+                out.tagged(&tag, StatusKind::Ok, None, "CLOSE completed");
+            }
+            C::Unselect => {
+                self.selected = None;
+                self.state = StateKind::Authenticated;
+                out.tagged(&tag, StatusKind::Ok, None, "UNSELECT completed");
+            }
+            C::Expunge => self.expunge(&tag, None, out).await?,
+            C::ExpungeUid { sequence_set } => self.expunge(&tag, Some(sequence_set), out).await?,
+            C::Search {
+                charset,
+                criteria,
+                uid,
+            } => self.search(&tag, charset, criteria, uid, out).await?,
+            C::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+                modifiers,
+            } => {
+                self.fetch(&tag, sequence_set, macro_or_item_names, uid, modifiers, out)
+                    .await?
+            }
+            C::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+                modifiers,
+            } => {
+                self.store_cmd(
+                    &tag,
+                    sequence_set,
+                    kind,
+                    response,
+                    flags,
+                    uid,
+                    modifiers,
+                    out,
+                )
+                .await?
+            }
+            C::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                self.copy(&tag, sequence_set, &mailbox, uid, false, out)
+                    .await?
+            }
+            C::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                self.copy(&tag, sequence_set, &mailbox, uid, true, out)
+                    .await?
+            }
+            other => {
+                out.tagged(
+                    &tag,
+                    StatusKind::Bad,
+                    None,
+                    &format!("{} is not supported", other.name()),
+                );
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    fn simple_reply<W: AsyncWrite + Unpin>(
+        &self,
+        tag: &Tag<'_>,
+        r: Res<()>,
+        ok: &str,
+        out: &mut Out<'_, W>,
+    ) {
+        match r {
+            Ok(()) => out.tagged(tag, StatusKind::Ok, None, ok),
+            Err(e) => {
+                let (k, c, t) = error_reply(&e);
+                out.tagged(tag, k, c, &t);
+            }
+        }
+    }
+
+    fn fail<W: AsyncWrite + Unpin>(&self, tag: &Tag<'_>, e: &ServiceError, out: &mut Out<'_, W>) {
+        let (k, c, t) = error_reply(e);
+        out.tagged(tag, k, c, &t);
+    }
+
+    async fn login<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        user: &str,
+        pass: &str,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<Next> {
+        if !(self.tls || self.plaintext_ok) {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("PRIVACYREQUIRED")),
+                "LOGIN is disabled before STARTTLS",
+            );
+            return Ok(Next::Continue);
+        }
+        match self.store.authenticate(user, pass, &self.remote_ip).await {
+            Ok(Some(account)) => {
+                let Some(sub) = self.hub.subscribe(account.id) else {
+                    out.tagged(
+                        tag,
+                        StatusKind::No,
+                        Some(other_code("LIMIT")),
+                        "Too many sessions for this account",
+                    );
+                    return Ok(Next::Continue);
+                };
+                self.subscription = Some(sub);
+                self.account = Some(account);
+                self.state = StateKind::Authenticated;
+                out.tagged(
+                    tag,
+                    StatusKind::Ok,
+                    Some(self.capability_code()),
+                    "Logged in",
+                );
+                Ok(Next::Continue)
+            }
+            Ok(None) => {
+                self.auth_failures += 1;
+                // A growing delay makes password guessing slow.
+                let delay = self
+                    .limits
+                    .auth_failure_delay
+                    .saturating_mul(1 << self.auth_failures.min(6).saturating_sub(1));
+                out.flush().await?;
+                tokio::time::sleep(delay).await;
+                if self.auth_failures >= self.limits.max_auth_failures {
+                    out.bye(None, "Too many authentication failures");
+                    out.tagged(
+                        tag,
+                        StatusKind::No,
+                        Some(other_code("AUTHENTICATIONFAILED")),
+                        "Authentication failed",
+                    );
+                    return Ok(Next::Logout);
+                }
+                out.tagged(
+                    tag,
+                    StatusKind::No,
+                    Some(other_code("AUTHENTICATIONFAILED")),
+                    "Authentication failed",
+                );
+                Ok(Next::Continue)
+            }
+            Err(e) => {
+                self.fail(tag, &e, out);
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// SASL PLAIN (RFC 4616): `authzid NUL authcid NUL password`.
+    pub async fn auth_plain<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        data: &[u8],
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<Next> {
+        let parts: Vec<&[u8]> = data.split(|b| *b == 0).collect();
+        if parts.len() != 3 {
+            out.tagged(tag, StatusKind::Bad, None, "Malformed PLAIN response");
+            return Ok(Next::Continue);
+        }
+        let authz = String::from_utf8_lossy(parts[0]).into_owned();
+        let user = String::from_utf8_lossy(parts[1]).into_owned();
+        let pass = String::from_utf8_lossy(parts[2]).into_owned();
+        if !authz.is_empty() && authz != user {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("AUTHORIZATIONFAILED")),
+                "Cannot act as another user",
+            );
+            return Ok(Next::Continue);
+        }
+        self.login(tag, &user, &pass, out).await
+    }
+
+    async fn select<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        mailbox: &Mailbox<'_>,
+        read_only: bool,
+        condstore: bool,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        // Selecting anything deselects the current mailbox first, even if it fails.
+        if self.selected.take().is_some() && self.condstore {
+            out.untagged(
+                StatusKind::Ok,
+                Some(Code::Closed),
+                "Previous mailbox closed",
+            );
+        }
+        self.state = StateKind::Authenticated;
+        if condstore {
+            self.condstore = true;
+        }
+        let Some(name) = self.name_in(mailbox) else {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("NONEXISTENT")),
+                "No such mailbox",
+            );
+            return Ok(());
+        };
+        let r = match self.store.select(self.account_id(), &name, read_only).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let info = r.mailbox.unwrap_or_default();
+        let seq = SeqMap::from_uids(&r.uids);
+        let mut flags: Vec<Flag<'static>> = SYSTEM_FLAGS.to_vec();
+        for k in &r.keywords {
+            if let Some(f) = convert::flag(k)
+                && !flags.contains(&f)
+            {
+                flags.push(f);
+            }
+        }
+        out.data(Data::Flags(flags.clone()));
+        let mut perm: Vec<FlagPerm<'static>> = if read_only {
+            vec![]
+        } else {
+            flags.into_iter().map(FlagPerm::Flag).collect()
+        };
+        if !read_only {
+            perm.push(FlagPerm::Asterisk);
+        }
+        out.untagged(
+            StatusKind::Ok,
+            Some(Code::PermanentFlags(perm)),
+            "Flags permitted",
+        );
+        out.data(Data::Exists(seq.len()));
+        out.data(Data::Recent(info.recent));
+        if r.first_unseen_uid > 0
+            && let Some(s) = seq.seq(r.first_unseen_uid)
+        {
+            out.untagged(StatusKind::Ok, Some(Code::Unseen(nz(s))), "First unseen");
+        }
+        out.untagged(
+            StatusKind::Ok,
+            Some(Code::UidValidity(nz(info.uidvalidity))),
+            "UIDs valid",
+        );
+        out.untagged(
+            StatusKind::Ok,
+            Some(Code::UidNext(nz(info.uidnext))),
+            "Predicted next UID",
+        );
+        if self.condstore {
+            match NonZeroU64::new(info.highestmodseq) {
+                Some(m) => out.untagged(StatusKind::Ok, Some(Code::HighestModSeq(m)), "Highest"),
+                None => out.untagged(StatusKind::Ok, Some(Code::NoModSeq), "No modseq"),
+            }
+        }
+        self.selected = Some(Box::new(Selected {
+            mailbox_id: info.id,
+            name: info.name.clone(),
+            read_only,
+            uidvalidity: info.uidvalidity,
+            seq,
+            modseq: info.highestmodseq,
+            dirty: false,
+            pending_expunges: vec![],
+            reported: HashMap::new(),
+        }));
+        self.state = StateKind::Selected;
+        let (code, verb) = if read_only {
+            (Code::ReadOnly, "EXAMINE completed")
+        } else {
+            (Code::ReadWrite, "SELECT completed")
+        };
+        out.tagged(tag, StatusKind::Ok, Some(code), verb);
+        Ok(())
+    }
+
+    async fn list<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        reference: &Mailbox<'_>,
+        pattern: &ListMailbox<'_>,
+        lsub: bool,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let reference = match reference {
+            Mailbox::Inbox => "INBOX".to_string(),
+            Mailbox::Other(o) => {
+                let s = String::from_utf8_lossy(o.as_ref()).into_owned();
+                if self.utf8 {
+                    s
+                } else {
+                    mutf7::decode(&s).unwrap_or(s)
+                }
+            }
+        };
+        let Some(pattern) = self.list_pattern(pattern) else {
+            out.tagged(tag, StatusKind::Bad, None, "Bad pattern");
+            return Ok(());
+        };
+        let delim = QuotedChar::try_from(DELIMITER).expect("quoted char");
+        if pattern.is_empty() && !lsub {
+            // The hierarchy delimiter and root (RFC 9051 §6.3.9).
+            out.data(Data::List {
+                items: vec![FlagNameAttribute::Noselect],
+                delimiter: Some(delim),
+                mailbox: Mailbox::try_from("").unwrap_or(Mailbox::Inbox),
+            });
+            out.tagged(tag, StatusKind::Ok, None, "LIST completed");
+            return Ok(());
+        }
+        let full = format!("{reference}{pattern}");
+        let boxes = match self.store.list(self.account_id(), false).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let names: std::collections::BTreeSet<&str> =
+            boxes.iter().map(|b| b.name.as_str()).collect();
+        let mut emitted = std::collections::BTreeSet::new();
+        for b in &boxes {
+            if lsub && !b.subscribed {
+                continue;
+            }
+            if pattern_matches(&full, &b.name) {
+                let mut items = vec![];
+                let has_children = b.has_children
+                    || names.iter().any(|n| {
+                        n.len() > b.name.len() && n.starts_with(&format!("{}{DELIMITER}", b.name))
+                    });
+                items.push(attr(if has_children {
+                    "\\HasChildren"
+                } else {
+                    "\\HasNoChildren"
+                }));
+                if let Some(su) = special_use_attr(b.special_use) {
+                    items.push(attr(su));
+                }
+                emitted.insert(b.name.clone());
+                let d = if lsub {
+                    Data::Lsub {
+                        items,
+                        delimiter: Some(delim.clone()),
+                        mailbox: self.name_out(&b.name),
+                    }
+                } else {
+                    Data::List {
+                        items,
+                        delimiter: Some(delim.clone()),
+                        mailbox: self.name_out(&b.name),
+                    }
+                };
+                out.data(d);
+            }
+        }
+        // Parents that do not exist themselves but have matching-level children are listed
+        // as \Noselect when the pattern stops at their level (e.g. `%` with only `a/b`).
+        let mut parents = std::collections::BTreeSet::new();
+        for b in &boxes {
+            let mut n = b.name.as_str();
+            while let Some(i) = n.rfind(DELIMITER) {
+                n = &n[..i];
+                if !names.contains(n) && !emitted.contains(n) {
+                    parents.insert(n.to_string());
+                }
+            }
+        }
+        for p in parents {
+            if pattern_matches(&full, &p)
+                && !boxes.iter().any(|b| {
+                    b.name.starts_with(&format!("{p}{DELIMITER}"))
+                        && pattern_matches(&full, &b.name)
+                })
+            {
+                let items = vec![FlagNameAttribute::Noselect, attr("\\HasChildren")];
+                let d = if lsub {
+                    Data::Lsub {
+                        items,
+                        delimiter: Some(delim.clone()),
+                        mailbox: self.name_out(&p),
+                    }
+                } else {
+                    Data::List {
+                        items,
+                        delimiter: Some(delim.clone()),
+                        mailbox: self.name_out(&p),
+                    }
+                };
+                out.data(d);
+            }
+        }
+        out.tagged(
+            tag,
+            StatusKind::Ok,
+            None,
+            if lsub {
+                "LSUB completed"
+            } else {
+                "LIST completed"
+            },
+        );
+        Ok(())
+    }
+
+    async fn status<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        mailbox: &Mailbox<'_>,
+        items: &[StatusDataItemName],
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let Some(name) = self.name_in(mailbox) else {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("NONEXISTENT")),
+                "No such mailbox",
+            );
+            return Ok(());
+        };
+        let info = match self.store.status(self.account_id(), &name).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let mut values = Vec::new();
+        for i in items {
+            values.push(match i {
+                StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
+                StatusDataItemName::Recent => StatusDataItem::Recent(info.recent),
+                StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uidnext)),
+                StatusDataItemName::UidValidity => {
+                    StatusDataItem::UidValidity(nz(info.uidvalidity))
+                }
+                StatusDataItemName::Unseen => StatusDataItem::Unseen(info.unseen),
+                StatusDataItemName::Deleted => StatusDataItem::Deleted(info.deleted),
+                StatusDataItemName::DeletedStorage => StatusDataItem::DeletedStorage(0),
+                StatusDataItemName::Size => StatusDataItem::Size(info.size),
+                StatusDataItemName::HighestModSeq => {
+                    StatusDataItem::HighestModSeq(info.highestmodseq)
+                }
+            });
+        }
+        out.data(Data::Status {
+            mailbox: self.name_out(&info.name),
+            items: values.into(),
+        });
+        out.tagged(tag, StatusKind::Ok, None, "STATUS completed");
+        Ok(())
+    }
+
+    async fn append<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        mailbox: &Mailbox<'_>,
+        flags: &[Flag<'_>],
+        date: Option<imap_codec::imap_types::datetime::DateTime>,
+        message: LiteralOrLiteral8<'_>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let Some(name) = self.name_in(mailbox) else {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(Code::TryCreate),
+                "No such mailbox",
+            );
+            return Ok(());
+        };
+        let data: Vec<u8> = match message {
+            LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
+            LiteralOrLiteral8::Literal8(l) => l.data.to_vec(),
+        };
+        let (secs, offset) = date
+            .map(|d| {
+                let dt: &chrono::DateTime<chrono::FixedOffset> = d.as_ref();
+                (dt.timestamp(), dt.offset().local_minus_utc() / 60)
+            })
+            .unwrap_or((0, 0));
+        let header = pb::AppendHeader {
+            account_id: self.account_id(),
+            mailbox: name.clone(),
+            flags: flag_strings(flags),
+            internal_date: secs,
+            internal_date_offset: offset,
+            size: data.len() as u64,
+        };
+        match self.store.append(header, data).await {
+            Ok(r) => {
+                if let Some(sel) = self.selected.as_mut()
+                    && sel.mailbox_id == r.mailbox_id
+                {
+                    sel.dirty = true;
+                }
+                out.tagged(
+                    tag,
+                    StatusKind::Ok,
+                    Some(Code::AppendUid {
+                        uid_validity: nz(r.uidvalidity),
+                        uid: nz(r.uid),
+                    }),
+                    "APPEND completed",
+                );
+            }
+            Err(ServiceError::NotFound(_)) => out.tagged(
+                tag,
+                StatusKind::No,
+                Some(Code::TryCreate),
+                "No such mailbox",
+            ),
+            Err(e) => self.fail(tag, &e, out),
+        }
+        Ok(())
+    }
+
+    async fn quota<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        match self.store.quota(self.account_id()).await {
+            Ok(q) => {
+                let mut quotas = vec![];
+                if q.limit_bytes > 0 {
+                    quotas.push(QuotaGet {
+                        resource: Resource::Storage,
+                        usage: q.used_bytes / 1024,
+                        limit: q.limit_bytes / 1024,
+                    });
+                }
+                if q.limit_messages > 0 {
+                    quotas.push(QuotaGet {
+                        resource: Resource::Message,
+                        usage: q.used_messages,
+                        limit: q.limit_messages,
+                    });
+                }
+                if let Ok(quotas) = Vec1::try_from(quotas) {
+                    out.data(Data::Quota {
+                        root: AString::try_from("").expect("empty string"),
+                        quotas,
+                    });
+                }
+                out.tagged(tag, StatusKind::Ok, None, "GETQUOTA completed");
+            }
+            Err(e) => self.fail(tag, &e, out),
+        }
+        Ok(())
+    }
+
+    /// Resolve a sequence set (or UID set) against the session's map: `(seq, uid)` pairs,
+    /// ascending. Message numbers beyond the mailbox are an error for sequence sets.
+    fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
+        let sel = self.selected.as_ref().ok_or("No mailbox selected")?;
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        if uid {
+            let max = sel.seq.max_uid().unwrap_or(0);
+            for s in set.0.as_ref() {
+                let (a, b) = match s {
+                    Sequence::Single(v) => {
+                        let v = match v {
+                            SeqOrUid::Value(n) => n.get(),
+                            SeqOrUid::Asterisk => max,
+                        };
+                        (v, v)
+                    }
+                    Sequence::Range(x, y) => {
+                        let f = |v: &SeqOrUid| match v {
+                            SeqOrUid::Value(n) => n.get(),
+                            SeqOrUid::Asterisk => max,
+                        };
+                        (f(x).min(f(y)), f(x).max(f(y)))
+                    }
+                };
+                out.extend(sel.seq.uids_in(a, b));
+            }
+        } else {
+            let n = sel.seq.len();
+            for s in set.0.as_ref() {
+                let f = |v: &SeqOrUid| match v {
+                    SeqOrUid::Value(x) => x.get(),
+                    SeqOrUid::Asterisk => n,
+                };
+                let (a, b) = match s {
+                    Sequence::Single(v) => (f(v), f(v)),
+                    Sequence::Range(x, y) => (f(x).min(f(y)), f(x).max(f(y))),
+                };
+                if a == 0 || b > n {
+                    return Err("Invalid message sequence number");
+                }
+                for q in a..=b {
+                    if let Some(u) = sel.seq.uid(q) {
+                        out.push((q, u));
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn sel(&self) -> &Selected {
+        self.selected.as_ref().expect("selected state")
+    }
+
+    async fn expunge<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        set: Option<SequenceSet>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        if self.sel().read_only {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("CANNOT")),
+                "Mailbox is read-only",
+            );
+            return Ok(());
+        }
+        let uids = match &set {
+            Some(s) => match self.resolve(s, true) {
+                Ok(v) => {
+                    if v.is_empty() {
+                        out.tagged(tag, StatusKind::Ok, None, "EXPUNGE completed");
+                        return Ok(());
+                    }
+                    Some(pb::UidSet::from_uids(v.into_iter().map(|(_, u)| u)))
+                }
+                Err(m) => {
+                    out.tagged(tag, StatusKind::Bad, None, m);
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        let req = pb::ExpungeRequest {
+            account_id: self.account_id(),
+            mailbox_id: self.sel().mailbox_id,
+            uids,
+        };
+        match self.store.expunge(req).await {
+            Ok(r) => {
+                let sel = self.selected.as_mut().expect("selected");
+                for u in r.expunged {
+                    if let Some(s) = sel.seq.remove(u) {
+                        out.data(Data::Expunge(nz(s)));
+                    }
+                }
+                let code = if self.condstore {
+                    NonZeroU64::new(r.highestmodseq).map(Code::HighestModSeq)
+                } else {
+                    None
+                };
+                out.tagged(tag, StatusKind::Ok, code, "EXPUNGE completed");
+            }
+            Err(e) => self.fail(tag, &e, out),
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        set: SequenceSet,
+        items: MacroOrMessageDataItemNames<'static>,
+        uid: bool,
+        modifiers: Vec<FetchModifier>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let targets = match self.resolve(&set, uid) {
+            Ok(t) => t,
+            Err(m) => {
+                out.tagged(tag, StatusKind::Bad, None, m);
+                return Ok(());
+            }
+        };
+        let mut names: Vec<MessageDataItemName<'static>> = match items {
+            MacroOrMessageDataItemNames::Macro(m) => {
+                let mut v = vec![
+                    MessageDataItemName::Flags,
+                    MessageDataItemName::InternalDate,
+                    MessageDataItemName::Rfc822Size,
+                ];
+                match m {
+                    Macro::Fast => {}
+                    Macro::All => v.push(MessageDataItemName::Envelope),
+                    Macro::Full => {
+                        v.push(MessageDataItemName::Envelope);
+                        v.push(MessageDataItemName::Body);
+                    }
+                    _ => {}
+                }
+                v
+            }
+            MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
+        };
+        let mut changed_since = 0u64;
+        for m in &modifiers {
+            match m {
+                FetchModifier::ChangedSince(n) => changed_since = n.get(),
+                FetchModifier::Vanished => {
+                    out.tagged(tag, StatusKind::Bad, None, "QRESYNC is not enabled");
+                    return Ok(());
+                }
+            }
+        }
+        if changed_since > 0 {
+            self.condstore = true;
+        }
+        if uid && !names.contains(&MessageDataItemName::Uid) {
+            names.insert(0, MessageDataItemName::Uid);
+        }
+        if self.condstore && changed_since > 0 && !names.contains(&MessageDataItemName::ModSeq) {
+            names.push(MessageDataItemName::ModSeq);
+        }
+        if names.contains(&MessageDataItemName::ModSeq) {
+            self.condstore = true;
+        }
+        let sets_seen = !self.sel().read_only
+            && names.iter().any(|n| {
+                matches!(
+                    n,
+                    MessageDataItemName::BodyExt { peek: false, .. }
+                        | MessageDataItemName::Binary { peek: false, .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
+        if sets_seen && !names.contains(&MessageDataItemName::Flags) {
+            names.push(MessageDataItemName::Flags);
+        }
+        let want_env = names.contains(&MessageDataItemName::Envelope);
+        let want_bs = names.iter().any(|n| {
+            matches!(
+                n,
+                MessageDataItemName::Body | MessageDataItemName::BodyStructure
+            )
+        });
+        // Which body sections to fetch, in item order.
+        let mut sections: Vec<pb::Section> = Vec::new();
+        for n in &names {
+            match n {
+                MessageDataItemName::BodyExt {
+                    section, partial, ..
+                } => sections.push(convert::section(section.as_ref(), *partial, false)),
+                MessageDataItemName::Binary {
+                    section, partial, ..
+                } => sections.push(binary_section(section, *partial)),
+                MessageDataItemName::BinarySize { section } => {
+                    sections.push(binary_section(section, None))
+                }
+                MessageDataItemName::Rfc822 => sections.push(convert::section(None, None, false)),
+                MessageDataItemName::Rfc822Header => {
+                    sections.push(convert::section(Some(&Section::Header(None)), None, false))
+                }
+                MessageDataItemName::Rfc822Text => {
+                    sections.push(convert::section(Some(&Section::Text(None)), None, false))
+                }
+                _ => {}
+            }
+        }
+        let account_id = self.account_id();
+        let mailbox_id = self.sel().mailbox_id;
+        let batch = self.limits.fetch_batch.max(1) as usize;
+        for chunk in targets.chunks(batch) {
+            let uids: Vec<u32> = chunk.iter().map(|(_, u)| *u).collect();
+            if sets_seen {
+                let r = self
+                    .store
+                    .store_flags(pb::StoreFlagsRequest {
+                        account_id,
+                        mailbox_id,
+                        uids: Some(pb::UidSet::from_uids(uids.iter().copied())),
+                        mode: pb::StoreMode::Add as i32,
+                        flags: vec!["\\Seen".into()],
+                        unchanged_since: 0,
+                    })
+                    .await;
+                if let Ok(r) = r
+                    && let Some(sel) = self.selected.as_mut()
+                {
+                    for m in r.messages {
+                        sel.reported.insert(m.uid, m.modseq);
+                    }
+                }
+            }
+            let metas = match self
+                .store
+                .fetch(pb::FetchRequest {
+                    account_id,
+                    mailbox_id,
+                    uids: Some(pb::UidSet::from_uids(uids.iter().copied())),
+                    envelope: want_env,
+                    body_structure: want_bs,
+                    changed_since,
+                })
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    self.fail(tag, &e, out);
+                    return Ok(());
+                }
+            };
+            let by_uid: HashMap<u32, &pb::MessageMeta> = metas.iter().map(|m| (m.uid, m)).collect();
+            for (seq, uid) in chunk {
+                let Some(meta) = by_uid.get(uid) else {
+                    // Expunged meanwhile, or unchanged since CHANGEDSINCE.
+                    continue;
+                };
+                let bodies = if sections.is_empty() {
+                    vec![]
+                } else {
+                    match self
+                        .store
+                        .fetch_body(
+                            account_id,
+                            mailbox_id,
+                            *uid,
+                            sections.clone(),
+                            self.limits.max_fetch_bytes,
+                        )
+                        .await
+                    {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.fail(tag, &e, out);
+                            return Ok(());
+                        }
+                    }
+                };
+                let items = build_items(&names, meta, bodies);
+                if let Ok(items) = Vec1::try_from(items) {
+                    out.data(Data::Fetch {
+                        seq: nz(*seq),
+                        items,
+                    });
+                }
+                out.maybe_flush().await?;
+            }
+        }
+        out.tagged(tag, StatusKind::Ok, None, "FETCH completed");
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_cmd<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        set: SequenceSet,
+        kind: StoreType,
+        response: StoreResponse,
+        flags: Vec<Flag<'static>>,
+        uid: bool,
+        modifiers: Vec<StoreModifier>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        if self.sel().read_only {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("CANNOT")),
+                "Mailbox is read-only",
+            );
+            return Ok(());
+        }
+        let targets = match self.resolve(&set, uid) {
+            Ok(t) => t,
+            Err(m) => {
+                out.tagged(tag, StatusKind::Bad, None, m);
+                return Ok(());
+            }
+        };
+        let mut unchanged_since = 0;
+        let mut conditional = false;
+        for m in &modifiers {
+            let StoreModifier::UnchangedSince(n) = m;
+            unchanged_since = *n;
+            conditional = true;
+            self.condstore = true;
+        }
+        if targets.is_empty() {
+            out.tagged(tag, StatusKind::Ok, None, "STORE completed");
+            return Ok(());
+        }
+        let mode = match kind {
+            StoreType::Replace => pb::StoreMode::Replace,
+            StoreType::Add => pb::StoreMode::Add,
+            StoreType::Remove => pb::StoreMode::Remove,
+        };
+        let req = pb::StoreFlagsRequest {
+            account_id: self.account_id(),
+            mailbox_id: self.sel().mailbox_id,
+            uids: Some(pb::UidSet::from_uids(targets.iter().map(|(_, u)| *u))),
+            mode: mode as i32,
+            flags: flag_strings(&flags),
+            // UNCHANGEDSINCE 0 fails for every message (RFC 7162 §3.2): modseqs start at 1,
+            // so ask the store for "unchanged since 0" as a condition that cannot hold.
+            unchanged_since: if conditional && unchanged_since == 0 {
+                u64::MAX
+            } else {
+                unchanged_since
+            },
+        };
+        let r = match self.store.store_flags(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let condstore = self.condstore;
+        let sel = self.selected.as_mut().expect("selected");
+        let modified: Vec<u32> = r.modified.clone();
+        for m in &r.messages {
+            if modified.contains(&m.uid) {
+                continue;
+            }
+            sel.reported.insert(m.uid, m.modseq);
+            let Some(seq) = sel.seq.seq(m.uid) else {
+                continue;
+            };
+            if response == StoreResponse::Silent && !conditional {
+                continue;
+            }
+            let mut items = vec![];
+            if response == StoreResponse::Answer {
+                items.push(MessageDataItem::Flags(convert::flags_fetch(&m.flags)));
+            }
+            if uid {
+                items.push(MessageDataItem::Uid(nz(m.uid)));
+            }
+            if condstore && let Some(ms) = NonZeroU64::new(m.modseq) {
+                items.push(MessageDataItem::ModSeq(ms));
+            }
+            if let Ok(items) = Vec1::try_from(items) {
+                out.data(Data::Fetch {
+                    seq: nz(seq),
+                    items,
+                });
+            }
+        }
+        let code = if modified.is_empty() {
+            None
+        } else {
+            let nums: Vec<u32> = if uid {
+                modified.clone()
+            } else {
+                modified.iter().filter_map(|u| sel.seq.seq(*u)).collect()
+            };
+            sequence_set_of(&nums).map(Code::Modified)
+        };
+        out.tagged(tag, StatusKind::Ok, code, "STORE completed");
+        Ok(())
+    }
+
+    async fn copy<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        set: SequenceSet,
+        mailbox: &Mailbox<'_>,
+        uid: bool,
+        is_move: bool,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        if is_move && self.sel().read_only {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("CANNOT")),
+                "Mailbox is read-only",
+            );
+            return Ok(());
+        }
+        let targets = match self.resolve(&set, uid) {
+            Ok(t) => t,
+            Err(m) => {
+                out.tagged(tag, StatusKind::Bad, None, m);
+                return Ok(());
+            }
+        };
+        let verb = if is_move {
+            "MOVE completed"
+        } else {
+            "COPY completed"
+        };
+        let Some(dest) = self.name_in(mailbox) else {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(Code::TryCreate),
+                "No such mailbox",
+            );
+            return Ok(());
+        };
+        if targets.is_empty() {
+            out.tagged(tag, StatusKind::Ok, None, verb);
+            return Ok(());
+        }
+        let req = pb::CopyRequest {
+            account_id: self.account_id(),
+            mailbox_id: self.sel().mailbox_id,
+            uids: Some(pb::UidSet::from_uids(targets.iter().map(|(_, u)| *u))),
+            destination: dest,
+            r#move: is_move,
+        };
+        let r = match self.store.copy(req).await {
+            Ok(r) => r,
+            Err(ServiceError::NotFound(_)) => {
+                out.tagged(
+                    tag,
+                    StatusKind::No,
+                    Some(Code::TryCreate),
+                    "No such mailbox",
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let code = match (
+            imap_uid_set(&r.source_uids),
+            imap_uid_set(&r.destination_uids),
+        ) {
+            (Some(source), Some(destination)) => Some(Code::CopyUid {
+                uid_validity: nz(r.uidvalidity),
+                source,
+                destination,
+            }),
+            _ => None,
+        };
+        if is_move {
+            if let Some(c) = code {
+                out.untagged(StatusKind::Ok, Some(c), "Moved");
+            }
+            let sel = self.selected.as_mut().expect("selected");
+            for u in &r.source_uids {
+                if let Some(s) = sel.seq.remove(*u) {
+                    out.data(Data::Expunge(nz(s)));
+                }
+            }
+            out.tagged(tag, StatusKind::Ok, None, verb);
+        } else {
+            out.tagged(tag, StatusKind::Ok, code, verb);
+        }
+        Ok(())
+    }
+
+    async fn search<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        charset: Option<Charset<'static>>,
+        criteria: Vec1<SearchKey<'static>>,
+        uid: bool,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        if let Some(c) = &charset {
+            let c = c.as_ref();
+            if !c.eq_ignore_ascii_case("UTF-8") && !c.eq_ignore_ascii_case("US-ASCII") {
+                out.tagged(
+                    tag,
+                    StatusKind::No,
+                    Some(Code::BadCharset {
+                        allowed: vec![
+                            Charset::try_from("US-ASCII").expect("atom"),
+                            Charset::try_from("UTF-8").expect("atom"),
+                        ],
+                    }),
+                    "Unsupported charset",
+                );
+                return Ok(());
+            }
+        }
+        let mut uses_modseq = false;
+        let keys: Result<Vec<pb::SearchKey>, &'static str> = criteria
+            .as_ref()
+            .iter()
+            .map(|k| self.search_key(k, &mut uses_modseq))
+            .collect();
+        let keys = match keys {
+            Ok(k) => k,
+            Err(m) => {
+                out.tagged(tag, StatusKind::Bad, None, m);
+                return Ok(());
+            }
+        };
+        if uses_modseq {
+            self.condstore = true;
+        }
+        let key = pb::SearchKey {
+            key: Some(pb::search_key::Key::And(pb::SearchKeys { keys })),
+        };
+        let r = match self
+            .store
+            .search(pb::SearchRequest {
+                account_id: self.account_id(),
+                mailbox_id: self.sel().mailbox_id,
+                key: Some(key),
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let sel = self.sel();
+        let mut nums: Vec<NonZeroU32> = r
+            .uids
+            .iter()
+            .filter_map(|u| {
+                if uid {
+                    sel.seq.seq(*u).map(|_| nz(*u))
+                } else {
+                    sel.seq.seq(*u).map(nz)
+                }
+            })
+            .collect();
+        nums.sort_unstable();
+        let modseq = if uses_modseq && !nums.is_empty() {
+            NonZeroU64::new(r.highestmodseq)
+        } else {
+            None
+        };
+        out.data(Data::Search(nums, modseq));
+        out.tagged(tag, StatusKind::Ok, None, "SEARCH completed");
+        Ok(())
+    }
+
+    fn search_key(
+        &self,
+        k: &SearchKey<'_>,
+        modseq: &mut bool,
+    ) -> Result<pb::SearchKey, &'static str> {
+        use pb::search_key::Key as K;
+        let s = |a: &AString<'_>| String::from_utf8_lossy(a.as_ref()).into_owned();
+        let has = |f: &str| K::HasFlag(f.into());
+        let lacks = |f: &str| K::LacksFlag(f.into());
+        let date =
+            |op: pb::DateOp, d: &imap_codec::imap_types::datetime::NaiveDate| pb::DateQuery {
+                op: op as i32,
+                date: d.as_ref().format("%Y-%m-%d").to_string(),
+            };
+        let header = |name: &str, v: &AString<'_>| {
+            K::Header(pb::HeaderQuery {
+                name: name.into(),
+                value: s(v),
+            })
+        };
+        let uidset = |pairs: Vec<(u32, u32)>| {
+            K::Uids(pb::UidSet::from_uids(pairs.into_iter().map(|(_, u)| u)))
+        };
+        let key = match k {
+            SearchKey::All => K::All(true),
+            SearchKey::And(v) => K::And(pb::SearchKeys {
+                keys: v
+                    .as_ref()
+                    .iter()
+                    .map(|k| self.search_key(k, modseq))
+                    .collect::<Result<_, _>>()?,
+            }),
+            SearchKey::Or(a, b) => K::Or(pb::SearchKeys {
+                keys: vec![self.search_key(a, modseq)?, self.search_key(b, modseq)?],
+            }),
+            SearchKey::Not(a) => K::Not(Box::new(self.search_key(a, modseq)?)),
+            SearchKey::SequenceSet(set) => uidset(self.resolve_lenient(set, false)),
+            SearchKey::Uid(set) => uidset(self.resolve_lenient(set, true)),
+            SearchKey::Answered => has("\\Answered"),
+            SearchKey::Deleted => has("\\Deleted"),
+            SearchKey::Draft => has("\\Draft"),
+            SearchKey::Flagged => has("\\Flagged"),
+            SearchKey::Seen => has("\\Seen"),
+            SearchKey::Unanswered => lacks("\\Answered"),
+            SearchKey::Undeleted => lacks("\\Deleted"),
+            SearchKey::Undraft => lacks("\\Draft"),
+            SearchKey::Unflagged => lacks("\\Flagged"),
+            SearchKey::Unseen => lacks("\\Seen"),
+            SearchKey::Keyword(a) => has(a.as_ref()),
+            SearchKey::Unkeyword(a) => lacks(a.as_ref()),
+            SearchKey::Recent => K::Recent(true),
+            SearchKey::New => K::And(pb::SearchKeys {
+                keys: vec![
+                    pb::SearchKey {
+                        key: Some(K::Recent(true)),
+                    },
+                    pb::SearchKey {
+                        key: Some(lacks("\\Seen")),
+                    },
+                ],
+            }),
+            SearchKey::Old => K::Not(Box::new(pb::SearchKey {
+                key: Some(K::Recent(true)),
+            })),
+            SearchKey::Before(d) => K::InternalDate(date(pb::DateOp::Before, d)),
+            SearchKey::On(d) => K::InternalDate(date(pb::DateOp::On, d)),
+            SearchKey::Since(d) => K::InternalDate(date(pb::DateOp::Since, d)),
+            SearchKey::SentBefore(d) => K::SentDate(date(pb::DateOp::Before, d)),
+            SearchKey::SentOn(d) => K::SentDate(date(pb::DateOp::On, d)),
+            SearchKey::SentSince(d) => K::SentDate(date(pb::DateOp::Since, d)),
+            SearchKey::Larger(n) => K::Larger(*n as u64),
+            SearchKey::Smaller(n) => K::Smaller(*n as u64),
+            SearchKey::From(v) => header("From", v),
+            SearchKey::To(v) => header("To", v),
+            SearchKey::Cc(v) => header("Cc", v),
+            SearchKey::Bcc(v) => header("Bcc", v),
+            SearchKey::Subject(v) => header("Subject", v),
+            SearchKey::Header(n, v) => header(&s(n), v),
+            SearchKey::Body(v) => K::Body(s(v)),
+            SearchKey::Text(v) => K::Text(s(v)),
+            SearchKey::ModSequence { modseq: m, .. } => {
+                *modseq = true;
+                K::Modseq(*m)
+            }
+        };
+        Ok(pb::SearchKey { key: Some(key) })
+    }
+
+    /// Like `resolve`, but message numbers beyond the mailbox simply match nothing (SEARCH).
+    fn resolve_lenient(&self, set: &SequenceSet, uid: bool) -> Vec<(u32, u32)> {
+        match self.resolve(set, uid) {
+            Ok(v) => v,
+            Err(_) => {
+                let sel = self.sel();
+                let n = sel.seq.len();
+                let mut v = Vec::new();
+                for s in set.0.as_ref() {
+                    let f = |x: &SeqOrUid| match x {
+                        SeqOrUid::Value(x) => x.get(),
+                        SeqOrUid::Asterisk => n,
+                    };
+                    let (a, b) = match s {
+                        Sequence::Single(x) => (f(x), f(x)),
+                        Sequence::Range(x, y) => (f(x).min(f(y)), f(x).max(f(y))),
+                    };
+                    for q in a..=b.min(n) {
+                        if let Some(u) = sel.seq.uid(q) {
+                            v.push((q, u));
+                        }
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// React to a change event: alerts are written at once, mailbox changes mark the
+    /// selected mailbox for a poll. Returns true when the selected mailbox is affected.
+    pub fn on_event<W: AsyncWrite + Unpin>(
+        &mut self,
+        ev: &pb::ChangeEvent,
+        out: &mut Out<'_, W>,
+    ) -> bool {
+        if ev.kind == pb::ChangeKind::Alert as i32 {
+            out.untagged(StatusKind::Ok, Some(Code::Alert), &ev.text);
+            return false;
+        }
+        let Some(sel) = self.selected.as_mut() else {
+            return false;
+        };
+        if is_resync(ev) || ev.mailbox_id == sel.mailbox_id {
+            sel.dirty = true;
+            return true;
+        }
+        false
+    }
+
+    /// Bring the session's view of the selected mailbox up to date and report the
+    /// differences: EXPUNGE (if allowed now), EXISTS, FETCH FLAGS.
+    pub async fn sync<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut Out<'_, W>,
+        allow_expunge: bool,
+        force: bool,
+    ) -> std::io::Result<()> {
+        let account_id = self.account_id();
+        let condstore = self.condstore;
+        let Some(sel) = self.selected.as_mut() else {
+            return Ok(());
+        };
+        if sel.dirty || force {
+            sel.dirty = false;
+            let r = match self
+                .store
+                .changes(account_id, sel.mailbox_id, sel.modseq)
+                .await
+            {
+                Ok(r) => r,
+                Err(ServiceError::NotFound(_)) => {
+                    out.bye(None, "Selected mailbox was deleted");
+                    self.state = StateKind::Logout;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "change poll failed");
+                    sel.dirty = true;
+                    return Ok(());
+                }
+            };
+            if r.truncated {
+                match self.store.select(account_id, &sel.name, true).await {
+                    Ok(s) => {
+                        let fresh: std::collections::HashSet<u32> =
+                            s.uids.iter().copied().collect();
+                        for (_, u) in sel.seq.iter().collect::<Vec<_>>() {
+                            if !fresh.contains(&u) && !sel.pending_expunges.contains(&u) {
+                                sel.pending_expunges.push(u);
+                            }
+                        }
+                        for u in s.uids {
+                            sel.seq.push(u);
+                        }
+                        sel.modseq = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "resync failed");
+                        sel.dirty = true;
+                        return Ok(());
+                    }
+                }
+            } else {
+                for u in r.expunged {
+                    if sel.seq.seq(u).is_some() && !sel.pending_expunges.contains(&u) {
+                        sel.pending_expunges.push(u);
+                    }
+                }
+                let before = sel.seq.len();
+                let mut changed = r.changed;
+                changed.sort_by_key(|m| m.uid);
+                let mut flag_updates = Vec::new();
+                for m in changed {
+                    if sel.pending_expunges.contains(&m.uid) {
+                        continue;
+                    }
+                    if sel.seq.seq(m.uid).is_some() {
+                        if sel.reported.get(&m.uid).is_some_and(|&ms| ms >= m.modseq) {
+                            continue;
+                        }
+                        flag_updates.push(m);
+                    } else {
+                        // New arrivals have UIDs above all known ones; anything else is a
+                        // message this session already saw expunged.
+                        sel.seq.push(m.uid);
+                    }
+                }
+                sel.modseq = sel.modseq.max(r.highestmodseq);
+                sel.reported.clear();
+                if allow_expunge {
+                    for u in std::mem::take(&mut sel.pending_expunges) {
+                        if let Some(s) = sel.seq.remove(u) {
+                            out.data(Data::Expunge(nz(s)));
+                        }
+                    }
+                }
+                if sel.seq.len() != before {
+                    out.data(Data::Exists(sel.seq.len()));
+                }
+                for m in flag_updates {
+                    let Some(seq) = sel.seq.seq(m.uid) else {
+                        continue;
+                    };
+                    let mut items = vec![
+                        MessageDataItem::Flags(convert::flags_fetch(&m.flags)),
+                        MessageDataItem::Uid(nz(m.uid)),
+                    ];
+                    if condstore && let Some(ms) = NonZeroU64::new(m.modseq) {
+                        items.push(MessageDataItem::ModSeq(ms));
+                    }
+                    out.data(Data::Fetch {
+                        seq: nz(seq),
+                        items: Vec1::try_from(items).expect("non-empty"),
+                    });
+                }
+                return Ok(());
+            }
+        }
+        if allow_expunge && !sel.pending_expunges.is_empty() {
+            for u in std::mem::take(&mut sel.pending_expunges) {
+                if let Some(s) = sel.seq.remove(u) {
+                    out.data(Data::Expunge(nz(s)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub fn force_state(&mut self, state: StateKind, selected: Option<Selected>) {
+        self.state = state;
+        if state != StateKind::NotAuthenticated {
+            self.account = Some(pb::Account {
+                id: 1,
+                ..Default::default()
+            });
+        }
+        self.selected = selected.map(Box::new);
+    }
+}
+
+fn binary_section(section: &[NonZeroU32], partial: Option<(u32, NonZeroU32)>) -> pb::Section {
+    let part = Vec1::try_from(section.to_vec())
+        .ok()
+        .map(|p| Section::Part(imap_codec::imap_types::fetch::Part(p)));
+    convert::section(part.as_ref(), partial, true)
+}
+
+/// Where the tagged reply for `tag` begins in `buf`, if it is there.
+fn find_tagged_start(buf: &[u8], tag: &Tag<'_>) -> Option<usize> {
+    let prefix = format!("{} ", tag.inner());
+    let p = prefix.as_bytes();
+    let mut line_start = 0;
+    let mut last = None;
+    let mut i = 0;
+    while i < buf.len() {
+        if i == line_start && buf[i..].starts_with(p) {
+            last = Some(i);
+        }
+        if buf[i] == b'\n' {
+            line_start = i + 1;
+        }
+        i += 1;
+    }
+    // A literal could contain "tag " at a line start; the tagged reply is always the final
+    // line, so only accept a match that ends the buffer.
+    last.filter(|&s| buf[s..].iter().filter(|b| **b == b'\n').count() == 1)
+}
+
+fn build_items(
+    names: &[MessageDataItemName<'static>],
+    meta: &pb::MessageMeta,
+    bodies: Vec<Option<Vec<u8>>>,
+) -> Vec<MessageDataItem<'static>> {
+    let mut bodies = bodies.into_iter();
+    let mut items = Vec::with_capacity(names.len());
+    for n in names {
+        let item = match n {
+            MessageDataItemName::Flags => {
+                let mut f = convert::flags_fetch(&meta.flags);
+                f.dedup();
+                let _ = FlagFetch::Recent;
+                MessageDataItem::Flags(f)
+            }
+            MessageDataItemName::Uid => MessageDataItem::Uid(nz(meta.uid)),
+            MessageDataItemName::InternalDate => MessageDataItem::InternalDate(
+                convert::internal_date(meta.internal_date, meta.internal_date_offset),
+            ),
+            MessageDataItemName::Rfc822Size => {
+                MessageDataItem::Rfc822Size(meta.size.min(u32::MAX as u64) as u32)
+            }
+            MessageDataItemName::Envelope => MessageDataItem::Envelope(convert::envelope(
+                &meta.envelope.clone().unwrap_or_default(),
+            )),
+            MessageDataItemName::Body => MessageDataItem::Body(convert::body_structure(
+                &meta.body_structure.clone().unwrap_or_default(),
+                false,
+            )),
+            MessageDataItemName::BodyStructure => MessageDataItem::BodyStructure(
+                convert::body_structure(&meta.body_structure.clone().unwrap_or_default(), true),
+            ),
+            MessageDataItemName::ModSeq => {
+                MessageDataItem::ModSeq(NonZeroU64::new(meta.modseq).unwrap_or(NonZeroU64::MIN))
+            }
+            MessageDataItemName::BodyExt {
+                section, partial, ..
+            } => {
+                let data = bodies.next().flatten();
+                MessageDataItem::BodyExt {
+                    section: section.clone(),
+                    origin: partial.map(|(o, _)| o),
+                    data: convert::nstring_data(Some(data.unwrap_or_default())),
+                }
+            }
+            MessageDataItemName::Binary { section, .. } => {
+                let data = bodies.next().flatten().unwrap_or_default();
+                MessageDataItem::Binary {
+                    section: section.clone(),
+                    value: imap_codec::imap_types::core::NString8::Literal8(
+                        imap_codec::imap_types::extensions::binary::Literal8 {
+                            data: data.into(),
+                            mode: imap_codec::imap_types::core::LiteralMode::Sync,
+                        },
+                    ),
+                }
+            }
+            MessageDataItemName::BinarySize { section } => {
+                let data = bodies.next().flatten().unwrap_or_default();
+                MessageDataItem::BinarySize {
+                    section: section.clone(),
+                    size: data.len() as u32,
+                }
+            }
+            MessageDataItemName::Rfc822 => {
+                MessageDataItem::Rfc822(convert::nstring_data(bodies.next().flatten()))
+            }
+            MessageDataItemName::Rfc822Header => {
+                MessageDataItem::Rfc822Header(convert::nstring_data(bodies.next().flatten()))
+            }
+            MessageDataItemName::Rfc822Text => {
+                MessageDataItem::Rfc822Text(convert::nstring_data(bodies.next().flatten()))
+            }
+        };
+        items.push(item);
+    }
+    items
+}

@@ -1,0 +1,270 @@
+//! The gRPC clients of mailbox-store, with `tonic::Status` turned into `ServiceError` (the
+//! one mapping lives in mailsuite-runtime) and streams collected with bounded sizes.
+
+use futures::StreamExt;
+use mailsuite_proto as pb;
+use mailsuite_proto::directory_client::DirectoryClient;
+use mailsuite_proto::mailbox_client::MailboxClient;
+use mailsuite_runtime::ServiceError;
+use mailsuite_runtime::grpc::GrpcChannel;
+
+pub type StoreResult<T> = Result<T, ServiceError>;
+
+#[derive(Clone)]
+pub struct Store {
+    mailbox: MailboxClient<GrpcChannel>,
+    directory: DirectoryClient<GrpcChannel>,
+}
+
+/// APPEND data goes to the store in chunks of this size (CONVENTIONS: at most 64 KiB).
+const CHUNK: usize = 64 * 1024;
+
+impl Store {
+    pub fn connect(url: &str) -> Result<Store, tonic::transport::Error> {
+        let channel = mailsuite_runtime::grpc::connect_lazy(url)?;
+        Ok(Store {
+            mailbox: MailboxClient::new(channel.clone())
+                .max_decoding_message_size(128 * 1024 * 1024),
+            directory: DirectoryClient::new(channel),
+        })
+    }
+
+    pub fn mailbox(&self) -> MailboxClient<GrpcChannel> {
+        self.mailbox.clone()
+    }
+
+    /// `Ok(None)` for wrong credentials.
+    pub async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        remote_ip: &str,
+    ) -> StoreResult<Option<pb::Account>> {
+        let r = self
+            .directory
+            .clone()
+            .authenticate(pb::AuthenticateRequest {
+                username: username.into(),
+                password: password.into(),
+                remote_ip: remote_ip.into(),
+                protocol: "imap".into(),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(if r.ok { r.account } else { None })
+            }
+            Err(s) => match ServiceError::from(s) {
+                ServiceError::Unauthenticated | ServiceError::PermissionDenied(_) => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    pub async fn list(
+        &self,
+        account_id: i64,
+        with_status: bool,
+    ) -> StoreResult<Vec<pb::MailboxInfo>> {
+        Ok(self
+            .mailbox()
+            .list_mailboxes(pb::ListMailboxesRequest {
+                account_id,
+                with_status,
+            })
+            .await?
+            .into_inner()
+            .mailboxes)
+    }
+
+    pub async fn create(&self, account_id: i64, name: &str) -> StoreResult<pb::MailboxInfo> {
+        Ok(self
+            .mailbox()
+            .create_mailbox(pb::CreateMailboxRequest {
+                account_id,
+                name: name.into(),
+                special_use: pb::SpecialUse::None as i32,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn delete(&self, account_id: i64, name: &str) -> StoreResult<()> {
+        self.mailbox()
+            .delete_mailbox(pb::DeleteMailboxRequest {
+                account_id,
+                name: name.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(&self, account_id: i64, from: &str, to: &str) -> StoreResult<()> {
+        self.mailbox()
+            .rename_mailbox(pb::RenameMailboxRequest {
+                account_id,
+                from: from.into(),
+                to: to.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn subscribe(&self, account_id: i64, name: &str, on: bool) -> StoreResult<()> {
+        self.mailbox()
+            .set_subscribed(pb::SetSubscribedRequest {
+                account_id,
+                name: name.into(),
+                subscribed: on,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn status(&self, account_id: i64, name: &str) -> StoreResult<pb::MailboxInfo> {
+        Ok(self
+            .mailbox()
+            .status(pb::StatusRequest {
+                account_id,
+                name: name.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn select(
+        &self,
+        account_id: i64,
+        name: &str,
+        read_only: bool,
+    ) -> StoreResult<pb::SelectResponse> {
+        Ok(self
+            .mailbox()
+            .select(pb::SelectRequest {
+                account_id,
+                name: name.into(),
+                read_only,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn fetch(&self, req: pb::FetchRequest) -> StoreResult<Vec<pb::MessageMeta>> {
+        let mut stream = self.mailbox().fetch(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = stream.next().await {
+            out.push(m?);
+        }
+        Ok(out)
+    }
+
+    /// The sections of one message, in request order; `None` for a missing section.
+    pub async fn fetch_body(
+        &self,
+        account_id: i64,
+        mailbox_id: i64,
+        uid: u32,
+        sections: Vec<pb::Section>,
+        max_total: u64,
+    ) -> StoreResult<Vec<Option<Vec<u8>>>> {
+        let n = sections.len();
+        let mut stream = self
+            .mailbox()
+            .fetch_body(pb::FetchBodyRequest {
+                account_id,
+                mailbox_id,
+                uids: Some(pb::UidSet::from_uids([uid])),
+                sections,
+            })
+            .await?
+            .into_inner();
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if chunk.uid != uid {
+                continue;
+            }
+            let Some(slot) = out.get_mut(chunk.section as usize) else {
+                continue;
+            };
+            if chunk.missing {
+                *slot = None;
+                continue;
+            }
+            total += chunk.data.len() as u64;
+            if total > max_total {
+                return Err(ServiceError::TooLarge("fetched sections too large".into()));
+            }
+            let buf =
+                slot.get_or_insert_with(|| Vec::with_capacity(chunk.total.min(max_total) as usize));
+            buf.extend_from_slice(&chunk.data);
+        }
+        Ok(out)
+    }
+
+    pub async fn store_flags(
+        &self,
+        req: pb::StoreFlagsRequest,
+    ) -> StoreResult<pb::StoreFlagsResponse> {
+        Ok(self.mailbox().store_flags(req).await?.into_inner())
+    }
+
+    pub async fn copy(&self, req: pb::CopyRequest) -> StoreResult<pb::CopyResponse> {
+        Ok(self.mailbox().copy(req).await?.into_inner())
+    }
+
+    pub async fn expunge(&self, req: pb::ExpungeRequest) -> StoreResult<pb::ExpungeResponse> {
+        Ok(self.mailbox().expunge(req).await?.into_inner())
+    }
+
+    pub async fn append(
+        &self,
+        header: pb::AppendHeader,
+        data: Vec<u8>,
+    ) -> StoreResult<pb::AppendResponse> {
+        let mut chunks = vec![pb::AppendChunk {
+            part: Some(pb::append_chunk::Part::Header(header)),
+        }];
+        for c in data.chunks(CHUNK) {
+            chunks.push(pb::AppendChunk {
+                part: Some(pb::append_chunk::Part::Data(c.to_vec().into())),
+            });
+        }
+        Ok(self
+            .mailbox()
+            .append(futures::stream::iter(chunks))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn search(&self, req: pb::SearchRequest) -> StoreResult<pb::SearchResponse> {
+        Ok(self.mailbox().search(req).await?.into_inner())
+    }
+
+    pub async fn changes(
+        &self,
+        account_id: i64,
+        mailbox_id: i64,
+        since_modseq: u64,
+    ) -> StoreResult<pb::ChangesResponse> {
+        Ok(self
+            .mailbox()
+            .changes(pb::ChangesRequest {
+                account_id,
+                mailbox_id,
+                since_modseq,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn quota(&self, account_id: i64) -> StoreResult<pb::QuotaInfo> {
+        Ok(self
+            .mailbox()
+            .get_quota(pb::GetQuotaRequest { account_id })
+            .await?
+            .into_inner())
+    }
+}
