@@ -514,12 +514,6 @@ impl<B: Backend> Session<B> {
     }
 
     async fn mail(&mut self, from: MailFrom<String>, terminal: Option<Terminal>) -> Outcome {
-        if self.helo.is_none() {
-            return self.bad_sequence("Send HELO/EHLO first");
-        }
-        if self.tx.is_some() {
-            return self.bad_sequence("Nested MAIL command");
-        }
         if let Some(_t) = terminal
             && (!self.cfg().policy.terminal_commands
                 || !self.is_submission()
@@ -530,6 +524,12 @@ impl<B: Backend> Session<B> {
                 "5.5.1",
                 "SEND/SOML/SAML only for authenticated submission",
             ));
+        }
+        if self.helo.is_none() {
+            return self.bad_sequence("Send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.bad_sequence("Nested MAIL command");
         }
         if self.port == Port::Submission && self.tls.is_none() && !self.auth_allowed() {
             return self.error(Reply::new(
@@ -1141,3 +1141,7 @@ fn short(e: &mailsuite_runtime::ServiceError) -> &'static str {
         "refused"
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
