@@ -1,1 +1,144 @@
+//! mailbox-store: accounts, mailboxes and messages (with their MIME metadata) in PostgreSQL,
+//! served over gRPC as the Directory, Delivery, Mailbox and Admin services.
+//!
+//! Every durable change happens in one PostgreSQL transaction and is acknowledged only after
+//! it commits. UIDs and modseqs are allocated by `UPDATE mailboxes ... RETURNING` inside that
+//! transaction: the row lock serialises allocation per mailbox across any number of replicas.
+//! Changes are published with NOTIFY in the same transaction (so only committed changes are
+//! seen) and fanned out by every replica to its `Watch` streams.
 
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod delivery;
+pub mod directory;
+pub mod mailbox;
+pub mod mime;
+pub mod notify;
+pub mod password;
+pub mod search;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mailsuite_proto::admin_server::AdminServer;
+use mailsuite_proto::delivery_server::DeliveryServer;
+use mailsuite_proto::directory_server::DirectoryServer;
+use mailsuite_proto::mailbox_server::MailboxServer;
+use mailsuite_runtime::Shutdown;
+use mailsuite_runtime::ops::Ops;
+use sqlx::PgPool;
+
+pub use config::Config;
+
+/// The bound addresses of every listener.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub grpc: SocketAddr,
+    pub ops: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// State shared by the four gRPC services.
+#[derive(Clone)]
+pub struct Ctx {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub hub: notify::Hub,
+    pub shutdown: Shutdown,
+    pub passwords: password::Hasher,
+}
+
+pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
+    if config.listen_grpc.is_empty() {
+        return Err(Error::Config("listen_grpc must not be empty".into()));
+    }
+    let pool =
+        mailsuite_runtime::db::connect(&config.database_url, config.db_max_connections).await?;
+    if config.migrate_on_start {
+        mailsuite_runtime::db::migrate(&pool).await?;
+    }
+    let hub = notify::Hub::start(&pool, &shutdown).await?;
+    let ctx = Ctx {
+        pool: pool.clone(),
+        config: Arc::new(config.clone()),
+        hub,
+        shutdown: shutdown.clone(),
+        passwords: password::Hasher::new(),
+    };
+    notify::spawn_maintenance(ctx.clone());
+
+    let (listener, grpc_addr) = mailsuite_runtime::grpc::bind(&config.listen_grpc).await?;
+    let ops_addr = if config.listen_ops.is_empty() {
+        None
+    } else {
+        let (l, a) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
+        let ops = Ops::default();
+        ops.set_ready(true);
+        shutdown.spawn(ops.serve(l, shutdown.clone()));
+        Some(a)
+    };
+
+    let (health, health_service) = mailsuite_runtime::grpc::health_reporter();
+    health
+        .set_serving::<DirectoryServer<directory::DirectorySvc>>()
+        .await;
+    health
+        .set_serving::<DeliveryServer<delivery::DeliverySvc>>()
+        .await;
+    health
+        .set_serving::<MailboxServer<mailbox::MailboxSvc>>()
+        .await;
+    health.set_serving::<AdminServer<admin::AdminSvc>>().await;
+
+    let frame = config.limits.max_grpc_frame_bytes;
+    let router = tonic::transport::Server::builder()
+        .layer(mailsuite_runtime::grpc::ServerTraceLayer)
+        .add_service(health_service)
+        .add_service(
+            DirectoryServer::new(directory::DirectorySvc(ctx.clone()))
+                .max_decoding_message_size(frame),
+        )
+        .add_service(
+            DeliveryServer::new(delivery::DeliverySvc(ctx.clone()))
+                .max_decoding_message_size(frame),
+        )
+        .add_service(
+            MailboxServer::new(mailbox::MailboxSvc(ctx.clone()))
+                .max_decoding_message_size(frame)
+                .max_encoding_message_size(frame),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminSvc(ctx.clone())).max_decoding_message_size(frame),
+        );
+    let sd = shutdown.clone();
+    shutdown.spawn(async move {
+        let stop = sd.clone();
+        let result = router
+            .serve_with_incoming_shutdown(mailsuite_runtime::grpc::incoming(listener), async move {
+                stop.stopping().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("gRPC server: {e}");
+        }
+        pool.close().await;
+    });
+    tracing::info!(grpc = %grpc_addr, ops = ?ops_addr, "mailbox-store started");
+    Ok(Started {
+        grpc: grpc_addr,
+        ops: ops_addr,
+    })
+}

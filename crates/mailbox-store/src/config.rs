@@ -1,0 +1,66 @@
+//! mailbox-store configuration (see docs/CONVENTIONS.md for how it is loaded).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listener (Directory, Delivery, Mailbox, Admin, health). Empty disables it.
+    pub listen_grpc: String,
+    /// Ops HTTP listener (/healthz, /readyz, /metrics). Empty disables it.
+    pub listen_ops: String,
+    pub database_url: String,
+    pub db_max_connections: u32,
+    /// Apply the embedded migrations at start-up (under sqlx's advisory lock).
+    pub migrate_on_start: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message Deliver/Append accept, in bytes.
+    pub max_message_bytes: u64,
+    /// Most recipients of one Deliver call.
+    pub max_recipients: usize,
+    /// Alias/list expansion depth (loops are cut regardless).
+    pub max_alias_depth: usize,
+    /// Most targets one address may expand to.
+    pub max_expansion: usize,
+    /// Largest gRPC request frame (chunks are ≤ 64 KiB, so this only bounds abuse).
+    pub max_grpc_frame_bytes: usize,
+    /// How long a Watch presence lease lives without being refreshed, in seconds.
+    pub presence_lease_secs: u64,
+    /// Most UIDs one Fetch/FetchBody/Store/Copy call may address.
+    pub max_uids_per_call: usize,
+    /// Change log entries older than this many days are pruned (QRESYNC then resyncs fully).
+    pub changelog_days: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024 * 1024,
+            max_recipients: 1000,
+            max_alias_depth: 8,
+            max_expansion: 1000,
+            max_grpc_frame_bytes: 4 * 1024 * 1024,
+            presence_lease_secs: 60,
+            max_uids_per_call: 1_000_000,
+            changelog_days: 90,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_grpc: "0.0.0.0:50051".into(),
+            listen_ops: "0.0.0.0:9051".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
+            db_max_connections: 32,
+            migrate_on_start: true,
+            limits: Limits::default(),
+        }
+    }
+}

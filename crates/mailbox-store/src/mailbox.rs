@@ -1,0 +1,1244 @@
+//! Mailbox: everything IMAP and POP3 sessions do to stored mail.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use mailsuite_proto::mailbox_server::Mailbox;
+use mailsuite_proto::*;
+use mailsuite_runtime::ServiceError;
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, PgConnection, Row};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Ctx;
+use crate::body::{self, CHUNK, Stored};
+use crate::delivery::{internal_date, read_upload};
+use crate::notify;
+use crate::search::{self, Arg};
+use crate::store::{self, INBOX, NewEntry, normalize_mailbox};
+
+pub struct MailboxSvc(pub Ctx);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn st(e: impl Into<ServiceError>) -> Status {
+    e.into().into()
+}
+
+/// Rows fetched per round trip when streaming a large UID set.
+const PAGE: i64 = 500;
+
+const INFO_SELECT: &str =
+    "SELECT mb.id, mb.name, mb.special_use, mb.subscribed, mb.uidvalidity, mb.uidnext,
+        mb.highestmodseq,
+        EXISTS (SELECT 1 FROM mailbox.mailboxes c WHERE c.account_id = mb.account_id
+                 AND left(c.name, length(mb.name) + 1) = mb.name || '/') AS has_children";
+
+const STATUS_COLUMNS: &str = ", s.messages, s.unseen, s.recent, s.size, s.deleted
+   FROM mailbox.mailboxes mb, LATERAL (
+     SELECT count(*) AS messages,
+            count(*) FILTER (WHERE NOT ('\\Seen' = ANY(flags))) AS unseen,
+            count(*) FILTER (WHERE recent) AS recent,
+            coalesce(sum(size), 0)::bigint AS size,
+            count(*) FILTER (WHERE '\\Deleted' = ANY(flags)) AS deleted
+       FROM mailbox.messages WHERE mailbox_id = mb.id) s";
+
+fn info_from(r: &PgRow, with_status: bool) -> MailboxInfo {
+    let mut i = MailboxInfo {
+        id: r.get("id"),
+        name: r.get("name"),
+        special_use: r.get::<i16, _>("special_use") as i32,
+        subscribed: r.get("subscribed"),
+        has_children: r.get("has_children"),
+        uidvalidity: r.get::<i64, _>("uidvalidity") as u32,
+        uidnext: r.get::<i64, _>("uidnext") as u32,
+        highestmodseq: r.get::<i64, _>("highestmodseq") as u64,
+        ..Default::default()
+    };
+    if with_status {
+        i.messages = r.get::<i64, _>("messages") as u32;
+        i.unseen = r.get::<i64, _>("unseen") as u32;
+        i.recent = r.get::<i64, _>("recent") as u32;
+        i.size = r.get::<i64, _>("size") as u64;
+        i.deleted = r.get::<i64, _>("deleted") as u32;
+    }
+    i
+}
+
+async fn info_by_name(
+    conn: &mut PgConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<MailboxInfo, ServiceError> {
+    let name = normalize_mailbox(name)?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{INFO_SELECT}{STATUS_COLUMNS} WHERE mb.account_id = $1 AND mb.name = $2"
+    )))
+    .bind(account_id)
+    .bind(&name)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| ServiceError::NotFound(format!("mailbox {name}")))?;
+    Ok(info_from(&row, true))
+}
+
+/// The mailbox must belong to the account; returns its name.
+async fn owned(
+    conn: &mut PgConnection,
+    account_id: i64,
+    mailbox_id: i64,
+) -> Result<String, ServiceError> {
+    sqlx::query_scalar("SELECT name FROM mailbox.mailboxes WHERE id = $1 AND account_id = $2")
+        .bind(mailbox_id)
+        .bind(account_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {mailbox_id}")))
+}
+
+fn flags_of(r: &PgRow) -> Vec<String> {
+    let mut f: Vec<String> = r.get("flags");
+    if r.try_get::<bool, _>("recent").unwrap_or(false) {
+        f.push("\\Recent".into());
+    }
+    f
+}
+
+fn apply_flags(mode: StoreMode, current: &[String], given: &[String]) -> Vec<String> {
+    match mode {
+        StoreMode::Replace => given.to_vec(),
+        StoreMode::Add => {
+            let mut v = current.to_vec();
+            for g in given {
+                if !v.iter().any(|c| c.eq_ignore_ascii_case(g)) {
+                    v.push(g.clone());
+                }
+            }
+            v
+        }
+        StoreMode::Remove => current
+            .iter()
+            .filter(|c| !given.iter().any(|g| g.eq_ignore_ascii_case(c)))
+            .cloned()
+            .collect(),
+    }
+}
+
+fn same_flags(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|x| b.iter().any(|y| y.eq_ignore_ascii_case(x)))
+}
+
+impl MailboxSvc {
+    fn limit_uids(&self, set: Option<&UidSet>) -> Result<(Vec<i64>, Vec<i64>), ServiceError> {
+        let (s, e) = store::uidset_pairs(set);
+        if s.len() > 10_000 {
+            return Err(ServiceError::InvalidArgument("too many UID ranges".into()));
+        }
+        Ok((s, e))
+    }
+
+    async fn append_inner(
+        &self,
+        h: &AppendHeader,
+        data: &[u8],
+    ) -> Result<AppendResponse, ServiceError> {
+        let name = normalize_mailbox(&h.mailbox)?;
+        let flags = store::normalize_flags(&h.flags);
+        let mut tx = self.0.pool.begin().await?;
+        store::check_quota(&mut tx, h.account_id, data.len() as i64, 1).await?;
+        let mb: i64 = sqlx::query_scalar(
+            "SELECT id FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2",
+        )
+        .bind(h.account_id)
+        .bind(&name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {name}")))?;
+        let blob = store::put_blob(&mut tx, data, 1).await?;
+        let (uid, modseq, uidvalidity) = store::alloc_uids(&mut tx, mb, 1).await?;
+        store::insert_entry(
+            &mut tx,
+            &NewEntry {
+                mailbox_id: mb,
+                uid,
+                modseq,
+                flags: &flags,
+                internal_date: internal_date(h.internal_date),
+                date_offset: h.internal_date_offset,
+                size: data.len() as i64,
+                blob_id: &blob,
+                prefix: &[],
+            },
+        )
+        .await?;
+        store::add_usage(&mut tx, h.account_id, data.len() as i64, 1).await?;
+        store::publish(
+            &mut tx,
+            &notify::event(
+                h.account_id,
+                mb,
+                ChangeKind::New,
+                vec![uid as u32],
+                modseq as u64,
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(AppendResponse {
+            mailbox_id: mb,
+            uidvalidity: uidvalidity as u32,
+            uid: uid as u32,
+        })
+    }
+
+    async fn store_inner(
+        &self,
+        req: StoreFlagsRequest,
+    ) -> Result<StoreFlagsResponse, ServiceError> {
+        let (s, e) = self.limit_uids(req.uids.as_ref())?;
+        let mode = StoreMode::try_from(req.mode).unwrap_or(StoreMode::Replace);
+        let given = store::normalize_flags(&req.flags);
+        let mut tx = self.0.pool.begin().await?;
+        owned(&mut tx, req.account_id, req.mailbox_id).await?;
+        // The mailbox row lock orders concurrent stores and gives one modseq per operation.
+        let current: i64 = sqlx::query_scalar(
+            "SELECT highestmodseq FROM mailbox.mailboxes WHERE id = $1 FOR UPDATE",
+        )
+        .bind(req.mailbox_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT uid, modseq, flags, recent FROM mailbox.messages m
+             WHERE mailbox_id = $1 AND {} ORDER BY uid",
+            store::uid_in_ranges("m.uid", 2, 3)
+        )))
+        .bind(req.mailbox_id)
+        .bind(&s)
+        .bind(&e)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut modified = Vec::new();
+        let mut changes: Vec<(i64, Vec<String>)> = Vec::new();
+        for r in &rows {
+            let uid: i64 = r.get("uid");
+            let modseq: i64 = r.get("modseq");
+            let flags: Vec<String> = r.get("flags");
+            if req.unchanged_since > 0 && modseq as u64 > req.unchanged_since {
+                modified.push(uid as u32);
+                continue;
+            }
+            let new = apply_flags(mode, &flags, &given);
+            if !same_flags(&new, &flags) {
+                changes.push((uid, new));
+            }
+        }
+        let mut highest = current;
+        if !changes.is_empty() {
+            highest = store::bump_modseq(&mut tx, req.mailbox_id).await?;
+            let uids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+            let flag_json: Vec<serde_json::Value> =
+                changes.iter().map(|c| serde_json::json!(c.1)).collect();
+            sqlx::query(
+                "UPDATE mailbox.messages m SET modseq = $2,
+                        flags = ARRAY(SELECT jsonb_array_elements_text(c.f))
+                   FROM unnest($3::bigint[], $4::jsonb[]) AS c(uid, f)
+                  WHERE m.mailbox_id = $1 AND m.uid = c.uid",
+            )
+            .bind(req.mailbox_id)
+            .bind(highest)
+            .bind(&uids)
+            .bind(&flag_json)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid)
+                 SELECT $1, $2, 2, u FROM unnest($3::bigint[]) u",
+            )
+            .bind(req.mailbox_id)
+            .bind(highest)
+            .bind(&uids)
+            .execute(&mut *tx)
+            .await?;
+            store::publish(
+                &mut tx,
+                &notify::event(
+                    req.account_id,
+                    req.mailbox_id,
+                    ChangeKind::Flags,
+                    uids.iter().map(|&u| u as u32).collect(),
+                    highest as u64,
+                ),
+            )
+            .await?;
+        }
+        let after = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT uid, modseq, flags, recent FROM mailbox.messages m
+             WHERE mailbox_id = $1 AND {} ORDER BY uid",
+            store::uid_in_ranges("m.uid", 2, 3)
+        )))
+        .bind(req.mailbox_id)
+        .bind(&s)
+        .bind(&e)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(StoreFlagsResponse {
+            messages: after
+                .iter()
+                .map(|r| MessageFlags {
+                    uid: r.get::<i64, _>("uid") as u32,
+                    flags: flags_of(r),
+                    modseq: r.get::<i64, _>("modseq") as u64,
+                })
+                .collect(),
+            modified,
+            highestmodseq: highest as u64,
+        })
+    }
+
+    async fn copy_inner(&self, req: CopyRequest) -> Result<CopyResponse, ServiceError> {
+        let (s, e) = self.limit_uids(req.uids.as_ref())?;
+        let dest_name = normalize_mailbox(&req.destination)?;
+        let mut tx = self.0.pool.begin().await?;
+        owned(&mut tx, req.account_id, req.mailbox_id).await?;
+        let dest: i64 = sqlx::query_scalar(
+            "SELECT id FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2",
+        )
+        .bind(req.account_id)
+        .bind(&dest_name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {dest_name}")))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT uid, flags, internal_date, date_offset, size, blob_id, prefix FROM mailbox.messages m
+             WHERE mailbox_id = $1 AND {} ORDER BY uid",
+            store::uid_in_ranges("m.uid", 2, 3)
+        )))
+        .bind(req.mailbox_id)
+        .bind(&s)
+        .bind(&e)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            let uidvalidity: i64 =
+                sqlx::query_scalar("SELECT uidvalidity FROM mailbox.mailboxes WHERE id = $1")
+                    .bind(dest)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Ok(CopyResponse {
+                uidvalidity: uidvalidity as u32,
+                ..Default::default()
+            });
+        }
+        let bytes: i64 = rows.iter().map(|r| r.get::<i64, _>("size")).sum();
+        let n = rows.len() as i64;
+        // Account row first (quota), then mailbox rows in id order.
+        if req.r#move {
+            sqlx::query("SELECT 1 FROM mailbox.accounts WHERE id = $1 FOR UPDATE")
+                .bind(req.account_id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            store::check_quota(&mut tx, req.account_id, bytes, n).await?;
+        }
+        let mut order = [req.mailbox_id, dest];
+        order.sort_unstable();
+        for id in order {
+            sqlx::query("SELECT 1 FROM mailbox.mailboxes WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let (first, modseq, uidvalidity) = store::alloc_uids(&mut tx, dest, n).await?;
+        let mut src_uids = Vec::new();
+        let mut dst_uids = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let uid = first + i as i64;
+            let flags: Vec<String> = r.get("flags");
+            let blob: Vec<u8> = r.get("blob_id");
+            let prefix: Vec<u8> = r.get("prefix");
+            store::insert_entry(
+                &mut tx,
+                &NewEntry {
+                    mailbox_id: dest,
+                    uid,
+                    modseq,
+                    flags: &flags,
+                    internal_date: r.get("internal_date"),
+                    date_offset: r.get("date_offset"),
+                    size: r.get("size"),
+                    blob_id: &blob,
+                    prefix: &prefix,
+                },
+            )
+            .await?;
+            src_uids.push(r.get::<i64, _>("uid"));
+            dst_uids.push(uid as u32);
+        }
+        // The new entries reference the same blobs.
+        sqlx::query(
+            "UPDATE mailbox.blobs b SET refcount = refcount + c.n
+               FROM (SELECT blob_id, count(*) AS n FROM mailbox.messages
+                      WHERE mailbox_id = $1 AND uid >= $2 AND uid < $3 GROUP BY blob_id) c
+              WHERE b.id = c.blob_id",
+        )
+        .bind(dest)
+        .bind(first)
+        .bind(first + n)
+        .execute(&mut *tx)
+        .await?;
+        store::add_usage(&mut tx, req.account_id, bytes, n).await?;
+        store::publish(
+            &mut tx,
+            &notify::event(
+                req.account_id,
+                dest,
+                ChangeKind::New,
+                dst_uids.clone(),
+                modseq as u64,
+            ),
+        )
+        .await?;
+        if req.r#move {
+            store::remove_entries(&mut tx, req.account_id, req.mailbox_id, &src_uids, true).await?;
+        }
+        tx.commit().await?;
+        Ok(CopyResponse {
+            uidvalidity: uidvalidity as u32,
+            source_uids: src_uids.iter().map(|&u| u as u32).collect(),
+            destination_uids: dst_uids,
+        })
+    }
+
+    async fn expunge_inner(&self, req: ExpungeRequest) -> Result<ExpungeResponse, ServiceError> {
+        let mut tx = self.0.pool.begin().await?;
+        owned(&mut tx, req.account_id, req.mailbox_id).await?;
+        sqlx::query("SELECT 1 FROM mailbox.accounts WHERE id = $1 FOR UPDATE")
+            .bind(req.account_id)
+            .execute(&mut *tx)
+            .await?;
+        let current: i64 = sqlx::query_scalar(
+            "SELECT highestmodseq FROM mailbox.mailboxes WHERE id = $1 FOR UPDATE",
+        )
+        .bind(req.mailbox_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (s, e) = self.limit_uids(req.uids.as_ref())?;
+        let uids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT uid FROM mailbox.messages m WHERE mailbox_id = $1 AND '\\Deleted' = ANY(flags)
+               AND ($2 OR {}) ORDER BY uid",
+            store::uid_in_ranges("m.uid", 3, 4)
+        )))
+        .bind(req.mailbox_id)
+        .bind(req.uids.is_none())
+        .bind(&s)
+        .bind(&e)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (expunged, modseq) =
+            store::remove_entries(&mut tx, req.account_id, req.mailbox_id, &uids, true).await?;
+        tx.commit().await?;
+        Ok(ExpungeResponse {
+            expunged,
+            highestmodseq: if modseq > 0 { modseq } else { current } as u64,
+        })
+    }
+
+    async fn delete_inner(&self, req: DeleteMailboxRequest) -> Result<(), ServiceError> {
+        let name = normalize_mailbox(&req.name)?;
+        if name == INBOX {
+            return Err(ServiceError::Cannot("INBOX cannot be deleted".into()));
+        }
+        let mut tx = self.0.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM mailbox.accounts WHERE id = $1 FOR UPDATE")
+            .bind(req.account_id)
+            .execute(&mut *tx)
+            .await?;
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2 FOR UPDATE",
+        )
+        .bind(req.account_id)
+        .bind(&name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {name}")))?;
+        let uids: Vec<i64> =
+            sqlx::query_scalar("SELECT uid FROM mailbox.messages WHERE mailbox_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        store::remove_entries(&mut tx, req.account_id, id, &uids, false).await?;
+        sqlx::query("DELETE FROM mailbox.mailboxes WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        store::publish(
+            &mut tx,
+            &notify::event(
+                req.account_id,
+                id,
+                ChangeKind::MailboxDeleted,
+                Vec::new(),
+                0,
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rename_inner(&self, req: RenameMailboxRequest) -> Result<(), ServiceError> {
+        let from = normalize_mailbox(&req.from)?;
+        let to = normalize_mailbox(&req.to)?;
+        if to == INBOX || to.starts_with("INBOX/") && from == INBOX {
+            return Err(ServiceError::Cannot("cannot rename to INBOX".into()));
+        }
+        let mut tx = self.0.pool.begin().await?;
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2)",
+        )
+        .bind(req.account_id)
+        .bind(&to)
+        .fetch_one(&mut *tx)
+        .await?;
+        if exists {
+            return Err(ServiceError::AlreadyExists(format!("mailbox {to}")));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2 FOR UPDATE",
+        )
+        .bind(req.account_id)
+        .bind(&from)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {from}")))?;
+        create_parents(&mut tx, req.account_id, &to).await?;
+        if from == INBOX {
+            // RFC 9051 §6.3.6: renaming INBOX moves its messages to a new mailbox; INBOX stays.
+            let new_id =
+                store::create_mailbox(&mut tx, req.account_id, &to, SpecialUse::None).await?;
+            let uids: Vec<i64> = sqlx::query_scalar(
+                "SELECT uid FROM mailbox.messages WHERE mailbox_id = $1 ORDER BY uid",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !uids.is_empty() {
+                let n = uids.len() as i64;
+                let (first, modseq, _) = store::alloc_uids(&mut tx, new_id, n).await?;
+                sqlx::query(
+                    "UPDATE mailbox.messages m SET mailbox_id = $2, uid = $3 + x.i - 1, modseq = $4
+                       FROM unnest($5::bigint[]) WITH ORDINALITY AS x(uid, i)
+                      WHERE m.mailbox_id = $1 AND m.uid = x.uid",
+                )
+                .bind(id)
+                .bind(new_id)
+                .bind(first)
+                .bind(modseq)
+                .bind(&uids)
+                .execute(&mut *tx)
+                .await?;
+                let m = store::bump_modseq(&mut tx, id).await?;
+                sqlx::query(
+                    "INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid)
+                     SELECT $1, $2, 3, u FROM unnest($3::bigint[]) u",
+                )
+                .bind(id)
+                .bind(m)
+                .bind(&uids)
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else {
+            sqlx::query(
+                "UPDATE mailbox.mailboxes SET name = $3 || substr(name, length($2) + 1)
+                  WHERE account_id = $1 AND (name = $2 OR left(name, length($2) + 1) = $2 || '/')",
+            )
+            .bind(req.account_id)
+            .bind(&from)
+            .bind(&to)
+            .execute(&mut *tx)
+            .await?;
+        }
+        store::publish(
+            &mut tx,
+            &notify::event(
+                req.account_id,
+                id,
+                ChangeKind::MailboxRenamed,
+                Vec::new(),
+                0,
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// RFC 9051 §6.3.4: creating `a/b/c` creates `a` and `a/b` when they are missing.
+async fn create_parents(
+    conn: &mut PgConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<(), ServiceError> {
+    let parts: Vec<&str> = name.split('/').collect();
+    for i in 1..parts.len() {
+        let parent = parts[..i].join("/");
+        match store::create_mailbox(conn, account_id, &parent, SpecialUse::None).await {
+            Ok(_) | Err(ServiceError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn bind_args<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    args: &'q [Arg],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for a in args {
+        q = match a {
+            Arg::I64(v) => q.bind(*v),
+            Arg::Text(v) => q.bind(v.as_str()),
+            Arg::I64s(v) => q.bind(v.as_slice()),
+            Arg::Date(d) => q.bind(*d),
+        };
+    }
+    q
+}
+
+#[tonic::async_trait]
+impl Mailbox for MailboxSvc {
+    async fn list_mailboxes(
+        &self,
+        req: Request<ListMailboxesRequest>,
+    ) -> Result<Response<ListMailboxesResponse>, Status> {
+        let req = req.into_inner();
+        let sql = if req.with_status {
+            format!("{INFO_SELECT}{STATUS_COLUMNS} WHERE mb.account_id = $1 ORDER BY mb.name")
+        } else {
+            format!(
+                "{INFO_SELECT} FROM mailbox.mailboxes mb WHERE mb.account_id = $1 ORDER BY mb.name"
+            )
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(req.account_id)
+            .fetch_all(&self.0.pool)
+            .await
+            .map_err(st)?;
+        let mut mailboxes: Vec<MailboxInfo> =
+            rows.iter().map(|r| info_from(r, req.with_status)).collect();
+        // INBOX first, as clients expect.
+        mailboxes.sort_by_key(|m| (m.name != INBOX, m.name.clone()));
+        Ok(Response::new(ListMailboxesResponse { mailboxes }))
+    }
+
+    async fn create_mailbox(
+        &self,
+        req: Request<CreateMailboxRequest>,
+    ) -> Result<Response<MailboxInfo>, Status> {
+        let req = req.into_inner();
+        let name = normalize_mailbox(&req.name).map_err(st)?;
+        let su = SpecialUse::try_from(req.special_use).unwrap_or(SpecialUse::None);
+        let mut tx = self.0.pool.begin().await.map_err(st)?;
+        create_parents(&mut tx, req.account_id, &name)
+            .await
+            .map_err(st)?;
+        let id = store::create_mailbox(&mut tx, req.account_id, &name, su)
+            .await
+            .map_err(st)?;
+        store::publish(
+            &mut tx,
+            &notify::event(
+                req.account_id,
+                id,
+                ChangeKind::MailboxCreated,
+                Vec::new(),
+                0,
+            ),
+        )
+        .await
+        .map_err(st)?;
+        let info = info_by_name(&mut tx, req.account_id, &name)
+            .await
+            .map_err(st)?;
+        tx.commit().await.map_err(st)?;
+        Ok(Response::new(info))
+    }
+
+    async fn delete_mailbox(
+        &self,
+        req: Request<DeleteMailboxRequest>,
+    ) -> Result<Response<DeleteMailboxResponse>, Status> {
+        self.delete_inner(req.into_inner()).await.map_err(st)?;
+        Ok(Response::new(DeleteMailboxResponse {}))
+    }
+
+    async fn rename_mailbox(
+        &self,
+        req: Request<RenameMailboxRequest>,
+    ) -> Result<Response<RenameMailboxResponse>, Status> {
+        self.rename_inner(req.into_inner()).await.map_err(st)?;
+        Ok(Response::new(RenameMailboxResponse {}))
+    }
+
+    async fn set_subscribed(
+        &self,
+        req: Request<SetSubscribedRequest>,
+    ) -> Result<Response<SetSubscribedResponse>, Status> {
+        let req = req.into_inner();
+        let name = normalize_mailbox(&req.name).map_err(st)?;
+        let n = sqlx::query(
+            "UPDATE mailbox.mailboxes SET subscribed = $3 WHERE account_id = $1 AND name = $2",
+        )
+        .bind(req.account_id)
+        .bind(&name)
+        .bind(req.subscribed)
+        .execute(&self.0.pool)
+        .await
+        .map_err(st)?;
+        if n.rows_affected() == 0 {
+            return Err(st(ServiceError::NotFound(format!("mailbox {name}"))));
+        }
+        Ok(Response::new(SetSubscribedResponse {}))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<MailboxInfo>, Status> {
+        let req = req.into_inner();
+        let mut conn = self.0.pool.acquire().await.map_err(st)?;
+        Ok(Response::new(
+            info_by_name(&mut conn, req.account_id, &req.name)
+                .await
+                .map_err(st)?,
+        ))
+    }
+
+    async fn select(
+        &self,
+        req: Request<SelectRequest>,
+    ) -> Result<Response<SelectResponse>, Status> {
+        let req = req.into_inner();
+        let mut tx = self.0.pool.begin().await.map_err(st)?;
+        let info = info_by_name(&mut tx, req.account_id, &req.name)
+            .await
+            .map_err(st)?;
+        let rows = sqlx::query(
+            "SELECT uid, '\\Seen' = ANY(flags) AS seen FROM mailbox.messages WHERE mailbox_id = $1 ORDER BY uid",
+        )
+        .bind(info.id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(st)?;
+        let uids: Vec<u32> = rows.iter().map(|r| r.get::<i64, _>(0) as u32).collect();
+        let first_unseen = rows
+            .iter()
+            .position(|r| !r.get::<bool, _>(1))
+            .map_or(0, |p| p as u32 + 1);
+        let keywords: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT f FROM mailbox.messages, unnest(flags) f WHERE mailbox_id = $1 AND f NOT LIKE '\\%' ORDER BY f",
+        )
+        .bind(info.id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(st)?;
+        if !req.read_only && info.recent > 0 {
+            sqlx::query(
+                "UPDATE mailbox.messages SET recent = false WHERE mailbox_id = $1 AND recent",
+            )
+            .bind(info.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(st)?;
+        }
+        tx.commit().await.map_err(st)?;
+        Ok(Response::new(SelectResponse {
+            mailbox: Some(info),
+            uids,
+            keywords,
+            first_unseen_uid: first_unseen,
+        }))
+    }
+
+    type FetchStream = BoxStream<MessageMeta>;
+
+    async fn fetch(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let req = req.into_inner();
+        let (s, e) = self.limit_uids(req.uids.as_ref()).map_err(st)?;
+        let pool = self.0.pool.clone();
+        {
+            let mut conn = pool.acquire().await.map_err(st)?;
+            owned(&mut conn, req.account_id, req.mailbox_id)
+                .await
+                .map_err(st)?;
+        }
+        let stream = async_stream::try_stream! {
+            let mut last: i64 = 0;
+            loop {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT m.uid, m.modseq, m.flags, m.recent, m.internal_date, m.date_offset, m.size,
+                            m.blob_id, length(m.prefix) AS plen,
+                            CASE WHEN $5 THEN b.envelope END AS envelope,
+                            CASE WHEN $6 THEN b.body END AS body
+                       FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
+                      WHERE m.mailbox_id = $1 AND m.uid > $4 AND m.modseq > $7 AND {}
+                      ORDER BY m.uid LIMIT {PAGE}",
+                    store::uid_in_ranges("m.uid", 2, 3)
+                )))
+                .bind(req.mailbox_id)
+                .bind(&s)
+                .bind(&e)
+                .bind(last)
+                .bind(req.envelope)
+                .bind(req.body_structure)
+                .bind(req.changed_since.min(i64::MAX as u64) as i64)
+                .fetch_all(&pool)
+                .await
+                .map_err(st)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for r in &rows {
+                    last = r.get("uid");
+                    let date: chrono::DateTime<chrono::Utc> = r.get("internal_date");
+                    let plen = r.get::<i32, _>("plen") as u64;
+                    yield MessageMeta {
+                        uid: last as u32,
+                        modseq: r.get::<i64, _>("modseq") as u64,
+                        flags: flags_of(r),
+                        internal_date: date.timestamp(),
+                        internal_date_offset: r.get("date_offset"),
+                        size: r.get::<i64, _>("size") as u64,
+                        envelope: r.get::<Option<Vec<u8>>, _>("envelope").map(|b| store::decode_envelope(&b)),
+                        body_structure: r.get::<Option<Vec<u8>>, _>("body").map(|b| store::decode_structure(&b, plen)),
+                        blob_id: store::hex_id(&r.get::<Vec<u8>, _>("blob_id")),
+                    };
+                }
+                if (rows.len() as i64) < PAGE {
+                    break;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type FetchBodyStream = BoxStream<BodyChunk>;
+
+    async fn fetch_body(
+        &self,
+        req: Request<FetchBodyRequest>,
+    ) -> Result<Response<Self::FetchBodyStream>, Status> {
+        let req = req.into_inner();
+        let (s, e) = self.limit_uids(req.uids.as_ref()).map_err(st)?;
+        let pool = self.0.pool.clone();
+        {
+            let mut conn = pool.acquire().await.map_err(st)?;
+            owned(&mut conn, req.account_id, req.mailbox_id)
+                .await
+                .map_err(st)?;
+        }
+        let stream = async_stream::try_stream! {
+            let mut conn = pool.acquire().await.map_err(st)?;
+            let mut last: i64 = 0;
+            loop {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT m.uid, m.size, m.blob_id, m.prefix, b.body
+                       FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
+                      WHERE m.mailbox_id = $1 AND m.uid > $4 AND {}
+                      ORDER BY m.uid LIMIT 50",
+                    store::uid_in_ranges("m.uid", 2, 3)
+                )))
+                .bind(req.mailbox_id)
+                .bind(&s)
+                .bind(&e)
+                .bind(last)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(st)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for r in &rows {
+                    last = r.get("uid");
+                    let uid = last as u32;
+                    let blob_id: Vec<u8> = r.get("blob_id");
+                    let prefix: Vec<u8> = r.get("prefix");
+                    let structure = store::decode_structure(&r.get::<Vec<u8>, _>("body"), prefix.len() as u64);
+                    let stored = Stored {
+                        blob_id: &blob_id,
+                        prefix: &prefix,
+                        size: r.get::<i64, _>("size") as u64,
+                        structure: &structure,
+                    };
+                    for (i, section) in req.sections.iter().enumerate() {
+                        let data = body::render(&mut conn, &stored, section).await.map_err(st)?;
+                        let Some(data) = data else {
+                            yield BodyChunk { uid, section: i as u32, first: true, last: true, missing: true, ..Default::default() };
+                            continue;
+                        };
+                        let total = data.len() as u64;
+                        if data.is_empty() {
+                            yield BodyChunk { uid, section: i as u32, total, first: true, last: true, ..Default::default() };
+                            continue;
+                        }
+                        let n = data.len().div_ceil(CHUNK);
+                        for (k, c) in data.chunks(CHUNK).enumerate() {
+                            yield BodyChunk {
+                                uid,
+                                section: i as u32,
+                                total: if k == 0 { total } else { 0 },
+                                data: c.to_vec(),
+                                first: k == 0,
+                                last: k + 1 == n,
+                                missing: false,
+                            };
+                        }
+                    }
+                }
+                if rows.len() < 50 {
+                    break;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn store_flags(
+        &self,
+        req: Request<StoreFlagsRequest>,
+    ) -> Result<Response<StoreFlagsResponse>, Status> {
+        Ok(Response::new(
+            self.store_inner(req.into_inner()).await.map_err(st)?,
+        ))
+    }
+
+    async fn copy(&self, req: Request<CopyRequest>) -> Result<Response<CopyResponse>, Status> {
+        Ok(Response::new(
+            self.copy_inner(req.into_inner()).await.map_err(st)?,
+        ))
+    }
+
+    async fn expunge(
+        &self,
+        req: Request<ExpungeRequest>,
+    ) -> Result<Response<ExpungeResponse>, Status> {
+        Ok(Response::new(
+            self.expunge_inner(req.into_inner()).await.map_err(st)?,
+        ))
+    }
+
+    async fn append(
+        &self,
+        req: Request<Streaming<AppendChunk>>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let mut stream = req.into_inner();
+        let max = self.0.config.limits.max_message_bytes;
+        let (header, data) = read_upload(&mut stream, max, |c: AppendChunk| match c.part? {
+            append_chunk::Part::Header(h) => Some(Ok(h)),
+            append_chunk::Part::Data(d) => Some(Err(d)),
+        })
+        .await
+        .map_err(st)?;
+        if data.is_empty() {
+            return Err(st(ServiceError::InvalidArgument("empty message".into())));
+        }
+        Ok(Response::new(
+            self.append_inner(&header, &data).await.map_err(st)?,
+        ))
+    }
+
+    async fn search(
+        &self,
+        req: Request<SearchRequest>,
+    ) -> Result<Response<SearchResponse>, Status> {
+        let req = req.into_inner();
+        let mut conn = self.0.pool.acquire().await.map_err(st)?;
+        owned(&mut conn, req.account_id, req.mailbox_id)
+            .await
+            .map_err(st)?;
+        let sql = search::build(req.key.as_ref(), 1).map_err(st)?;
+        let q = format!(
+            "SELECT m.uid, m.modseq FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
+              WHERE m.mailbox_id = $1 AND {} ORDER BY m.uid",
+            sql.cond
+        );
+        let rows = bind_args(
+            sqlx::query(sqlx::AssertSqlSafe(q)).bind(req.mailbox_id),
+            &sql.args,
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(st)?;
+        Ok(Response::new(SearchResponse {
+            uids: rows.iter().map(|r| r.get::<i64, _>(0) as u32).collect(),
+            highestmodseq: rows
+                .iter()
+                .map(|r| r.get::<i64, _>(1) as u64)
+                .max()
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn changes(
+        &self,
+        req: Request<ChangesRequest>,
+    ) -> Result<Response<ChangesResponse>, Status> {
+        let req = req.into_inner();
+        let since = req.since_modseq.min(i64::MAX as u64) as i64;
+        let mut tx = self.0.pool.begin().await.map_err(st)?;
+        owned(&mut tx, req.account_id, req.mailbox_id)
+            .await
+            .map_err(st)?;
+        let mb = sqlx::query(
+            "SELECT highestmodseq, uidnext, log_floor,
+                    (SELECT count(*) FROM mailbox.messages WHERE mailbox_id = $1) AS n
+               FROM mailbox.mailboxes WHERE id = $1",
+        )
+        .bind(req.mailbox_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(st)?;
+        let changed = sqlx::query(
+            "SELECT uid, modseq, flags, recent FROM mailbox.messages
+              WHERE mailbox_id = $1 AND modseq > $2 ORDER BY uid",
+        )
+        .bind(req.mailbox_id)
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(st)?;
+        let expunged: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT uid FROM mailbox.changelog WHERE mailbox_id = $1 AND kind = 3 AND modseq > $2 ORDER BY uid",
+        )
+        .bind(req.mailbox_id)
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(st)?;
+        tx.commit().await.map_err(st)?;
+        Ok(Response::new(ChangesResponse {
+            changed: changed
+                .iter()
+                .map(|r| MessageFlags {
+                    uid: r.get::<i64, _>("uid") as u32,
+                    flags: flags_of(r),
+                    modseq: r.get::<i64, _>("modseq") as u64,
+                })
+                .collect(),
+            expunged: expunged.iter().map(|&u| u as u32).collect(),
+            highestmodseq: mb.get::<i64, _>(0) as u64,
+            uidnext: mb.get::<i64, _>(1) as u32,
+            messages: mb.get::<i64, _>(3) as u32,
+            truncated: since < mb.get::<i64, _>(2),
+        }))
+    }
+
+    async fn get_quota(
+        &self,
+        req: Request<GetQuotaRequest>,
+    ) -> Result<Response<QuotaInfo>, Status> {
+        let id = req.into_inner().account_id;
+        let r = sqlx::query(
+            "SELECT used_bytes, quota_bytes, used_messages, quota_messages FROM mailbox.accounts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.0.pool)
+        .await
+        .map_err(st)?
+        .ok_or_else(|| st(ServiceError::NotFound(format!("account {id}"))))?;
+        Ok(Response::new(QuotaInfo {
+            used_bytes: r.get::<i64, _>(0) as u64,
+            limit_bytes: r.get::<i64, _>(1) as u64,
+            used_messages: r.get::<i64, _>(2) as u64,
+            limit_messages: r.get::<i64, _>(3) as u64,
+        }))
+    }
+
+    type WatchStream = BoxStream<ChangeEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchControl>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut control = req.into_inner();
+        let mut events = self.0.hub.subscribe();
+        let pool = self.0.pool.clone();
+        let shutdown = self.0.shutdown.clone();
+        let lease = Duration::from_secs(self.0.config.limits.presence_lease_secs.max(3));
+        let stream_id = uuid::Uuid::new_v4();
+        let stream = async_stream::try_stream! {
+            let mut watched: HashSet<i64> = HashSet::new();
+            let mut refresh = tokio::time::interval(lease / 3);
+            let guard = PresenceGuard { pool: pool.clone(), stream_id };
+            loop {
+                tokio::select! {
+                    _ = shutdown.stopping() => break,
+                    c = control.next() => match c {
+                        Some(Ok(c)) => {
+                            for a in &c.remove_accounts {
+                                watched.remove(a);
+                            }
+                            watched.extend(c.add_accounts.iter().copied());
+                            if let Err(e) = presence(&pool, stream_id, &watched, lease).await {
+                                tracing::warn!("presence update: {e}");
+                            }
+                        }
+                        _ => break,
+                    },
+                    _ = refresh.tick() => {
+                        if !watched.is_empty() {
+                            if let Err(e) = presence(&pool, stream_id, &watched, lease).await {
+                                tracing::warn!("presence refresh: {e}");
+                            }
+                        }
+                    }
+                    ev = events.recv() => match ev {
+                        Ok(ev) if ev.account_id == 0 && ev.kind == ChangeKind::Unspecified as i32 => {
+                            for &a in &watched {
+                                yield ChangeEvent { account_id: a, ..Default::default() };
+                            }
+                        }
+                        Ok(ev) => {
+                            if watched.contains(&ev.account_id) {
+                                yield ev;
+                            }
+                        }
+                        Err(RecvError::Lagged(_)) => {
+                            // Events were dropped: an UNSPECIFIED event tells the gateway to
+                            // resynchronise the account with Changes.
+                            for &a in &watched {
+                                yield ChangeEvent { account_id: a, ..Default::default() };
+                            }
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+            drop(guard);
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn alert(&self, req: Request<AlertRequest>) -> Result<Response<AlertResponse>, Status> {
+        let req = req.into_inner();
+        let mut tx = self.0.pool.begin().await.map_err(st)?;
+        let account = store::account_id(&mut tx, &req.address).await.map_err(st)?;
+        let online: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM mailbox.presence WHERE account_id = $1 AND expires_at > now())",
+        )
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(st)?;
+        if online {
+            let mut ev = notify::event(account, 0, ChangeKind::Alert, Vec::new(), 0);
+            ev.text = req.text.replace(['\r', '\n'], " ");
+            store::publish(&mut tx, &ev).await.map_err(st)?;
+        }
+        tx.commit().await.map_err(st)?;
+        Ok(Response::new(AlertResponse { online }))
+    }
+
+    type LockMaildropStream = BoxStream<LockEvent>;
+
+    async fn lock_maildrop(
+        &self,
+        req: Request<Streaming<LockControl>>,
+    ) -> Result<Response<Self::LockMaildropStream>, Status> {
+        let mut control = req.into_inner();
+        let first = control
+            .next()
+            .await
+            .ok_or_else(|| st(ServiceError::InvalidArgument("empty lock stream".into())))??;
+        let mailbox = if first.mailbox.is_empty() {
+            INBOX.to_string()
+        } else {
+            normalize_mailbox(&first.mailbox).map_err(st)?
+        };
+        // A dedicated connection: the advisory lock lives exactly as long as it does, so a
+        // crashed replica releases it when PostgreSQL notices the connection is gone.
+        let mut conn = PgConnection::connect(&self.0.config.database_url)
+            .await
+            .map_err(st)?;
+        let key = format!("maildrop:{}:{}", first.account_id, mailbox);
+        let acquired: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(st)?;
+        let shutdown = self.0.shutdown.clone();
+        let stream = async_stream::try_stream! {
+            yield LockEvent { acquired };
+            if acquired {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.stopping() => break,
+                        c = control.next() => match c {
+                            Some(Ok(_)) => continue,
+                            _ => break,
+                        },
+                    }
+                }
+            }
+            let _ = conn.close().await;
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+async fn presence(
+    pool: &sqlx::PgPool,
+    stream_id: uuid::Uuid,
+    watched: &HashSet<i64>,
+    lease: Duration,
+) -> Result<(), ServiceError> {
+    let ids: Vec<i64> = watched.iter().copied().collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM mailbox.presence WHERE replica = $1 AND NOT (account_id = ANY($2))")
+        .bind(stream_id)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO mailbox.presence (account_id, replica, expires_at)
+         SELECT a, $2, now() + make_interval(secs => $3) FROM unnest($1::bigint[]) a
+         ON CONFLICT (account_id, replica) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+    )
+    .bind(&ids)
+    .bind(stream_id)
+    .bind(lease.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes a Watch stream's presence rows when the stream ends, however it ends.
+struct PresenceGuard {
+    pool: sqlx::PgPool,
+    stream_id: uuid::Uuid,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        let pool = self.pool.clone();
+        let id = self.stream_id;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = sqlx::query("DELETE FROM mailbox.presence WHERE replica = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await;
+            });
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! MIME → IMAP metadata, computed once at delivery: the ENVELOPE, the BODYSTRUCTURE tree with
+//! each part's byte offsets in the raw message, the header fields and decoded text SEARCH
+//! needs. Pure functions (no I/O) so gateways and tests can rely on the exact semantics.
+//!
+//! Field semantics (see common.proto):
+//! - ENVELOPE strings are the raw header values (unfolded, RFC 2047 words left encoded as the
+//!   IMAP client expects); address names that the parser had to decode are re-encoded with
+//!   RFC 2047 when they are not ASCII. Sender and Reply-To default to From (RFC 9051 §7.5.2).
+//! - `media_type`/`media_subtype` are as found in the header; absent or unparseable
+//!   Content-Type gives "TEXT"/"PLAIN" with charset US-ASCII (RFC 2045 §5.2), except inside
+//!   multipart/digest where the default is MESSAGE/RFC822.
+//! - Parameters whose decoded value is not ASCII (RFC 2231 or raw 8-bit) are given back in
+//!   RFC 2231 form `name*=utf-8''…`, which IMAP clients decode.
+//! - `size` is the body's octet count in the raw message and `lines` its LF count.
+//! - A message the parser cannot make sense of is described as one flat TEXT/PLAIN body.
+
+use mail_parser::{
+    Address, HeaderName, HeaderValue, Message, MessageParser, MessagePart, PartType,
+};
+use mailsuite_proto::{BodyDisposition, BodyParam, BodyPart, Envelope, EnvelopeAddress};
+
+/// Everything parsed out of one raw message.
+#[derive(Debug, Clone, Default)]
+pub struct Parsed {
+    pub envelope: Envelope,
+    pub body: BodyPart,
+    /// Top-level header fields: lowercase name, decoded value (for HEADER/FROM/... search).
+    pub headers: Vec<(String, String)>,
+    /// Decoded text of every text part (for BODY/TEXT search).
+    pub text: String,
+    /// The Date: header's calendar date in its own zone (SENTBEFORE/SENTON/SENTSINCE).
+    pub sent_date: Option<chrono::NaiveDate>,
+}
+
+/// Text indexed per message is capped so one huge part cannot blow up the row.
+pub const MAX_INDEXED_TEXT: usize = 512 * 1024;
+
+pub fn parse(raw: &[u8]) -> Parsed {
+    let header_end = header_end(raw);
+    let raw_headers = split_headers(&raw[..header_end]);
+    let parsed = MessageParser::default().parse(raw);
+    let Some(msg) = parsed.filter(|m| !m.parts.is_empty()) else {
+        return flat(raw, header_end, &raw_headers);
+    };
+    let envelope = envelope_of(&msg, &raw_headers);
+    let body = part_structure(&msg, 0, raw, 0, false);
+    let headers = msg
+        .root_part()
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name().to_ascii_lowercase(),
+                header_text(h.value(), raw, h),
+            )
+        })
+        .collect();
+    let mut text = String::new();
+    collect_text(&msg, &mut text);
+    let sent_date = msg
+        .date()
+        .and_then(|d| chrono::NaiveDate::from_ymd_opt(d.year.into(), d.month.into(), d.day.into()));
+    Parsed {
+        envelope,
+        body,
+        headers,
+        text,
+        sent_date,
+    }
+}
+
+/// The structure of a message nothing could be parsed from: one TEXT/PLAIN body.
+fn flat(raw: &[u8], header_end: usize, raw_headers: &[(String, Vec<u8>)]) -> Parsed {
+    let body_start = body_start(raw, header_end);
+    let envelope = Envelope {
+        date: raw_field(raw_headers, "date"),
+        subject: raw_field(raw_headers, "subject"),
+        message_id: raw_field(raw_headers, "message-id"),
+        in_reply_to: raw_field(raw_headers, "in-reply-to"),
+        ..Default::default()
+    };
+    let body = BodyPart {
+        media_type: b"TEXT".to_vec(),
+        media_subtype: b"PLAIN".to_vec(),
+        params: vec![param("CHARSET", "US-ASCII")],
+        encoding: b"7BIT".to_vec(),
+        size: (raw.len() - body_start) as u64,
+        lines: count_lines(&raw[body_start..]),
+        header_start: 0,
+        body_start: body_start as u64,
+        body_end: raw.len() as u64,
+        ..Default::default()
+    };
+    let headers = raw_headers
+        .iter()
+        .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).trim().to_string()))
+        .collect();
+    let text = String::from_utf8_lossy(&raw[body_start..]).into_owned();
+    Parsed {
+        envelope,
+        body,
+        headers,
+        text: truncate(text),
+        sent_date: None,
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_INDEXED_TEXT {
+        let mut cut = MAX_INDEXED_TEXT;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn collect_text(msg: &Message<'_>, out: &mut String) {
+    for part in &msg.parts {
+        if out.len() >= MAX_INDEXED_TEXT {
+            break;
+        }
+        match &part.body {
+            PartType::Text(t) => {
+                out.push_str(t);
+                out.push('\n');
+            }
+            PartType::Html(h) => {
+                out.push_str(&strip_html(h));
+                out.push('\n');
+            }
+            PartType::Message(m) => collect_text(m, out),
+            _ => {}
+        }
+    }
+    let s = std::mem::take(out);
+    *out = truncate(s);
+}
+
+/// Tags removed, entities for the common characters resolved: good enough for searching.
+fn strip_html(h: &str) -> String {
+    let mut out = String::with_capacity(h.len());
+    let mut in_tag = false;
+    for c in h.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                out.push(' ');
+            }
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+/// Offset just past the header block (at the empty line), or the end of the message.
+pub fn header_end(raw: &[u8]) -> usize {
+    if raw.starts_with(b"\r\n") || raw.starts_with(b"\n") {
+        return 0;
+    }
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'\n' {
+            if raw.get(i + 1) == Some(&b'\n') {
+                return i + 1;
+            }
+            if raw.get(i + 1) == Some(&b'\r') && raw.get(i + 2) == Some(&b'\n') {
+                return i + 1;
+            }
+        }
+        i += 1;
+    }
+    raw.len()
+}
+
+/// Offset of the body: after the empty line that ends the header.
+fn body_start(raw: &[u8], header_end: usize) -> usize {
+    if raw[header_end..].starts_with(b"\r\n") {
+        header_end + 2
+    } else if raw[header_end..].starts_with(b"\n") {
+        header_end + 1
+    } else {
+        header_end
+    }
+}
+
+/// Header fields as (lowercase name, raw unfolded value without the leading space).
+pub fn split_headers(block: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in block.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some(last) = out.last_mut() {
+                last.1.extend_from_slice(line);
+            }
+            continue;
+        }
+        if let Some(colon) = line.iter().position(|&b| b == b':') {
+            let name = String::from_utf8_lossy(&line[..colon])
+                .trim()
+                .to_ascii_lowercase();
+            out.push((name, line[colon + 1..].to_vec()));
+        }
+    }
+    for (_, v) in &mut out {
+        let t = trim_bytes(v).to_vec();
+        *v = t;
+    }
+    out
+}
+
+fn trim_bytes(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &v[start..end.max(start)]
+}
+
+fn raw_field(headers: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+}
+
+fn header_text(v: &HeaderValue<'_>, raw: &[u8], h: &mail_parser::Header<'_>) -> String {
+    match v {
+        HeaderValue::Text(t) => t.to_string(),
+        HeaderValue::TextList(l) => l.join(" "),
+        HeaderValue::Address(a) => address_text(a),
+        _ => {
+            let s = h.offset_start as usize;
+            let e = (h.offset_end as usize).min(raw.len());
+            String::from_utf8_lossy(&raw[s.min(e)..e])
+                .replace(['\r', '\n'], "")
+                .trim()
+                .to_string()
+        }
+    }
+}
+
+fn address_text(a: &Address<'_>) -> String {
+    let mut parts = Vec::new();
+    let mut push = |ad: &mail_parser::Addr<'_>| {
+        let mut s = String::new();
+        if let Some(n) = &ad.name {
+            s.push_str(n);
+            s.push(' ');
+        }
+        if let Some(x) = &ad.address {
+            s.push('<');
+            s.push_str(x);
+            s.push('>');
+        }
+        parts.push(s);
+    };
+    match a {
+        Address::List(l) => l.iter().for_each(&mut push),
+        Address::Group(g) => g.iter().flat_map(|g| g.addresses.iter()).for_each(push),
+    }
+    parts.join(", ")
+}
+
+fn envelope_of(msg: &Message<'_>, raw_headers: &[(String, Vec<u8>)]) -> Envelope {
+    let addrs = |name: HeaderName<'static>| -> Vec<EnvelopeAddress> {
+        match msg.header(name) {
+            Some(HeaderValue::Address(a)) => envelope_addresses(a),
+            _ => Vec::new(),
+        }
+    };
+    let from = addrs(HeaderName::From);
+    let mut sender = addrs(HeaderName::Sender);
+    if sender.is_empty() {
+        sender = from.clone();
+    }
+    let mut reply_to = addrs(HeaderName::ReplyTo);
+    if reply_to.is_empty() {
+        reply_to = from.clone();
+    }
+    Envelope {
+        date: raw_field(raw_headers, "date"),
+        subject: raw_field(raw_headers, "subject"),
+        from,
+        sender,
+        reply_to,
+        to: addrs(HeaderName::To),
+        cc: addrs(HeaderName::Cc),
+        bcc: addrs(HeaderName::Bcc),
+        in_reply_to: raw_field(raw_headers, "in-reply-to"),
+        message_id: raw_field(raw_headers, "message-id"),
+    }
+}
+
+fn envelope_addresses(a: &Address<'_>) -> Vec<EnvelopeAddress> {
+    let mut out = Vec::new();
+    match a {
+        Address::List(list) => out.extend(list.iter().map(envelope_address)),
+        Address::Group(groups) => {
+            for g in groups {
+                // A group without a name is how the parser holds plain addresses.
+                match &g.name {
+                    Some(name) => {
+                        out.push(EnvelopeAddress {
+                            mailbox: Some(encode_word(name)),
+                            ..Default::default()
+                        });
+                        out.extend(g.addresses.iter().map(envelope_address));
+                        out.push(EnvelopeAddress::default());
+                    }
+                    None => out.extend(g.addresses.iter().map(envelope_address)),
+                }
+            }
+        }
+    }
+    out
+}
+
+fn envelope_address(a: &mail_parser::Addr<'_>) -> EnvelopeAddress {
+    let (mailbox, host) = match a.address.as_deref() {
+        Some(addr) => match addr.rsplit_once('@') {
+            Some((l, h)) => (Some(l.as_bytes().to_vec()), Some(h.as_bytes().to_vec())),
+            None => (Some(addr.as_bytes().to_vec()), None),
+        },
+        None => (None, None),
+    };
+    EnvelopeAddress {
+        name: a.name.as_deref().filter(|n| !n.is_empty()).map(encode_word),
+        adl: None,
+        mailbox,
+        host,
+    }
+}
+
+/// RFC 2047 B-encoding for non-ASCII text; ASCII is returned as is.
+pub fn encode_word(s: &str) -> Vec<u8> {
+    if s.is_ascii() {
+        return s.as_bytes().to_vec();
+    }
+    use base64::Engine;
+    format!(
+        "=?utf-8?b?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+    )
+    .into_bytes()
+}
+
+fn param(name: &str, value: &str) -> BodyParam {
+    BodyParam {
+        name: name.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+fn params_of(attrs: Option<&[mail_parser::Attribute<'_>]>) -> Vec<BodyParam> {
+    attrs
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            if a.value.is_ascii() {
+                param(&a.name, &a.value)
+            } else {
+                BodyParam {
+                    name: format!("{}*", a.name).into_bytes(),
+                    value: format!("utf-8''{}", percent_encode(&a.value)).into_bytes(),
+                }
+            }
+        })
+        .collect()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn count_lines(body: &[u8]) -> u64 {
+    body.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+fn raw_header_of(part: &MessagePart<'_>, raw: &[u8], name: &str) -> Option<Vec<u8>> {
+    let s = (part.offset_header as usize).min(raw.len());
+    let e = (part.offset_body as usize).clamp(s, raw.len());
+    let hs = split_headers(&raw[s..e]);
+    raw_field(&hs, name)
+}
+
+/// The BODYSTRUCTURE node of part `id` of `msg`. `raw` is the buffer the part's offsets refer
+/// to; `base` is added to every offset (non-zero when `raw` is a decoded nested message that
+/// has no place in the stored bytes, see `detached`). `in_digest`: the parent is
+/// multipart/digest.
+fn part_structure(
+    msg: &Message<'_>,
+    id: usize,
+    raw: &[u8],
+    base: u64,
+    in_digest: bool,
+) -> BodyPart {
+    let Some(part) = msg.parts.get(id) else {
+        return BodyPart::default();
+    };
+    let hs = (part.offset_header as usize).min(raw.len());
+    let bs = (part.offset_body as usize).clamp(hs, raw.len());
+    let be = (part.offset_end as usize).clamp(bs, raw.len());
+
+    let ct = part.headers.iter().find_map(|h| match (&h.name, &h.value) {
+        (HeaderName::ContentType, HeaderValue::ContentType(ct)) => Some(ct),
+        _ => None,
+    });
+    let valid_ct = ct.filter(|c| {
+        !c.c_type.is_empty()
+            && c.c_subtype.as_deref().is_some_and(|s| !s.is_empty())
+            && c.c_type.bytes().all(|b| b.is_ascii_graphic())
+    });
+    let is_multipart = matches!(part.body, PartType::Multipart(_));
+    let (media_type, media_subtype, mut params) = match valid_ct {
+        Some(c) => (
+            c.c_type.as_bytes().to_vec(),
+            c.c_subtype.as_deref().unwrap_or("").as_bytes().to_vec(),
+            params_of(c.attributes.as_deref()),
+        ),
+        None if is_multipart => (
+            b"MULTIPART".to_vec(),
+            b"MIXED".to_vec(),
+            params_of(ct.and_then(|c| c.attributes.as_deref())),
+        ),
+        None if in_digest => (b"MESSAGE".to_vec(), b"RFC822".to_vec(), Vec::new()),
+        None => (
+            b"TEXT".to_vec(),
+            b"PLAIN".to_vec(),
+            vec![param("CHARSET", "US-ASCII")],
+        ),
+    };
+    let is_text = media_type.eq_ignore_ascii_case(b"text");
+    if is_text && valid_ct.is_some() && params.is_empty() {
+        // RFC 2045 §5.2: text without a charset is US-ASCII.
+        params.push(param("CHARSET", "US-ASCII"));
+    }
+
+    let disposition = part.headers.iter().find_map(|h| match (&h.name, &h.value) {
+        (HeaderName::ContentDisposition, HeaderValue::ContentType(d)) => Some(BodyDisposition {
+            kind: d.c_type.as_bytes().to_vec(),
+            params: params_of(d.attributes.as_deref()),
+        }),
+        _ => None,
+    });
+    let language = match raw_header_of(part, raw, "content-language") {
+        Some(v) => String::from_utf8_lossy(&v)
+            .split(',')
+            .map(|s| s.trim().as_bytes().to_vec())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => Vec::new(),
+    };
+
+    let mut node = BodyPart {
+        media_type,
+        media_subtype,
+        params,
+        id: raw_header_of(part, raw, "content-id"),
+        description: raw_header_of(part, raw, "content-description"),
+        encoding: raw_header_of(part, raw, "content-transfer-encoding")
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| b"7BIT".to_vec()),
+        size: (be - bs) as u64,
+        lines: 0,
+        md5: raw_header_of(part, raw, "content-md5"),
+        disposition,
+        language,
+        location: raw_header_of(part, raw, "content-location"),
+        envelope: None,
+        message: None,
+        parts: Vec::new(),
+        header_start: base + hs as u64,
+        body_start: base + bs as u64,
+        body_end: base + be as u64,
+    };
+
+    match &part.body {
+        PartType::Multipart(children) => {
+            let digest = node.media_subtype.eq_ignore_ascii_case(b"digest");
+            node.parts = children
+                .iter()
+                .map(|&c| part_structure(msg, c as usize, raw, base, digest))
+                .collect();
+            if node.parts.is_empty() {
+                // A multipart with no parts is not expressible in BODYSTRUCTURE.
+                node.parts.push(empty_text(node.body_start, node.body_end));
+            }
+        }
+        PartType::Message(inner) => {
+            let inner_raw: &[u8] = inner.raw_message.as_ref();
+            // An unencoded nested message is parsed in place: its offsets are those of the
+            // stored bytes. A base64/QP-encoded one was parsed from decoded bytes, which exist
+            // nowhere in storage: describe it, but point all its offsets at this part's body.
+            let in_place =
+                inner_raw.len() == raw.len() && part.encoding == mail_parser::Encoding::None;
+            let inner_hend = header_end(
+                &inner_raw[(inner.root_part().offset_header as usize).min(inner_raw.len())..],
+            ) + inner.root_part().offset_header as usize;
+            let inner_headers = split_headers(
+                &inner_raw[(inner.root_part().offset_header as usize).min(inner_hend)..inner_hend],
+            );
+            node.envelope = Some(envelope_of(inner, &inner_headers));
+            let mut sub =
+                part_structure(inner, 0, inner_raw, if in_place { base } else { 0 }, false);
+            if in_place {
+                // The nested root's end is the end of its container's body.
+                sub.body_end = node.body_end;
+                sub.size = sub.body_end.saturating_sub(sub.body_start);
+                if sub.parts.is_empty() && sub.message.is_none() {
+                    sub.lines = count_lines(
+                        &raw[(sub.body_start - base) as usize..(sub.body_end - base) as usize],
+                    );
+                }
+            } else {
+                detach(&mut sub, node.body_start, node.body_end);
+            }
+            node.message = Some(Box::new(sub));
+            node.lines = count_lines(&raw[bs..be]);
+        }
+        _ => {
+            if is_text || node.media_type.eq_ignore_ascii_case(b"message") {
+                node.lines = count_lines(&raw[bs..be]);
+            }
+        }
+    }
+    node
+}
+
+fn detach(p: &mut BodyPart, start: u64, end: u64) {
+    p.header_start = start;
+    p.body_start = start;
+    p.body_end = end;
+    for c in &mut p.parts {
+        detach(c, start, end);
+    }
+    if let Some(m) = &mut p.message {
+        detach(m, start, end);
+    }
+}
+
+fn empty_text(start: u64, end: u64) -> BodyPart {
+    BodyPart {
+        media_type: b"TEXT".to_vec(),
+        media_subtype: b"PLAIN".to_vec(),
+        params: vec![param("CHARSET", "US-ASCII")],
+        encoding: b"7BIT".to_vec(),
+        header_start: start,
+        body_start: start,
+        body_end: end,
+        size: end - start,
+        ..Default::default()
+    }
+}
+
+/// Where a FETCH section points inside the raw message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SectionRange<'a> {
+    /// [start, end) of the raw message; `part` is the addressed body part, if any.
+    Bytes {
+        start: u64,
+        end: u64,
+        part: Option<&'a BodyPart>,
+    },
+    /// The section does not exist in this message.
+    Missing,
+}
+
+/// Resolve a section path (`[]` = whole message, `[1, 2]` = part 1.2) and kind.
+pub fn section_range<'a>(
+    root: &'a BodyPart,
+    total: u64,
+    path: &[u32],
+    kind: mailsuite_proto::SectionKind,
+) -> SectionRange<'a> {
+    use mailsuite_proto::SectionKind as K;
+    // `msg`: the message whose part numbers the next step counts (the root, or the
+    // encapsulated message of a MESSAGE/RFC822 part); `cur`: the addressed part.
+    let mut msg: Option<&BodyPart> = Some(root);
+    let mut cur: Option<&BodyPart> = None;
+    for &n in path {
+        if n == 0 {
+            return SectionRange::Missing;
+        }
+        let container = match (msg, cur) {
+            (Some(m), _) => m,
+            (None, Some(c)) => match c.message.as_deref() {
+                Some(inner) => inner,
+                None if !c.parts.is_empty() => c,
+                None => return SectionRange::Missing,
+            },
+            (None, None) => return SectionRange::Missing,
+        };
+        let next = if !container.parts.is_empty() {
+            container.parts.get(n as usize - 1)
+        } else if n == 1 && (msg.is_some() || cur.is_some_and(|c| c.message.is_some())) {
+            Some(container)
+        } else {
+            None
+        };
+        let Some(next) = next else {
+            return SectionRange::Missing;
+        };
+        msg = None;
+        cur = Some(next);
+    }
+    let bytes =
+        |start: u64, end: u64, part: Option<&'a BodyPart>| SectionRange::Bytes { start, end, part };
+    match (msg, cur) {
+        (Some(m), _) => match kind {
+            K::Full => bytes(0, total, None),
+            K::Header | K::HeaderFields | K::HeaderFieldsNot => bytes(0, m.body_start, None),
+            K::Text => bytes(m.body_start, total, None),
+            K::Mime => SectionRange::Missing,
+        },
+        (None, Some(p)) => match kind {
+            K::Full => bytes(p.body_start, p.body_end, Some(p)),
+            K::Mime => bytes(p.header_start, p.body_start, None),
+            K::Header | K::HeaderFields | K::HeaderFieldsNot => match p.message.as_deref() {
+                Some(inner) => bytes(inner.header_start, inner.body_start, None),
+                None => SectionRange::Missing,
+            },
+            K::Text => match p.message.as_deref() {
+                Some(inner) => bytes(inner.body_start, p.body_end, None),
+                None => SectionRange::Missing,
+            },
+        },
+        (None, None) => SectionRange::Missing,
+    }
+}
+
+/// HEADER.FIELDS / HEADER.FIELDS.NOT: the matching fields of a header block, folded lines
+/// kept, followed by the empty line.
+pub fn filter_header_fields(block: &[u8], fields: &[String], keep: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut include = false;
+    for line in block.split_inclusive(|&b| b == b'\n') {
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        let bare = bare.strip_suffix(b"\r").unwrap_or(bare);
+        if bare.is_empty() {
+            continue;
+        }
+        if bare[0] != b' ' && bare[0] != b'\t' {
+            let name = bare
+                .iter()
+                .position(|&b| b == b':')
+                .map(|c| String::from_utf8_lossy(&bare[..c]).trim().to_string())
+                .unwrap_or_default();
+            let listed = fields.iter().any(|f| f.eq_ignore_ascii_case(&name));
+            include = listed == keep;
+        }
+        if include {
+            out.extend_from_slice(line);
+            if !line.ends_with(b"\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Bare LF → CRLF.
+pub fn to_crlf(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 32);
+    let mut prev = 0u8;
+    for &b in data {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    out
+}
+
+/// Undo a Content-Transfer-Encoding (BINARY fetch); unknown encodings pass through.
+pub fn decode_transfer(encoding: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    if encoding.eq_ignore_ascii_case(b"base64") {
+        mail_parser::decoders::base64::base64_decode(data)
+    } else if encoding.eq_ignore_ascii_case(b"quoted-printable") {
+        mail_parser::decoders::quoted_printable::quoted_printable_decode(data)
+    } else {
+        Some(data.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests;

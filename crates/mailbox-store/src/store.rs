@@ -1,0 +1,480 @@
+//! Storage primitives shared by the services: names, flags, blobs, UID allocation, entry
+//! insertion and removal. Every function works inside the caller's transaction.
+
+use mailsuite_proto::{BodyPart, ChangeEvent, ChangeKind, Envelope, SpecialUse};
+use mailsuite_runtime::ServiceError;
+use prost::Message as _;
+use sha2::Digest;
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+
+use crate::mime;
+use crate::notify;
+
+pub type Tx<'a> = Transaction<'a, Postgres>;
+
+pub const INBOX: &str = "INBOX";
+
+/// Mailboxes every new account gets, with their SPECIAL-USE attribute (RFC 6154).
+pub const DEFAULT_MAILBOXES: &[(&str, SpecialUse)] = &[
+    (INBOX, SpecialUse::None),
+    ("Drafts", SpecialUse::Drafts),
+    ("Sent", SpecialUse::Sent),
+    ("Trash", SpecialUse::Trash),
+    ("Junk", SpecialUse::Junk),
+    ("Archive", SpecialUse::Archive),
+];
+
+/// `local@domain`, lowercased and trimmed (angle brackets removed).
+pub fn split_address(address: &str) -> Option<(String, String)> {
+    let a = address
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_ascii_lowercase();
+    let (l, d) = a.rsplit_once('@')?;
+    if l.is_empty() || d.is_empty() || d.contains(['<', '>', ' ', ',']) {
+        return None;
+    }
+    Some((l.to_string(), d.to_string()))
+}
+
+pub fn normalize_address(address: &str) -> Result<String, ServiceError> {
+    split_address(address)
+        .map(|(l, d)| format!("{l}@{d}"))
+        .ok_or_else(|| ServiceError::InvalidArgument(format!("not an address: {address:?}")))
+}
+
+/// Mailbox names: `/`-separated, no empty components; INBOX (any case) is "INBOX".
+pub fn normalize_mailbox(name: &str) -> Result<String, ServiceError> {
+    let bad = || ServiceError::InvalidArgument(format!("bad mailbox name {name:?}"));
+    if name.is_empty() || name.len() > 1000 || name.chars().any(|c| c.is_control()) {
+        return Err(bad());
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad());
+    }
+    if parts[0].eq_ignore_ascii_case(INBOX) {
+        parts[0] = INBOX;
+    }
+    Ok(parts.join("/"))
+}
+
+/// System flags get their canonical spelling; keywords are kept; duplicates removed.
+pub fn normalize_flags(flags: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for f in flags {
+        let f = f.trim();
+        if f.is_empty() || f.eq_ignore_ascii_case("\\recent") {
+            continue;
+        }
+        let canon = match f.to_ascii_lowercase().as_str() {
+            "\\seen" => "\\Seen".to_string(),
+            "\\answered" => "\\Answered".to_string(),
+            "\\flagged" => "\\Flagged".to_string(),
+            "\\deleted" => "\\Deleted".to_string(),
+            "\\draft" => "\\Draft".to_string(),
+            _ => f.to_string(),
+        };
+        if !out.iter().any(|o| o.eq_ignore_ascii_case(&canon)) {
+            out.push(canon);
+        }
+    }
+    out
+}
+
+pub fn uidset_pairs(set: Option<&mailsuite_proto::UidSet>) -> (Vec<i64>, Vec<i64>) {
+    let mut starts = Vec::new();
+    let mut ends = Vec::new();
+    if let Some(s) = set {
+        for r in &s.ranges {
+            starts.push(r.start.min(r.end) as i64);
+            ends.push(r.start.max(r.end) as i64);
+        }
+    }
+    (starts, ends)
+}
+
+/// SQL fragment matching `uid` against unnest($a::bigint[], $b::bigint[]).
+pub fn uid_in_ranges(col: &str, a: usize, b: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM unnest(${a}::bigint[], ${b}::bigint[]) AS r(s, e) WHERE {col} BETWEEN r.s AND r.e)"
+    )
+}
+
+pub async fn create_mailbox(
+    conn: &mut PgConnection,
+    account_id: i64,
+    name: &str,
+    special_use: SpecialUse,
+) -> Result<i64, ServiceError> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO mailbox.mailboxes (account_id, name, special_use, uidvalidity)
+         VALUES ($1, $2, $3, nextval('mailbox.uidvalidity'))
+         ON CONFLICT (account_id, name) DO NOTHING RETURNING id",
+    )
+    .bind(account_id)
+    .bind(name)
+    .bind(special_use as i16)
+    .fetch_optional(&mut *conn)
+    .await?;
+    id.ok_or_else(|| ServiceError::AlreadyExists(format!("mailbox {name}")))
+}
+
+pub fn hex_id(id: &[u8]) -> String {
+    hex::encode(id)
+}
+
+/// Store `raw` once (by SHA-256) and add `refs` references to it. The MIME metadata is parsed
+/// only when the content is new.
+pub async fn put_blob(
+    tx: &mut PgConnection,
+    raw: &[u8],
+    refs: i64,
+) -> Result<Vec<u8>, ServiceError> {
+    let id = sha2::Sha256::digest(raw).to_vec();
+    let updated = sqlx::query("UPDATE mailbox.blobs SET refcount = refcount + $2 WHERE id = $1")
+        .bind(&id)
+        .bind(refs)
+        .execute(&mut *tx)
+        .await?;
+    if updated.rows_affected() == 1 {
+        return Ok(id);
+    }
+    let owned = raw.to_vec();
+    let parsed = tokio::task::spawn_blocking(move || mime::parse(&owned))
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let subject = parsed
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "subject")
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let headers = serde_json::to_value(
+        parsed
+            .headers
+            .iter()
+            .map(|(n, v)| [n.as_str(), v.as_str()])
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    // A concurrent first delivery of the same content may insert it meanwhile: add to it.
+    sqlx::query(
+        "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date, fts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                 to_tsvector('simple', left($10 || ' ' || $8, 500000)))
+         ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount",
+    )
+    .bind(&id)
+    .bind(raw.len() as i64)
+    .bind(refs)
+    .bind(raw)
+    .bind(parsed.envelope.encode_to_vec())
+    .bind(parsed.body.encode_to_vec())
+    .bind(headers)
+    .bind(strip_nul(&parsed.text))
+    .bind(parsed.sent_date)
+    .bind(strip_nul(&subject))
+    .execute(&mut *tx)
+    .await?;
+    Ok(id)
+}
+
+/// PostgreSQL text cannot hold NUL.
+fn strip_nul(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', " ")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Allocate `n` UIDs and one modseq in a mailbox (row lock until commit). Returns (first uid,
+/// modseq, uidvalidity).
+pub async fn alloc_uids(
+    tx: &mut PgConnection,
+    mailbox_id: i64,
+    n: i64,
+) -> Result<(i64, i64, i64), ServiceError> {
+    let row = sqlx::query(
+        "UPDATE mailbox.mailboxes SET uidnext = uidnext + $2, highestmodseq = highestmodseq + 1
+         WHERE id = $1 RETURNING uidnext - $2, highestmodseq, uidvalidity",
+    )
+    .bind(mailbox_id)
+    .bind(n)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ServiceError::NotFound(format!("mailbox {mailbox_id}")))?;
+    let first: i64 = row.get(0);
+    if first + n > u32::MAX as i64 {
+        return Err(ServiceError::Cannot("mailbox UID space exhausted".into()));
+    }
+    Ok((first, row.get(1), row.get(2)))
+}
+
+/// Bump a mailbox's modseq once (for flag changes and expunges).
+pub async fn bump_modseq(tx: &mut PgConnection, mailbox_id: i64) -> Result<i64, ServiceError> {
+    sqlx::query_scalar(
+        "UPDATE mailbox.mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = $1 RETURNING highestmodseq",
+    )
+    .bind(mailbox_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ServiceError::NotFound(format!("mailbox {mailbox_id}")))
+}
+
+pub struct NewEntry<'a> {
+    pub mailbox_id: i64,
+    pub uid: i64,
+    pub modseq: i64,
+    pub flags: &'a [String],
+    pub internal_date: chrono::DateTime<chrono::Utc>,
+    pub date_offset: i32,
+    pub size: i64,
+    pub blob_id: &'a [u8],
+    pub prefix: &'a [u8],
+}
+
+pub async fn insert_entry(tx: &mut PgConnection, e: &NewEntry<'_>) -> Result<(), ServiceError> {
+    sqlx::query(
+        "INSERT INTO mailbox.messages (mailbox_id, uid, modseq, flags, internal_date, date_offset, size, blob_id, prefix)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(e.mailbox_id)
+    .bind(e.uid)
+    .bind(e.modseq)
+    .bind(e.flags)
+    .bind(e.internal_date)
+    .bind(e.date_offset)
+    .bind(e.size)
+    .bind(e.blob_id)
+    .bind(e.prefix)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid) VALUES ($1, $2, 1, $3)",
+    )
+    .bind(e.mailbox_id)
+    .bind(e.modseq)
+    .bind(e.uid)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Lock the quota row of an account and check that `bytes`/`messages` more fit.
+pub async fn check_quota(
+    tx: &mut PgConnection,
+    account_id: i64,
+    bytes: i64,
+    messages: i64,
+) -> Result<(), ServiceError> {
+    let row = sqlx::query(
+        "SELECT quota_bytes, quota_messages, used_bytes, used_messages
+         FROM mailbox.accounts WHERE id = $1 FOR UPDATE",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ServiceError::NotFound(format!("account {account_id}")))?;
+    let (qb, qm, ub, um): (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    quota_verdict(qb, qm, ub, um, bytes, messages)
+}
+
+pub fn quota_verdict(
+    qb: i64,
+    qm: i64,
+    ub: i64,
+    um: i64,
+    bytes: i64,
+    messages: i64,
+) -> Result<(), ServiceError> {
+    if qb > 0 && ub + bytes > qb {
+        return Err(ServiceError::OverQuota {
+            message: format!("mailbox full: {ub} of {qb} bytes used"),
+            // A message larger than the whole quota can never be delivered.
+            permanent: bytes > qb,
+        });
+    }
+    if qm > 0 && um + messages > qm {
+        return Err(ServiceError::OverQuota {
+            message: format!("mailbox full: {um} of {qm} messages"),
+            permanent: messages > qm,
+        });
+    }
+    Ok(())
+}
+
+pub async fn add_usage(
+    tx: &mut PgConnection,
+    account_id: i64,
+    bytes: i64,
+    messages: i64,
+) -> Result<(), ServiceError> {
+    sqlx::query(
+        "UPDATE mailbox.accounts SET used_bytes = greatest(used_bytes + $2, 0),
+                used_messages = greatest(used_messages + $3, 0) WHERE id = $1",
+    )
+    .bind(account_id)
+    .bind(bytes)
+    .bind(messages)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Remove entries (expunge, move source, mailbox deletion): blob references dropped (and
+/// unreferenced blobs deleted), usage lowered, expunges logged and published. Returns the
+/// removed UIDs ascending and the new modseq (0 when nothing was removed).
+pub async fn remove_entries(
+    tx: &mut Tx<'_>,
+    account_id: i64,
+    mailbox_id: i64,
+    uids: &[i64],
+    log: bool,
+) -> Result<(Vec<u32>, i64), ServiceError> {
+    if uids.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let rows = sqlx::query(
+        "DELETE FROM mailbox.messages WHERE mailbox_id = $1 AND uid = ANY($2)
+         RETURNING uid, size, blob_id",
+    )
+    .bind(mailbox_id)
+    .bind(uids)
+    .fetch_all(&mut **tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let mut removed: Vec<u32> = rows.iter().map(|r| r.get::<i64, _>(0) as u32).collect();
+    removed.sort_unstable();
+    let bytes: i64 = rows.iter().map(|r| r.get::<i64, _>(1)).sum();
+    let mut blobs: Vec<Vec<u8>> = rows.iter().map(|r| r.get::<Vec<u8>, _>(2)).collect();
+    blobs.sort();
+    // Lock order: the account row before blob rows, as in delivery.
+    add_usage(tx, account_id, -bytes, -(rows.len() as i64)).await?;
+    let mut counts: Vec<(Vec<u8>, i64)> = Vec::new();
+    for b in blobs {
+        match counts.last_mut() {
+            Some((id, n)) if *id == b => *n += 1,
+            _ => counts.push((b, 1)),
+        }
+    }
+    for (id, n) in &counts {
+        sqlx::query(
+            "WITH d AS (UPDATE mailbox.blobs SET refcount = refcount - $2 WHERE id = $1 RETURNING id, refcount)
+             DELETE FROM mailbox.blobs b USING d WHERE b.id = d.id AND d.refcount <= 0",
+        )
+        .bind(id)
+        .bind(n)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let modseq = if log {
+        let m = bump_modseq(tx, mailbox_id).await?;
+        let as_i64: Vec<i64> = removed.iter().map(|&u| u as i64).collect();
+        sqlx::query(
+            "INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid)
+             SELECT $1, $2, 3, u FROM unnest($3::bigint[]) u",
+        )
+        .bind(mailbox_id)
+        .bind(m)
+        .bind(&as_i64)
+        .execute(&mut **tx)
+        .await?;
+        notify::publish(
+            tx,
+            &notify::event(
+                account_id,
+                mailbox_id,
+                ChangeKind::Expunge,
+                removed.clone(),
+                m as u64,
+            ),
+        )
+        .await?;
+        m
+    } else {
+        0
+    };
+    Ok((removed, modseq))
+}
+
+pub async fn publish(tx: &mut Tx<'_>, ev: &ChangeEvent) -> Result<(), ServiceError> {
+    notify::publish(tx, ev).await.map_err(Into::into)
+}
+
+/// The stored structure, shifted by the length of the entry's prefix (Return-Path: and
+/// Delivered-To: lines live in front of the shared blob and belong to the top header).
+pub fn decode_structure(body: &[u8], prefix_len: u64) -> BodyPart {
+    let mut b = BodyPart::decode(body).unwrap_or_default();
+    shift(&mut b, prefix_len, true);
+    b
+}
+
+fn shift(p: &mut BodyPart, by: u64, root: bool) {
+    if by == 0 {
+        return;
+    }
+    if !root {
+        p.header_start += by;
+    }
+    p.body_start += by;
+    p.body_end += by;
+    for c in &mut p.parts {
+        shift(c, by, false);
+    }
+    if let Some(m) = &mut p.message {
+        shift(m, by, false);
+    }
+}
+
+pub fn decode_envelope(b: &[u8]) -> Envelope {
+    Envelope::decode(b).unwrap_or_default()
+}
+
+/// Bytes [start, end) of an entry (prefix followed by the blob), reading only that range.
+pub async fn read_range(
+    conn: &mut PgConnection,
+    blob_id: &[u8],
+    prefix: &[u8],
+    start: u64,
+    end: u64,
+) -> Result<Vec<u8>, ServiceError> {
+    let plen = prefix.len() as u64;
+    let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+    if start < plen {
+        out.extend_from_slice(&prefix[start as usize..end.min(plen) as usize]);
+    }
+    if end > plen {
+        let bs = start.max(plen) - plen;
+        let be = end - plen;
+        if be > bs {
+            let chunk: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT substring(data FROM $2::int FOR $3::int) FROM mailbox.blobs WHERE id = $1",
+            )
+            .bind(blob_id)
+            .bind((bs + 1) as i64)
+            .bind((be - bs) as i64)
+            .fetch_optional(&mut *conn)
+            .await?;
+            out.extend_from_slice(
+                &chunk.ok_or_else(|| ServiceError::Internal("blob missing".into()))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Resolve an account address to its id (for Alert and admin calls).
+pub async fn account_id(conn: &mut PgConnection, address: &str) -> Result<i64, ServiceError> {
+    let a = normalize_address(address)?;
+    sqlx::query_scalar("SELECT id FROM mailbox.accounts WHERE address = $1")
+        .bind(&a)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("account {a}")))
+}
