@@ -1,0 +1,604 @@
+//! The connection driver over real sockets and real TLS, against an in-memory backend:
+//! STLS, implicit TLS, limits, timers, shutdown, pipelining and streaming of large messages.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mailsuite_pop3_gateway::backend::{Backend, BodyStream, Failure};
+use mailsuite_pop3_gateway::config::Config;
+use mailsuite_pop3_gateway::session::{LoginError, Maildrop, Message, Target};
+use mailsuite_pop3_gateway::{Started, start_with};
+use mailsuite_runtime::Shutdown;
+use mailsuite_testkit::TestCerts;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const BIG_UID: u32 = 99;
+const BIG_LINES: usize = 250_000; // 100 octets each: 25 MB
+const LINE: usize = 100;
+const BIG_HEADER: &str = "Subject: big\r\n\r\n";
+const BIG_SIZE: usize = BIG_HEADER.len() + BIG_LINES * LINE;
+
+#[derive(Default)]
+struct State {
+    messages: BTreeMap<u32, Vec<u8>>,
+    big: bool,
+    locked: bool,
+    fail_body: bool,
+    updates: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+#[derive(Clone, Default)]
+struct Mem {
+    state: Arc<Mutex<State>>,
+    /// Octets of the big message handed to the gateway so far.
+    pulled: Arc<AtomicUsize>,
+}
+
+struct MemLock(Mem);
+
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().locked = false;
+    }
+}
+
+fn big_line(i: usize) -> String {
+    // Every line starts with a dot, so every line must be byte-stuffed.
+    format!(".{i:097}\r\n")
+}
+
+impl Backend for Mem {
+    type Lock = MemLock;
+
+    async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        _peer: IpAddr,
+    ) -> Result<(Maildrop, MemLock), LoginError> {
+        if (user, password) != ("alice", "secret") {
+            return Err(LoginError::BadCredentials);
+        }
+        let mut s = self.state.lock().unwrap();
+        if s.locked {
+            return Err(LoginError::InUse);
+        }
+        s.locked = true;
+        let mut messages: Vec<Message> = s
+            .messages
+            .iter()
+            .map(|(uid, body)| Message {
+                uid: *uid,
+                size: body.len() as u64,
+                deleted: false,
+                retrieved: false,
+            })
+            .collect();
+        if s.big {
+            messages.push(Message {
+                uid: BIG_UID,
+                size: BIG_SIZE as u64,
+                deleted: false,
+                retrieved: false,
+            });
+        }
+        Ok((
+            Maildrop {
+                account_id: 1,
+                mailbox_id: 1,
+                uidvalidity: 77,
+                messages,
+            },
+            MemLock(self.clone()),
+        ))
+    }
+
+    async fn body(&self, _target: Target, uid: u32) -> Result<BodyStream, Failure> {
+        let s = self.state.lock().unwrap();
+        if s.fail_body {
+            return Err(Failure::Temporary("store down".into()));
+        }
+        if uid == BIG_UID {
+            let pulled = self.pulled.clone();
+            // Produced on demand, 640 lines per chunk, counting what the gateway pulls.
+            let chunks = futures::stream::iter((0..BIG_LINES).step_by(640)).map(move |start| {
+                let end = (start + 640).min(BIG_LINES);
+                let mut chunk = if start == 0 {
+                    BIG_HEADER.to_string()
+                } else {
+                    String::new()
+                };
+                chunk.extend((start..end).map(big_line));
+                pulled.fetch_add(chunk.len(), Ordering::SeqCst);
+                Ok(chunk.into_bytes())
+            });
+            return Ok(Box::pin(chunks));
+        }
+        let body = s.messages.get(&uid).cloned().ok_or(Failure::Gone)?;
+        // Odd-sized chunks, so lines and dots straddle chunk boundaries.
+        let chunks: Vec<Result<Vec<u8>, Failure>> =
+            body.chunks(7).map(|c| Ok(c.to_vec())).collect();
+        Ok(Box::pin(futures::stream::iter(chunks)))
+    }
+
+    async fn update(&self, _target: Target, deleted: &[u32], seen: &[u32]) -> Result<(), Failure> {
+        let mut s = self.state.lock().unwrap();
+        s.updates.push((deleted.to_vec(), seen.to_vec()));
+        for uid in deleted {
+            s.messages.remove(uid);
+        }
+        Ok(())
+    }
+}
+
+struct Server {
+    mem: Mem,
+    started: Started,
+    shutdown: Shutdown,
+    certs: TestCerts,
+}
+
+impl Server {
+    async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
+        let certs = TestCerts::new();
+        let mut cfg = Config {
+            listen_pop3: "127.0.0.1:0".into(),
+            listen_pop3s: "127.0.0.1:0".into(),
+            listen_ops: String::new(),
+            tls: certs.tls_config(),
+            hostname: "pop.test".into(),
+            ..Config::default()
+        };
+        cfg.limits.auth_failure_delay_ms = 20;
+        tweak(&mut cfg);
+        let mem = Mem::default();
+        {
+            let mut s = mem.state.lock().unwrap();
+            s.messages.insert(
+                3,
+                b"From: a@b.test\r\nSubject: one\r\n\r\nline 1\r\n.dotted\r\nline 3\r\n".to_vec(),
+            );
+            s.messages
+                .insert(5, b"Subject: two\r\n\r\nshort\r\n".to_vec());
+        }
+        let shutdown = Shutdown::new();
+        let started = start_with(mem.clone(), cfg, shutdown.clone())
+            .await
+            .unwrap();
+        Server {
+            mem,
+            started,
+            shutdown,
+            certs,
+        }
+    }
+
+    async fn plain(&self) -> Client<TcpStream> {
+        let s = TcpStream::connect(self.started.pop3.unwrap())
+            .await
+            .unwrap();
+        let mut c = Client::new(s);
+        assert!(c.line().await.starts_with("+OK pop.test"), "greeting");
+        c
+    }
+
+    async fn tls(&self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+        let s = TcpStream::connect(self.started.pop3s.unwrap())
+            .await
+            .unwrap();
+        let s = self.handshake(s).await;
+        let mut c = Client::new(s);
+        assert!(c.line().await.starts_with("+OK pop.test"), "greeting");
+        c
+    }
+
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        s: S,
+    ) -> tokio_rustls::client::TlsStream<S> {
+        let connector = tokio_rustls::TlsConnector::from(self.certs.client_config());
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        connector.connect(name, s).await.expect("TLS handshake")
+    }
+
+    async fn stls(&self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut c = self.plain().await;
+        assert_eq!(c.cmd("STLS").await, "+OK begin TLS negotiation");
+        let s = c.into_inner();
+        Client::new(self.handshake(s).await)
+    }
+}
+
+struct Client<S> {
+    io: BufReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(s: S) -> Self {
+        Client {
+            io: BufReader::new(s),
+        }
+    }
+
+    fn into_inner(self) -> S {
+        assert!(
+            self.io.buffer().is_empty(),
+            "nothing may follow the STLS reply"
+        );
+        self.io.into_inner()
+    }
+
+    async fn send(&mut self, raw: &[u8]) {
+        self.io.get_mut().write_all(raw).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
+    }
+
+    /// The next line without CRLF; "" at end of stream.
+    async fn line(&mut self) -> String {
+        let mut l = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), self.io.read_until(b'\n', &mut l))
+            .await
+            .expect("a reply within 20 s")
+            .unwrap();
+        let s = String::from_utf8(l).unwrap();
+        s.strip_suffix("\r\n").unwrap_or(&s).to_string()
+    }
+
+    async fn cmd(&mut self, c: &str) -> String {
+        self.send(format!("{c}\r\n").as_bytes()).await;
+        self.line().await
+    }
+
+    /// The lines of a multi-line body up to the terminating ".", still stuffed.
+    async fn multi(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let l = self.line().await;
+            if l == "." {
+                return lines;
+            }
+            assert!(!l.is_empty() || lines.len() < 1_000_000, "unterminated");
+            lines.push(l);
+        }
+    }
+
+    async fn login(&mut self) {
+        assert_eq!(self.cmd("USER alice").await, "+OK send PASS");
+        let r = self.cmd("PASS secret").await;
+        assert!(r.starts_with("+OK maildrop locked and ready"), "{r}");
+    }
+
+    /// True when the server closed the connection without sending anything more.
+    async fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(20), self.io.read_to_end(&mut rest))
+            .await
+            .expect("closed within 20 s")
+            .unwrap_or(0);
+        n == 0
+    }
+}
+
+#[tokio::test]
+async fn stls_upgrades_and_only_then_allows_login() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.plain().await;
+    c.send(b"CAPA\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    let caps = c.multi().await;
+    assert!(caps.contains(&"STLS".to_string()), "{caps:?}");
+    assert!(
+        !caps.contains(&"USER".to_string()),
+        "no USER before TLS: {caps:?}"
+    );
+    assert!(c.cmd("USER alice").await.starts_with("-ERR [AUTH]"));
+    assert!(
+        c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==")
+            .await
+            .starts_with("-ERR [AUTH]")
+    );
+    drop(c);
+
+    let mut c = srv.stls().await;
+    c.send(b"CAPA\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    let caps = c.multi().await;
+    assert!(!caps.contains(&"STLS".to_string()), "{caps:?}");
+    for cap in [
+        "USER",
+        "SASL PLAIN",
+        "TOP",
+        "UIDL",
+        "PIPELINING",
+        "RESP-CODES",
+        "AUTH-RESP-CODE",
+    ] {
+        assert!(caps.contains(&cap.to_string()), "{cap} in {caps:?}");
+    }
+    assert_eq!(
+        c.cmd("STLS").await,
+        "-ERR command not permitted when TLS active"
+    );
+    c.login().await;
+    assert_eq!(c.cmd("STAT").await, format!("+OK 2 {}", 57 + 23));
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_stls_is_discarded() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.plain().await;
+    // CVE-2011-0411 style injection: the USER must not survive into the TLS session.
+    c.send(b"STLS\r\nUSER alice\r\n").await;
+    assert_eq!(c.line().await, "+OK begin TLS negotiation");
+    let mut c = Client::new(srv.handshake(c.into_inner()).await);
+    assert_eq!(c.cmd("PASS secret").await, "-ERR USER first");
+}
+
+#[tokio::test]
+async fn implicit_tls_auth_plain_retr_top_and_uidl() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.tls().await;
+    c.send(b"CAPA\r\n").await;
+    c.line().await;
+    assert!(
+        !c.multi().await.contains(&"STLS".to_string()),
+        "no STLS on 995"
+    );
+    assert_eq!(c.cmd("AUTH PLAIN").await, "+ ");
+    let r = c.cmd("AGFsaWNlAHNlY3JldA==").await;
+    assert!(r.starts_with("+OK maildrop locked"), "{r}");
+    assert_eq!(c.cmd("RETR 1").await, "+OK 57 octets");
+    assert_eq!(
+        c.multi().await,
+        [
+            "From: a@b.test",
+            "Subject: one",
+            "",
+            "line 1",
+            "..dotted",
+            "line 3"
+        ]
+    );
+    assert_eq!(c.cmd("TOP 1 1").await, "+OK top of message follows");
+    assert_eq!(
+        c.multi().await,
+        ["From: a@b.test", "Subject: one", "", "line 1"]
+    );
+    c.send(b"UIDL\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert_eq!(c.multi().await, ["1 77.3", "2 77.5"]);
+    assert_eq!(c.cmd("UIDL 2").await, "+OK 2 77.5");
+}
+
+#[tokio::test]
+async fn pipelined_commands_are_answered_in_order() {
+    let srv = Server::start(|c| c.auth.allow_plaintext_loopback = true).await;
+    let mut c = srv.plain().await;
+    c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST 2\r\nDELE 1\r\nSTAT\r\nNOOP\r\nBOGUS\r\nRSET\r\nQUIT\r\n")
+        .await;
+    assert_eq!(c.line().await, "+OK send PASS");
+    assert!(c.line().await.starts_with("+OK maildrop locked"));
+    assert_eq!(c.line().await, "+OK 2 80");
+    assert_eq!(c.line().await, "+OK 2 23");
+    assert_eq!(c.line().await, "+OK message 1 deleted");
+    assert_eq!(c.line().await, "+OK 1 23");
+    assert_eq!(c.line().await, "+OK");
+    assert_eq!(c.line().await, "-ERR unknown command BOGUS");
+    assert_eq!(c.line().await, "+OK maildrop has 2 messages (80 octets)");
+    assert!(
+        c.line()
+            .await
+            .starts_with("+OK pop.test mailsuite POP3 server signing off")
+    );
+    assert!(c.closed().await);
+    assert!(
+        srv.mem.state.lock().unwrap().updates.is_empty(),
+        "RSET undid the DELE"
+    );
+}
+
+#[tokio::test]
+async fn dele_is_applied_only_after_quit() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("DELE 2").await, "+OK message 2 deleted");
+    // The connection drops without QUIT: nothing is removed, the lock is released.
+    drop(c);
+    mailsuite_testkit::eventually(Duration::from_secs(10), "lock released", || async {
+        (!srv.mem.state.lock().unwrap().locked).then_some(())
+    })
+    .await;
+    assert!(srv.mem.state.lock().unwrap().updates.is_empty());
+
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("RETR 1").await, "+OK 57 octets");
+    c.multi().await;
+    assert_eq!(c.cmd("DELE 2").await, "+OK message 2 deleted");
+    let r = c.cmd("QUIT").await;
+    assert_eq!(
+        r,
+        "+OK pop.test mailsuite POP3 server signing off (1 messages left)"
+    );
+    assert!(c.closed().await);
+    let s = srv.mem.state.lock().unwrap();
+    assert_eq!(s.updates, vec![(vec![5], vec![3])]);
+    assert!(!s.locked);
+}
+
+#[tokio::test]
+async fn second_session_gets_in_use() {
+    let srv = Server::start(|_| {}).await;
+    let mut a = srv.tls().await;
+    a.login().await;
+    let mut b = srv.tls().await;
+    b.cmd("USER alice").await;
+    assert_eq!(
+        b.cmd("PASS secret").await,
+        "-ERR [IN-USE] maildrop is locked by another session"
+    );
+    assert!(a.cmd("QUIT").await.starts_with("+OK"));
+    assert!(a.closed().await);
+    b.login().await;
+}
+
+#[tokio::test]
+async fn failed_logins_are_delayed_more_each_time_then_cut_off() {
+    let srv = Server::start(|c| {
+        c.limits.auth_failure_delay_ms = 150;
+        c.limits.max_auth_failures = 3;
+    })
+    .await;
+    let mut c = srv.tls().await;
+    let mut last = Duration::ZERO;
+    for n in 1..=3u32 {
+        c.cmd("USER alice").await;
+        let t = Instant::now();
+        assert_eq!(
+            c.cmd("PASS wrong").await,
+            "-ERR [AUTH] authentication failed"
+        );
+        let took = t.elapsed();
+        // Lower bounds only: 150, 300, 600 ms.
+        assert!(
+            took >= Duration::from_millis(150 << (n - 1)),
+            "failure {n} took {took:?}"
+        );
+        assert!(took > last);
+        last = took;
+    }
+    assert!(c.closed().await, "closed after the third failure");
+}
+
+#[tokio::test]
+async fn long_lines_and_garbage_get_errors_and_never_hang() {
+    let srv = Server::start(|c| {
+        c.limits.max_line = 64;
+        c.limits.max_bad_commands = 5;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    let mut c = srv.plain().await;
+    c.send(&[b'A'; 100_000]).await;
+    c.send(b"\r\n").await;
+    assert_eq!(c.line().await, "-ERR line too long");
+    assert_eq!(
+        c.cmd("NOOP").await,
+        "-ERR NOOP not permitted in AUTHORIZATION state"
+    );
+    assert!(
+        c.cmd("\u{1}\u{2}\u{3}")
+            .await
+            .starts_with("-ERR unknown command")
+    );
+    assert_eq!(c.cmd("RETR x").await, "-ERR syntax: RETR msg");
+    c.login().await;
+    assert_eq!(c.cmd("RETR 0").await, "-ERR no such message");
+    assert_eq!(c.cmd("RETR 4294967295").await, "-ERR no such message");
+    assert_eq!(
+        c.cmd("TOP 1 99999999999999").await,
+        "+OK top of message follows"
+    );
+    assert_eq!(c.multi().await.len(), 6);
+    assert_eq!(c.cmd("FOO").await, "-ERR unknown command FOO");
+    assert_eq!(
+        c.cmd("BAR").await,
+        "-ERR too many bad commands, closing connection"
+    );
+    assert!(c.closed().await);
+    // Nothing was removed by the abrupt end.
+    assert!(srv.mem.state.lock().unwrap().updates.is_empty());
+}
+
+#[tokio::test]
+async fn store_failure_on_retr_is_a_temporary_error() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.tls().await;
+    c.login().await;
+    srv.mem.state.lock().unwrap().fail_body = true;
+    assert_eq!(c.cmd("RETR 1").await, "-ERR [SYS/TEMP] store down");
+    srv.mem.state.lock().unwrap().fail_body = false;
+    assert_eq!(c.cmd("RETR 2").await, "+OK 23 octets");
+    assert_eq!(c.multi().await, ["Subject: two", "", "short"]);
+}
+
+#[tokio::test]
+async fn auto_logout_closes_silently() {
+    let srv = Server::start(|c| c.limits.idle_timeout_secs = 1).await;
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("DELE 1").await, "+OK message 1 deleted");
+    assert!(c.closed().await, "no response on auto-logout");
+    assert!(
+        srv.mem.state.lock().unwrap().updates.is_empty(),
+        "no UPDATE"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_says_goodbye_to_idle_sessions() {
+    let srv = Server::start(|_| {}).await;
+    let mut plain = srv.plain().await;
+    let mut tls = srv.tls().await;
+    tls.login().await;
+    tls.cmd("DELE 1").await;
+    assert!(srv.shutdown.drain(Duration::from_secs(10)).await);
+    assert_eq!(plain.line().await, "-ERR [SYS/TEMP] server shutting down");
+    assert_eq!(tls.line().await, "-ERR [SYS/TEMP] server shutting down");
+    assert!(srv.mem.state.lock().unwrap().updates.is_empty());
+    assert!(TcpStream::connect(srv.started.pop3.unwrap()).await.is_err());
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_limited() {
+    let srv = Server::start(|c| c.limits.connections.max_per_ip = 1).await;
+    let _first = srv.plain().await;
+    let s = TcpStream::connect(srv.started.pop3.unwrap()).await.unwrap();
+    let mut second = Client::new(s);
+    assert_eq!(second.line().await, "-ERR [SYS/TEMP] too many connections");
+}
+
+/// A 25 MB message streams through with every line stuffed, and the gateway never runs far
+/// ahead of the client: it is not buffered whole. TOP reads only what it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_message_is_streamed_not_buffered() {
+    let srv = Server::start(|_| {}).await;
+    srv.mem.state.lock().unwrap().big = true;
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("LIST 3").await, format!("+OK 3 {BIG_SIZE}"));
+    assert_eq!(c.cmd("RETR 3").await, format!("+OK {BIG_SIZE} octets"));
+    assert_eq!(c.line().await, "Subject: big");
+    assert_eq!(c.line().await, "");
+    let mut max_ahead = 0;
+    for i in 0..BIG_LINES {
+        let l = c.line().await;
+        if l != format!(".{}", &big_line(i)[..LINE - 2]) {
+            panic!("line {i}: {l:?}");
+        }
+        let read = BIG_HEADER.len() + (i + 1) * LINE;
+        max_ahead = max_ahead.max(srv.mem.pulled.load(Ordering::SeqCst).saturating_sub(read));
+    }
+    assert_eq!(c.line().await, ".");
+    assert_eq!(srv.mem.pulled.load(Ordering::SeqCst), BIG_SIZE);
+    assert!(
+        max_ahead < BIG_SIZE / 2,
+        "the gateway ran {max_ahead} octets ahead of the client"
+    );
+
+    let before = srv.mem.pulled.load(Ordering::SeqCst);
+    assert_eq!(c.cmd("TOP 3 2").await, "+OK top of message follows");
+    let lines = c.multi().await;
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[3], format!(".{}", &big_line(1)[..LINE - 2]));
+    let pulled = srv.mem.pulled.load(Ordering::SeqCst) - before;
+    assert!(pulled < 1 << 20, "TOP 3 2 pulled {pulled} octets");
+}
