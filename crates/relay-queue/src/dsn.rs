@@ -249,6 +249,7 @@ pub fn build(r: &Report<'_>, message_id: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mail_parser::MimeHeaders;
 
     #[test]
     fn notify_rules() {

@@ -1,0 +1,364 @@
+//! Shared pieces of the relay-queue end-to-end tests: an independent SMTP sink (Python
+//! aiosmtpd), a stand-in mailbox-store (Directory + Delivery over real gRPC) that records
+//! what it is given, and a relay-queue on port 0.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailsuite_proto::delivery_server::{Delivery, DeliveryServer};
+use mailsuite_proto::directory_server::{Directory, DirectoryServer};
+use mailsuite_proto::queue_client::QueueClient;
+use mailsuite_proto::{
+    AddressKind, AuthenticateRequest, AuthenticateResponse, CheckSenderRequest,
+    CheckSenderResponse, DeliverChunk, DeliverResponse, EnqueueChunk, EnqueueHeader,
+    EnqueueResponse, EnvelopeRecipient, ExpandRequest, ExpandResponse, RecipientResult,
+    RecipientStatus, ResolveRequest, ResolveResponse, deliver_chunk, enqueue_chunk,
+};
+use mailsuite_relay_queue::Config;
+use mailsuite_runtime::Shutdown;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::{Request, Response, Status, Streaming};
+
+pub const T: Duration = Duration::from_secs(60);
+
+pub fn py(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script)
+}
+
+/// A Python aiosmtpd server, killed when dropped.
+pub struct Sink {
+    _child: tokio::process::Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Received {
+    pub bytes: Vec<u8>,
+    pub meta: serde_json::Value,
+    pub path: PathBuf,
+}
+
+impl Sink {
+    pub async fn start(args: &[&str]) -> Sink {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new("python3")
+            .arg(py("sink.py"))
+            .arg(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install -r .ci/requirements.txt)");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        tokio::time::timeout(T, out.read_line(&mut line))
+            .await
+            .expect("sink start")
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .unwrap_or_else(|| panic!("sink said {line:?}"))
+            .parse()
+            .unwrap();
+        Sink {
+            _child: child,
+            port,
+            dir,
+        }
+    }
+
+    pub fn route(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|json| {
+                let eml = json.with_extension("eml");
+                Received {
+                    bytes: std::fs::read(&eml).unwrap(),
+                    meta: serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap(),
+                    path: eml,
+                }
+            })
+            .collect()
+    }
+
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        mailsuite_testkit::eventually(T, &format!("{n} message(s) at the sink"), || async {
+            let m = self.messages();
+            (m.len() >= n).then_some(m)
+        })
+        .await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub return_path: String,
+    pub recipients: Vec<String>,
+    pub bytes: Vec<u8>,
+    pub key: String,
+}
+
+/// A stand-in for mailbox-store: hosts `local.test` with the given users.
+#[derive(Clone, Default)]
+pub struct FakeStore {
+    pub users: Arc<BTreeSet<String>>,
+    pub delivered: Arc<Mutex<Vec<Stored>>>,
+    keys: Arc<Mutex<HashMap<String, DeliverResponse>>>,
+}
+
+pub const HOSTED: &str = "local.test";
+
+impl FakeStore {
+    pub async fn start(users: &[&str], shutdown: &Shutdown) -> (FakeStore, String) {
+        let store = FakeStore {
+            users: Arc::new(users.iter().map(|u| u.to_string()).collect()),
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = store.clone();
+        let sd = shutdown.clone();
+        shutdown.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(DirectoryServer::new(s.clone()))
+                .add_service(DeliveryServer::new(s))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { sd.stopping().await },
+                )
+                .await
+                .unwrap();
+        });
+        (store, format!("http://{addr}"))
+    }
+
+    pub fn stored(&self) -> Vec<Stored> {
+        self.delivered.lock().unwrap().clone()
+    }
+
+    fn is_hosted(addr: &str) -> bool {
+        addr.rsplit_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(HOSTED))
+    }
+}
+
+#[tonic::async_trait]
+impl Directory for FakeStore {
+    async fn resolve(
+        &self,
+        r: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let a = r.into_inner().address.to_ascii_lowercase();
+        let kind = if !Self::is_hosted(&a) {
+            AddressKind::Remote
+        } else if self.users.contains(&a) {
+            AddressKind::Account
+        } else {
+            AddressKind::Unknown
+        };
+        Ok(Response::new(ResolveResponse {
+            kind: kind as i32,
+            canonical: a,
+            ..Default::default()
+        }))
+    }
+    async fn authenticate(
+        &self,
+        _: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn expand(&self, _: Request<ExpandRequest>) -> Result<Response<ExpandResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn check_sender(
+        &self,
+        _: Request<CheckSenderRequest>,
+    ) -> Result<Response<CheckSenderResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+#[tonic::async_trait]
+impl Delivery for FakeStore {
+    async fn deliver(
+        &self,
+        r: Request<Streaming<DeliverChunk>>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let mut s = r.into_inner();
+        let Some(DeliverChunk {
+            part: Some(deliver_chunk::Part::Header(h)),
+        }) = s.message().await?
+        else {
+            return Err(Status::invalid_argument("header first"));
+        };
+        let mut bytes = Vec::new();
+        while let Some(c) = s.message().await? {
+            if let Some(deliver_chunk::Part::Data(d)) = c.part {
+                bytes.extend_from_slice(&d);
+            }
+        }
+        if let Some(first) = self.keys.lock().unwrap().get(&h.idempotency_key) {
+            let mut again = first.clone();
+            again.duplicate = true;
+            return Ok(Response::new(again));
+        }
+        let mut results = Vec::new();
+        let mut accepted = Vec::new();
+        for rcpt in &h.recipients {
+            let known = self.users.contains(&rcpt.to_ascii_lowercase());
+            results.push(RecipientResult {
+                recipient: rcpt.clone(),
+                status: if known {
+                    RecipientStatus::Delivered
+                } else {
+                    RecipientStatus::Unknown
+                } as i32,
+                delivered_to: if known { vec![rcpt.clone()] } else { vec![] },
+                remote_targets: vec![],
+            });
+            if known {
+                accepted.push(rcpt.clone());
+            }
+        }
+        if !accepted.is_empty() {
+            self.delivered.lock().unwrap().push(Stored {
+                return_path: h.return_path.clone(),
+                recipients: accepted,
+                bytes: bytes.clone(),
+                key: h.idempotency_key.clone(),
+            });
+        }
+        let resp = DeliverResponse {
+            results,
+            size: bytes.len() as u64,
+            ..Default::default()
+        };
+        self.keys
+            .lock()
+            .unwrap()
+            .insert(h.idempotency_key.clone(), resp.clone());
+        Ok(Response::new(resp))
+    }
+}
+
+/// A configuration for tests: loopback, short timers, no store-side DKIM keys.
+pub fn config(database_url: &str, store_url: &str) -> Config {
+    let mut c = Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: "127.0.0.1:0".into(),
+        database_url: database_url.into(),
+        store_url: store_url.into(),
+        hostname: "mx.local.test".into(),
+        migrate_on_start: false,
+        dkim_from_store: false,
+        ..Default::default()
+    };
+    c.workers.count = 2;
+    c.workers.poll_interval_ms = 200;
+    c.workers.lease_secs = 30;
+    c.retry.schedule_secs = vec![1];
+    c.timeouts.connect = 5;
+    c.timeouts.greeting = 10;
+    c.timeouts.ehlo = 10;
+    c.timeouts.starttls = 10;
+    c.timeouts.mail = 10;
+    c.timeouts.rcpt = 10;
+    c.timeouts.data_init = 10;
+    c.timeouts.data_block = 10;
+    c.timeouts.data_term = 10;
+    c.timeouts.rpc = 10;
+    c
+}
+
+pub async fn client(addr: SocketAddr) -> QueueClient<tonic::transport::Channel> {
+    QueueClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+pub fn rcpt(a: &str) -> EnvelopeRecipient {
+    EnvelopeRecipient {
+        address: a.into(),
+        notify: vec![],
+        orcpt: String::new(),
+    }
+}
+
+pub fn header(key: &str, from: &str, to: &[&str]) -> EnqueueHeader {
+    EnqueueHeader {
+        idempotency_key: key.into(),
+        return_path: from.into(),
+        recipients: to.iter().map(|a| rcpt(a)).collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn enqueue(addr: SocketAddr, h: EnqueueHeader, body: &[u8]) -> EnqueueResponse {
+    let mut chunks = vec![EnqueueChunk {
+        part: Some(enqueue_chunk::Part::Header(h)),
+    }];
+    for c in body.chunks(1000) {
+        chunks.push(EnqueueChunk {
+            part: Some(enqueue_chunk::Part::Data(c.to_vec())),
+        });
+    }
+    client(addr)
+        .await
+        .enqueue(tokio_stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn message(from: &str, to: &str, subject: &str, id: &str) -> Vec<u8> {
+    format!(
+        "From: Alice <{from}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nDate: Sat, 28 Nov 2026 01:00:00 +0000\r\nMessage-ID: <{id}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello Bob,\r\n.a line starting with a dot\r\n\r\n-- \r\nAlice\r\n"
+    )
+    .into_bytes()
+}
+
+/// Run a Python script from tests/py; returns its stdout, panicking with its output on failure.
+pub fn run_py(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg(py(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script} failed: {text}");
+    text
+}
+
+/// The state names of a message's recipients, from the database.
+pub async fn states(pool: &sqlx::PgPool, queue_id: &str) -> Vec<(String, String, i32)> {
+    sqlx::query_as(
+        "SELECT address, state, attempts FROM relay.recipients WHERE message_id = $1::uuid ORDER BY id",
+    )
+    .bind(queue_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}

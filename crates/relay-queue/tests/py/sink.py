@@ -1,0 +1,78 @@
+"""An independent SMTP server (aiosmtpd) that stores what it receives, for relay-queue tests.
+
+usage: sink.py OUTDIR [--tempfail-first N] [--reject ADDR]... [--tls CERT KEY]
+
+Prints "PORT <n>" once listening. Each accepted message becomes OUTDIR/<n>.eml (the bytes as
+received, after dot-unstuffing) and OUTDIR/<n>.json (envelope and session facts), written
+atomically so a test polling the directory never sees half a file.
+"""
+import argparse
+import asyncio
+import json
+import os
+import ssl
+
+from aiosmtpd.smtp import SMTP
+
+
+class Handler:
+    def __init__(self, outdir, tempfail_first, reject):
+        self.outdir = outdir
+        self.tempfail_left = tempfail_first
+        self.reject = {a.lower() for a in reject}
+        self.seq = 0
+        self.data_commands = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.reject:
+            return "550 5.1.1 <%s>: no such user here" % address
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_commands += 1
+        if self.tempfail_left > 0:
+            self.tempfail_left -= 1
+            return "451 4.3.0 sink says: try again later"
+        self.seq += 1
+        base = os.path.join(self.outdir, "%06d" % self.seq)
+        meta = {
+            "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
+            "rcpt_tos": envelope.rcpt_tos,
+            "rcpt_options": envelope.rcpt_options,
+            "tls": session.ssl is not None,
+            "helo": session.host_name,
+            "data_commands": self.data_commands,
+        }
+        for ext, data in ((".eml", envelope.original_content), (".json", json.dumps(meta).encode())):
+            with open(base + ext + ".tmp", "wb") as f:
+                f.write(data)
+            os.rename(base + ext + ".tmp", base + ext)
+        return "250 2.0.0 OK queued as %d" % self.seq
+
+
+async def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("outdir")
+    p.add_argument("--tempfail-first", type=int, default=0)
+    p.add_argument("--reject", action="append", default=[])
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    a = p.parse_args()
+    ctx = None
+    if a.tls:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(a.tls[0], a.tls[1])
+    handler = Handler(a.outdir, a.tempfail_first, a.reject)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=True,
+                     decode_data=False, tls_context=ctx, require_starttls=False),
+        "127.0.0.1", 0)
+    print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
+    # The test kills us when it is done.
+    await server.serve_forever()
+
+
+asyncio.run(main())
