@@ -16,14 +16,115 @@ fn compose_file() -> Value {
     yaml::load_one(&repo_root().join("docker-compose.yml")).unwrap()
 }
 
-/// The drain period each service's `main` gives `Shutdown::drain`.
-const DRAIN_SECONDS: u64 = 30;
+/// The longest drain period a service's `main` gives `Shutdown::drain`, read from the code.
+fn drain_seconds() -> u64 {
+    SERVICES
+        .iter()
+        .map(|s| {
+            let main = repo_root().join("crates").join(s.name).join("src/main.rs");
+            let text = std::fs::read_to_string(&main).unwrap();
+            workspace::drain_seconds(&text).unwrap_or_else(|| {
+                panic!(
+                    "{}: no drain(Duration::from_secs(..)) found",
+                    main.display()
+                )
+            })
+        })
+        .max()
+        .unwrap()
+}
 
 fn expect(pinned: bool) -> Expect {
     Expect {
-        drain_seconds: DRAIN_SECONDS,
+        drain_seconds: drain_seconds(),
         pinned_images: pinned,
     }
+}
+
+/// `45s`, `1m30s` → seconds.
+fn compose_duration(s: &str) -> u64 {
+    let mut total = 0;
+    let mut n = 0;
+    for c in s.chars() {
+        match c {
+            '0'..='9' => n = n * 10 + u64::from(c.to_digit(10).unwrap()),
+            'h' => (total, n) = (total + n * 3600, 0),
+            'm' => (total, n) = (total + n * 60, 0),
+            's' => (total, n) = (total + n, 0),
+            _ => panic!("unexpected duration {s}"),
+        }
+    }
+    total + n
+}
+
+#[test]
+fn stop_grace_covers_the_drain_period() {
+    let drain = drain_seconds();
+    assert!(drain >= 10, "the services drain for {drain}s");
+    let c = compose_file();
+    for s in SERVICES {
+        let grace = c["services"][s.name]["stop_grace_period"]
+            .as_str()
+            .map(compose_duration)
+            .unwrap_or(10);
+        assert!(
+            grace > drain,
+            "{}: stop_grace_period {grace}s <= drain {drain}s",
+            s.name
+        );
+    }
+    assert_eq!(compose_duration("1m30s"), 90);
+}
+
+/// Every MAILSUITE_* variable the deploy files set is a configuration key some service has
+/// (or one of the few process-level switches), so a typo cannot be silently ignored.
+#[test]
+fn environment_variables_name_real_settings() {
+    let keys = workspace::config_keys(&repo_root()).unwrap();
+    for k in [
+        "hostname",
+        "store_url",
+        "queue_url",
+        "tls",
+        "cert",
+        "key",
+        "limits",
+    ] {
+        assert!(keys.contains(k), "config key {k} not found in {keys:?}");
+    }
+    let process_level = ["log", "log_json", "config"];
+    let check = |origin: &str, vars: Vec<String>| {
+        assert!(!vars.is_empty(), "{origin}: no variables");
+        for var in vars {
+            let Some(rest) = var.strip_prefix("MAILSUITE_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let path: Vec<&str> = rest.split("__").collect();
+            let ok = process_level.contains(&rest.as_str())
+                || path.iter().all(|seg| keys.contains(*seg));
+            assert!(ok, "{origin}: {var} sets no known configuration key");
+        }
+    };
+    let c = compose_file();
+    for s in SERVICES {
+        let env = c["services"][s.name]["environment"].as_object().unwrap();
+        check(
+            &format!("compose {}", s.name),
+            env.keys().cloned().collect(),
+        );
+    }
+    for overlay in ["base", "overlays/dev", "overlays/production"] {
+        let objs = render(overlay);
+        let cm = objs.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+        check(
+            overlay,
+            cm["data"].as_object().unwrap().keys().cloned().collect(),
+        );
+    }
+    // The check has teeth.
+    let typo = std::panic::catch_unwind(|| check("typo", vec!["MAILSUITE_HOSTNAMES".into()]));
+    assert!(typo.is_err());
 }
 
 fn assert_clean(what: &str, problems: Vec<String>) {
