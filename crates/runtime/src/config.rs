@@ -245,7 +245,9 @@ mod tests {
 
     #[test]
     fn precedence_flag_over_env_over_file_over_default() {
-        let f = file("listen = \"file:1\"\nmax_connections = 7\nhostname = \"file.host\"\n[tls]\ncert = \"file.pem\"\n");
+        let f = file(
+            "listen = \"file:1\"\nmax_connections = 7\nhostname = \"file.host\"\n[tls]\ncert = \"file.pem\"\n",
+        );
         let env: HashMap<String, String> = [
             ("MAILSUITE_LISTEN", "env:2"),
             ("MAILSUITE_MAX_CONNECTIONS", "8"),

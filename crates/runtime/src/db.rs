@@ -13,7 +13,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 /// acknowledged message must survive a crash.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     let opts: PgConnectOptions = url.parse()?;
-    let opts = opts.application_name("mailsuite").disable_statement_logging();
+    let opts = opts
+        .application_name("mailsuite")
+        .disable_statement_logging();
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))

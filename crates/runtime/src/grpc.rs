@@ -164,9 +164,9 @@ pub fn incoming(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStr
 
 /// Bind a gRPC listener, naming the address in the error.
 pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-    })?;
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     let a = l.local_addr()?;
     Ok((l, a))
 }

@@ -80,9 +80,9 @@ pub struct LimitedListener {
 
 impl LimitedListener {
     pub async fn bind(addr: &str, limits: ConnLimits) -> std::io::Result<Self> {
-        let inner = TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-        })?;
+        let inner = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         Ok(Self::from_listener(inner, limits))
     }
 

@@ -50,11 +50,7 @@ impl Ops {
             "/healthz" | "/livez" => (200, "text/plain", "ok\n".into()),
             "/readyz" if self.is_ready() => (200, "text/plain", "ready\n".into()),
             "/readyz" => (503, "text/plain", "not ready\n".into()),
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                (self.metrics)(),
-            ),
+            "/metrics" => (200, "text/plain; version=0.0.4", (self.metrics)()),
             _ => (404, "text/plain", "not found\n".into()),
         }
     }
@@ -131,7 +127,9 @@ mod tests {
         let sd = Shutdown::new();
         let task = tokio::spawn(ops.clone().serve(l, sd.clone()));
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = String::new();
         c.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");

@@ -89,7 +89,9 @@ fn run(step: &str, mut c: Command) -> Result<(), PgError> {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A private cluster in `dir`, created if needed and started if not running. Returns a
@@ -121,9 +123,14 @@ impl PrivateCluster {
         }
         if !data.join("PG_VERSION").exists() {
             let mut c = pg_command(&bindir, "initdb", as_postgres);
-            c.arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+            c.arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
             run("initdb", c)?;
         }
         let port = match std::fs::read_to_string(&port_file)

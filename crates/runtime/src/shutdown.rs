@@ -66,7 +66,9 @@ impl Shutdown {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.trigger();
         self.tracker.close();
-        let clean = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        let clean = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
         if !clean {
             self.force.cancel();
             self.tracker.wait().await;

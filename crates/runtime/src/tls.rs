@@ -87,7 +87,11 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let (certs, key) = if cfg.cert.is_empty() {
         self_signed(&cfg.self_signed_names)?
     } else {
-        let key_path = if cfg.key.is_empty() { &cfg.cert } else { &cfg.key };
+        let key_path = if cfg.key.is_empty() {
+            &cfg.cert
+        } else {
+            &cfg.key
+        };
         (
             load_certs(Path::new(&cfg.cert))?,
             load_key(Path::new(key_path))?,
@@ -100,9 +104,7 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 /// A client configuration trusting exactly the given PEM roots.
-pub fn client_config_with_roots(
-    roots_pem: &Path,
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config_with_roots(roots_pem: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(roots_pem)? {
