@@ -78,3 +78,456 @@ async fn deliver_then_select_fetch_and_read_back() {
     }
     s.shutdown.drain(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_deliveries_get_distinct_gap_free_uids() {
+    let s = store().await;
+    let alice = s.account("alice@example.test").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut d = s.delivery().await;
+        tasks.push(tokio::spawn(async move {
+            let raw = message(&format!("m{i}"), &format!("message number {i}"));
+            deliver(&mut d, &format!("key-{i}"), &["alice@example.test"], &raw)
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+    }
+    let mut mb = s.mailbox().await;
+    let sel = mb
+        .select(SelectRequest {
+            account_id: alice,
+            name: "INBOX".into(),
+            read_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sel.uids, (1..=200).collect::<Vec<u32>>());
+    let info = sel.mailbox.unwrap();
+    assert_eq!(info.uidnext, 201);
+    // Each delivery got its own modseq, all distinct and above the initial one.
+    let metas = fetch_meta(&mut mb, alice, info.id, UidSet::all()).await;
+    let mut modseqs: Vec<u64> = metas.iter().map(|m| m.modseq).collect();
+    modseqs.sort_unstable();
+    modseqs.dedup();
+    assert_eq!(modseqs.len(), 200);
+    assert_eq!(info.highestmodseq, *modseqs.last().unwrap());
+    // UID order is commit order of the allocation: the modseq grows with the UID.
+    let by_uid: Vec<u64> = metas.iter().map(|m| m.modseq).collect();
+    assert!(by_uid.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_message_to_fifty_recipients_is_stored_once() {
+    let s = store().await;
+    let mut rcpts = Vec::new();
+    for i in 0..50 {
+        let a = format!("user{i}@example.test");
+        s.account(&a).await;
+        rcpts.push(a);
+    }
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let raw = message("to everyone", "one copy only");
+    let mut d = s.delivery().await;
+    let mut h = DeliverHeader {
+        idempotency_key: "fifty".into(),
+        return_path: "sender@remote.test".into(),
+        recipients: refs.iter().map(|s| s.to_string()).collect(),
+        add_delivery_headers: true,
+        ..Default::default()
+    };
+    h.size_hint = raw.len() as u64;
+    let r = d
+        .deliver(tokio_stream::iter(chunks(h, &raw)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.results
+            .iter()
+            .all(|x| x.status == RecipientStatus::Delivered as i32)
+    );
+    let blobs: i64 = sqlx::query_scalar("SELECT count(*) FROM mailbox.blobs")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let refcount: i64 = sqlx::query_scalar("SELECT refcount FROM mailbox.blobs")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM mailbox.messages")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!((blobs, refcount, entries), (1, 50, 50));
+
+    // Each copy still reads back with its own trace fields in front.
+    let user7 = sqlx::query_scalar::<_, i64>(
+        "SELECT id FROM mailbox.accounts WHERE address = 'user7@example.test'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    let inbox = s.inbox(user7).await;
+    let mut mb = s.mailbox().await;
+    let got = fetch_section(&mut mb, user7, inbox, 1, full())
+        .await
+        .unwrap();
+    let expect_prefix =
+        b"Return-Path: <sender@remote.test>\r\nDelivered-To: user7@example.test\r\n";
+    assert!(
+        got.starts_with(expect_prefix),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(&got[expect_prefix.len()..], &raw[..]);
+    let meta = fetch_meta(&mut mb, user7, inbox, UidSet::all()).await;
+    assert_eq!(meta[0].size, got.len() as u64);
+    // The structure is shifted by the prefix: the body still slices correctly.
+    let text = fetch_section(
+        &mut mb,
+        user7,
+        inbox,
+        1,
+        Section {
+            part: vec![1],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(text, b"one copy only\r\n");
+    let hdr = fetch_section(
+        &mut mb,
+        user7,
+        inbox,
+        1,
+        Section {
+            kind: SectionKind::Header as i32,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(hdr.starts_with(b"Return-Path:") && hdr.ends_with(b"\r\n\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retried_delivery_with_same_key_creates_nothing() {
+    let s = store().await;
+    s.account("alice@example.test").await;
+    let mut d = s.delivery().await;
+    let raw = message("once", "only once");
+    let first = deliver(&mut d, "same-key", &["alice@example.test"], &raw)
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    // Concurrent retries too.
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let mut d = s.delivery().await;
+        let raw = raw.clone();
+        tasks.push(tokio::spawn(async move {
+            deliver(&mut d, "same-key", &["alice@example.test"], &raw)
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        let again = t.await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.results, first.results);
+        assert_eq!(again.blob_id, first.blob_id);
+    }
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM mailbox.messages")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(entries, 1);
+    let other = deliver(&mut d, "other-key", &["alice@example.test"], &raw)
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM mailbox.messages")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(entries, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_message_round_trips_and_parts_are_sliced() {
+    let s = store().await;
+    let alice = s.account("alice@example.test").await;
+    // 25 MB: a text part and a large base64 attachment.
+    let mut raw = Vec::new();
+    raw.extend_from_slice(b"From: a@remote.test\r\nSubject: big\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n--BB\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+    let line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n";
+    let att_start = raw.len();
+    while raw.len() < 25 * 1024 * 1024 {
+        raw.extend_from_slice(line);
+    }
+    let att_end = raw.len() - 2;
+    raw.extend_from_slice(b"--BB--\r\n");
+    let mut d = s.delivery().await;
+    d = d.max_encoding_message_size(1024 * 1024);
+    let r = deliver(&mut d, "big", &["alice@example.test"], &raw)
+        .await
+        .unwrap();
+    assert_eq!(r.size, raw.len() as u64);
+    let inbox = s.inbox(alice).await;
+    let mut mb = s.mailbox().await;
+    let got = fetch_section(&mut mb, alice, inbox, 1, full())
+        .await
+        .unwrap();
+    assert!(got == raw, "25 MB message differs after the round trip");
+    let meta = fetch_meta(&mut mb, alice, inbox, UidSet::all()).await;
+    let bs = meta[0].body_structure.clone().unwrap();
+    assert_eq!(bs.parts[1].body_start as usize, att_start);
+    assert_eq!(bs.parts[1].body_end as usize, att_end);
+    let text = fetch_section(
+        &mut mb,
+        alice,
+        inbox,
+        1,
+        Section {
+            part: vec![1],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(text, b"see attachment");
+    let part = fetch_section(
+        &mut mb,
+        alice,
+        inbox,
+        1,
+        Section {
+            part: vec![2],
+            has_partial: true,
+            offset: 1000,
+            length: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(part, &raw[att_start + 1000..att_start + 1100]);
+    // BINARY: the decoded attachment.
+    let decoded = fetch_section(
+        &mut mb,
+        alice,
+        inbox,
+        1,
+        Section {
+            part: vec![2],
+            decode: true,
+            has_partial: true,
+            offset: 0,
+            length: 26,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(decoded, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crlf_conversion_and_missing_sections() {
+    let s = store().await;
+    let alice = s.account("alice@example.test").await;
+    let mut d = s.delivery().await;
+    let raw = b"Subject: lf\nFrom: a@remote.test\n\nline1\nline2\n".to_vec();
+    deliver(&mut d, "lf", &["alice@example.test"], &raw)
+        .await
+        .unwrap();
+    let inbox = s.inbox(alice).await;
+    let mut mb = s.mailbox().await;
+    let got = fetch_section(
+        &mut mb,
+        alice,
+        inbox,
+        1,
+        Section {
+            crlf: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        b"Subject: lf\r\nFrom: a@remote.test\r\n\r\nline1\r\nline2\r\n"
+    );
+    assert_eq!(
+        fetch_section(
+            &mut mb,
+            alice,
+            inbox,
+            1,
+            Section {
+                part: vec![3],
+                ..Default::default()
+            }
+        )
+        .await,
+        None
+    );
+    let fields = fetch_section(
+        &mut mb,
+        alice,
+        inbox,
+        1,
+        Section {
+            kind: SectionKind::HeaderFields as i32,
+            fields: vec!["FROM".into()],
+            crlf: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(fields, b"From: a@remote.test\r\n\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_is_enforced() {
+    let s = store().await;
+    let mut admin = s.admin().await;
+    admin
+        .add_domain(AddDomainRequest {
+            name: "example.test".into(),
+            catch_all: String::new(),
+        })
+        .await
+        .unwrap();
+    let small = admin
+        .add_account(AddAccountRequest {
+            address: "small@example.test".into(),
+            password: "pw".into(),
+            quota_bytes: 1000,
+            quota_messages: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.account("big@example.test").await;
+    let mut d = s.delivery().await;
+    let m = message("fits", &"x".repeat(300));
+    let r = deliver(&mut d, "q1", &["small@example.test"], &m)
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+    let r = deliver(&mut d, "q2", &["small@example.test"], &m)
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+    // The third would pass 1000 bytes: refused for this recipient, others still get it.
+    let r = deliver(
+        &mut d,
+        "q3",
+        &["small@example.test", "big@example.test"],
+        &m,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.results[0].status, RecipientStatus::OverQuota as i32);
+    assert_eq!(r.results[1].status, RecipientStatus::Delivered as i32);
+    // Alone, it is a distinct error: temporary (452) since the message fits an empty box.
+    let err = deliver(&mut d, "q4", &["small@example.test"], &m)
+        .await
+        .unwrap_err();
+    let se = mailsuite_runtime::ServiceError::from(err);
+    assert!(
+        matches!(
+            se,
+            mailsuite_runtime::ServiceError::OverQuota {
+                permanent: false,
+                ..
+            }
+        ),
+        "{se:?}"
+    );
+    // Larger than the whole quota: permanent (552).
+    let huge = message("huge", &"y".repeat(2000));
+    let err = deliver(&mut d, "q5", &["small@example.test"], &huge)
+        .await
+        .unwrap_err();
+    let se = mailsuite_runtime::ServiceError::from(err);
+    assert!(
+        matches!(
+            se,
+            mailsuite_runtime::ServiceError::OverQuota {
+                permanent: true,
+                ..
+            }
+        ),
+        "{se:?}"
+    );
+
+    let mut mb = s.mailbox().await;
+    let q = mb
+        .get_quota(GetQuotaRequest {
+            account_id: small.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.used_messages, 2);
+    assert_eq!(q.used_bytes, 2 * m.len() as u64);
+    assert_eq!(q.limit_bytes, 1000);
+    // Resolve reports it for an early 452 at RCPT time... only once full.
+    let mut dir = s.directory().await;
+    let res = dir
+        .resolve(ResolveRequest {
+            address: "small@example.test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!res.over_quota);
+    // Append is bound by the same quota.
+    let inbox = s.inbox(small.id).await;
+    let mut v = vec![AppendChunk {
+        part: Some(append_chunk::Part::Header(AppendHeader {
+            account_id: small.id,
+            mailbox: "INBOX".into(),
+            ..Default::default()
+        })),
+    }];
+    v.push(AppendChunk {
+        part: Some(append_chunk::Part::Data(m.clone())),
+    });
+    let err = mb.append(tokio_stream::iter(v)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    // Expunging frees the space again.
+    mb.store_flags(StoreFlagsRequest {
+        account_id: small.id,
+        mailbox_id: inbox,
+        uids: Some(UidSet::from_uids([1])),
+        mode: StoreMode::Add as i32,
+        flags: vec!["\\Deleted".into()],
+        unchanged_since: 0,
+    })
+    .await
+    .unwrap();
+    mb.expunge(ExpungeRequest {
+        account_id: small.id,
+        mailbox_id: inbox,
+        uids: None,
+    })
+    .await
+    .unwrap();
+    let r = deliver(&mut d, "q6", &["small@example.test"], &m)
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+}

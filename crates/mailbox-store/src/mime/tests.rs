@@ -1,1 +1,406 @@
+//! A hand-written MIME corpus. Expected values were worked out by hand from RFC 9051 §7.5.2
+//! (BODYSTRUCTURE: type, subtype, parameters, id, description, encoding, size in octets of
+//! the body as transferred, lines for TEXT and MESSAGE/RFC822; ENVELOPE: date, subject, from,
+//! sender, reply-to, to, cc, bcc, in-reply-to, message-id, with sender and reply-to defaulting
+//! to from) and RFC 2045 §5.2 (absent or invalid Content-Type = text/plain; charset=us-ascii).
 
+use super::*;
+use mailsuite_proto::SectionKind;
+
+fn s(b: &Option<Vec<u8>>) -> Option<&str> {
+    b.as_deref().map(|v| std::str::from_utf8(v).unwrap())
+}
+
+fn t(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap()
+}
+
+fn params(p: &BodyPart) -> Vec<(String, String)> {
+    p.params
+        .iter()
+        .map(|x| (t(&x.name).to_ascii_uppercase(), t(&x.value).to_string()))
+        .collect()
+}
+
+fn slice<'a>(raw: &'a [u8], p: &BodyPart) -> &'a str {
+    t(&raw[p.body_start as usize..p.body_end as usize])
+}
+
+fn kind(p: &BodyPart) -> (String, String) {
+    (
+        t(&p.media_type).to_ascii_uppercase(),
+        t(&p.media_subtype).to_ascii_uppercase(),
+    )
+}
+
+#[test]
+fn no_mime_message_is_text_plain_us_ascii() {
+    let raw = b"From: a@b.test\r\nSubject: plain\r\n\r\nline one\r\nline two\r\n";
+    let p = parse(raw);
+    let b = &p.body;
+    assert_eq!(kind(b), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(params(b), vec![("CHARSET".into(), "US-ASCII".into())]);
+    assert_eq!(t(&b.encoding).to_ascii_uppercase(), "7BIT");
+    assert_eq!(b.size, 20);
+    assert_eq!(b.lines, 2);
+    assert_eq!(slice(raw, b), "line one\r\nline two\r\n");
+    assert_eq!(b.header_start, 0);
+    assert_eq!(b.body_start, 34);
+    assert!(b.parts.is_empty());
+    assert_eq!(s(&p.envelope.subject), Some("plain"));
+}
+
+#[test]
+fn envelope_fields_and_defaults() {
+    let raw = concat!(
+        "Date: Wed, 17 Jul 1996 02:23:25 -0700 (PDT)\r\n",
+        "From: Terry Gray <gray@cac.washington.edu>\r\n",
+        "Subject: =?iso-8859-1?q?IMAP4rev2_caf=E9?=\r\n",
+        "To: imap@cac.washington.edu, \"Ann\" <ann@x.test>\r\n",
+        "Cc: minutes@CNRI.Reston.VA.US,\r\n John Klensin <KLENSIN@MIT.EDU>\r\n",
+        "Bcc: Team: a@t.test, b@t.test;\r\n",
+        "In-Reply-To: <parent@x.test>\r\n",
+        "Message-Id: <B27397-0100000@cac.washington.edu>\r\n",
+        "\r\n",
+        "body\r\n"
+    )
+    .as_bytes();
+    let e = parse(raw).envelope;
+    assert_eq!(s(&e.date), Some("Wed, 17 Jul 1996 02:23:25 -0700 (PDT)"));
+    // The subject is given as it is in the header (RFC 2047 left to the client).
+    assert_eq!(s(&e.subject), Some("=?iso-8859-1?q?IMAP4rev2_caf=E9?="));
+    assert_eq!(e.from.len(), 1);
+    assert_eq!(s(&e.from[0].name), Some("Terry Gray"));
+    assert_eq!(s(&e.from[0].mailbox), Some("gray"));
+    assert_eq!(s(&e.from[0].host), Some("cac.washington.edu"));
+    assert_eq!(e.from[0].adl, None);
+    // Sender and Reply-To absent: both equal From.
+    assert_eq!(e.sender, e.from);
+    assert_eq!(e.reply_to, e.from);
+    assert_eq!(e.to.len(), 2);
+    assert_eq!(e.to[0].name, None);
+    assert_eq!(s(&e.to[0].mailbox), Some("imap"));
+    assert_eq!(s(&e.to[1].name), Some("Ann"));
+    assert_eq!(e.cc.len(), 2);
+    assert_eq!(s(&e.cc[1].name), Some("John Klensin"));
+    assert_eq!(s(&e.cc[1].mailbox), Some("KLENSIN"));
+    assert_eq!(s(&e.cc[1].host), Some("MIT.EDU"));
+    // A group: start marker (NIL NIL "Team" NIL), members, end marker (NIL NIL NIL NIL).
+    assert_eq!(e.bcc.len(), 4);
+    assert_eq!(s(&e.bcc[0].mailbox), Some("Team"));
+    assert_eq!(e.bcc[0].host, None);
+    assert_eq!(s(&e.bcc[1].mailbox), Some("a"));
+    assert_eq!(e.bcc[3], EnvelopeAddress::default());
+    assert_eq!(s(&e.in_reply_to), Some("<parent@x.test>"));
+    assert_eq!(
+        s(&e.message_id),
+        Some("<B27397-0100000@cac.washington.edu>")
+    );
+}
+
+#[test]
+fn non_ascii_display_name_is_rfc2047_encoded() {
+    let raw = "From: =?utf-8?q?J=C3=BCrgen?= <j@x.test>\r\nSender: s@x.test\r\nReply-To: r@x.test\r\n\r\nx".as_bytes();
+    let e = parse(raw).envelope;
+    let name = s(&e.from[0].name).unwrap().to_string();
+    assert!(name.starts_with("=?utf-8?b?"), "{name}");
+    assert_eq!(s(&e.sender[0].mailbox), Some("s"));
+    assert_eq!(s(&e.reply_to[0].mailbox), Some("r"));
+}
+
+const MIXED: &str = concat!(
+    "From: a@b.test\r\n",
+    "MIME-Version: 1.0\r\n",
+    "Content-Type: multipart/mixed; boundary=\"outer\"\r\n",
+    "\r\n",
+    "preamble\r\n",
+    "--outer\r\n",
+    "Content-Type: multipart/alternative; boundary=inner\r\n",
+    "\r\n",
+    "--inner\r\n",
+    "Content-Type: text/plain; charset=utf-8\r\n",
+    "Content-Transfer-Encoding: 8bit\r\n",
+    "\r\n",
+    "Grüße\r\n",
+    "--inner\r\n",
+    "Content-Type: text/html; charset=\"iso-8859-1\"\r\n",
+    "Content-Transfer-Encoding: quoted-printable\r\n",
+    "\r\n",
+    "<p>Gr=FC=DFe</p>\r\n",
+    "--inner--\r\n",
+    "--outer\r\n",
+    "Content-Type: application/pdf; name=\"=?utf-8?q?r=C3=A9sum=C3=A9.pdf?=\"\r\n",
+    "Content-Disposition: attachment; filename*=utf-8''%E2%82%AC%20rates.pdf\r\n",
+    "Content-Transfer-Encoding: base64\r\n",
+    "Content-ID: <pdf1@x.test>\r\n",
+    "Content-Description: the rates\r\n",
+    "Content-Language: en, de\r\n",
+    "\r\n",
+    "JVBERi0xLjQK\r\n",
+    "--outer\r\n",
+    "Content-Type: message/rfc822\r\n",
+    "\r\n",
+    "From: inner@x.test\r\n",
+    "Subject: forwarded\r\n",
+    "\r\n",
+    "inner body\r\n",
+    "two\r\n",
+    "--outer\r\n",
+    "\r\n",
+    "no content type here\r\n",
+    "--outer\r\n",
+    "Content-Type: application/octet-stream\r\n",
+    "Content-Transfer-Encoding: binary\r\n",
+    "\r\n",
+    "\x01\x02\x03\r\n",
+    "--outer--\r\n",
+    "epilogue\r\n"
+);
+
+#[test]
+fn nested_multipart_structure_and_offsets() {
+    let raw = MIXED.as_bytes();
+    let p = parse(raw);
+    let root = &p.body;
+    assert_eq!(kind(root), ("MULTIPART".into(), "MIXED".into()));
+    assert_eq!(params(root), vec![("BOUNDARY".into(), "outer".into())]);
+    assert_eq!(root.parts.len(), 5);
+
+    let alt = &root.parts[0];
+    assert_eq!(kind(alt), ("MULTIPART".into(), "ALTERNATIVE".into()));
+    assert_eq!(alt.parts.len(), 2);
+    let plain = &alt.parts[0];
+    assert_eq!(kind(plain), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(params(plain), vec![("CHARSET".into(), "utf-8".into())]);
+    assert_eq!(t(&plain.encoding).to_ascii_uppercase(), "8BIT");
+    // The CRLF before a boundary belongs to the boundary (RFC 2046 §5.1.1).
+    assert_eq!(slice(raw, plain), "Grüße");
+    assert_eq!(plain.size, "Grüße".len() as u64);
+    assert_eq!(plain.lines, 0);
+    assert_eq!(
+        t(&raw[plain.header_start as usize..plain.body_start as usize]),
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    );
+    let html = &alt.parts[1];
+    assert_eq!(kind(html), ("TEXT".into(), "HTML".into()));
+    assert_eq!(params(html), vec![("CHARSET".into(), "iso-8859-1".into())]);
+    assert_eq!(t(&html.encoding).to_ascii_uppercase(), "QUOTED-PRINTABLE");
+    assert_eq!(slice(raw, html), "<p>Gr=FC=DFe</p>");
+
+    let pdf = &root.parts[1];
+    assert_eq!(kind(pdf), ("APPLICATION".into(), "PDF".into()));
+    // RFC 2047 inside a parameter is decoded by the parser; non-ASCII goes out as RFC 2231.
+    assert_eq!(
+        params(pdf),
+        vec![("NAME*".into(), "utf-8''r%C3%A9sum%C3%A9.pdf".into())]
+    );
+    let disp = pdf.disposition.as_ref().unwrap();
+    assert_eq!(t(&disp.kind).to_ascii_lowercase(), "attachment");
+    assert_eq!(t(&disp.params[0].name), "filename*");
+    assert_eq!(t(&disp.params[0].value), "utf-8''%E2%82%AC%20rates.pdf");
+    assert_eq!(s(&pdf.id), Some("<pdf1@x.test>"));
+    assert_eq!(s(&pdf.description), Some("the rates"));
+    assert_eq!(pdf.language, vec![b"en".to_vec(), b"de".to_vec()]);
+    assert_eq!(t(&pdf.encoding).to_ascii_uppercase(), "BASE64");
+    assert_eq!(slice(raw, pdf), "JVBERi0xLjQK");
+    assert_eq!(pdf.size, 12);
+    assert_eq!(pdf.lines, 0, "lines only for TEXT and MESSAGE/RFC822");
+
+    let msg = &root.parts[2];
+    assert_eq!(kind(msg), ("MESSAGE".into(), "RFC822".into()));
+    assert_eq!(
+        slice(raw, msg),
+        "From: inner@x.test\r\nSubject: forwarded\r\n\r\ninner body\r\ntwo"
+    );
+    assert_eq!(msg.lines, 4);
+    let env = msg.envelope.as_ref().unwrap();
+    assert_eq!(s(&env.subject), Some("forwarded"));
+    assert_eq!(s(&env.from[0].mailbox), Some("inner"));
+    let inner = msg.message.as_ref().unwrap();
+    assert_eq!(kind(inner), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(slice(raw, inner), "inner body\r\ntwo");
+    assert_eq!(inner.header_start, msg.body_start);
+
+    let untyped = &root.parts[3];
+    assert_eq!(kind(untyped), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(params(untyped), vec![("CHARSET".into(), "US-ASCII".into())]);
+    assert_eq!(slice(raw, untyped), "no content type here");
+
+    let bin = &root.parts[4];
+    assert_eq!(kind(bin), ("APPLICATION".into(), "OCTET-STREAM".into()));
+    assert_eq!(t(&bin.encoding).to_ascii_uppercase(), "BINARY");
+    assert_eq!(bin.size, 3);
+
+    // Searchable text includes the decoded text parts and the nested message.
+    assert!(p.text.contains("Grüße"), "{}", p.text);
+    assert!(p.text.contains("inner body"));
+}
+
+#[test]
+fn sections_resolve_by_imap_part_numbers() {
+    let raw = MIXED.as_bytes();
+    let p = parse(raw);
+    let total = raw.len() as u64;
+    let get = |path: &[u32], k: SectionKind| match section_range(&p.body, total, path, k) {
+        SectionRange::Bytes { start, end, .. } => {
+            Some(t(&raw[start as usize..end as usize]).to_string())
+        }
+        SectionRange::Missing => None,
+    };
+    assert_eq!(get(&[], SectionKind::Full).unwrap(), MIXED);
+    assert!(
+        get(&[], SectionKind::Header)
+            .unwrap()
+            .ends_with("boundary=\"outer\"\r\n\r\n")
+    );
+    assert!(get(&[], SectionKind::Text).unwrap().starts_with("preamble"));
+    assert_eq!(get(&[1, 1], SectionKind::Full).unwrap(), "Grüße");
+    assert_eq!(get(&[1, 2], SectionKind::Full).unwrap(), "<p>Gr=FC=DFe</p>");
+    assert!(
+        get(&[1, 2], SectionKind::Mime)
+            .unwrap()
+            .starts_with("Content-Type: text/html")
+    );
+    assert_eq!(get(&[2], SectionKind::Full).unwrap(), "JVBERi0xLjQK");
+    assert_eq!(
+        get(&[3, 1], SectionKind::Full).unwrap(),
+        "inner body\r\ntwo"
+    );
+    assert_eq!(
+        get(&[3], SectionKind::Header).unwrap(),
+        "From: inner@x.test\r\nSubject: forwarded\r\n\r\n"
+    );
+    assert_eq!(get(&[3], SectionKind::Text).unwrap(), "inner body\r\ntwo");
+    assert_eq!(get(&[6], SectionKind::Full), None);
+    assert_eq!(get(&[2, 1], SectionKind::Full), None);
+    assert_eq!(
+        get(&[2], SectionKind::Header),
+        None,
+        "HEADER only for MESSAGE/RFC822"
+    );
+    assert_eq!(get(&[0], SectionKind::Full), None);
+
+    // A single-part message has exactly part 1: its body.
+    let single = b"Subject: x\r\n\r\nhello\r\n";
+    let ps = parse(single);
+    let r = section_range(&ps.body, single.len() as u64, &[1], SectionKind::Full);
+    assert!(
+        matches!(
+            r,
+            SectionRange::Bytes {
+                start: 14,
+                end: 21,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        section_range(&ps.body, 21, &[2], SectionKind::Full),
+        SectionRange::Missing
+    );
+}
+
+#[test]
+fn broken_content_type_falls_back_to_text_plain() {
+    let raw = b"Content-Type: garbage\r\n\r\nsome text\r\n";
+    let b = parse(raw).body;
+    assert_eq!(kind(&b), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(params(&b), vec![("CHARSET".into(), "US-ASCII".into())]);
+    assert_eq!(slice(raw, &b), "some text\r\n");
+}
+
+#[test]
+fn digest_parts_default_to_message_rfc822() {
+    let raw = concat!(
+        "Content-Type: multipart/digest; boundary=d\r\n",
+        "\r\n",
+        "--d\r\n",
+        "\r\n",
+        "Subject: one\r\n",
+        "\r\n",
+        "first\r\n",
+        "--d--\r\n"
+    )
+    .as_bytes();
+    let b = parse(raw).body;
+    assert_eq!(kind(&b), ("MULTIPART".into(), "DIGEST".into()));
+    assert_eq!(kind(&b.parts[0]), ("MESSAGE".into(), "RFC822".into()));
+}
+
+#[test]
+fn unterminated_multipart_and_garbage_never_panic() {
+    let cases: Vec<&[u8]> = vec![
+        b"",
+        b"\r\n",
+        b"no header at all",
+        b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nunterminated",
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary parameter\r\n",
+        b"Content-Type: message/rfc822\r\n\r\n",
+        b"Content-Type: text/plain; charset=\"unterminated\r\n\r\nbody",
+        b"\xff\xfe\x00binary\x00\r\n\r\n\x00\x01",
+        b"Subject: x\nFrom: bare-lf@x.test\n\nbare LF body\n",
+    ];
+    for raw in cases {
+        let p = parse(raw);
+        assert!(p.body.body_end as usize <= raw.len());
+        assert!(p.body.body_start <= p.body.body_end);
+        fn check(b: &BodyPart, len: u64) {
+            assert!(
+                b.header_start <= b.body_start && b.body_start <= b.body_end && b.body_end <= len
+            );
+            b.parts.iter().for_each(|c| check(c, len));
+            if let Some(m) = &b.message {
+                check(m, len);
+            }
+        }
+        check(&p.body, raw.len() as u64);
+    }
+}
+
+#[test]
+fn bare_lf_message_offsets() {
+    let raw = b"Subject: x\nFrom: a@b.test\n\nbody line\n";
+    let p = parse(raw);
+    assert_eq!(s(&p.envelope.subject), Some("x"));
+    assert_eq!(slice(raw, &p.body), "body line\n");
+    assert_eq!(p.body.lines, 1);
+}
+
+#[test]
+fn header_fields_filter_and_crlf() {
+    let block = b"Subject: a\r\nX-Long: one\r\n two\r\nFrom: f@x\r\n\r\n";
+    let only = filter_header_fields(block, &["subject".into(), "X-LONG".into()], true);
+    assert_eq!(t(&only), "Subject: a\r\nX-Long: one\r\n two\r\n\r\n");
+    let not = filter_header_fields(block, &["subject".into()], false);
+    assert_eq!(t(&not), "X-Long: one\r\n two\r\nFrom: f@x\r\n\r\n");
+    assert_eq!(to_crlf(b"a\nb\r\nc\n"), b"a\r\nb\r\nc\r\n");
+    assert_eq!(
+        decode_transfer(b"BASE64", b"aGVsbG8=\r\n").unwrap(),
+        b"hello"
+    );
+    assert_eq!(
+        decode_transfer(b"quoted-printable", b"caf=C3=A9").unwrap(),
+        "café".as_bytes()
+    );
+}
+
+#[test]
+fn encoded_message_rfc822_points_at_its_container() {
+    let raw = concat!(
+        "Content-Type: multipart/mixed; boundary=b\r\n",
+        "\r\n",
+        "--b\r\n",
+        "Content-Type: message/rfc822\r\n",
+        "Content-Transfer-Encoding: base64\r\n",
+        "\r\n",
+        "U3ViamVjdDogaW5uZXIKCmhlbGxvCg==\r\n",
+        "--b--\r\n"
+    )
+    .as_bytes();
+    let b = parse(raw).body;
+    let m = &b.parts[0];
+    assert_eq!(kind(m), ("MESSAGE".into(), "RFC822".into()));
+    let inner = m.message.as_ref().expect("described");
+    assert!(inner.body_start >= m.body_start && inner.body_end <= m.body_end);
+}
