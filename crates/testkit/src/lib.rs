@@ -26,3 +26,8 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[cfg(feature = "suite")]
+pub mod suite;
+#[cfg(feature = "suite")]
+pub use suite::TestSuite;

@@ -1,0 +1,247 @@
+//! Wiring every service together in one process over loopback gRPC.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use mailsuite_runtime::{Shutdown, pg};
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, Executor};
+
+/// `mailsuite up` configuration: one section per service, each the service's own config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    /// PostgreSQL URL; empty = localhost:5432, else a private cluster (see README).
+    pub database_url: String,
+    /// How long sessions may take to finish after Ctrl-C before they are closed.
+    pub grace_seconds: u64,
+    pub store: mailsuite_mailbox_store::Config,
+    pub queue: mailsuite_relay_queue::Config,
+    pub smtp: mailsuite_smtp_ingress::Config,
+    pub pop3: mailsuite_pop3_gateway::Config,
+    pub imap: mailsuite_imap_gateway::Config,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        let mut c = UpConfig {
+            database_url: String::new(),
+            grace_seconds: 10,
+            store: Default::default(),
+            queue: Default::default(),
+            smtp: Default::default(),
+            pop3: Default::default(),
+            imap: Default::default(),
+        };
+        // Unprivileged loopback ports, so a normal user can run the demo.
+        c.store.listen_grpc = "127.0.0.1:50051".into();
+        c.store.listen_ops = String::new();
+        c.queue.listen_grpc = "127.0.0.1:50052".into();
+        c.queue.listen_ops = String::new();
+        c.smtp.listen_smtp = "127.0.0.1:2525".into();
+        c.smtp.listen_submission = "127.0.0.1:2587".into();
+        c.smtp.listen_submissions = "127.0.0.1:2465".into();
+        c.smtp.listen_ops = String::new();
+        c.pop3.listen_pop3 = "127.0.0.1:2110".into();
+        c.pop3.listen_pop3s = "127.0.0.1:2995".into();
+        c.pop3.listen_ops = String::new();
+        c.imap.listen_imap = "127.0.0.1:2143".into();
+        c.imap.listen_imaps = "127.0.0.1:2993".into();
+        c.imap.listen_ops = String::new();
+        c
+    }
+}
+
+impl UpConfig {
+    /// Every listener on 127.0.0.1 port 0 (tests).
+    pub fn ephemeral() -> Self {
+        let mut c = UpConfig::default();
+        let any = "127.0.0.1:0".to_string();
+        c.store.listen_grpc = any.clone();
+        c.queue.listen_grpc = any.clone();
+        c.smtp.listen_smtp = any.clone();
+        c.smtp.listen_submission = any.clone();
+        c.smtp.listen_submissions = any.clone();
+        c.pop3.listen_pop3 = any.clone();
+        c.pop3.listen_pop3s = any.clone();
+        c.imap.listen_imap = any.clone();
+        c.imap.listen_imaps = any;
+        c
+    }
+}
+
+/// The database to use, creating the `mailsuite` database (and, failing everything else, a
+/// private cluster under `data_dir`) as needed. The cluster is returned so it can be stopped.
+pub async fn database(
+    cfg: &UpConfig,
+    data_dir: &Path,
+) -> Result<(String, Option<pg::PrivateCluster>)> {
+    if !cfg.database_url.is_empty() {
+        return Ok((cfg.database_url.clone(), None));
+    }
+    let (server, cluster) = if pg::port_open("127.0.0.1", 5432) {
+        ("postgres://postgres@127.0.0.1:5432/postgres".to_string(), None)
+    } else {
+        eprintln!(
+            "no PostgreSQL on 127.0.0.1:5432: using a private cluster in {}",
+            data_dir.join("postgres").display()
+        );
+        let c = pg::PrivateCluster::ensure(&data_dir.join("postgres"))?;
+        (c.url(), Some(c))
+    };
+    let mut admin = sqlx::PgConnection::connect(&server).await.with_context(|| {
+        format!("connecting to {server} (set DATABASE_URL to use another server or user)")
+    })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mailsuite')")
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        admin.execute("CREATE DATABASE mailsuite").await?;
+    }
+    let url = server.trim_end_matches("/postgres").to_string() + "/mailsuite";
+    Ok((url, cluster))
+}
+
+/// Addresses of everything that was started.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub database_url: String,
+    pub store: mailsuite_mailbox_store::Started,
+    pub queue: mailsuite_relay_queue::Started,
+    pub smtp: mailsuite_smtp_ingress::Started,
+    pub pop3: mailsuite_pop3_gateway::Started,
+    pub imap: mailsuite_imap_gateway::Started,
+}
+
+fn show(a: &Option<SocketAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+}
+
+impl Running {
+    pub fn store_url(&self) -> String {
+        format!("http://{}", self.store.grpc)
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let rows = [
+            ("SMTP (MX, port 25 role)", show(&self.smtp.smtp)),
+            ("submission (STARTTLS + AUTH)", show(&self.smtp.submission)),
+            ("submissions (implicit TLS)", show(&self.smtp.submissions)),
+            ("POP3 (STLS)", show(&self.pop3.pop3)),
+            ("POP3S", show(&self.pop3.pop3s)),
+            ("IMAP (STARTTLS)", show(&self.imap.imap)),
+            ("IMAPS", show(&self.imap.imaps)),
+            ("gRPC mailbox-store", self.store.grpc.to_string()),
+            ("gRPC relay-queue", show(&self.queue.grpc)),
+        ];
+        let _ = writeln!(t, "\nmailsuite is up.\n");
+        let _ = writeln!(t, "  {:<32} {}", "listener", "address");
+        for (name, addr) in rows {
+            let _ = writeln!(t, "  {name:<32} {addr}");
+        }
+        let _ = writeln!(t, "\n  database: {}", redact(&self.database_url));
+        let store = self.store_url();
+        let _ = writeln!(
+            t,
+            "\nAdd a domain and a user (in another terminal):\n\n  \
+             cargo run -p mailctl -- --store {store} domain add example.test\n  \
+             echo 'a good password' | cargo run -p mailctl -- --store {store} account add alice@example.test --password-stdin\n\n\
+             Then point a mail client at the IMAP/SMTP ports above (TLS uses a self-signed \
+             certificate unless tls.cert/tls.key are set). Ctrl-C stops everything."
+        );
+        t
+    }
+}
+
+fn redact(url: &str) -> String {
+    // postgres://user:secret@host → postgres://user:***@host
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Start every service; the gRPC clients point at the store and queue just bound.
+pub async fn start(mut cfg: UpConfig, database_url: &str, shutdown: Shutdown) -> Result<Running> {
+    cfg.store.database_url = database_url.to_string();
+    let store = mailsuite_mailbox_store::start(cfg.store, shutdown.clone())
+        .await
+        .context("starting mailbox-store")?;
+    let store_url = format!("http://{}", store.grpc);
+
+    cfg.queue.database_url = database_url.to_string();
+    cfg.queue.store_url = store_url.clone();
+    let queue = mailsuite_relay_queue::start(cfg.queue, shutdown.clone())
+        .await
+        .context("starting relay-queue")?;
+    let queue_addr = queue
+        .grpc
+        .context("relay-queue needs its gRPC listener (queue.listen_grpc) in mailsuite up")?;
+    let queue_url = format!("http://{queue_addr}");
+
+    cfg.smtp.store_url = store_url.clone();
+    cfg.smtp.queue_url = queue_url;
+    let smtp = mailsuite_smtp_ingress::start(cfg.smtp, shutdown.clone())
+        .await
+        .context("starting smtp-ingress")?;
+
+    cfg.pop3.store_url = store_url.clone();
+    let pop3 = mailsuite_pop3_gateway::start(cfg.pop3, shutdown.clone())
+        .await
+        .context("starting pop3-gateway")?;
+
+    cfg.imap.store_url = store_url;
+    let imap = mailsuite_imap_gateway::start(cfg.imap, shutdown.clone())
+        .await
+        .context("starting imap-gateway")?;
+
+    Ok(Running {
+        database_url: database_url.to_string(),
+        store,
+        queue,
+        smtp,
+        pop3,
+        imap,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn default_ports_are_unprivileged_loopback() {
+        let c = UpConfig::default();
+        for a in [
+            &c.smtp.listen_smtp,
+            &c.smtp.listen_submission,
+            &c.smtp.listen_submissions,
+            &c.pop3.listen_pop3,
+            &c.pop3.listen_pop3s,
+            &c.imap.listen_imap,
+            &c.imap.listen_imaps,
+        ] {
+            let addr: SocketAddr = a.parse().unwrap();
+            assert!(addr.ip().is_loopback() && addr.port() > 1024, "{a}");
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! `mailsuite up` as a user runs it: the real binary, its printed table of listeners, a real
+//! SMTP/POP3/IMAP greeting on each, and a clean exit on SIGINT.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailsuite_testkit::TestDb;
+
+fn greeting(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).expect("greeting");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_every_protocol_and_stops_on_sigint() {
+    let db = TestDb::new().await;
+    let any = "127.0.0.1:0";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailsuite"))
+        .arg("up")
+        .args(["--set", &format!("store.listen_grpc={any}")])
+        .args(["--set", &format!("queue.listen_grpc={any}")])
+        .args(["--set", &format!("smtp.listen_smtp={any}")])
+        .args(["--set", &format!("smtp.listen_submission={any}")])
+        .args(["--set", &format!("smtp.listen_submissions={any}")])
+        .args(["--set", &format!("pop3.listen_pop3={any}")])
+        .args(["--set", &format!("pop3.listen_pop3s={any}")])
+        .args(["--set", &format!("imap.listen_imap={any}")])
+        .args(["--set", &format!("imap.listen_imaps={any}")])
+        .env("DATABASE_URL", &db.url)
+        .env("MAILSUITE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mailsuite up");
+
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut table = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30).saturating_sub(started.elapsed()))
+            .expect("mailsuite up printed its table within 30 s");
+        let done = line.contains("Ctrl-C stops everything");
+        table.push(line);
+        if done {
+            break;
+        }
+    }
+    let addr_of = |label: &str| -> String {
+        table
+            .iter()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split_whitespace().last().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {label} row in {table:#?}"))
+    };
+    let smtp = addr_of("SMTP (MX");
+    let pop3 = addr_of("POP3 (STLS)");
+    let imap = addr_of("IMAP (STARTTLS)");
+    assert!(greeting(&smtp).starts_with("220 "), "SMTP greeting");
+    assert!(greeting(&pop3).starts_with("+OK"), "POP3 greeting");
+    assert!(greeting(&imap).starts_with("* OK"), "IMAP greeting");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "mailsuite up did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "clean exit on SIGINT: {exit:?}");
+    assert!(
+        std::net::TcpStream::connect(&smtp).is_err(),
+        "listeners closed after exit"
+    );
+}
