@@ -145,13 +145,6 @@ pub async fn put_blob(
     let parsed = tokio::task::spawn_blocking(move || mime::parse(&owned))
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
-    let subject = parsed
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "subject")
-        .map(|(_, v)| v.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
     let headers = serde_json::to_value(
         parsed
             .headers
@@ -164,7 +157,7 @@ pub async fn put_blob(
     sqlx::query(
         "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date, fts)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                 to_tsvector('simple', left($10 || ' ' || $8, 500000)))
+                 to_tsvector('simple', left($8, 500000)))
          ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount",
     )
     .bind(&id)
@@ -176,7 +169,6 @@ pub async fn put_blob(
     .bind(headers)
     .bind(strip_nul(&parsed.text))
     .bind(parsed.sent_date)
-    .bind(strip_nul(&subject))
     .execute(&mut *tx)
     .await?;
     Ok(id)
