@@ -15,6 +15,10 @@
 //! assert!(metrics::render_prometheus().contains("mailsuite_smtp_messages_received_total"));
 //! ```
 //!
+//! Shared instrumentation for the services: [`Session`] (active sessions per protocol, and
+//! TLS vs plaintext when a session ends), [`auth_failure`], [`db_timer`]; the gRPC layers in
+//! `crate::grpc` record `mailsuite_grpc_{server,client}_duration_seconds` themselves.
+//!
 //! Naming: Prometheus conventions (`mailsuite_<area>_<what>_<unit>`, counters end in
 //! `_total`). A histogram named `*_seconds` gets latency buckets (0.5 ms … 60 s), `*_bytes`
 //! gets size buckets (1 KiB … 64 MiB). Label values must come from small fixed sets (a result,
@@ -330,6 +334,77 @@ pub fn histogram(name: &'static str, labels: Labels<'_>) -> Histogram {
     }
 }
 
+/// How a session's bytes travelled, for `mailsuite_sessions_total{tls}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS from the first byte (465, 993, 995).
+    Implicit,
+    /// Upgraded by STARTTLS / STLS.
+    Starttls,
+    /// Plaintext throughout.
+    None,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::Starttls => "starttls",
+            TlsMode::None => "none",
+        }
+    }
+}
+
+/// The session metrics of one client connection: `mailsuite_sessions_active{protocol}` while
+/// it lives, and `mailsuite_sessions_total{protocol, tls}` (how it ended up protected) when it
+/// is dropped, however the connection ends.
+pub struct Session {
+    protocol: &'static str,
+    tls: TlsMode,
+    _active: UpDownGuard,
+}
+
+impl Session {
+    pub fn start(protocol: &'static str, implicit_tls: bool) -> Session {
+        Session {
+            protocol,
+            tls: if implicit_tls {
+                TlsMode::Implicit
+            } else {
+                TlsMode::None
+            },
+            _active: up_down("mailsuite_sessions_active", &[("protocol", protocol)]).guard(),
+        }
+    }
+
+    /// STARTTLS / STLS completed.
+    pub fn tls_upgraded(&mut self) {
+        if self.tls == TlsMode::None {
+            self.tls = TlsMode::Starttls;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        counter(
+            "mailsuite_sessions_total",
+            &[("protocol", self.protocol), ("tls", self.tls.as_str())],
+        )
+        .inc();
+    }
+}
+
+/// One failed AUTH / USER+PASS / LOGIN.
+pub fn auth_failure(protocol: &'static str) {
+    counter("mailsuite_auth_failures_total", &[("protocol", protocol)]).inc();
+}
+
+/// Times one database operation into `mailsuite_db_duration_seconds{operation}` when dropped.
+pub fn db_timer(operation: &'static str) -> Timer {
+    histogram("mailsuite_db_duration_seconds", &[("operation", operation)]).start_timer()
+}
+
 /// Every metric of the process in the Prometheus text exposition format (version 0.0.4).
 pub fn render_prometheus() -> String {
     use prometheus::Encoder as _;
@@ -485,6 +560,41 @@ mod tests {
             2.0
         );
         assert!(value("mailsuite_test_op_duration_seconds_sum", &[("op", "x")]) >= 0.003);
+    }
+
+    #[test]
+    fn session_counts_active_and_final_tls_state() {
+        let total = |tls| {
+            value(
+                "mailsuite_sessions_total",
+                &[("protocol", "test"), ("tls", tls)],
+            )
+        };
+        let active = || value("mailsuite_sessions_active", &[("protocol", "test")]);
+        let (none0, starttls0, implicit0) = (total("none"), total("starttls"), total("implicit"));
+        let plain = Session::start("test", false);
+        let mut upgraded = Session::start("test", false);
+        let implicit = Session::start("test", true);
+        assert_eq!(active(), 3.0);
+        upgraded.tls_upgraded();
+        drop((plain, upgraded, implicit));
+        assert_eq!(active(), 0.0);
+        assert_eq!(total("none") - none0, 1.0);
+        assert_eq!(total("starttls") - starttls0, 1.0);
+        assert_eq!(total("implicit") - implicit0, 1.0);
+        auth_failure("test");
+        assert_eq!(
+            value("mailsuite_auth_failures_total", &[("protocol", "test")]),
+            1.0
+        );
+        drop(db_timer("test_op"));
+        assert_eq!(
+            value(
+                "mailsuite_db_duration_seconds_count",
+                &[("operation", "test_op")]
+            ),
+            1.0
+        );
     }
 
     #[test]
