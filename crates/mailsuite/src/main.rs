@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mailsuite_runtime::config::{self, ConfigArgs};
 use mailsuite::up;
+use mailsuite_runtime::config::{self, ConfigArgs};
 use mailsuite_runtime::{Shutdown, shutdown, telemetry};
 
 #[derive(Parser, Debug)]

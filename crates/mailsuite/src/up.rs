@@ -82,7 +82,10 @@ pub async fn database(
         return Ok((cfg.database_url.clone(), None));
     }
     let (server, cluster) = if pg::port_open("127.0.0.1", 5432) {
-        ("postgres://postgres@127.0.0.1:5432/postgres".to_string(), None)
+        (
+            "postgres://postgres@127.0.0.1:5432/postgres".to_string(),
+            None,
+        )
     } else {
         eprintln!(
             "no PostgreSQL on 127.0.0.1:5432: using a private cluster in {}",
@@ -91,9 +94,11 @@ pub async fn database(
         let c = pg::PrivateCluster::ensure(&data_dir.join("postgres"))?;
         (c.url(), Some(c))
     };
-    let mut admin = sqlx::PgConnection::connect(&server).await.with_context(|| {
-        format!("connecting to {server} (set DATABASE_URL to use another server or user)")
-    })?;
+    let mut admin = sqlx::PgConnection::connect(&server)
+        .await
+        .with_context(|| {
+            format!("connecting to {server} (set DATABASE_URL to use another server or user)")
+        })?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mailsuite')")
             .fetch_one(&mut admin)

@@ -82,12 +82,102 @@ async fn up_serves_every_protocol_and_stops_on_sigint() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "mailsuite up did not stop on SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "mailsuite up did not stop on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(exit.success(), "clean exit on SIGINT: {exit:?}");
     assert!(
         std::net::TcpStream::connect(&smtp).is_err(),
         "listeners closed after exit"
+    );
+}
+
+/// With nothing on 127.0.0.1:5432 (a private network namespace hides the system server),
+/// `mailsuite up` creates, uses and finally stops its own cluster under `--data-dir`.
+#[test]
+fn up_without_a_server_runs_a_private_cluster_and_stops_it() {
+    let unshare_ok = Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !unshare_ok || mailsuite_runtime::pg::find_bindir().is_none() {
+        eprintln!("skipped: needs root (unshare -n) and PostgreSQL binaries");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("var");
+    let bin = env!("CARGO_BIN_EXE_mailsuite");
+    let script = format!(
+        "ip link set lo up && exec {bin} up --data-dir {} \
+         --set store.listen_grpc=127.0.0.1:0 --set queue.listen_grpc=127.0.0.1:0",
+        data.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .env_remove("DATABASE_URL")
+        .env("MAILSUITE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut db_line = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60).saturating_sub(started.elapsed()))
+            .expect("mailsuite up started on a private cluster within 60 s");
+        if line.trim_start().starts_with("database:") {
+            db_line = Some(line.clone());
+        }
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+    }
+    let db_line = db_line.expect("database row");
+    assert!(
+        !db_line.contains(":5432/") && db_line.ends_with("/mailsuite"),
+        "{db_line}"
+    );
+    assert!(data.join("postgres/data/PG_VERSION").exists());
+
+    // `sh` exec'd into mailsuite, so the child's pid is mailsuite's.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(data.join("postgres/postgres.log")).unwrap();
+    assert!(
+        log.contains("database system is shut down"),
+        "private cluster stopped: {log}"
+    );
+    let leftover = Command::new("pgrep")
+        .args(["-f", &data.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "no process left running from the private cluster"
     );
 }

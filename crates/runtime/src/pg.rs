@@ -112,6 +112,8 @@ impl PrivateCluster {
         let bindir = find_bindir().ok_or(PgError::NoBinaries)?;
         let as_postgres = is_root();
         std::fs::create_dir_all(dir)?;
+        // The server runs in its data directory: relative paths would break.
+        let dir = &std::fs::canonicalize(dir)?;
         let data = dir.join("data");
         let port_file = dir.join("port");
         if as_postgres {
@@ -155,8 +157,10 @@ impl PrivateCluster {
             .arg(dir.join("postgres.log"))
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=on",
-                dir.display()
+                // TCP on loopback only; no Unix socket (its path length is limited and the
+                // services connect over TCP anyway).
+                "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' \
+                 -c max_connections=300 -c fsync=on"
             ))
             .arg("start");
         run("pg_ctl start", c)?;

@@ -54,7 +54,7 @@ pub fn init(service: &str, json: bool) -> TelemetryGuard {
     install_propagator();
     let filter = EnvFilter::try_from_env("MAILSUITE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn,sqlx=warn"));
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
 
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
@@ -79,11 +79,17 @@ pub fn init(service: &str, json: bool) -> TelemetryGuard {
     });
     let fmt = if json {
         tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .with_current_span(false)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().compact().boxed()
+        // Logs go to stderr: stdout is for what a command prints on purpose (mailsuite up's
+        // table, mailctl's output).
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .compact()
+            .boxed()
     };
     let _ = tracing_subscriber::registry()
         .with(filter)
