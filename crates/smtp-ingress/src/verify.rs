@@ -194,15 +194,78 @@ impl Verifier {
             .with_dkim_results(&dkim, header_from)
             .with_spf_mailfrom_result(&spf, ip, mail_from, helo_domain)
             .with_dmarc_result(&dmarc);
-        let failed = !matches!(dmarc.spf_result(), DmarcResult::Pass)
-            && !matches!(dmarc.dkim_result(), DmarcResult::Pass)
-            && matches!(
-                (dmarc.spf_result(), dmarc.dkim_result()),
-                (DmarcResult::Fail(_), _) | (_, DmarcResult::Fail(_))
-            );
+        let failed = matches!(dmarc.result(), DmarcResult::Fail(_));
         Verdict {
             header: format!("Authentication-Results: {ar}\r\n"),
             dmarc_reject: failed && dmarc.policy() == Policy::Reject,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> Verifier {
+        let dns = DnsConfig {
+            nameservers: vec!["127.0.0.1".into()],
+            timeout_secs: 1,
+        };
+        Verifier::new(&dns, "mx.test")
+            .unwrap()
+            .with_records([
+                ("good.example", "v=spf1 ip4:192.0.2.0/24 -all"),
+                ("_dmarc.good.example", "v=DMARC1; p=reject; psd=n"),
+            ])
+            .unwrap()
+    }
+
+    const MSG: &[u8] = b"From: a@good.example\r\nSubject: x\r\n\r\nbody\r\n";
+
+    #[tokio::test]
+    async fn spf_pass_aligns_dmarc() {
+        let v = verifier()
+            .verify(
+                "192.0.2.7".parse().unwrap(),
+                "h.good.example",
+                "a@good.example",
+                MSG,
+            )
+            .await;
+        assert!(
+            v.header.starts_with("Authentication-Results: mx.test;"),
+            "{}",
+            v.header
+        );
+        assert!(v.header.contains("spf=pass"), "{}", v.header);
+        assert!(v.header.contains("dmarc=pass"), "{}", v.header);
+        assert!(!v.dmarc_reject);
+    }
+
+    #[tokio::test]
+    async fn spf_fail_with_p_reject_is_a_reject() {
+        let v = verifier()
+            .verify(
+                "198.51.100.1".parse().unwrap(),
+                "h.bad.example",
+                "a@good.example",
+                MSG,
+            )
+            .await;
+        assert!(v.header.contains("spf=fail"), "{}", v.header);
+        assert!(v.header.contains("dmarc=fail"), "{}", v.header);
+        assert!(v.dmarc_reject, "{}", v.header);
+    }
+
+    #[test]
+    fn bad_records_and_nameservers_are_named() {
+        let dns = DnsConfig {
+            nameservers: vec!["not-an-ip".into()],
+            timeout_secs: 1,
+        };
+        assert!(matches!(
+            Verifier::new(&dns, "h"),
+            Err(VerifyError::Nameserver(_))
+        ));
     }
 }
