@@ -3,7 +3,9 @@
 //! variant to `Command` and a module with a `run` function.
 
 mod accounts;
+mod dkim;
 mod output;
+mod queue;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -50,6 +52,11 @@ pub enum Command {
     /// Aliases and distribution lists.
     #[command(subcommand)]
     Alias(accounts::AliasCmd),
+    /// The outbound queue of relay-queue.
+    Queue(queue::QueueArgs),
+    /// DKIM signing keys.
+    #[command(subcommand)]
+    Dkim(dkim::DkimCmd),
 }
 
 pub fn store_channel(url: &str) -> Result<GrpcChannel> {
@@ -81,5 +88,7 @@ async fn run(cli: Cli, out: &Output) -> Result<()> {
         Command::Domain(c) => accounts::domain(&cli.store, c, out).await,
         Command::Account(c) => accounts::account(&cli.store, c, out).await,
         Command::Alias(c) => accounts::alias(&cli.store, c, out).await,
+        Command::Queue(a) => queue::run(a, out).await,
+        Command::Dkim(c) => dkim::run(&cli.store, c, out).await,
     }
 }
