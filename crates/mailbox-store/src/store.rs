@@ -356,14 +356,20 @@ pub async fn remove_entries(
         }
     }
     for (id, n) in &counts {
-        sqlx::query(
-            "WITH d AS (UPDATE mailbox.blobs SET refcount = refcount - $2 WHERE id = $1 RETURNING id, refcount)
-             DELETE FROM mailbox.blobs b USING d WHERE b.id = d.id AND d.refcount <= 0",
-        )
-        .bind(id)
-        .bind(n)
-        .execute(&mut **tx)
-        .await?;
+        // The last reference takes the blob with it; DELETE re-checks refcount after taking
+        // the row lock, so a concurrent new reference keeps it alive.
+        let gone = sqlx::query("DELETE FROM mailbox.blobs WHERE id = $1 AND refcount <= $2")
+            .bind(id)
+            .bind(n)
+            .execute(&mut **tx)
+            .await?;
+        if gone.rows_affected() == 0 {
+            sqlx::query("UPDATE mailbox.blobs SET refcount = refcount - $2 WHERE id = $1")
+                .bind(id)
+                .bind(n)
+                .execute(&mut **tx)
+                .await?;
+        }
     }
     let modseq = if log {
         let m = bump_modseq(tx, mailbox_id).await?;
