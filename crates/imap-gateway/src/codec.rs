@@ -91,7 +91,7 @@ impl Decoder {
     }
 
     /// The next decision, or `None` when more bytes are needed.
-    pub fn next(&mut self) -> Option<Input> {
+    pub fn next_input(&mut self) -> Option<Input> {
         loop {
             let Some(fragment) = self.frag.progress() else {
                 if !self.in_literal {
@@ -230,7 +230,7 @@ mod tests {
         let mut out = Vec::new();
         for piece in input.chunks(chunk) {
             d.feed(piece);
-            while let Some(i) = d.next() {
+            while let Some(i) = d.next_input() {
                 out.push(i);
                 if let Some((_, m)) = modes.iter().find(|(n, _)| *n == out.len()) {
                     d.set_mode(*m);
@@ -352,9 +352,9 @@ mod tests {
     fn overlong_line_ends_the_connection_without_buffering_it() {
         let mut d = Decoder::new(limits());
         d.feed(b"a1 NOOP ");
-        assert_eq!(d.next(), None);
+        assert_eq!(d.next_input(), None);
         d.feed(&[b'x'; 300]);
-        assert_eq!(d.next(), Some(Input::LineTooLong));
+        assert_eq!(d.next_input(), Some(Input::LineTooLong));
     }
 
     #[test]
@@ -389,11 +389,11 @@ mod tests {
         d.set_mode(Mode::AuthenticateData);
         d.feed(b"*\r\n");
         assert_eq!(
-            d.next(),
+            d.next_input(),
             Some(Input::AuthenticateData(AuthenticateData::Cancel))
         );
         d.set_mode(Mode::IdleDone);
         d.feed(b"NOOP\r\n");
-        assert_eq!(d.next(), Some(Input::Bad { tag: None }));
+        assert_eq!(d.next_input(), Some(Input::Bad { tag: None }));
     }
 }

@@ -163,7 +163,7 @@ where
     let limits = &shared.config.limits;
     loop {
         // Everything already received is handled before waiting for more.
-        while let Some(input) = decoder.next() {
+        while let Some(input) = decoder.next_input() {
             let mut out = Out::new(&mut stream);
             match input {
                 Input::Command(cmd) => {

@@ -7,7 +7,7 @@ use imap_codec::imap_types::body::{
     BasicFields, Body, BodyStructure, Disposition, Language, Location, MultiPartExtensionData,
     SinglePartExtensionData, SpecificFields,
 };
-use imap_codec::imap_types::core::{AString, Atom, IString, NString, Vec1};
+use imap_codec::imap_types::core::{AString, Atom, IString, Literal, NString, Vec1};
 use imap_codec::imap_types::datetime::DateTime;
 use imap_codec::imap_types::envelope::{Address, Envelope};
 use imap_codec::imap_types::fetch::{Part, Section};
@@ -28,7 +28,11 @@ pub fn nstring(bytes: Option<&[u8]>) -> NString<'static> {
 
 /// A body literal for BODY[...]/RFC822 data.
 pub fn nstring_data(data: Option<Vec<u8>>) -> NString<'static> {
-    NString(data.map(|d| istring(&d)))
+    // Message data always goes as a literal: byte-exact, and what clients expect.
+    NString(data.map(|d| match Literal::try_from(d) {
+        Ok(l) => IString::Literal(l),
+        Err(_) => istring(&[]),
+    }))
 }
 
 fn addresses(list: &[pb::EnvelopeAddress]) -> Vec<Address<'static>> {

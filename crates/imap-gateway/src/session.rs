@@ -630,12 +630,9 @@ impl Session {
             C::Enable { capabilities } => {
                 let mut enabled = Vec::new();
                 for c in capabilities.as_ref() {
-                    match c {
-                        CapabilityEnable::CondStore => {
-                            self.condstore = true;
-                            enabled.push(CapabilityEnable::CondStore);
-                        }
-                        _ => {}
+                    if matches!(c, CapabilityEnable::CondStore) {
+                        self.condstore = true;
+                        enabled.push(CapabilityEnable::CondStore);
                     }
                 }
                 out.data(Data::Enabled {
@@ -754,17 +751,17 @@ impl Session {
                 "Quotas are set by the administrator",
             ),
             C::Close => {
-                if let Some(sel) = self.selected.take() {
-                    if !sel.read_only {
-                        let _ = self
-                            .store
-                            .expunge(pb::ExpungeRequest {
-                                account_id: self.account_id(),
-                                mailbox_id: sel.mailbox_id,
-                                uids: None,
-                            })
-                            .await;
-                    }
+                if let Some(sel) = self.selected.take()
+                    && !sel.read_only
+                {
+                    let _ = self
+                        .store
+                        .expunge(pb::ExpungeRequest {
+                            account_id: self.account_id(),
+                            mailbox_id: sel.mailbox_id,
+                            uids: None,
+                        })
+                        .await;
                 }
                 self.state = StateKind::Authenticated;
                 out.tagged(&tag, StatusKind::Ok, None, "CLOSE completed");
@@ -1020,10 +1017,13 @@ impl Session {
         );
         out.data(Data::Exists(seq.len()));
         out.data(Data::Recent(info.recent));
-        if r.first_unseen_uid > 0
-            && let Some(s) = seq.seq(r.first_unseen_uid)
-        {
-            out.untagged(StatusKind::Ok, Some(Code::Unseen(nz(s))), "First unseen");
+        // Despite its name the field carries the sequence number (see mailbox.proto).
+        if r.first_unseen_uid > 0 && r.first_unseen_uid <= seq.len() {
+            out.untagged(
+                StatusKind::Ok,
+                Some(Code::Unseen(nz(r.first_unseen_uid))),
+                "First unseen",
+            );
         }
         out.untagged(
             StatusKind::Ok,
@@ -1129,13 +1129,13 @@ impl Session {
                 let d = if lsub {
                     Data::Lsub {
                         items,
-                        delimiter: Some(delim.clone()),
+                        delimiter: Some(delim),
                         mailbox: self.name_out(&b.name),
                     }
                 } else {
                     Data::List {
                         items,
-                        delimiter: Some(delim.clone()),
+                        delimiter: Some(delim),
                         mailbox: self.name_out(&b.name),
                     }
                 };
@@ -1165,13 +1165,13 @@ impl Session {
                 let d = if lsub {
                     Data::Lsub {
                         items,
-                        delimiter: Some(delim.clone()),
+                        delimiter: Some(delim),
                         mailbox: self.name_out(&p),
                     }
                 } else {
                     Data::List {
                         items,
-                        delimiter: Some(delim.clone()),
+                        delimiter: Some(delim),
                         mailbox: self.name_out(&p),
                     }
                 };

@@ -229,7 +229,7 @@ impl Store {
         }];
         for c in data.chunks(CHUNK) {
             chunks.push(pb::AppendChunk {
-                part: Some(pb::append_chunk::Part::Data(c.to_vec().into())),
+                part: Some(pb::append_chunk::Part::Data(c.to_vec())),
             });
         }
         Ok(self

@@ -1,0 +1,592 @@
+//! End-to-end: the gateway over real sockets and real TLS, against a real mailbox-store on a
+//! fresh PostgreSQL database, with messages delivered through Delivery.Deliver.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SIMPLE: &[u8] = b"From: Alice <alice@remote.test>\r\nTo: bob@example.test\r\nSubject: hello\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\nMessage-ID: <1@remote.test>\r\n\r\nHello Bob.\r\n";
+
+fn nested() -> Vec<u8> {
+    b"From: =?UTF-8?Q?J=C3=B6rg?= <joerg@remote.test>\r\n\
+To: bob@example.test, carol@example.test\r\n\
+Subject: =?UTF-8?B?R3LDvMOfZQ==?=\r\n\
+Date: Tue, 8 Feb 1994 10:00:00 +0000\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"outer\"\r\n\
+\r\n\
+preamble\r\n\
+--outer\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+\r\n\
+first part\r\n\
+--outer\r\n\
+Content-Type: message/rfc822\r\n\
+\r\n\
+From: inner@remote.test\r\n\
+Subject: inner subject\r\n\
+\r\n\
+inner body\r\n\
+--outer\r\n\
+Content-Type: application/octet-stream; name=\"=?UTF-8?Q?r=C3=A9sum=C3=A9.bin?=\"\r\n\
+Content-Disposition: attachment; filename=\"resume.bin\"\r\n\
+Content-Transfer-Encoding: base64\r\n\
+\r\n\
+AAECAw==\r\n\
+--outer--\r\n"
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_is_required_before_login_and_lists_special_use_mailboxes() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.plain().await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains("STARTTLS") && caps.contains("LOGINDISABLED"),
+        "{caps}"
+    );
+    assert!(!caps.contains("AUTH=PLAIN"), "{caps}");
+    let r = c
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(tagged(&r).contains("NO [PRIVACYREQUIRED]"), "{r}");
+    let r = c.cmd("STARTTLS").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let mut c = c.upgrade(&env.certs).await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains("AUTH=PLAIN") && !caps.contains("STARTTLS"),
+        "{caps}"
+    );
+    let r = c
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(
+        tagged(&r)
+            .to_ascii_uppercase()
+            .contains("OK [CAPABILITY IMAP4REV1"),
+        "{r}"
+    );
+    let list = c.cmd("LIST \"\" \"*\"").await;
+    for (attr, name) in [
+        ("\\Sent", "Sent"),
+        ("\\Drafts", "Drafts"),
+        ("\\Trash", "Trash"),
+        ("\\Junk", "Junk"),
+    ] {
+        let line = list
+            .lines()
+            .find(|l| l.ends_with(&format!("\"/\" {name}")))
+            .unwrap_or_else(|| panic!("{name} missing: {list}"));
+        assert!(line.contains(attr), "{line}");
+        assert!(line.contains("\\HasNoChildren"), "{line}");
+    }
+    assert!(
+        list.contains("* LIST (\\HasNoChildren) \"/\" INBOX"),
+        "{list}"
+    );
+    let r = c.cmd("LOGOUT").await;
+    assert!(r.starts_with("* BYE"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn implicit_tls_authenticate_plain_with_and_without_initial_response() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut c = env.tls().await;
+    let ir = b64.encode(format!("\0bob@example.test\0{PASSWORD}"));
+    let r = c.cmd(&format!("AUTHENTICATE PLAIN {ir}")).await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let mut c = env.tls().await;
+    c.send(b"a1 AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    let bad = b64.encode("\0bob@example.test\0wrong");
+    c.send(format!("{bad}\r\n").as_bytes()).await;
+    let r = String::from_utf8(c.until_tag("a1").await).unwrap();
+    assert!(r.contains("NO [AUTHENTICATIONFAILED]"), "{r}");
+    c.send(b"a2 AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    c.send(b"*\r\n").await;
+    let r = String::from_utf8(c.until_tag("a2").await).unwrap();
+    assert!(r.contains("a2 BAD"), "cancelled: {r}");
+    let r = c.cmd("NOOP").await;
+    assert!(tagged(&r).contains("OK"), "connection lives: {r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_is_byte_exact_for_whole_message_and_parts() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let msg = nested();
+    env.deliver("bob@example.test", &msg).await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 1 EXISTS"), "{r}");
+    assert!(r.contains("[UIDVALIDITY "), "{r}");
+    assert!(tagged(&r).contains("OK [READ-WRITE]"), "{r}");
+
+    let r = c.cmd_bytes(b"FETCH 1 (RFC822.SIZE BODY.PEEK[])").await;
+    let head = format!(
+        "* 1 FETCH (RFC822.SIZE {} BODY[] {{{}}}\r\n",
+        msg.len(),
+        msg.len()
+    );
+    let mut expected = head.into_bytes();
+    expected.extend_from_slice(&msg);
+    expected.extend_from_slice(b")\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&r[..expected.len()]),
+        String::from_utf8_lossy(&expected)
+    );
+    assert_eq!(&r[..expected.len()], &expected[..]);
+
+    let r = c
+        .cmd("FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.HEADER] BODY.PEEK[3]<0.4>)")
+        .await;
+    assert!(r.contains("BODY[1] {10}\r\nfirst part"), "{r}");
+    assert!(
+        r.contains(
+            "BODY[2.HEADER] {51}\r\nFrom: inner@remote.test\r\nSubject: inner subject\r\n\r\n"
+        ),
+        "{r}"
+    );
+    assert!(r.contains("BODY[3]<0> {4}\r\nAAEC"), "{r}");
+    let r = c.cmd("FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])").await;
+    assert!(
+        r.contains(
+            "BODY[HEADER.FIELDS (SUBJECT)] {37}\r\nSubject: =?UTF-8?B?R3LDvMOfZQ==?=\r\n\r\n"
+        ),
+        "{r}"
+    );
+    let r = c
+        .cmd_bytes(b"FETCH 1 (BINARY.PEEK[3] BINARY.SIZE[3])")
+        .await;
+    let s = String::from_utf8_lossy(&r);
+    assert!(s.contains("BINARY.SIZE[3] 4"), "{s}");
+    let needle = b"BINARY[3] ~{4}\r\n\x00\x01\x02\x03";
+    assert!(r.windows(needle.len()).any(|w| w == needle), "{s}");
+    // Not PEEK: sets \Seen and reports it.
+    let r = c.cmd("FETCH 1 (BODY[1])").await;
+    assert!(r.contains("\\Seen"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodystructure_and_envelope_follow_the_rfc() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", &nested()).await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("EXAMINE INBOX").await;
+    let r = c.cmd("FETCH 2 (ENVELOPE)").await;
+    assert!(
+        r.contains("* 2 FETCH (ENVELOPE (\"Mon, 7 Feb 1994 21:52:25 -0800\" \"hello\" ((\"Alice\" NIL \"alice\" \"remote.test\")) ((\"Alice\" NIL \"alice\" \"remote.test\")) ((\"Alice\" NIL \"alice\" \"remote.test\")) ((NIL NIL \"bob\" \"example.test\")) NIL NIL NIL \"<1@remote.test>\"))"),
+        "{r}"
+    );
+    let r = c.cmd("FETCH 1 (ENVELOPE BODYSTRUCTURE)").await;
+    // Encoded words stay encoded in ENVELOPE (RFC 9051 §7.5.2).
+    assert!(r.contains("\"=?UTF-8?B?R3LDvMOfZQ==?=\""), "{r}");
+    assert!(
+        r.contains("((NIL NIL \"bob\" \"example.test\")(NIL NIL \"carol\" \"example.test\"))"),
+        "{r}"
+    );
+    let bs = &r[r.find("BODYSTRUCTURE").expect("bodystructure")..];
+    assert!(
+        bs.to_ascii_uppercase()
+            .contains("(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"UTF-8\") NIL NIL \"7BIT\" 10 0"),
+        "{bs}"
+    );
+    assert!(
+        bs.to_ascii_uppercase().contains("\"MESSAGE\" \"RFC822\""),
+        "{bs}"
+    );
+    assert!(bs.contains("\"inner subject\""), "{bs}");
+    assert!(bs.to_ascii_uppercase().contains("\"BASE64\" 8"), "{bs}");
+    assert!(bs.contains("\"resume.bin\""), "{bs}");
+    assert!(
+        bs.to_ascii_uppercase()
+            .contains("\"MIXED\" (\"BOUNDARY\" \"OUTER\")"),
+        "{bs}"
+    );
+    // EXAMINE is read-only: a non-PEEK fetch must not set \Seen.
+    c.cmd("FETCH 1 (BODY[1])").await;
+    let r = c.cmd("FETCH 1 (FLAGS)").await;
+    assert!(!r.contains("\\Seen"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivery_appears_during_idle_within_one_second() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 0 EXISTS"), "{r}");
+    c.send(b"i1 IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    let t0 = Instant::now();
+    env.deliver("bob@example.test", SIMPLE).await;
+    let line = tokio::time::timeout(Duration::from_secs(1), c.line())
+        .await
+        .expect("EXISTS within 1 s of the delivery");
+    assert_eq!(line, "* 1 EXISTS\r\n");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    c.send(b"DONE\r\n").await;
+    let r = String::from_utf8(c.until_tag("i1").await).unwrap();
+    assert!(r.ends_with("i1 OK IDLE terminated\r\n"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_reaches_the_accounts_sessions() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("SELECT INBOX").await;
+    c.send(b"i1 IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    // The alert is delivered once the gateway's watch stream has registered the account.
+    mailsuite_testkit::eventually(Duration::from_secs(5), "watch registered", || async {
+        env.alert("bob@example.test", "Message from the postmaster")
+            .await
+            .then_some(())
+    })
+    .await;
+    let line = c.line().await;
+    assert_eq!(line, "* OK [ALERT] Message from the postmaster\r\n");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_copy_move_expunge_with_uidplus() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for _ in 0..4 {
+        env.deliver("bob@example.test", SIMPLE).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    let sel = c.cmd("SELECT INBOX").await;
+    let uidvalidity: u32 = sel
+        .split("[UIDVALIDITY ")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .and_then(|s| s.parse().ok())
+        .expect("uidvalidity");
+    let r = c.cmd("STORE 1:2 +FLAGS (\\Flagged $Work)").await;
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Flagged $Work))"), "{r}");
+    assert!(r.contains("* 2 FETCH (FLAGS (\\Flagged $Work))"), "{r}");
+    let r = c.cmd("STORE 2 -FLAGS.SILENT (\\Flagged)").await;
+    assert!(!r.contains("FETCH"), "silent: {r}");
+    let r = c.cmd("UID STORE 3 FLAGS (\\Seen)").await;
+    assert!(r.contains("* 3 FETCH (FLAGS (\\Seen) UID 3)"), "{r}");
+    let r = c.cmd("COPY 1:2 Nonexistent").await;
+    assert!(tagged(&r).contains("NO [TRYCREATE]"), "{r}");
+    let r = c.cmd("COPY 1:2 Trash").await;
+    let (code_vals, _) = r.split_once("] ").unwrap();
+    assert!(code_vals.contains("[COPYUID "), "{r}");
+    assert!(r.contains(" 1:2 1:2]"), "{r}");
+    let r = c.cmd("UID MOVE 3 Trash").await;
+    assert!(r.contains("* OK [COPYUID ") && r.contains(" 3 3]"), "{r}");
+    assert!(r.contains("* 3 EXPUNGE\r\n"), "{r}");
+    let r = c.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("EXPUNGE").await;
+    assert_eq!(
+        r.lines()
+            .filter(|l| l.contains("EXPUNGE") && l.starts_with('*'))
+            .count(),
+        1,
+        "{r}"
+    );
+    assert!(r.contains("* 1 EXPUNGE\r\n"), "{r}");
+    let r = c.cmd("UID FETCH 1:* (UID FLAGS)").await;
+    assert!(r.contains("* 1 FETCH (UID 2 FLAGS ($Work))"), "{r}");
+    assert!(r.contains("* 2 FETCH (UID 4 FLAGS ())"), "{r}");
+    c.cmd("UID STORE 2,4 +FLAGS.SILENT (\\Deleted)").await;
+    let r = c.cmd("UID EXPUNGE 4").await;
+    assert!(r.starts_with("* 2 EXPUNGE\r\n"), "only UID 4 goes: {r}");
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("STATUS Trash (MESSAGES UIDNEXT UIDVALIDITY)").await;
+    assert!(
+        r.contains("* STATUS Trash (MESSAGES 3 UIDNEXT 4 UIDVALIDITY "),
+        "{r}"
+    );
+    let _ = uidvalidity;
+    // APPEND with LITERAL+ and flags: APPENDUID.
+    let msg = b"Subject: appended\r\n\r\nbody\r\n";
+    let mut raw = format!("a9 APPEND INBOX (\\Seen) {{{}+}}\r\n", msg.len()).into_bytes();
+    raw.extend_from_slice(msg);
+    raw.extend_from_slice(b"\r\n");
+    c.send(&raw).await;
+    let r = String::from_utf8(c.until_tag("a9").await).unwrap();
+    assert!(
+        r.contains(&format!("a9 OK [APPENDUID {uidvalidity} 5]")),
+        "{r}"
+    );
+    assert!(
+        r.contains("* 2 EXISTS"),
+        "appended to the selected mailbox: {r}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn search_keys() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    env.deliver("bob@example.test", &nested()).await;
+    env.deliver(
+        "bob@example.test",
+        b"From: x@y.test\r\nSubject: big one\r\n\r\nlorem ipsum dolor\r\n",
+    )
+    .await;
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("SELECT INBOX").await;
+    c.cmd("STORE 2 +FLAGS (\\Flagged)").await;
+    let cases = [
+        ("SEARCH ALL", "* SEARCH 1 2 3"),
+        ("SEARCH FLAGGED", "* SEARCH 2"),
+        ("SEARCH UNFLAGGED", "* SEARCH 1 3"),
+        ("SEARCH SUBJECT hello", "* SEARCH 1"),
+        ("SEARCH FROM alice", "* SEARCH 1"),
+        ("SEARCH BODY ipsum", "* SEARCH 3"),
+        ("SEARCH OR FLAGGED SUBJECT big", "* SEARCH 2 3"),
+        ("SEARCH NOT FLAGGED 2:3", "* SEARCH 3"),
+        ("UID SEARCH UID 2:*", "* SEARCH 2 3"),
+        ("SEARCH SENTBEFORE 1-Jan-2000", "* SEARCH 1 2"),
+        ("SEARCH CHARSET UTF-8 TEXT lorem", "* SEARCH 3"),
+        ("SEARCH LARGER 400", "* SEARCH 2"),
+    ];
+    for (q, want) in cases {
+        let r = c.cmd(q).await;
+        assert!(r.contains(&format!("{want}\r\n")), "{q}: {r}");
+        assert!(tagged(&r).contains("OK"), "{q}: {r}");
+    }
+    let r = c.cmd("SEARCH CHARSET KOI8-R ALL").await;
+    assert!(tagged(&r).contains("NO [BADCHARSET"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sessions_see_each_others_changes_with_expunge_held_back_during_fetch() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for _ in 0..3 {
+        env.deliver("bob@example.test", SIMPLE).await;
+    }
+    let mut a = env.login("bob@example.test").await;
+    let mut b = env.login("bob@example.test").await;
+    a.cmd("SELECT INBOX").await;
+    b.cmd("SELECT INBOX").await;
+    b.cmd("STORE 1 +FLAGS (\\Answered)").await;
+    let r = a.cmd("NOOP").await;
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Answered) UID 1)"), "{r}");
+    b.cmd("STORE 2 +FLAGS.SILENT (\\Deleted)").await;
+    let r = b.cmd("EXPUNGE").await;
+    assert!(r.contains("* 2 EXPUNGE"), "{r}");
+    env.deliver("bob@example.test", SIMPLE).await;
+    // A FETCH may not announce the expunge (RFC 9051 §7.5.1), but may announce the new mail.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = a.cmd("FETCH 1:3 (UID)").await;
+        if r.contains("EXISTS") {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new message never announced: {r}"
+        );
+    };
+    assert!(!r.contains("EXPUNGE"), "{r}");
+    assert!(r.contains("* 4 EXISTS"), "{r}");
+    assert!(
+        r.contains("* 3 FETCH (UID 3)"),
+        "numbers do not shift before EXPUNGE: {r}"
+    );
+    let r = a.cmd("NOOP").await;
+    assert!(r.contains("* 2 EXPUNGE"), "{r}");
+    let r = a.cmd("FETCH 1:* (UID)").await;
+    assert!(r.contains("* 3 FETCH (UID 4)"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn condstore_changedsince_and_unchangedsince() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for _ in 0..3 {
+        env.deliver("bob@example.test", SIMPLE).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("ENABLE CONDSTORE").await;
+    assert!(r.contains("* ENABLED CONDSTORE"), "{r}");
+    let r = c.cmd("SELECT INBOX").await;
+    let hms: u64 = r
+        .split("[HIGHESTMODSEQ ")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("HIGHESTMODSEQ: {r}"));
+    let r = c.cmd("STORE 2 +FLAGS (\\Seen)").await;
+    assert!(r.contains("* 2 FETCH (FLAGS (\\Seen) MODSEQ ("), "{r}");
+    let r = c
+        .cmd(&format!("FETCH 1:* (FLAGS) (CHANGEDSINCE {hms})"))
+        .await;
+    assert!(r.contains("* 2 FETCH (FLAGS (\\Seen) MODSEQ ("), "{r}");
+    assert!(!r.contains("* 1 FETCH") && !r.contains("* 3 FETCH"), "{r}");
+    let r = c
+        .cmd(&format!(
+            "STORE 1:2 (UNCHANGEDSINCE {hms}) +FLAGS (\\Flagged)"
+        ))
+        .await;
+    assert!(tagged(&r).contains("OK [MODIFIED 2]"), "{r}");
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Flagged) MODSEQ ("), "{r}");
+    let r = c.cmd("STATUS INBOX (HIGHESTMODSEQ)").await;
+    assert!(r.contains("HIGHESTMODSEQ "), "{r}");
+    let r = c.cmd(&format!("SEARCH MODSEQ {}", hms + 1)).await;
+    assert!(r.contains("* SEARCH 1 2 (MODSEQ "), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hierarchies_are_created_renamed_and_deleted() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("CREATE Projects/2026/Q1").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("CREATE Projects/2026/Q1").await;
+    assert!(tagged(&r).contains("NO [ALREADYEXISTS]"), "{r}");
+    let r = c.cmd("LIST \"\" \"Projects/%\"").await;
+    assert!(
+        r.contains("* LIST (\\HasChildren) \"/\" Projects/2026\r\n"),
+        "{r}"
+    );
+    let r = c.cmd("RENAME Projects Work").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("LIST \"\" \"*\"").await;
+    assert!(r.contains("\"/\" Work/2026/Q1\r\n"), "{r}");
+    assert!(!r.contains("Projects"), "{r}");
+    let r = c.cmd("CREATE Entwürfe").await;
+    assert!(
+        tagged(&r).contains("BAD") || tagged(&r).contains("NO"),
+        "8-bit name in rev1: {r}"
+    );
+    let r = c.cmd("CREATE Entw&APw-rfe").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("LIST \"\" Entw*").await;
+    assert!(
+        r.contains("\"/\" Entw&APw-rfe\r\n"),
+        "modified UTF-7 on the wire: {r}"
+    );
+    let r = c.cmd("SUBSCRIBE Work/2026").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("LSUB \"\" \"*\"").await;
+    assert!(r.contains("\"/\" Work/2026\r\n"), "{r}");
+    let r = c.cmd("DELETE Work/2026/Q1").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("SELECT Work/2026/Q1").await;
+    assert!(tagged(&r).contains("NO [NONEXISTENT]"), "{r}");
+    let r = c.cmd("DELETE INBOX").await;
+    assert!(tagged(&r).contains("NO"), "{r}");
+    let r = c.cmd("LIST \"\" \"\"").await;
+    assert!(r.contains("* LIST (\\Noselect) \"/\" \"\""), "{r}");
+    let r = c.cmd("NAMESPACE").await;
+    assert!(r.contains("* NAMESPACE ((\"\" \"/\")) NIL NIL"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_syntax_gets_bad_and_the_connection_lives() {
+    let env = env_with(|c| {
+        c.limits.max_command = 4096;
+        c.limits.max_append = 8192;
+    })
+    .await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    for bad in ["FROB", "FETCH", "SELECT", "FETCH 1 (BODY[", "LOGIN a"] {
+        let r = c.cmd(bad).await;
+        assert!(tagged(&r).contains(" BAD "), "{bad}: {r}");
+    }
+    c.send(b"garbage without tag\r\n").await;
+    let l = c.line().await;
+    assert!(
+        l.starts_with("* BAD") || l.starts_with("garbage BAD"),
+        "{l}"
+    );
+    let r = c.cmd("FETCH 1 (FLAGS)").await;
+    assert!(tagged(&r).contains(" BAD "), "no mailbox selected: {r}");
+    c.cmd("SELECT INBOX").await;
+    let r = c.cmd("FETCH 5 (FLAGS)").await;
+    assert!(tagged(&r).contains(" BAD "), "no such message: {r}");
+    // Oversized literal: refused without a continuation, then life goes on.
+    c.send(b"big APPEND INBOX {100000}\r\n").await;
+    let l = c.line().await;
+    assert_eq!(l, "big NO [TOOBIG] Too large\r\n");
+    // Synchronizing literal within limits: continuation then OK.
+    c.send(b"lit LOGIN {3}\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    c.send(b"abc x\r\n").await;
+    let r = String::from_utf8(c.until_tag("lit").await).unwrap();
+    assert!(r.contains("lit BAD"), "already authenticated: {r}");
+    let r = c.cmd("NOOP").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_in_the_wrong_state_are_refused() {
+    let env = env_with(|c| c.auth.allow_plaintext_loopback = true).await;
+    env.account("bob@example.test").await;
+    let mut c = env.plain().await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains("AUTH=PLAIN") && !caps.contains("LOGINDISABLED"),
+        "{caps}"
+    );
+    for cmd in [
+        "SELECT INBOX",
+        "LIST \"\" *",
+        "FETCH 1 FLAGS",
+        "IDLE",
+        "ENABLE CONDSTORE",
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains(" BAD "), "{cmd}: {r}");
+    }
+    let r = c
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(tagged(&r).contains("OK"), "loopback plaintext allowed: {r}");
+    for cmd in ["FETCH 1 FLAGS", "EXPUNGE", "CLOSE", "LOGIN a b", "STARTTLS"] {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains(" BAD "), "{cmd}: {r}");
+    }
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_says_bye_to_idle_sessions() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("SELECT INBOX").await;
+    c.send(b"i IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    let mut d = env.plain().await;
+    env.gw_shutdown.trigger();
+    assert_eq!(c.line().await, "* BYE Server shutting down\r\n");
+    assert_eq!(d.line().await, "* BYE Server shutting down\r\n");
+    env.stop().await;
+}
