@@ -162,7 +162,7 @@ fn build(rng: &mut StdRng, kind: Kind, run: &str, body_bytes: usize) -> Vec<u8> 
         WORDS[rng.gen_range(0..32)]
     );
     let b = MessageBuilder::new()
-        .from(("Load Generator", "mailbench@mailbench.test"))
+        .from(("Load Generator", "loadgen@mailbench.example"))
         .to(("Bench Recipient", "recipient@mailbench.test"))
         .subject(subject)
         .message_id(format!("{MARK}@mailbench"))

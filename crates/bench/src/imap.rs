@@ -24,7 +24,10 @@ impl ImapError {
     pub fn key(&self) -> String {
         match self {
             ImapError::Io(e) => crate::net::io_key(e).to_string(),
-            ImapError::Status { status, .. } => status.clone(),
+            ImapError::Status { status, text, .. } => match crate::net::resp_code(text) {
+                Some(code) => format!("{status} [{code}]"),
+                None => status.clone(),
+            },
             ImapError::Protocol(_) => "protocol".to_string(),
         }
     }

@@ -272,6 +272,15 @@ impl Conn {
     }
 }
 
+/// The response code that opens a POP3/IMAP status text (`[IN-USE] locked` → `IN-USE`),
+/// which tells an operator more than the bare `-ERR`/`NO`.
+pub fn resp_code(text: &str) -> Option<&str> {
+    let rest = text.trim_start().strip_prefix('[')?;
+    let code = &rest[..rest.find(']')?];
+    let code = code.split_whitespace().next()?;
+    (!code.is_empty() && code.len() <= 32).then_some(code)
+}
+
 /// Maps an I/O failure to an error-tally key.
 pub fn io_key(e: &io::Error) -> &'static str {
     match e.kind() {
@@ -338,6 +347,14 @@ mod tests {
         let mut c = Conn::new(Box::new(a), Duration::from_millis(50));
         let e = c.read_line().await.unwrap_err();
         assert_eq!(io_key(&e), "timeout");
+    }
+
+    #[test]
+    fn response_codes() {
+        assert_eq!(resp_code("[IN-USE] maildrop is locked"), Some("IN-USE"));
+        assert_eq!(resp_code("[UIDNEXT 5] next"), Some("UIDNEXT"));
+        assert_eq!(resp_code("no code"), None);
+        assert_eq!(resp_code("[unterminated"), None);
     }
 
     #[test]

@@ -18,7 +18,10 @@ impl Pop3Error {
     pub fn key(&self) -> String {
         match self {
             Pop3Error::Io(e) => crate::net::io_key(e).to_string(),
-            Pop3Error::Err { .. } => "-ERR".to_string(),
+            Pop3Error::Err { text, .. } => match crate::net::resp_code(text) {
+                Some(code) => format!("-ERR [{code}]"),
+                None => "-ERR".to_string(),
+            },
             Pop3Error::Protocol(_) => "protocol".to_string(),
         }
     }

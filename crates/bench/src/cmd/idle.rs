@@ -38,7 +38,7 @@ pub struct IdleArgs {
     /// Messages to deliver, one after the other, each to every watched account.
     #[arg(long, default_value_t = 3)]
     pub deliveries: u64,
-    #[arg(long, default_value = "mailbench@mailbench.test")]
+    #[arg(long, default_value = "loadgen@mailbench.example")]
     pub from: String,
     /// Seconds to wait for a delivery to reach all watchers.
     #[arg(long, default_value_t = 30.0)]

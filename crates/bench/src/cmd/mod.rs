@@ -49,10 +49,10 @@ impl Common {
     }
 }
 
-/// Accounts addressed as `--user-template` with `{n}` = 1..=users.
+/// Accounts addressed as `--user-template` with the placeholder `{n}` = 1..=users.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Users {
-    /// Number of accounts; `{n}` in the templates runs from 1 to this.
+    /// Number of accounts; the `n` placeholder in the templates runs from 1 to this.
     #[arg(long, default_value_t = 1)]
     pub users: u64,
     /// Address of account n.
@@ -61,7 +61,7 @@ pub struct Users {
     /// Login name of account n (default: its address).
     #[arg(long)]
     pub login_template: Option<String>,
-    /// Password of account n (`{n}` allowed).
+    /// Password of account n (may contain the `n` placeholder too).
     #[arg(long, default_value = "password")]
     pub password: String,
 }

@@ -20,7 +20,7 @@ pub struct Pop3Args {
     /// Messages to download per maildrop (RETR 1..N); fewer present is an error.
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub messages: u64,
-    /// Concurrent downloads (download i uses account i mod U + 1).
+    /// Concurrent downloads (download k of slot s uses account (k * C + s) mod U + 1).
     #[arg(long, short = 'c', default_value_t = 1)]
     pub connections: u64,
     /// Downloads per connection slot.
@@ -44,8 +44,10 @@ pub async fn run(args: Pop3Args, common: &Common) -> anyhow::Result<(Report, boo
         let timeout = common.timeout();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            let account = slot % args.users.count() + 1;
-            for _ in 0..args.iterations.max(1) {
+            for k in 0..args.iterations.max(1) {
+                // Successive downloads rotate over the accounts: a server may keep a maildrop
+                // locked for a moment after QUIT, and that is not what this measures.
+                let account = (k * slots + slot) % args.users.count() + 1;
                 let t0 = Instant::now();
                 match download(&args, implicit.as_ref(), upgrade.as_ref(), timeout, account).await {
                     Ok((msgs, bytes)) => {

@@ -33,7 +33,7 @@ pub struct Transport {
     /// Send MAIL, RCPT and DATA as one group when the server offers PIPELINING.
     #[arg(long)]
     pub pipelining: bool,
-    #[arg(long, default_value = "mailbench@mailbench.test")]
+    #[arg(long, default_value = "loadgen@mailbench.example")]
     pub from: String,
     #[arg(long, default_value = "mailbench.test")]
     pub helo: String,
@@ -356,7 +356,13 @@ async fn worker(_w: u64, s: Arc<Shared>) -> Tally {
             }
             Err(e) => {
                 tally.error(e.key());
-                if matches!(e, smtp::SmtpError::Io(_) | smtp::SmtpError::Protocol(_)) {
+                // 421 closes the session (e.g. a per-session message limit): reconnect.
+                if matches!(
+                    e,
+                    smtp::SmtpError::Io(_)
+                        | smtp::SmtpError::Protocol(_)
+                        | smtp::SmtpError::Reply { code: 421, .. }
+                ) {
                     client = None;
                     consecutive_failures += 1;
                     if consecutive_failures >= 20 {

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Reproduces the "Performance" figures of crates/bench/README.md on one machine, loopback only.
+#
+#   cargo build --release -p mailbox-store... (see README) && crates/bench/scripts/bench-mailsuite.sh [smtp|imap|idle|pop3|all]
+#
+# Starts mailbox-store, smtp-ingress, imap-gateway and pop3-gateway as separate processes on
+# 127.0.0.1 against a fresh database `mailbench` on the local PostgreSQL, creates the test
+# accounts with mailctl, runs mailbench with the pids of every process (PostgreSQL as a
+# process tree), writes one JSON report per step into $OUT and stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+BIN=${BIN:-target/release}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+DB=${DB:-mailbench}
+OUT=${OUT:-target/mailbench}
+USERS=${USERS:-10}
+SMTP_MESSAGES=${SMTP_MESSAGES:-20000}
+SMTP_CONNECTIONS=${SMTP_CONNECTIONS:-50}
+PER_USER=${PER_USER:-1000}
+IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
+DURATION=${DURATION:-20}
+STEP=${1:-all}
+# Per-event INFO logging would be measured as server CPU.
+export MAILSUITE_LOG=${MAILSUITE_LOG:-warn}
+
+STORE_GRPC=127.0.0.1:50151
+SMTP=127.0.0.1:2525
+IMAP=127.0.0.1:1143
+POP3=127.0.0.1:1110
+
+mkdir -p "$OUT"
+ulimit -n "$(ulimit -Hn)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+start() {
+  local name=$1
+  shift
+  "$@" >"$OUT/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_${name//-/_}=$!"
+}
+
+wait_port() {
+  local hp=$1
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/${hp%:*}/${hp#*:}") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on $hp; see $OUT/*.log" >&2
+  exit 1
+}
+
+psql "$PG/postgres" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+DATABASE_URL="$PG/$DB"
+PGDATA_DIR=$(psql "$PG/postgres" -qAt -c "show data_directory")
+PID_postgres=$(head -1 "$PGDATA_DIR/postmaster.pid")
+
+start mailbox-store "$BIN/mailbox-store" \
+  --set listen_grpc=$STORE_GRPC --set listen_ops= --set "database_url=$DATABASE_URL"
+wait_port $STORE_GRPC
+start smtp-ingress "$BIN/smtp-ingress" \
+  --set listen_smtp=$SMTP --set listen_submission= --set listen_submissions= --set listen_ops= \
+  --set store_url=http://$STORE_GRPC --set policy.verify_inbound=false \
+  --set limits.max_connections_per_ip=100000 --set limits.max_messages_per_ip_per_minute=100000000 \
+  --set limits.max_messages_per_session=100000000
+start imap-gateway "$BIN/imap-gateway" \
+  --set listen_imap=$IMAP --set listen_imaps= --set listen_ops= --set store_url=http://$STORE_GRPC \
+  --set auth.allow_plaintext_loopback=true --set limits.connections.max_connections=100000 \
+  --set limits.connections.max_per_ip=100000 --set limits.commands_per_second=0 \
+  --set limits.max_sessions_per_account=0
+start pop3-gateway "$BIN/pop3-gateway" \
+  --set listen_pop3=$POP3 --set listen_pop3s= --set listen_ops= --set store_url=http://$STORE_GRPC \
+  --set auth.allow_plaintext_loopback=true --set limits.connections.max_per_ip=100000
+wait_port $SMTP
+wait_port $IMAP
+wait_port $POP3
+
+CTL=("$BIN/mailctl" --store http://$STORE_GRPC)
+"${CTL[@]}" domain add mailbench.test >/dev/null
+for n in $(seq 1 "$USERS"); do
+  echo password | "${CTL[@]}" account add "bench$n@mailbench.test" --password-stdin >/dev/null
+done
+
+PIDARGS=(--pid "smtp-ingress=$PID_smtp_ingress" --pid "mailbox-store=$PID_mailbox_store"
+  --pid "imap-gateway=$PID_imap_gateway" --pid "pop3-gateway=$PID_pop3_gateway" --pid "postgres=$PID_postgres+")
+MB=("$BIN/mailbench" --json "${PIDARGS[@]}")
+
+run() {
+  local name=$1
+  shift
+  echo "== $name: mailbench $*" >&2
+  "${MB[@]}" "$@" >"$OUT/$name.json" || echo "   (exit $?: see $OUT/$name.json)" >&2
+  python3 - "$OUT/$name.json" >&2 <<'PY' || true
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except ValueError:
+    sys.exit("   no report")
+print("   %.1f %s/s, %d errors %s" % (r["ops_per_sec"], r["unit"], r["error_total"], r["errors"]))
+for k, v in r["latency"].items():
+    print("   %-20s p50 %8.2f  p99 %8.2f  max %8.2f ms" % (k, v["p50_ms"], v["p99_ms"], v["max_ms"]))
+for c in r["cpu"]:
+    print("   cpu %-20s %8.3f ms/op %5.2f cores" % (c["name"], c["cpu_ms_per_op"] or 0, c["cores"]))
+if r.get("memory"):
+    print("   memory", r["memory"])
+for k, v in r["notes"].items():
+    print("   %s: %s" % (k, v))
+PY
+}
+
+if [[ $STEP == all || $STEP == smtp ]]; then
+  run smtp-max smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n "$SMTP_MESSAGES" --size 4096 --users "$USERS" \
+    --pipelining --verify-imap $IMAP --verify-timeout 120
+  RATE=$(python3 -c 'import json,sys; print(max(1, int(json.load(open(sys.argv[1]))["ops_per_sec"] / 2)))' "$OUT/smtp-max.json")
+  run smtp-half-rate smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n $((RATE * 20)) --size 4096 --users "$USERS" \
+    --pipelining --rate "$RATE"
+fi
+if [[ $STEP == all || $STEP == imap || $STEP == pop3 ]]; then
+  run seed seed --server $SMTP -c 20 --users "$USERS" --per-user "$PER_USER" --size 4700 --pipelining
+fi
+if [[ $STEP == all || $STEP == imap ]]; then
+  run imap-envelope imap --server $IMAP --users "$USERS" --clients 10 --mode envelope --duration "$DURATION"
+  run imap-body imap --server $IMAP --users "$USERS" --clients 10 --mode body --duration "$DURATION"
+  run imap-search imap --server $IMAP --users "$USERS" --clients 10 --mode search --duration "$DURATION"
+  run imap-flags imap --server $IMAP --users "$USERS" --clients 10 --mode flags --duration "$DURATION"
+fi
+if [[ $STEP == all || $STEP == pop3 ]]; then
+  run pop3 pop3 --server $POP3 --users 1 --messages 1000 --iterations 5
+fi
+if [[ $STEP == all || $STEP == idle ]]; then
+  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --server-pid "$PID_imap_gateway" --smtp $SMTP \
+    --deliveries 3
+fi
+if [[ $STEP == serve ]]; then
+  # Keep the system up for manual runs; Ctrl-C (or SIGTERM) stops it.
+  echo "smtp $SMTP imap $IMAP pop3 $POP3; ${PIDARGS[*]}" >&2
+  wait
+fi
+echo "reports in $OUT" >&2
