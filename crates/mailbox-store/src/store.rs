@@ -149,7 +149,7 @@ pub async fn put_blob(
         parsed
             .headers
             .iter()
-            .map(|(n, v)| [n.as_str(), v.as_str()])
+            .map(|(n, v)| [strip_nul(n), strip_nul(v)])
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default();
