@@ -1,0 +1,24 @@
+//! The `smtp-ingress` binary: --help, config from flags, readiness, greeting, SIGTERM.
+
+use mailsuite_testkit::process::{check_service_binary, free_addr};
+
+#[tokio::test]
+async fn binary_starts_greets_and_exits_on_sigterm() {
+    let (smtp, ops) = (free_addr(), free_addr());
+    let settings = [
+        ("listen_smtp", smtp.clone()),
+        ("listen_submission", free_addr()),
+        ("listen_submissions", free_addr()),
+        ("listen_ops", ops.clone()),
+        ("store_url", format!("http://{}", free_addr())),
+        ("queue_url", format!("http://{}", free_addr())),
+    ];
+    check_service_binary(
+        env!("CARGO_BIN_EXE_smtp-ingress"),
+        &settings,
+        &[],
+        &ops,
+        Some((&smtp, "220 ")),
+    )
+    .await;
+}
