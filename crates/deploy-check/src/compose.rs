@@ -118,6 +118,87 @@ pub fn bind_mounts(svc: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Service attributes of the Compose Specification that `docker-compose.yml` may use: a
+/// misspelt key is otherwise silently ignored by nothing but this check.
+pub const SERVICE_KEYS: &[&str] = &[
+    "build",
+    "cap_add",
+    "cap_drop",
+    "command",
+    "configs",
+    "container_name",
+    "depends_on",
+    "deploy",
+    "entrypoint",
+    "env_file",
+    "environment",
+    "expose",
+    "extra_hosts",
+    "healthcheck",
+    "hostname",
+    "image",
+    "init",
+    "labels",
+    "logging",
+    "networks",
+    "pid",
+    "platform",
+    "ports",
+    "profiles",
+    "pull_policy",
+    "read_only",
+    "restart",
+    "secrets",
+    "security_opt",
+    "shm_size",
+    "stop_grace_period",
+    "stop_signal",
+    "sysctls",
+    "tmpfs",
+    "ulimits",
+    "user",
+    "volumes",
+    "working_dir",
+];
+const TOP_KEYS: &[&str] = &[
+    "name", "services", "volumes", "networks", "configs", "secrets",
+];
+const HEALTHCHECK_KEYS: &[&str] = &[
+    "test",
+    "interval",
+    "timeout",
+    "retries",
+    "start_period",
+    "start_interval",
+    "disable",
+];
+const BUILD_KEYS: &[&str] = &[
+    "context",
+    "dockerfile",
+    "target",
+    "args",
+    "cache_from",
+    "cache_to",
+    "labels",
+    "platforms",
+    "secrets",
+    "ssh",
+    "tags",
+    "network",
+    "shm_size",
+    "additional_contexts",
+    "no_cache",
+    "pull",
+];
+
+fn unknown_keys(v: &Value, known: &[&str], what: &str, p: &mut impl FnMut(String)) {
+    for k in v.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !k.starts_with("x-") && !known.contains(&k.as_str()) {
+            p(format!("{what}: unknown key {k:?}"));
+        }
+    }
+}
+
 /// Problems with the compose file `c`, whose relative paths start at `root`.
 pub fn check(c: &Value, df: &Dockerfile, root: &Path) -> Vec<String> {
     let mut problems = Vec::new();
@@ -130,7 +211,15 @@ pub fn check(c: &Value, df: &Dockerfile, root: &Path) -> Vec<String> {
         .map(|m| m.keys().map(String::as_str).collect())
         .unwrap_or_default();
 
+    unknown_keys(c, TOP_KEYS, "top level", &mut p);
     for (name, svc) in services {
+        unknown_keys(svc, SERVICE_KEYS, name, &mut p);
+        if let Some(h) = svc.get("healthcheck") {
+            unknown_keys(h, HEALTHCHECK_KEYS, &format!("{name}.healthcheck"), &mut p);
+        }
+        if let Some(b) = svc.get("build").filter(|b| b.is_object()) {
+            unknown_keys(b, BUILD_KEYS, &format!("{name}.build"), &mut p);
+        }
         if svc.get("container_name").is_some() {
             p(format!(
                 "{name}: container_name prevents scaling and parallel projects"

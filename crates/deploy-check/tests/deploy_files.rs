@@ -198,6 +198,8 @@ fn compose_file_is_consistent() {
         .unwrap()
         .remove("healthcheck");
     broken["services"]["postgres"]["image"] = json!("postgres:latest");
+    broken["services"]["postgres"]["healthcheck"]["intervall"] = json!("5s");
+    broken["services"]["smtp-ingress"]["stop_grace_periode"] = json!("45s");
     let problems = compose::check(&broken, &df, &repo_root());
     assert_caught(&problems, "imap-gateway: build target Some(\"imap\")");
     assert_caught(&problems, "pop3-gateway: publishes host ports");
@@ -205,6 +207,11 @@ fn compose_file_is_consistent() {
     assert_caught(&problems, "smtp-ingress: container_name");
     assert_caught(&problems, "but relay-queue has no healthcheck");
     assert_caught(&problems, "not pinned to a major version");
+    assert_caught(&problems, "postgres.healthcheck: unknown key \"intervall\"");
+    assert_caught(
+        &problems,
+        "smtp-ingress: unknown key \"stop_grace_periode\"",
+    );
 
     let mut no_migrate = c.clone();
     no_migrate["services"]["mailbox-store"]["depends_on"]
