@@ -45,7 +45,8 @@ pub trait Backend: Send + Sync + 'static {
         peer: IpAddr,
     ) -> impl Future<Output = Result<(Maildrop, Self::Lock), LoginError>> + Send;
 
-    /// The content of message `uid` with CRLF line ends, streamed.
+    /// The stored content of message `uid`, streamed in order (line ends as stored: the
+    /// encoder makes them CRLF).
     fn body(
         &self,
         target: Target,

@@ -81,6 +81,9 @@ pub struct Limits {
     /// Deadline for one call to mailbox-store, and for each chunk of a streamed message
     /// (default 30).
     pub store_timeout_secs: u64,
+    /// RETR/TOP read a message from the store in windows of this many octets, so memory
+    /// per transfer stays bounded whatever the message size (default 1 MiB).
+    pub fetch_window_bytes: u64,
 }
 
 impl Default for Limits {
@@ -96,6 +99,7 @@ impl Default for Limits {
             max_auth_failures: 5,
             max_bad_commands: 20,
             store_timeout_secs: 30,
+            fetch_window_bytes: 1 << 20,
         }
     }
 }

@@ -52,6 +52,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     let backend = StoreBackend::connect(
         &config.store_url,
         Duration::from_secs(config.limits.store_timeout_secs.max(1)),
+        config.limits.fetch_window_bytes,
     )?;
     start_with(backend, config, shutdown).await
 }

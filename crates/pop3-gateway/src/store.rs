@@ -5,12 +5,11 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use futures::StreamExt;
 use mailsuite_proto::directory_client::DirectoryClient;
 use mailsuite_proto::mailbox_client::MailboxClient;
 use mailsuite_proto::{
-    AuthenticateRequest, ExpungeRequest, FetchBodyRequest, FetchRequest, LockControl, LockEvent,
-    Section, SelectRequest, StoreFlagsRequest, StoreMode, UidSet,
+    AuthenticateRequest, BodyChunk, ExpungeRequest, FetchBodyRequest, FetchRequest, LockControl,
+    LockEvent, Section, SelectRequest, StoreFlagsRequest, StoreMode, UidSet,
 };
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::GrpcChannel;
@@ -27,22 +26,108 @@ pub struct StoreBackend {
     directory: DirectoryClient<GrpcChannel>,
     mailbox: MailboxClient<GrpcChannel>,
     timeout: Duration,
+    window: u64,
+}
+
+struct WindowReader {
+    mailbox: MailboxClient<GrpcChannel>,
+    target: Target,
+    uid: u32,
+    window: u64,
+    offset: u64,
+    current: Option<Streaming<BodyChunk>>,
+    /// Octets received in the current window, and whether it answered at all.
+    got: u64,
+    any: bool,
+    done: bool,
+}
+
+impl WindowReader {
+    async fn next(&mut self) -> Option<Result<Vec<u8>, Failure>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let current = match &mut self.current {
+                Some(c) => c,
+                None => {
+                    let request = FetchBodyRequest {
+                        account_id: self.target.account_id,
+                        mailbox_id: self.target.mailbox_id,
+                        uids: Some(UidSet::from_uids([self.uid])),
+                        sections: vec![Section {
+                            has_partial: true,
+                            offset: self.offset,
+                            length: self.window,
+                            ..Default::default()
+                        }],
+                    };
+                    match self.mailbox.fetch_body(request).await {
+                        Ok(r) => {
+                            self.got = 0;
+                            self.any = false;
+                            self.current.insert(r.into_inner())
+                        }
+                        Err(s) => {
+                            self.done = true;
+                            return Some(Err(failure(s, "reading a message")));
+                        }
+                    }
+                }
+            };
+            match current.message().await {
+                Ok(Some(c)) if c.missing => {
+                    self.done = true;
+                    return Some(Err(Failure::Gone));
+                }
+                Ok(Some(c)) => {
+                    self.any = true;
+                    self.got += c.data.len() as u64;
+                    return Some(Ok(c.data));
+                }
+                Ok(None) => {
+                    self.current = None;
+                    if !self.any {
+                        // Expunged meanwhile: an error, never a silently short message.
+                        self.done = true;
+                        return Some(Err(Failure::Gone));
+                    }
+                    if self.got < self.window {
+                        self.done = true;
+                        return None;
+                    }
+                    self.offset += self.window;
+                }
+                Err(s) => {
+                    self.done = true;
+                    return Some(Err(failure(s, "reading a message")));
+                }
+            }
+        }
+    }
 }
 
 /// Holds a `LockMaildrop` stream open; the store releases the lock when it closes, and
 /// PostgreSQL does when the store's connection dies.
 pub struct MaildropLock {
+    _release: tokio::sync::mpsc::Sender<LockControl>,
     _events: Streaming<LockEvent>,
 }
 
 impl StoreBackend {
-    /// `timeout` bounds each unary call and the wait for the lock.
-    pub fn connect(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+    /// `timeout` bounds each unary call and the wait for the lock; messages are read in
+    /// windows of `window` octets.
+    pub fn connect(
+        url: &str,
+        timeout: Duration,
+        window: u64,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = mailsuite_runtime::grpc::connect_lazy(url)?;
         Ok(StoreBackend {
             directory: DirectoryClient::new(channel.clone()),
             mailbox: MailboxClient::new(channel),
             timeout,
+            window: window.max(1),
         })
     }
 
@@ -57,9 +142,12 @@ impl StoreBackend {
             account_id,
             mailbox: MAILDROP.into(),
         };
-        // The request stream stays open (pending) for as long as the lock is wanted: the RPC
-        // ends when the response stream is dropped.
-        let requests = futures::stream::iter([control]).chain(futures::stream::pending());
+        // The request stream stays open as long as the lock's sender lives: dropping the lock
+        // ends it, which tells the store to release. (Dropping only the response stream
+        // would not end the HTTP/2 stream while its request side is still open.)
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.try_send(control);
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut mailbox = self.mailbox.clone();
         let acquire = async move {
             let mut events = mailbox.lock_maildrop(requests).await?.into_inner();
@@ -71,7 +159,10 @@ impl StoreBackend {
                 "timed out waiting for the maildrop lock".into(),
             )),
             Ok(Err(status)) => Err(login_error(status, "locking the maildrop")),
-            Ok(Ok((Some(ev), events))) if ev.acquired => Ok(MaildropLock { _events: events }),
+            Ok(Ok((Some(ev), events))) if ev.acquired => Ok(MaildropLock {
+                _release: tx,
+                _events: events,
+            }),
             Ok(Ok((Some(_), _))) => Err(LoginError::InUse),
             Ok(Ok((None, _))) => Err(LoginError::Temporary(
                 "the mail store closed the lock stream".into(),
@@ -198,28 +289,28 @@ impl Backend for StoreBackend {
     }
 
     async fn body(&self, target: Target, uid: u32) -> Result<BodyStream, Failure> {
-        // No gRPC deadline: a large message to a slow client may take long; the connection
-        // bounds the wait for each chunk instead.
-        let chunks = self
-            .mailbox
-            .clone()
-            .fetch_body(FetchBodyRequest {
-                account_id: target.account_id,
-                mailbox_id: target.mailbox_id,
-                uids: Some(UidSet::from_uids([uid])),
-                sections: vec![Section {
-                    crlf: true,
-                    ..Default::default()
-                }],
-            })
-            .await
-            .map_err(|s| failure(s, "reading a message"))?
-            .into_inner();
-        Ok(Box::pin(chunks.map(|r| match r {
-            Ok(c) if c.missing => Err(Failure::Gone),
-            Ok(c) => Ok(c.data),
-            Err(s) => Err(failure(s, "reading a message")),
-        })))
+        // Consecutive byte windows of the raw message. A partial section without conversion
+        // is read by the store as just that range of the blob, so neither side ever holds
+        // more than a window of a large message; CRLF is made by the gateway's encoder.
+        // No gRPC deadline: the connection bounds the wait for each chunk instead.
+        let reader = WindowReader {
+            mailbox: self.mailbox.clone(),
+            target,
+            uid,
+            window: self.window,
+            offset: 0,
+            current: None,
+            got: 0,
+            any: false,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            reader,
+            |mut r| async move {
+                let item = r.next().await?;
+                Some((item, r))
+            },
+        )))
     }
 
     async fn update(&self, target: Target, deleted: &[u32], seen: &[u32]) -> Result<(), Failure> {
