@@ -57,20 +57,19 @@ fn migrations_hash() -> String {
 async fn ensure_template(admin: &mut PgConnection) -> Result<String, sqlx::Error> {
     let name = format!("mailsuite_tmpl_{}", migrations_hash());
     // Serialise template creation across concurrently running test binaries.
-    admin
-        .execute("SELECT pg_advisory_lock(727274001)")
-        .await?;
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-    )
-    .bind(&name)
-    .fetch_one(&mut *admin)
-    .await?;
+    admin.execute("SELECT pg_advisory_lock(727274001)").await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut *admin)
+            .await?;
     let result = async {
         if !exists {
             let building = format!("{name}_building");
             admin
-                .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")))
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {building} WITH (FORCE)"
+                )))
                 .await?;
             admin
                 .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {building}")))
@@ -81,7 +80,9 @@ async fn ensure_template(admin: &mut PgConnection) -> Result<String, sqlx::Error
                 .map_err(|e| sqlx::Error::Protocol(format!("migrations: {e}")))?;
             pool.close().await;
             admin
-                .execute(sqlx::AssertSqlSafe(format!("ALTER DATABASE {building} RENAME TO {name}")))
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "ALTER DATABASE {building} RENAME TO {name}"
+                )))
                 .await?;
         }
         Ok::<_, sqlx::Error>(())
@@ -102,7 +103,9 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        Self::try_new().await.expect("testkit: creating a test database")
+        Self::try_new()
+            .await
+            .expect("testkit: creating a test database")
     }
 
     pub async fn try_new() -> Result<TestDb, sqlx::Error> {
@@ -114,7 +117,9 @@ impl TestDb {
         let mut tries = 0;
         loop {
             match admin
-                .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} TEMPLATE {template}")))
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "CREATE DATABASE {name} TEMPLATE {template}"
+                )))
                 .await
             {
                 Ok(_) => break,
@@ -149,7 +154,9 @@ impl Drop for TestDb {
                 rt.block_on(async move {
                     if let Ok(mut admin) = PgConnection::connect(server_url()).await {
                         let _ = admin
-                            .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                            .execute(sqlx::AssertSqlSafe(format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            )))
                             .await;
                     }
                 });

@@ -3,7 +3,7 @@
 
 pub mod certs;
 pub mod db;
-
+pub mod process;
 
 pub use certs::TestCerts;
 pub use db::TestDb;

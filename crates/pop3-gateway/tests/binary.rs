@@ -1,0 +1,22 @@
+//! The `pop3-gateway` binary: --help, config from flags, readiness, greeting, SIGTERM.
+
+use mailsuite_testkit::process::{check_service_binary, free_addr};
+
+#[tokio::test]
+async fn binary_starts_greets_and_exits_on_sigterm() {
+    let (pop3, ops) = (free_addr(), free_addr());
+    let settings = [
+        ("listen_pop3", pop3.clone()),
+        ("listen_pop3s", free_addr()),
+        ("listen_ops", ops.clone()),
+        ("store_url", format!("http://{}", free_addr())),
+    ];
+    check_service_binary(
+        env!("CARGO_BIN_EXE_pop3-gateway"),
+        &settings,
+        &[],
+        &ops,
+        Some((&pop3, "+OK")),
+    )
+    .await;
+}

@@ -1,0 +1,199 @@
+//! Running a service *binary* as an operator would: pick free ports, spawn it, wait until it
+//! reports ready (ops `/readyz` or gRPC health), and stop it with SIGTERM.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+pub struct ServiceProcess {
+    child: Option<Child>,
+    pub name: String,
+}
+
+impl ServiceProcess {
+    pub fn spawn(bin: &str, args: &[String], env: &[(&str, &str)]) -> ServiceProcess {
+        let mut c = Command::new(bin);
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .env("MAILSUITE_LOG", "warn");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        ServiceProcess {
+            child: Some(child),
+            name: bin.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Panics if the process already exited (a crash at start-up).
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!("{} exited early: {status:?}", self.name);
+        }
+    }
+
+    /// Send SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("child");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// GET `path` on `addr` until it answers 200, or panic after `timeout`.
+pub async fn wait_http_ok(proc_: &mut ServiceProcess, addr: &str, path: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        proc_.assert_running();
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).await.is_ok() {
+                let mut out = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
+                if out.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not ready at http://{addr}{path} within {timeout:?}",
+            proc_.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until the gRPC health service at `addr` reports SERVING for `service` ("" = overall).
+pub async fn wait_grpc_serving(
+    proc_: &mut ServiceProcess,
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let deadline = Instant::now() + timeout;
+    let url = format!("http://{addr}");
+    loop {
+        proc_.assert_running();
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("url")
+            .connect()
+            .await
+        {
+            let mut c = HealthClient::new(ch);
+            if let Ok(r) = c
+                .check(HealthCheckRequest {
+                    service: service.to_string(),
+                })
+                .await
+                && r.into_inner().status == 1
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} gRPC health not SERVING at {addr} within {timeout:?}",
+            proc_.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `bin --help` exits 0 and documents the common flags.
+pub fn assert_help(bin: &str) {
+    let out = Command::new(bin)
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{bin} --help failed: {out:?}");
+    assert!(
+        text.contains("--config") && text.contains("--set"),
+        "{bin} --help lacks --config/--set:\n{text}"
+    );
+}
+
+/// Read the first bytes a server sends on connect.
+pub async fn read_greeting(addr: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("greeting within 10 s")
+        .expect("read greeting");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The life of a service binary: `--help`; start with `--set key=value` for each setting;
+/// ready on its ops endpoint (`/readyz`); the protocol greeting on `greeting.0` starts with
+/// `greeting.1`; SIGTERM → exit status 0 within 30 s.
+pub async fn check_service_binary(
+    bin: &str,
+    settings: &[(&str, String)],
+    env: &[(&str, &str)],
+    ops_addr: &str,
+    greeting: Option<(&str, &str)>,
+) {
+    assert_help(bin);
+    let args: Vec<String> = settings
+        .iter()
+        .flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")])
+        .collect();
+    let mut p = ServiceProcess::spawn(bin, &args, env);
+    wait_http_ok(&mut p, ops_addr, "/readyz", Duration::from_secs(60)).await;
+    if let Some((addr, prefix)) = greeting {
+        let g = read_greeting(addr).await;
+        assert!(g.starts_with(prefix), "{bin}: greeting {g:?}");
+    }
+    let status = p.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{bin}: exit on SIGTERM: {status:?}");
+}
