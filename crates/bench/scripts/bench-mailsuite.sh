@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the "Performance" figures of crates/bench/README.md on one machine, loopback only.
 #
-#   cargo build --release -p mailbox-store... (see README) && crates/bench/scripts/bench-mailsuite.sh [smtp|imap|idle|pop3|all]
+#   cargo build --release -p mailsuite-mailbox-store -p mailsuite-smtp-ingress -p mailsuite-imap-gateway \
+#     -p mailsuite-pop3-gateway -p mailctl -p mailsuite-bench
+#   crates/bench/scripts/bench-mailsuite.sh [smtp|imap|pop3|bigmsg|idle|all|serve]
 #
 # Starts mailbox-store, smtp-ingress, imap-gateway and pop3-gateway as separate processes on
 # 127.0.0.1 against a fresh database `mailbench` on the local PostgreSQL, creates the test
@@ -83,6 +85,7 @@ wait_port $POP3
 
 CTL=("$BIN/mailctl" --store http://$STORE_GRPC)
 "${CTL[@]}" domain add mailbench.test >/dev/null
+echo password | "${CTL[@]}" account add big@mailbench.test --password-stdin >/dev/null
 for n in $(seq 1 "$USERS"); do
   echo password | "${CTL[@]}" account add "bench$n@mailbench.test" --password-stdin >/dev/null
 done
@@ -106,7 +109,10 @@ print("   %.1f %s/s, %d errors %s" % (r["ops_per_sec"], r["unit"], r["error_tota
 for k, v in r["latency"].items():
     print("   %-20s p50 %8.2f  p99 %8.2f  max %8.2f ms" % (k, v["p50_ms"], v["p99_ms"], v["max_ms"]))
 for c in r["cpu"]:
-    print("   cpu %-20s %8.3f ms/op %5.2f cores" % (c["name"], c["cpu_ms_per_op"] or 0, c["cores"]))
+    peak = ""
+    if c.get("rss_peak_kib") is not None:
+        peak = "  rss %d -> peak %d KiB" % (c["rss_start_kib"], c["rss_peak_kib"])
+    print("   cpu %-20s %8.3f ms/op %5.2f cores%s" % (c["name"], c["cpu_ms_per_op"] or 0, c["cores"], peak))
 if r.get("memory"):
     print("   memory", r["memory"])
 for k, v in r["notes"].items():
@@ -132,6 +138,12 @@ if [[ $STEP == all || $STEP == imap ]]; then
 fi
 if [[ $STEP == all || $STEP == pop3 ]]; then
   run pop3 pop3 --server $POP3 --users 1 --messages 1000 --iterations 5
+fi
+if [[ $STEP == all || $STEP == bigmsg ]]; then
+  # One 50 MB message through SMTP -> store -> IMAP FETCH; the reports carry each process's peak RSS.
+  run bigmsg-smtp smtp --server $SMTP -c 1 -n 1 --size 50000000 --user-template big@mailbench.test --timeout 120
+  run bigmsg-fetch imap --server $IMAP --user-template big@mailbench.test --clients 1 --mode body --requests 2 \
+    --timeout 120
 fi
 if [[ $STEP == all || $STEP == idle ]]; then
   run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --server-pid "$PID_imap_gateway" --smtp $SMTP \

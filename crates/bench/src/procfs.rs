@@ -126,7 +126,7 @@ impl Watched {
 /// CPU snapshot of the watched processes (plus mailbench itself) taken at the start of the
 /// measured phase.
 pub struct CpuMeter {
-    watched: Vec<(Watched, u64)>,
+    watched: Vec<(Watched, u64, Option<u64>)>,
     own: u64,
     clk_tck: u64,
 }
@@ -138,7 +138,14 @@ impl CpuMeter {
             let t = p.ticks().map_err(|e| {
                 anyhow::anyhow!("cannot read CPU time of {}={}: {e}", p.name, p.pid)
             })?;
-            w.push((p.clone(), t));
+            // Resetting the kernel's peak-RSS mark makes VmHWM at the end the peak of this run.
+            let rss = if p.tree {
+                None
+            } else {
+                let _ = std::fs::write(format!("/proc/{}/clear_refs", p.pid), "5");
+                read_status_kib(p.pid, "VmRSS:")
+            };
+            w.push((p.clone(), t, rss));
         }
         Ok(CpuMeter {
             watched: w,
@@ -151,7 +158,7 @@ impl CpuMeter {
 
     pub fn finish(&self, ops: u64, elapsed: Duration) -> Vec<CpuUsage> {
         let mut out = Vec::new();
-        for (p, before) in &self.watched {
+        for (p, before, rss) in &self.watched {
             // A process that died during the run reports nothing rather than a wrong figure.
             if let Ok(after) = p.ticks() {
                 let name = if p.tree {
@@ -159,14 +166,19 @@ impl CpuMeter {
                 } else {
                     p.name.clone()
                 };
-                out.push(CpuUsage::new(
+                let mut u = CpuUsage::new(
                     &name,
                     p.pid,
                     after.saturating_sub(*before),
                     self.clk_tck,
                     ops,
                     elapsed,
-                ));
+                );
+                if rss.is_some() {
+                    u.rss_start_kib = *rss;
+                    u.rss_peak_kib = read_status_kib(p.pid, "VmHWM:");
+                }
+                out.push(u);
             }
         }
         let own = read_stat(std::process::id())
@@ -182,6 +194,19 @@ impl CpuMeter {
         ));
         out
     }
+}
+
+/// A `kB` field of `/proc/PID/status`, e.g. `VmRSS:` or `VmHWM:`.
+pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+pub fn read_status_kib(pid: u32, key: &str) -> Option<u64> {
+    parse_status_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +243,9 @@ pub fn read_smaps(pid: u32) -> std::io::Result<Smaps> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Both meter tests watch this very process and reset its peak-RSS mark.
+    static METER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn stat_with_parentheses_and_spaces_in_the_name() {
@@ -286,7 +314,34 @@ mod tests {
     }
 
     #[test]
+    fn status_fields() {
+        let s = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(parse_status_kib(s, "VmHWM:"), Some(2048));
+        assert_eq!(parse_status_kib(s, "VmRSS:"), Some(1024));
+        assert_eq!(parse_status_kib(s, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn peak_rss_of_a_watched_process_sees_a_transient_allocation() {
+        let _one_at_a_time = METER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let me = Watched {
+            name: "me".into(),
+            pid: std::process::id(),
+            tree: false,
+        };
+        let m = CpuMeter::start(std::slice::from_ref(&me)).unwrap();
+        // Touch 64 MiB and free it again: only the peak remembers it.
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let u = &m.finish(1, Duration::from_secs(1))[0];
+        let (start, peak) = (u.rss_start_kib.unwrap(), u.rss_peak_kib.unwrap());
+        assert!(peak >= start + 60 * 1024, "start {start} peak {peak}");
+    }
+
+    #[test]
     fn cpu_meter_counts_this_process() {
+        let _one_at_a_time = METER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let me = Watched {
             name: "me".into(),
             pid: std::process::id(),

@@ -110,6 +110,9 @@ pub struct CpuUsage {
     pub cpu_ms_per_op: Option<f64>,
     /// Share of one core over the run (1.0 = one core busy the whole time).
     pub cores: f64,
+    /// Resident memory at the start and its peak during the run (single processes only).
+    pub rss_start_kib: Option<u64>,
+    pub rss_peak_kib: Option<u64>,
 }
 
 impl CpuUsage {
@@ -129,6 +132,8 @@ impl CpuUsage {
             cpu_seconds,
             cpu_ms_per_op: (ops > 0).then(|| cpu_seconds * 1000.0 / ops as f64),
             cores: if secs > 0.0 { cpu_seconds / secs } else { 0.0 },
+            rss_start_kib: None,
+            rss_peak_kib: None,
         }
     }
 }
@@ -276,6 +281,13 @@ impl Report {
                 per,
                 self.unit.trim_end_matches('s')
             );
+            if let (Some(start), Some(peak)) = (c.rss_start_kib, c.rss_peak_kib) {
+                let _ = writeln!(
+                    s,
+                    "      rss {start} KiB at start, peak {peak} KiB (+{} KiB)",
+                    peak.saturating_sub(start)
+                );
+            }
         }
         if let Some(m) = &self.memory {
             let _ = writeln!(
