@@ -170,3 +170,42 @@ impl Default for DnsConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailsuite_runtime::config::{ConfigSources, load};
+
+    #[test]
+    fn defaults_overrides_and_unknown_keys() {
+        let c: Config = load(&ConfigSources::default()).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen_smtp, "0.0.0.0:25");
+        assert_eq!(c.listen_submission, "0.0.0.0:587");
+        assert_eq!(c.listen_submissions, "0.0.0.0:465");
+        assert_eq!(c.listen_ops, "0.0.0.0:9025");
+        assert!(!c.auth.allow_plaintext_loopback);
+        assert_eq!(c.limits.command_timeout_secs, 300);
+
+        let src = ConfigSources {
+            overrides: vec![
+                "listen_submissions=".into(),
+                "limits.max_recipients=7".into(),
+                "policy.bare_line_end=normalize".into(),
+            ],
+            env: [("MAILSUITE_HOSTNAME".to_string(), "mx.example".to_string())].into(),
+            ..Default::default()
+        };
+        let c: Config = load(&src).unwrap();
+        assert_eq!(c.listen_submissions, "");
+        assert_eq!(c.limits.max_recipients, 7);
+        assert_eq!(c.policy.bare_line_end, BareLineEnd::Normalize);
+        assert_eq!(c.hostname, "mx.example");
+
+        let bad = ConfigSources {
+            overrides: vec!["limits.nope=1".into()],
+            ..Default::default()
+        };
+        assert!(load::<Config>(&bad).is_err());
+    }
+}

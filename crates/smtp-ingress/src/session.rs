@@ -305,10 +305,29 @@ impl<B: Backend> Session<B> {
                 ),
                 Next::Close,
             ),
+            // RFC 5321's 211 "system status": the state of this session, nothing about others.
+            Command::Help(arg) if arg.trim().eq_ignore_ascii_case("STATUS") => {
+                Outcome::reply(Reply::multi(
+                    211,
+                    "2.0.0",
+                    [
+                        format!("{} status", self.cfg().hostname),
+                        format!("TLS: {}", if self.tls.is_some() { "yes" } else { "no" }),
+                        format!(
+                            "Authenticated: {}",
+                            if self.auth.is_some() { "yes" } else { "no" }
+                        ),
+                        format!("Messages accepted in this session: {}", self.messages),
+                    ],
+                ))
+            }
             Command::Help(_) => Outcome::reply(Reply::multi(
                 214,
                 "2.0.0",
-                [HELP.to_string(), "See RFC 5321".to_string()],
+                [
+                    HELP.to_string(),
+                    "HELP STATUS shows this session's state".to_string(),
+                ],
             )),
             Command::Turn => self.error(Reply::new(
                 502,
@@ -827,6 +846,7 @@ impl<B: Backend> Session<B> {
             ));
         }
         let received = self.received(&tx, &queue_id);
+        let body = strip_our_auth_results(&body, &self.cfg().hostname);
         let mut msg = Vec::with_capacity(received.len() + headers.len() + body.len());
         msg.extend_from_slice(received.as_bytes());
         msg.extend_from_slice(headers.as_bytes());
@@ -1124,6 +1144,51 @@ impl<B: Backend> Session<B> {
                 format!("Unable to queue messages for node {arg}"),
             )),
         }
+    }
+}
+
+/// Remove `Authentication-Results:` fields that claim to come from us (RFC 8601 §5): only the
+/// ones we add may carry our authserv-id.
+fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::Cow<'a, [u8]> {
+    const NAME: &[u8] = b"authentication-results:";
+    let mut out = Vec::new();
+    let mut pos = 0;
+    let mut dropping = false;
+    let mut changed = false;
+    while pos < msg.len() {
+        let end = msg[pos..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(msg.len(), |i| pos + i + 1);
+        let line = &msg[pos..end];
+        if line == b"\r\n" || line == b"\n" {
+            out.extend_from_slice(&msg[pos..]);
+            break;
+        }
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if !continuation {
+            dropping =
+                line.len() > NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) && {
+                    let v = String::from_utf8_lossy(&line[NAME.len()..]);
+                    let id = v
+                        .trim_start()
+                        .split([';', ' ', '\t', '\r'])
+                        .next()
+                        .unwrap_or("");
+                    id.eq_ignore_ascii_case(authserv_id)
+                };
+        }
+        if dropping {
+            changed = true;
+        } else {
+            out.extend_from_slice(line);
+        }
+        pos = end;
+    }
+    if changed {
+        std::borrow::Cow::Owned(out)
+    } else {
+        std::borrow::Cow::Borrowed(msg)
     }
 }
 

@@ -226,6 +226,7 @@ async fn command_by_state_table() {
         ("RSET", [250, 250, 250, 250]),
         ("NOOP", [250, 250, 250, 250]),
         ("HELP", [214, 214, 214, 214]),
+        ("HELP STATUS", [211, 211, 211, 211]),
         ("VRFY alice@local.test", [252, 252, 252, 252]),
         ("EXPN staff@local.test", [550, 550, 550, 550]),
         ("TURN", [502, 502, 502, 502]),
@@ -778,4 +779,19 @@ async fn line_too_long_is_500() {
     assert_eq!(o.reply.unwrap().serialize(), b"500 5.5.6 Line too long\r\n");
     assert_eq!(s.shutdown_reply().code, 421);
     assert!(s.shutdown_reply().lines[0].starts_with("4.3.2"));
+}
+
+#[test]
+fn forged_authentication_results_are_removed() {
+    let msg = b"Authentication-Results: mx.local.test; spf=pass\r\n\tdkim=pass\r\nAuthentication-Results: other.example; spf=fail\r\nSubject: x\r\n\r\nAuthentication-Results: mx.local.test; body text\r\n";
+    let out = strip_our_auth_results(msg, "mx.local.test");
+    assert_eq!(
+        &out[..],
+        &b"Authentication-Results: other.example; spf=fail\r\nSubject: x\r\n\r\nAuthentication-Results: mx.local.test; body text\r\n"[..]
+    );
+    let clean = b"Subject: y\r\n\r\nz";
+    assert!(matches!(
+        strip_our_auth_results(clean, "mx.local.test"),
+        std::borrow::Cow::Borrowed(_)
+    ));
 }

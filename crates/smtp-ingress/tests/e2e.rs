@@ -631,7 +631,15 @@ async fn dmarc_reject_policy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_says_421_to_idle_sessions() {
-    let e = env_with(|c| c.policy.verify_inbound = false).await;
+    let e = env_with(|c| {
+        c.policy.verify_inbound = false;
+        c.listen_submissions = String::new();
+    })
+    .await;
+    assert!(
+        e.smtp.submissions.is_none(),
+        "an empty address disables the listener"
+    );
     let mut c = connect(e.smtp.smtp.unwrap()).await;
     c.expect("EHLO client.example", 250).await;
     e.shutdown.trigger();
