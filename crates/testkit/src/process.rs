@@ -54,8 +54,9 @@ impl ServiceProcess {
         }
     }
 
-    /// Send SIGTERM and wait (bounded) for the exit status.
-    pub fn terminate(mut self, timeout: Duration) -> ExitStatus {
+    /// Send SIGTERM and wait (bounded) for the exit status. Async so that the caller's
+    /// runtime keeps driving its own connections (e.g. a gRPC client closing) meanwhile.
+    pub async fn terminate(mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("child");
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -69,7 +70,7 @@ impl ServiceProcess {
                 let _ = child.kill();
                 panic!("{} did not exit within {timeout:?} of SIGTERM", self.name);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -194,6 +195,6 @@ pub async fn check_service_binary(
         let g = read_greeting(addr).await;
         assert!(g.starts_with(prefix), "{bin}: greeting {g:?}");
     }
-    let status = p.terminate(Duration::from_secs(30));
+    let status = p.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{bin}: exit on SIGTERM: {status:?}");
 }
