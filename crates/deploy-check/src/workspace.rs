@@ -53,23 +53,68 @@ fn number_after(line: &str, marker: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// How long a service's `main` lets `Shutdown::drain` wait: the literal in
-/// `drain(Duration::from_secs(N))`, or the `default_value_t` of the flag it passes there.
-pub fn drain_seconds(main_rs: &str) -> Option<u64> {
+/// How long a service's `main` lets `Shutdown::drain` wait, following the argument of
+/// `.drain(..)`: a `Duration::from_secs(N)` literal, a `let` binding, a command-line flag's
+/// `default_value_t = N`, or a configuration field's default (`field: N,` in the `Default`
+/// impl of `config.rs`).
+pub fn drain_seconds(main_rs: &str, config_rs: &str) -> Result<u64, String> {
     let lines: Vec<&str> = main_rs.lines().collect();
-    let line = lines.iter().find(|l| l.contains(".drain("))?;
-    if let Some(n) = number_after(line, "from_secs(") {
-        return Some(n);
+    let line = lines
+        .iter()
+        .find(|l| l.contains(".drain("))
+        .ok_or("no .drain( call")?;
+    let mut expr = line
+        .split(".drain(")
+        .nth(1)
+        .and_then(|r| r.rsplit_once(')'))
+        .map(|(a, _)| a.trim().to_string())
+        .ok_or("unreadable .drain( call")?;
+    for _ in 0..4 {
+        if let Some(n) = number_after(&expr, "from_secs(") {
+            return Ok(n);
+        }
+        let inner = match expr.split_once("from_secs(") {
+            Some((_, r)) => r.split(')').next().unwrap_or("").trim().to_string(),
+            None => expr.trim_end_matches(')').trim().to_string(),
+        };
+        let ident = inner.rsplit('.').next().unwrap_or("").trim().to_string();
+        if ident.is_empty() || !ident.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("cannot follow drain argument {expr:?}"));
+        }
+        // `let grace = <expr>;` → follow it.
+        if let Some(rhs) = lines.iter().find_map(|l| {
+            l.trim_start()
+                .strip_prefix(&format!("let {ident} = "))
+                .map(|r| r.trim_end_matches(';').to_string())
+        }) {
+            expr = rhs;
+            continue;
+        }
+        // A flag: `#[arg(.., default_value_t = N)]` just above `ident: u64`.
+        if let Some(idx) = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(&format!("{ident}:")))
+            && let Some(n) = lines[idx.saturating_sub(3)..idx]
+                .iter()
+                .rev()
+                .find_map(|l| number_after(l, "default_value_t = "))
+        {
+            return Ok(n);
+        }
+        // A configuration field: its default, `ident: N,`.
+        if let Some(n) = config_rs.lines().find_map(|l| {
+            let t = l.trim_start().strip_prefix(&format!("{ident}: "))?;
+            let digits: String = t
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '_')
+                .collect();
+            digits.replace('_', "").parse().ok()
+        }) {
+            return Ok(n);
+        }
+        return Err(format!("cannot find the value of {ident}"));
     }
-    let arg = line.split("from_secs(").nth(1)?.split(')').next()?;
-    let field = arg.rsplit('.').next()?.trim();
-    let idx = lines
-        .iter()
-        .position(|l| l.trim_start().starts_with(&format!("{field}:")))?;
-    lines[idx.saturating_sub(3)..idx]
-        .iter()
-        .rev()
-        .find_map(|l| number_after(l, "default_value_t = "))
+    Err(format!("cannot follow drain argument {expr:?}"))
 }
 
 /// Every `pub name:` field declared in the services' configuration modules: the keys a
@@ -114,13 +159,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drain_from_literal_or_flag_default() {
+    fn drain_from_literal_flag_binding_or_config() {
         assert_eq!(
-            drain_seconds("x\n    sd.drain(std::time::Duration::from_secs(30)).await;\n"),
-            Some(30)
+            drain_seconds(
+                "x\n    sd.drain(std::time::Duration::from_secs(30)).await;\n",
+                ""
+            ),
+            Ok(30)
         );
         let flag = "struct A {\n    /// Seconds.\n    #[arg(long, default_value_t = 12)]\n    grace_secs: u64,\n}\nfn m() { sd.drain(Duration::from_secs(args.grace_secs)).await; }\n";
-        assert_eq!(drain_seconds(flag), Some(12));
-        assert_eq!(drain_seconds("fn main() {}"), None);
+        assert_eq!(drain_seconds(flag, ""), Ok(12));
+        let config = "    let grace = Duration::from_secs(config.shutdown_grace_secs);\n    shutdown.drain(grace).await;\n";
+        assert_eq!(
+            drain_seconds(
+                config,
+                "pub shutdown_grace_secs: u64,\n            shutdown_grace_secs: 1_0,\n"
+            ),
+            Ok(10)
+        );
+        assert!(drain_seconds("fn main() {}", "").is_err());
+        assert!(drain_seconds("sd.drain(grace).await;", "").is_err());
     }
 }

@@ -21,14 +21,13 @@ fn drain_seconds() -> u64 {
     SERVICES
         .iter()
         .map(|s| {
-            let main = repo_root().join("crates").join(s.name).join("src/main.rs");
-            let text = std::fs::read_to_string(&main).unwrap();
-            workspace::drain_seconds(&text).unwrap_or_else(|| {
-                panic!(
-                    "{}: no drain(Duration::from_secs(..)) found",
-                    main.display()
-                )
-            })
+            let src = repo_root().join("crates").join(s.name).join("src");
+            let main = std::fs::read_to_string(src.join("main.rs")).unwrap();
+            let config = std::fs::read_to_string(src.join("config.rs"))
+                .or_else(|_| std::fs::read_to_string(src.join("config/mod.rs")))
+                .unwrap_or_default();
+            workspace::drain_seconds(&main, &config)
+                .unwrap_or_else(|e| panic!("{}: drain period: {e}", s.name))
         })
         .max()
         .unwrap()
