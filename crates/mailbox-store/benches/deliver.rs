@@ -95,11 +95,13 @@ async fn main() {
         .unwrap_or(2000);
     let db = TestDb::new().await;
     let sd = Shutdown::new();
-    let mut cfg = mailsuite_mailbox_store::Config::default();
-    cfg.listen_grpc = "127.0.0.1:0".into();
-    cfg.listen_ops = String::new();
-    cfg.database_url = db.url.clone();
-    cfg.db_max_connections = 40;
+    let cfg = mailsuite_mailbox_store::Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: String::new(),
+        database_url: db.url.clone(),
+        db_max_connections: 40,
+        ..Default::default()
+    };
     let started = mailsuite_mailbox_store::start(cfg, sd.clone())
         .await
         .unwrap();

@@ -58,17 +58,10 @@ pub async fn render(
         }
         _ => {}
     }
-    if section.decode {
-        if let Some(p) = part {
-            match mime::decode_transfer(&p.encoding, &data) {
-                Some(d) => data = d,
-                None => {
-                    return Err(ServiceError::Cannot(
-                        "the part's content-transfer-encoding cannot be decoded".into(),
-                    ));
-                }
-            }
-        }
+    if let (true, Some(p)) = (section.decode, part) {
+        data = mime::decode_transfer(&p.encoding, &data).ok_or_else(|| {
+            ServiceError::Cannot("the part's content-transfer-encoding cannot be decoded".into())
+        })?;
     }
     if section.crlf {
         data = mime::to_crlf(&data);

@@ -1094,10 +1094,10 @@ impl Mailbox for MailboxSvc {
                         _ => break,
                     },
                     _ = refresh.tick() => {
-                        if !watched.is_empty() {
-                            if let Err(e) = presence(&pool, stream_id, &watched, lease).await {
-                                tracing::warn!("presence refresh: {e}");
-                            }
+                        if !watched.is_empty()
+                            && let Err(e) = presence(&pool, stream_id, &watched, lease).await
+                        {
+                            tracing::warn!("presence refresh: {e}");
                         }
                     }
                     ev = events.recv() => match ev {

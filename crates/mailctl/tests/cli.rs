@@ -36,10 +36,12 @@ fn mailctl(store: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, St
 async fn manage_domains_accounts_aliases() {
     let db = TestDb::new().await;
     let sd = Shutdown::new();
-    let mut cfg = mailsuite_mailbox_store::Config::default();
-    cfg.listen_grpc = "127.0.0.1:0".into();
-    cfg.listen_ops = String::new();
-    cfg.database_url = db.url.clone();
+    let cfg = mailsuite_mailbox_store::Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: String::new(),
+        database_url: db.url.clone(),
+        ..Default::default()
+    };
     let started = mailsuite_mailbox_store::start(cfg, sd.clone())
         .await
         .unwrap();

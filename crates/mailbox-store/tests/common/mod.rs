@@ -21,12 +21,13 @@ pub struct Store {
 }
 
 pub fn config(url: &str) -> Config {
-    let mut c = Config::default();
-    c.listen_grpc = "127.0.0.1:0".into();
-    c.listen_ops = String::new();
-    c.database_url = url.to_string();
-    c.db_max_connections = 40;
-    c
+    Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: String::new(),
+        database_url: url.to_string(),
+        db_max_connections: 40,
+        ..Default::default()
+    }
 }
 
 pub async fn store() -> Store {
