@@ -590,3 +590,34 @@ async fn shutdown_says_bye_to_idle_sessions() {
     assert_eq!(d.line().await, "* BYE Server shutting down\r\n");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_imaplib_full_session() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let dir = tempfile::tempdir().unwrap();
+    let msg = dir.path().join("message.eml");
+    std::fs::write(&msg, SIMPLE).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/imaplib_client.py");
+    let args = [
+        script.to_string(),
+        "127.0.0.1".into(),
+        env.imap().port().to_string(),
+        env.imaps().port().to_string(),
+        env.certs.ca_pem.display().to_string(),
+        "bob@example.test".into(),
+        PASSWORD.into(),
+        msg.display().to_string(),
+    ];
+    let out = tokio::process::Command::new("python3")
+        .args(&args)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("imaplib: all checks passed"), "{stdout}");
+    env.stop().await;
+}
