@@ -426,3 +426,84 @@ async fn pop3_pipelined_download_unstuffs_and_counts() {
     assert!(!ok);
     assert_eq!(report.errors.get("protocol"), Some(&1));
 }
+
+/// Interop with an independent server implementation: Python's aiosmtpd.
+#[tokio::test]
+async fn smtp_command_against_aiosmtpd() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/aiosmtpd_sink.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut port = String::new();
+    out.read_line(&mut port).unwrap();
+    let port: u16 = port
+        .trim()
+        .parse()
+        .expect("aiosmtpd_sink.py prints its port");
+
+    let t = cmd::smtp::Transport {
+        server: format!("127.0.0.1:{port}"),
+        connections: 3,
+        security: no_tls(),
+        auth: None,
+        pipelining: true,
+        from: "loadgen@mailbench.example".into(),
+        helo: "mailbench.test".into(),
+        messages_per_connection: 4,
+        max_duration: 60.0,
+        rate: None,
+        seed: 2,
+    };
+    let mut u = users(4);
+    u.user_template = "user{n}@sink.test".into();
+    let args = cmd::smtp::SmtpArgs {
+        transport: t,
+        messages: 25,
+        size: 5000,
+        size_dist: Some("real".into()),
+        recipients: 2,
+        users: u,
+        verify: cmd::smtp::Verify {
+            verify_imap: None,
+            verify_imap_tls: false,
+            verify_timeout: 1.0,
+        },
+    };
+    let result = cmd::smtp::run(args, &common(insecure())).await;
+    drop(child.stdin.take());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let (report, ok) = result.unwrap();
+    assert!(ok);
+    assert_eq!(report.ops, 25, "{}", report.to_text());
+    assert_eq!(report.error_total, 0, "{}", report.to_text());
+    let got: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    let ids = got["messages"].as_array().unwrap();
+    assert_eq!(ids.len(), 25);
+    let run = report.notes["run"].as_str().unwrap();
+    let mut seqs: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            corpus::parse_seq(id.as_str().unwrap().as_bytes(), run).expect("a mailbench Message-ID")
+        })
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..25).collect::<Vec<_>>());
+    assert_eq!(got["rcpts"].as_array().unwrap().len(), 50);
+    // The realistic mix reached the server intact: some messages are far above 5000 bytes.
+    assert!(
+        got["sizes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_u64().unwrap() > 16_384)
+    );
+}

@@ -199,7 +199,8 @@ async fn execute(plan: Plan, common: &Common) -> anyhow::Result<(Report, bool)> 
     let run = super::run_id();
     let n_templates = match plan.dist {
         SizeDist::Fixed(_) => 1,
-        SizeDist::Real => 200,
+        // More distinct templates than messages would only cost start-up time.
+        SizeDist::Real => plan.messages.clamp(1, 200) as usize,
     };
     let templates = corpus::corpus(plan.dist, &run, n_templates, t.seed);
     let verifying = plan.verify.verify_imap.is_some();
