@@ -101,3 +101,58 @@ pub fn init(service: &str, json: bool) -> TelemetryGuard {
         _metrics: crate::metrics::init(&service),
     }
 }
+
+/// The W3C `traceparent` of the current span (empty when there is none). Work that continues
+/// later in another process (a queued message's delivery attempts) stores it and links back
+/// with [`span_context_from_traceparent`].
+pub fn current_traceparent() -> String {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// The span context a stored `traceparent` names, for a span link; `None` when it is empty
+/// or malformed.
+pub fn span_context_from_traceparent(
+    traceparent: &str,
+) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::TraceContextExt;
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn traceparent_round_trip() {
+        install_propagator();
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = provider_with(exporter, "tp-test", false);
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(current_traceparent(), "", "no span, no context");
+            let span = tracing::info_span!("accepting");
+            let _e = span.enter();
+            let tp = current_traceparent();
+            assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+            let sc = span_context_from_traceparent(&tp).expect("valid");
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            assert_eq!(
+                sc.trace_id(),
+                span.context().span().span_context().trace_id()
+            );
+        });
+        assert!(span_context_from_traceparent("").is_none());
+        assert!(span_context_from_traceparent("00-zz-yy-01").is_none());
+    }
+}
