@@ -122,10 +122,10 @@ PY
 
 if [[ $STEP == all || $STEP == smtp ]]; then
   run smtp-max smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n "$SMTP_MESSAGES" --size 4096 --users "$USERS" \
-    --pipelining --verify-imap $IMAP --verify-timeout 120
+    --pipelining --ramp-up 1 --verify-imap $IMAP --verify-timeout 120
   RATE=$(python3 -c 'import json,sys; print(max(1, int(json.load(open(sys.argv[1]))["ops_per_sec"] / 2)))' "$OUT/smtp-max.json")
   run smtp-half-rate smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n $((RATE * 20)) --size 4096 --users "$USERS" \
-    --pipelining --rate "$RATE"
+    --pipelining --ramp-up 1 --rate "$RATE"
 fi
 if [[ $STEP == all || $STEP == imap || $STEP == pop3 ]]; then
   run seed seed --server $SMTP -c 20 --users "$USERS" --per-user "$PER_USER" --size 4700 --pipelining

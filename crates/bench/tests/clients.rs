@@ -68,6 +68,7 @@ fn transport(fake: &Fake, connections: u64) -> cmd::smtp::Transport {
         messages_per_connection: 0,
         max_duration: 60.0,
         rate: None,
+        ramp_up: 0.0,
         seed: 1,
     }
 }
@@ -203,8 +204,10 @@ async fn smtp_command_counts_250s_and_tallies_temporary_failures() {
 #[tokio::test]
 async fn smtp_command_with_verify_imap_sees_every_message() {
     let fake = Fake::start(Behaviour::default()).await;
+    let mut t = transport(&fake, 3);
+    t.ramp_up = 0.2;
     let args = cmd::smtp::SmtpArgs {
-        transport: transport(&fake, 3),
+        transport: t,
         messages: 30,
         size: 4096,
         size_dist: None,
@@ -459,6 +462,7 @@ async fn smtp_command_against_aiosmtpd() {
         messages_per_connection: 4,
         max_duration: 60.0,
         rate: None,
+        ramp_up: 0.0,
         seed: 2,
     };
     let mut u = users(4);

@@ -46,6 +46,9 @@ pub struct Transport {
     /// Offered load in messages per second (default: as fast as the server accepts).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Spread the start of the sessions evenly over this many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp_up: f64,
     /// Seed of the corpus generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -285,8 +288,13 @@ async fn execute(plan: Plan, common: &Common) -> anyhow::Result<(Report, bool)> 
     Ok((report, ok))
 }
 
-async fn worker(_w: u64, s: Arc<Shared>) -> Tally {
+async fn worker(w: u64, s: Arc<Shared>) -> Tally {
     let mut tally = Tally::default();
+    let ramp = s.plan.transport.ramp_up;
+    if ramp > 0.0 {
+        let delay = ramp * w as f64 / s.plan.transport.connections.max(1) as f64;
+        tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+    }
     let mut client: Option<Client> = None;
     let mut on_this_conn = 0u64;
     let mut consecutive_failures = 0u32;
