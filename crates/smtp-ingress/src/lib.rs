@@ -141,7 +141,8 @@ async fn accept_loop<B: Backend>(
                 let shared = shared.clone();
                 let tls = tls.clone();
                 let sd = shutdown.clone();
-                shutdown.spawn(async move {
+                let span = tracing::info_span!("smtp.session", %peer, port = ?port);
+                shutdown.spawn(tracing::Instrument::instrument(async move {
                     let _guard = guard;
                     let (io, info): (Box<dyn connection::Io>, _) = if port == Port::Submissions {
                         match connection::into_tls(stream, &tls).await {
@@ -156,7 +157,7 @@ async fn accept_loop<B: Backend>(
                     };
                     let session = Session::new(shared.clone(), port, peer, info);
                     connection::serve(io, session, shared, Some(tls), sd).await;
-                });
+                }, span));
             }
             Ok(Admission::Refused {
                 mut stream, reason, ..

@@ -581,6 +581,13 @@ impl<B: Backend> Session<B> {
         if !esmtp && (from.flags != 0 || from.size != 0 || from.env_id.is_some()) {
             return self.error(Reply::new(555, "5.5.4", "Parameters require EHLO"));
         }
+        if !from.address.is_ascii() && from.flags & sp::MAIL_SMTPUTF8 == 0 {
+            return Outcome::reply(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address requires SMTPUTF8",
+            ));
+        }
         if let Some(auth) = &self.auth {
             if !from.address.is_empty() {
                 match self
@@ -632,6 +639,13 @@ impl<B: Backend> Session<B> {
             return self.bad_sequence("RCPT not allowed during BDAT");
         }
         let terminal = tx.terminal;
+        if !to.address.is_ascii() && tx.from.flags & sp::MAIL_SMTPUTF8 == 0 {
+            return Outcome::reply(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address requires SMTPUTF8",
+            ));
+        }
         if tx.rcpts.len() >= self.cfg().limits.max_recipients {
             return Outcome::reply(Reply::new(452, "4.5.3", "Too many recipients"));
         }
@@ -803,6 +817,24 @@ impl<B: Backend> Session<B> {
     }
 
     async fn finish_message(&mut self, body: Vec<u8>, end: BodyEnd) -> Outcome {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "smtp.message",
+            otel.kind = "server",
+            size = body.len(),
+            code = tracing::field::Empty
+        );
+        let o = self
+            .finish_message_inner(body, end)
+            .instrument(span.clone())
+            .await;
+        if let Some(r) = &o.reply {
+            span.record("code", r.code);
+        }
+        o
+    }
+
+    async fn finish_message_inner(&mut self, body: Vec<u8>, end: BodyEnd) -> Outcome {
         let Some(tx) = self.tx.take() else {
             return self.bad_sequence("No transaction");
         };
@@ -937,7 +969,7 @@ impl<B: Backend> Session<B> {
             body_8bit: f.flags & (sp::MAIL_BODY_8BITMIME | sp::MAIL_BODY_BINARYMIME) != 0,
             smtputf8: f.flags & sp::MAIL_SMTPUTF8 != 0,
             size_hint: msg.len() as u64,
-            traceparent: String::new(),
+            traceparent: mailsuite_runtime::telemetry::current_traceparent(),
         };
         let b = &self.shared.backend;
         let mut r = b.enqueue(header.clone(), msg.clone()).await;

@@ -795,3 +795,30 @@ fn forged_authentication_results_are_removed() {
         std::borrow::Cow::Borrowed(_)
     ));
 }
+
+#[tokio::test]
+async fn smtputf8_addresses_need_the_parameter() {
+    let mut s = in_state(State::Greeted).await;
+    assert_eq!(code(&mut s, "MAIL FROM:<josé@remote.example>").await, 553);
+    assert_eq!(code(&mut s, "MAIL FROM:<x@remote.example>").await, 250);
+    assert_eq!(code(&mut s, "RCPT TO:<zoë@local.test>").await, 553);
+    code(&mut s, "RSET").await;
+    assert_eq!(
+        code(&mut s, "MAIL FROM:<josé@remote.example> SMTPUTF8").await,
+        250
+    );
+    assert_eq!(code(&mut s, "RCPT TO:<alice@local.test>").await, 250);
+    code(&mut s, "DATA").await;
+    assert_eq!(
+        send_body(&mut s, "Subject: é\r\n\r\n.\r\n".as_bytes())
+            .await
+            .reply
+            .unwrap()
+            .code,
+        250
+    );
+    let d = s.shared.backend.delivered.lock().unwrap();
+    let text = String::from_utf8_lossy(&d[0].1);
+    assert!(text.contains("with UTF8SMTP id"), "{text}");
+    assert_eq!(d[0].0.return_path, "josé@remote.example");
+}

@@ -581,6 +581,22 @@ async fn vrfy_expn_etrn_turn_help() {
     .await;
     let t = c.expect("VRFY alice@local.test", 250).await;
     assert_eq!(t, "2.1.5 Alice Liddell <alice@local.test>");
+    let mut admin = mailsuite_proto::admin_client::AdminClient::new(channel(e.store.grpc).await);
+    admin
+        .add_alias(AddAliasRequest {
+            address: "staff@local.test".into(),
+            targets: vec!["alice@local.test".into(), "bob@local.test".into()],
+            kind: AliasKind::List as i32,
+        })
+        .await
+        .unwrap();
+    let t = c.expect("EXPN staff@local.test", 250).await;
+    assert!(
+        t.contains("<alice@local.test>") && t.contains("<bob@local.test>"),
+        "{t}"
+    );
+    assert_eq!(t.lines().count(), 2, "{t}");
+    c.expect("EXPN alice@local.test", 550).await;
     c.expect("VRFY nobody@local.test", 550).await;
     c.expect("VRFY alice", 553).await;
     e.stop().await;

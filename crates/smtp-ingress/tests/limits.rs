@@ -329,3 +329,26 @@ async fn forwarding_alias_moved_account_and_quota() {
     assert!(t.starts_with("4.2.2"), "{t}");
     e.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_lifetime_bounds_a_chatty_client() {
+    let e = env_with(|c| {
+        no_verify(c);
+        c.limits.session_timeout_secs = 1;
+    })
+    .await;
+    let mut c = greeted(&e).await;
+    let t0 = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    // Every NOOP is answered, but the connection as a whole has a deadline.
+    let (code, text) = loop {
+        ticker.tick().await;
+        let r = c.cmd("NOOP").await;
+        if r.0 != 250 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never cut off");
+    };
+    assert_eq!(code, 421, "{text}");
+    e.stop().await;
+}

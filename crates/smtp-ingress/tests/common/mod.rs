@@ -21,9 +21,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub const PASSWORD: &str = "correct horse";
 
+pub type Enqueued = Vec<(EnqueueHeader, Vec<u8>)>;
+
 #[derive(Default, Clone)]
 pub struct Recorded {
-    pub enqueued: Arc<Mutex<Vec<(EnqueueHeader, Vec<u8>)>>>,
+    pub enqueued: Arc<Mutex<Enqueued>>,
     pub flushed: Arc<Mutex<Vec<String>>>,
     /// Enqueue answers Unavailable while set.
     pub down: Arc<Mutex<bool>>,
@@ -108,11 +110,13 @@ pub async fn env() -> Env {
 pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     let db = TestDb::new().await;
     let store_shutdown = Shutdown::new();
-    let mut sc = mailsuite_mailbox_store::Config::default();
-    sc.listen_grpc = "127.0.0.1:0".into();
-    sc.listen_ops = String::new();
-    sc.database_url = db.url.clone();
-    sc.db_max_connections = 10;
+    let sc = mailsuite_mailbox_store::Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: String::new(),
+        database_url: db.url.clone(),
+        db_max_connections: 10,
+        ..Default::default()
+    };
     let store = mailsuite_mailbox_store::start(sc, store_shutdown.clone())
         .await
         .expect("store starts");
