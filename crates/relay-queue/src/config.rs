@@ -19,6 +19,9 @@ pub struct Config {
     pub hostname: String,
     /// Apply the migrations at start-up (under sqlx's advisory lock).
     pub migrate_on_start: bool,
+    /// On SIGTERM, how long deliveries in progress may finish before they are dropped (their
+    /// recipients are retried by another worker once the lease expires).
+    pub shutdown_grace_secs: u64,
     /// Per-domain routes, `domain = "host:port"`, checked before MX lookup. A leading `[`
     /// is not needed: the host is used as is, without MX lookup.
     pub transports: BTreeMap<String, String>,
@@ -125,6 +128,7 @@ impl Default for Config {
             store_url: "http://127.0.0.1:50051".into(),
             hostname: "localhost".into(),
             migrate_on_start: true,
+            shutdown_grace_secs: 10,
             transports: BTreeMap::new(),
             smarthost: String::new(),
             smarthost_user: String::new(),

@@ -52,7 +52,8 @@ pub struct Result1 {
     pub rcpt: Claimed,
     pub outcome: Outcome,
     pub host: String,
-    pub tls: bool,
+    /// "none", "unverified" or "verified".
+    pub tls: &'static str,
 }
 
 /// What `record` needs to decide retries and write DSNs.
@@ -411,13 +412,15 @@ impl Db {
             };
             let was_warned: bool = row.try_get("was_warned")?;
             sqlx::query(
-                "INSERT INTO relay.attempts (recipient_id, worker, host, tls, outcome, reply)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO relay.attempts
+                    (recipient_id, worker, host, tls, tls_verified, outcome, reply)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(r.rcpt.id)
             .bind(worker)
             .bind(&r.host)
-            .bind(r.tls)
+            .bind(r.tls != "none")
+            .bind(r.tls == "verified")
             .bind(state)
             .bind(&reply)
             .execute(&mut *tx)

@@ -74,9 +74,9 @@ pub struct Report<'a> {
 
 /// The RFC 3463 status in a reply ("550 5.1.1 ..." → "5.1.1"), or a generic one by class.
 pub fn status_of(action: Action, diagnostic: &str) -> String {
-    let mut words = diagnostic.split_whitespace();
-    let code = words.next().unwrap_or("");
-    if let Some(esc) = words.next() {
+    let code = diagnostic.split_whitespace().next().unwrap_or("");
+    // "550 5.1.1 text" from a server, or "4.4.1 text" from us.
+    for esc in diagnostic.split_whitespace().take(2) {
         let parts: Vec<&str> = esc.split('.').collect();
         if parts.len() == 3
             && matches!(parts[0], "2" | "4" | "5")
@@ -268,6 +268,7 @@ mod tests {
         assert_eq!(status_of(Action::Failed, "550 no such user"), "5.0.0");
         assert_eq!(status_of(Action::Delayed, "451 try later"), "4.0.0");
         assert_eq!(status_of(Action::Failed, "connection refused"), "5.0.0");
+        assert_eq!(status_of(Action::Delayed, "4.4.1 mx: refused"), "4.4.1");
     }
 
     #[test]

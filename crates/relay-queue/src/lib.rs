@@ -160,17 +160,24 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         })
         .max_decoding_message_size(4 * 1024 * 1024);
         let sd = shutdown.clone();
+        let forced = shutdown.force_token();
         shutdown.spawn(async move {
-            let r = tonic::transport::Server::builder()
+            let serve = tonic::transport::Server::builder()
                 .layer(grpc::ServerTraceLayer)
                 .add_service(health)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(grpc::incoming(listener), async move {
                     sd.stopping().await
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("queue gRPC server: {e}");
+                });
+            // A graceful stop waits for clients to close their connections; one that never
+            // does must not keep the process alive past the grace period.
+            tokio::select! {
+                r = serve => {
+                    if let Err(e) = r {
+                        tracing::error!("queue gRPC server: {e}");
+                    }
+                }
+                _ = forced.cancelled() => {}
             }
         });
         tracing::info!(%addr, "relay-queue gRPC listening");

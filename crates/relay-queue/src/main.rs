@@ -23,10 +23,11 @@ async fn main() -> anyhow::Result<()> {
         mailsuite_runtime::config::load(&args.config.sources())?;
     let _telemetry = mailsuite_runtime::telemetry::init("relay-queue", args.log_json);
     let shutdown = mailsuite_runtime::Shutdown::new();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
     let started = mailsuite_relay_queue::start(config, shutdown.clone()).await?;
     tracing::info!(grpc = ?started.grpc, ops = ?started.ops, "relay-queue started");
     mailsuite_runtime::shutdown::signal().await;
     tracing::info!("shutting down");
-    shutdown.drain(Duration::from_secs(30)).await;
+    shutdown.drain(grace).await;
     Ok(())
 }

@@ -261,7 +261,7 @@ impl Engine {
                     rcpt,
                     outcome: o.clone(),
                     host: host.to_string(),
-                    tls: false,
+                    tls: "none",
                 })
                 .collect()
         };
@@ -340,7 +340,7 @@ impl Engine {
                     rcpt,
                     outcome: Outcome::Deferred(e.clone()),
                     host: route.to_string(),
-                    tls: false,
+                    tls: "none",
                 })
                 .collect(),
         }
@@ -397,7 +397,7 @@ impl Engine {
                     rcpt,
                     outcome: o.clone(),
                     host: host.into(),
-                    tls: false,
+                    tls: "none",
                 })
                 .collect()
         };
@@ -468,7 +468,7 @@ impl Engine {
                 rcpt,
                 outcome,
                 host: host.into(),
-                tls: false,
+                tls: "none",
             });
         }
         if !remote_targets.is_empty() {
@@ -548,7 +548,7 @@ impl Engine {
                                 rcpt,
                                 outcome,
                                 host: t.name.clone(),
-                                tls: report.tls != "none",
+                                tls: report.tls,
                             })
                             .collect();
                     }
@@ -563,7 +563,7 @@ impl Engine {
                                 rcpt,
                                 outcome: Outcome::Failed(text.clone()),
                                 host: t.name.clone(),
-                                tls: false,
+                                tls: "none",
                             })
                             .collect();
                     }
@@ -583,7 +583,7 @@ impl Engine {
                 rcpt,
                 outcome: Outcome::Deferred(last_err.clone()),
                 host: last_host.clone(),
-                tls: false,
+                tls: "none",
             })
             .collect()
     }

@@ -1,6 +1,6 @@
 """An independent SMTP server (aiosmtpd) that stores what it receives, for relay-queue tests.
 
-usage: sink.py OUTDIR [--tempfail-first N] [--reject ADDR]... [--tls CERT KEY]
+usage: sink.py OUTDIR [--tempfail-first N] [--reject ADDR]... [--tls CERT KEY] [--no-smtputf8]
 
 Prints "PORT <n>" once listening. Each accepted message becomes OUTDIR/<n>.eml (the bytes as
 received, after dot-unstuffing) and OUTDIR/<n>.json (envelope and session facts), written
@@ -59,6 +59,7 @@ async def main():
     p.add_argument("--tempfail-first", type=int, default=0)
     p.add_argument("--reject", action="append", default=[])
     p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    p.add_argument("--no-smtputf8", action="store_true")
     a = p.parse_args()
     ctx = None
     if a.tls:
@@ -67,7 +68,7 @@ async def main():
     handler = Handler(a.outdir, a.tempfail_first, a.reject)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=True,
+        lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=not a.no_smtputf8,
                      decode_data=False, tls_context=ctx, require_starttls=False),
         "127.0.0.1", 0)
     print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
