@@ -31,8 +31,8 @@ pub struct Limits {
     pub max_grpc_frame_bytes: usize,
     /// How long a Watch presence lease lives without being refreshed, in seconds.
     pub presence_lease_secs: u64,
-    /// Most UIDs one Fetch/FetchBody/Store/Copy call may address.
-    pub max_uids_per_call: usize,
+    /// Most UID ranges one call may carry (a UID set is client-controlled).
+    pub max_uid_ranges: usize,
     /// Change log entries older than this many days are pruned (QRESYNC then resyncs fully).
     pub changelog_days: u32,
 }
@@ -46,7 +46,7 @@ impl Default for Limits {
             max_expansion: 1000,
             max_grpc_frame_bytes: 4 * 1024 * 1024,
             presence_lease_secs: 60,
-            max_uids_per_call: 1_000_000,
+            max_uid_ranges: 10_000,
             changelog_days: 90,
         }
     }

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::Ctx;
 use crate::directory;
+use crate::metrics;
 use crate::store::{self, INBOX, NewEntry};
 
 pub struct DeliverySvc(pub Ctx);
@@ -90,8 +91,8 @@ pub fn internal_date(secs: i64) -> chrono::DateTime<chrono::Utc> {
 impl DeliverySvc {
     async fn deliver_inner(
         &self,
-        header: DeliverHeader,
-        data: Vec<u8>,
+        header: &DeliverHeader,
+        data: &[u8],
     ) -> Result<DeliverResponse, ServiceError> {
         let ctx = &self.0;
         let lim = &ctx.config.limits;
@@ -219,7 +220,7 @@ impl DeliverySvc {
 
         let mut blob_id = Vec::new();
         if !accepted.is_empty() {
-            blob_id = store::put_blob(&mut tx, &data, accepted.len() as i64).await?;
+            blob_id = store::put_blob(&mut tx, data, accepted.len() as i64).await?;
         }
         // Mailboxes in id order too, so deliveries to overlapping recipients cannot deadlock.
         let ids: Vec<i64> = accepted.iter().map(|a| a.0).collect();
@@ -277,6 +278,16 @@ impl DeliverySvc {
                 results[i].status = RecipientStatus::Delivered as i32;
             }
         }
+        // A local target that vanished or was disabled since resolution got nothing.
+        for r in &mut results {
+            if r.status == RecipientStatus::Delivered as i32 && r.delivered_to.is_empty() {
+                r.status = if r.remote_targets.is_empty() {
+                    RecipientStatus::Unknown
+                } else {
+                    RecipientStatus::Remote
+                } as i32;
+            }
+        }
         let response = DeliverResponse {
             results,
             blob_id: store::hex_id(&blob_id),
@@ -289,6 +300,9 @@ impl DeliverySvc {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        metrics::inc(&metrics::DELIVERIES, 1);
+        metrics::inc(&metrics::DELIVERED_ENTRIES, plan.len() as u64);
+        metrics::inc(&metrics::DELIVERED_BYTES, data.len() as u64);
         Ok(response)
     }
 }
@@ -302,6 +316,7 @@ async fn previous(ctx: &Ctx, key: &str) -> Result<Option<DeliverResponse>, Servi
     Ok(prev.flatten().map(|b| {
         let mut r = DeliverResponse::decode(b.as_slice()).unwrap_or_default();
         r.duplicate = true;
+        metrics::inc(&metrics::DUPLICATE_DELIVERIES, 1);
         r
     }))
 }
@@ -328,7 +343,7 @@ impl Delivery for DeliverySvc {
         // A deadlock or serialization failure is retried here rather than by every caller.
         let mut attempt = 0;
         loop {
-            match self.deliver_inner(header.clone(), data.clone()).await {
+            match self.deliver_inner(&header, &data).await {
                 Err(ServiceError::Conflict(m)) if attempt < 3 => {
                     attempt += 1;
                     tracing::debug!("delivery conflict, retrying: {m}");

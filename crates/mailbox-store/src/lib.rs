@@ -13,6 +13,7 @@ pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod mailbox;
+pub mod metrics;
 pub mod mime;
 pub mod notify;
 pub mod password;
@@ -85,7 +86,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         None
     } else {
         let (l, a) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
-        let ops = Ops::default();
+        let ops = Ops::with_metrics(metrics::render);
         ops.set_ready(true);
         shutdown.spawn(ops.serve(l, shutdown.clone()));
         Some(a)
@@ -118,7 +119,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         .add_service(
             MailboxServer::new(mailbox::MailboxSvc(ctx.clone()))
                 .max_decoding_message_size(frame)
-                .max_encoding_message_size(frame),
+                // Select answers with every UID of a mailbox in one message.
+                .max_encoding_message_size(256 * 1024 * 1024),
         )
         .add_service(
             AdminServer::new(admin::AdminSvc(ctx.clone())).max_decoding_message_size(frame),

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Ctx;
 use crate::body::{self, CHUNK, Stored};
 use crate::delivery::{internal_date, read_upload};
+use crate::metrics;
 use crate::notify;
 use crate::search::{self, Arg};
 use crate::store::{self, INBOX, NewEntry, normalize_mailbox};
@@ -136,7 +137,7 @@ fn same_flags(a: &[String], b: &[String]) -> bool {
 impl MailboxSvc {
     fn limit_uids(&self, set: Option<&UidSet>) -> Result<(Vec<i64>, Vec<i64>), ServiceError> {
         let (s, e) = store::uidset_pairs(set);
-        if s.len() > 10_000 {
+        if s.len() > self.0.config.limits.max_uid_ranges {
             return Err(ServiceError::InvalidArgument("too many UID ranges".into()));
         }
         Ok((s, e))
@@ -189,6 +190,7 @@ impl MailboxSvc {
         )
         .await?;
         tx.commit().await?;
+        metrics::inc(&metrics::APPENDS, 1);
         Ok(AppendResponse {
             mailbox_id: mb,
             uidvalidity: uidvalidity as u32,

@@ -144,21 +144,21 @@ pub fn spawn_maintenance(ctx: crate::Ctx) {
                 _ = tick.tick() => {}
                 _ = sd.stopping() => break,
             }
-            if let Err(e) = maintain(&ctx).await {
+            if let Err(e) = maintain(&ctx.pool, ctx.config.limits.changelog_days).await {
                 tracing::warn!("maintenance: {e}");
             }
         }
     });
 }
 
-async fn maintain(ctx: &crate::Ctx) -> Result<(), sqlx::Error> {
+pub async fn maintain(pool: &PgPool, changelog_days: u32) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM mailbox.presence WHERE expires_at < now()")
-        .execute(&ctx.pool)
+        .execute(pool)
         .await?;
     sqlx::query("DELETE FROM mailbox.deliveries WHERE created_at < now() - interval '7 days'")
-        .execute(&ctx.pool)
+        .execute(pool)
         .await?;
-    let days = ctx.config.limits.changelog_days as i32;
+    let days = changelog_days as i32;
     // Raise each mailbox's floor to what is pruned so Changes can say "truncated".
     sqlx::query(
         "WITH gone AS (
@@ -170,7 +170,7 @@ async fn maintain(ctx: &crate::Ctx) -> Result<(), sqlx::Error> {
           WHERE mb.id = g.mailbox_id AND mb.log_floor < g.m",
     )
     .bind(days)
-    .execute(&ctx.pool)
+    .execute(pool)
     .await?;
     Ok(())
 }

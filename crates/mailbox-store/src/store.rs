@@ -342,6 +342,7 @@ pub async fn remove_entries(
         return Ok((Vec::new(), 0));
     }
     let mut removed: Vec<u32> = rows.iter().map(|r| r.get::<i64, _>(0) as u32).collect();
+    crate::metrics::inc(&crate::metrics::EXPUNGED, removed.len() as u64);
     removed.sort_unstable();
     let bytes: i64 = rows.iter().map(|r| r.get::<i64, _>(1)).sum();
     let mut blobs: Vec<Vec<u8>> = rows.iter().map(|r| r.get::<Vec<u8>, _>(2)).collect();

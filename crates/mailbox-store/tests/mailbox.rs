@@ -690,3 +690,113 @@ async fn maildrop_lock_is_exclusive_and_released_with_the_stream() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pruned_change_log_is_reported_as_truncated() {
+    let s = store().await;
+    let acc = s.account("alice@example.test").await;
+    let inbox = seed(&s, acc, 2).await;
+    let mut mb = s.mailbox().await;
+    mb.store_flags(store_req(
+        acc,
+        inbox,
+        &[1],
+        StoreMode::Add,
+        &["\\Deleted"],
+        0,
+    ))
+    .await
+    .unwrap();
+    let ex = mb
+        .expunge(ExpungeRequest {
+            account_id: acc,
+            mailbox_id: inbox,
+            uids: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ch = mb
+        .changes(ChangesRequest {
+            account_id: acc,
+            mailbox_id: inbox,
+            since_modseq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ch.expunged, vec![1]);
+    assert!(!ch.truncated);
+    sqlx::query("UPDATE mailbox.changelog SET at = now() - interval '100 days'")
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    mailsuite_mailbox_store::notify::maintain(&s.db.pool, 90)
+        .await
+        .unwrap();
+    let ch = mb
+        .changes(ChangesRequest {
+            account_id: acc,
+            mailbox_id: inbox,
+            since_modseq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ch.truncated, "the log no longer reaches back to modseq 1");
+    let ch = mb
+        .changes(ChangesRequest {
+            account_id: acc,
+            mailbox_id: inbox,
+            since_modseq: ex.highestmodseq,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ch.truncated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn size_limit_and_ops_metrics() {
+    let db = mailsuite_testkit::TestDb::new().await;
+    let mut cfg = config(&db.url);
+    cfg.limits.max_message_bytes = 1000;
+    cfg.listen_ops = "127.0.0.1:0".into();
+    let sd = mailsuite_runtime::Shutdown::new();
+    let started = mailsuite_mailbox_store::start(cfg, sd.clone())
+        .await
+        .unwrap();
+    let s = Store {
+        db,
+        started,
+        shutdown: sd,
+    };
+    s.account("alice@example.test").await;
+    let mut d = s.delivery().await;
+    let err = deliver(&mut d, "big", &["alice@example.test"], &vec![b'x'; 2000])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    deliver(
+        &mut d,
+        "small",
+        &["alice@example.test"],
+        &message("s", "small"),
+    )
+    .await
+    .unwrap();
+
+    let ops = s.started.ops.unwrap();
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(ops).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    assert!(body.contains("mailsuite_store_deliveries_total"), "{body}");
+}
