@@ -63,9 +63,9 @@ pub struct ServerTrace<S> {
     inner: S,
 }
 
-impl<S, B> Service<http::Request<B>> for ServerTrace<S>
+impl<S, B, RB> Service<http::Request<B>> for ServerTrace<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -88,10 +88,20 @@ where
             rpc.system = "grpc",
             rpc.service = svc,
             rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
         );
         let _ = span.set_parent(parent);
         let fut = self.inner.call(req);
-        Box::pin(fut.instrument(span))
+        let timing = Timing::start("mailsuite_grpc_server_duration_seconds", svc, method);
+        let recorded = span.clone();
+        Box::pin(
+            async move {
+                let res = fut.await;
+                timing.finish(&recorded, res.as_ref().map(|r| r.headers()).ok());
+                res
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -111,9 +121,9 @@ pub struct ClientTrace<S> {
     inner: S,
 }
 
-impl<S, B> Service<http::Request<B>> for ClientTrace<S>
+impl<S, B, RB> Service<http::Request<B>> for ClientTrace<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -133,13 +143,89 @@ where
             rpc.system = "grpc",
             rpc.service = svc,
             rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
         );
         let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
         });
         let fut = self.inner.call(req);
-        Box::pin(fut.instrument(span))
+        let timing = Timing::start("mailsuite_grpc_client_duration_seconds", svc, method);
+        let recorded = span.clone();
+        Box::pin(
+            async move {
+                let res = fut.await;
+                timing.finish(&recorded, res.as_ref().map(|r| r.headers()).ok());
+                res
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Latency of one call until its response headers, by service, method and gRPC status. The
+/// status is known here when the call failed before any message (a "trailers-only" response,
+/// which is how tonic answers a handler's `Err(Status)`); a status sent in trailers after a
+/// streamed body counts as OK.
+struct Timing {
+    metric: &'static str,
+    service: String,
+    method: String,
+    start: std::time::Instant,
+}
+
+impl Timing {
+    fn start(metric: &'static str, service: String, method: String) -> Timing {
+        Timing {
+            metric,
+            service,
+            method,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn finish(self, span: &tracing::Span, headers: Option<&http::HeaderMap>) {
+        let code = match headers {
+            None => "UNAVAILABLE",
+            Some(h) => match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                None | Some("0") => "OK",
+                Some(c) => grpc_code_name(c),
+            },
+        };
+        span.record("rpc.grpc.status_code", code);
+        crate::metrics::histogram(
+            self.metric,
+            &[
+                ("rpc_service", self.service.as_str()),
+                ("rpc_method", self.method.as_str()),
+                ("code", code),
+            ],
+        )
+        .observe_duration(self.start.elapsed());
+    }
+}
+
+/// gRPC status number → its canonical name (a bounded label set).
+fn grpc_code_name(code: &str) -> &'static str {
+    match code {
+        "0" => "OK",
+        "1" => "CANCELLED",
+        "2" => "UNKNOWN",
+        "3" => "INVALID_ARGUMENT",
+        "4" => "DEADLINE_EXCEEDED",
+        "5" => "NOT_FOUND",
+        "6" => "ALREADY_EXISTS",
+        "7" => "PERMISSION_DENIED",
+        "8" => "RESOURCE_EXHAUSTED",
+        "9" => "FAILED_PRECONDITION",
+        "10" => "ABORTED",
+        "11" => "OUT_OF_RANGE",
+        "12" => "UNIMPLEMENTED",
+        "13" => "INTERNAL",
+        "14" => "UNAVAILABLE",
+        "15" => "DATA_LOSS",
+        "16" => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
     }
 }
 
