@@ -151,7 +151,74 @@ def bad_login(a):
     return {"user_pass": resp.decode(), "auth_plain": resp2.decode()}
 
 
-SCENARIOS = {"maildrop": maildrop, "in_use": in_use, "bad_login": bad_login}
+def smtp_pop3_imap(a):
+    """Mail arrives over SMTP (port-25 role); POP3 agrees with it; DELE+QUIT removes the
+    message from what IMAP sees, and IMAP serves the other one byte for byte as POP3 did."""
+    import imaplib
+    import smtplib
+
+    sent = []
+    for i in range(3):
+        body = "".join(f"{'.' if n % 3 == 0 else ''}line {n} of message {i}\r\n" for n in range(5 + i))
+        sent.append(
+            (
+                "From: Outside <sender@outside.example>\r\n"
+                f"To: {a['user']}\r\n"
+                f"Subject: flow {i}\r\n"
+                f"Message-ID: <pop3-flow-{i}@outside.example>\r\n"
+                "\r\n" + body
+            ).encode()
+        )
+    with smtplib.SMTP("127.0.0.1", a["smtp"], local_hostname="mta.outside.example", timeout=TIMEOUT) as s:
+        for m in sent:
+            check(s.sendmail("sender@outside.example", [a["user"]], m) == {}, "SMTP accepted")
+
+    # The 250 came after the commit: POP3 sees all of it at once.
+    p = connect(a, "stls")
+    check(login(p, a).startswith(b"+OK"), "login")
+    count, total = p.stat()
+    check(count == len(sent), f"STAT {count} messages after {len(sent)} deliveries")
+    _, listing, _ = p.list()
+    sizes = [int(l.split()[1]) for l in listing]
+    check(sum(sizes) == total, "STAT total is the sum of LIST")
+    _, uidl, _ = p.uidl()
+    uids = [l.split()[1].decode() for l in uidl]
+    check(len(set(uids)) == count, "UIDL unique")
+    retrieved = []
+    for i, m in enumerate(sent, 1):
+        resp, lines, _ = p.retr(i)
+        raw = b"\r\n".join(lines) + b"\r\n"
+        # The MX prepends trace fields (Received, Return-Path ...); the rest is as sent.
+        check(raw.endswith(m), f"RETR {i} ends with the message as sent")
+        check(resp == b"+OK %d octets" % len(raw) and sizes[i - 1] == len(raw), f"RETR {i} size")
+        _, top, _ = p.top(i, 1)
+        head = raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+        check(top == head + [b"", m.split(b"\r\n\r\n")[1].split(b"\r\n")[0]], f"TOP {i} 1")
+        retrieved.append(raw)
+    check(p.dele(1).startswith(b"+OK"), "DELE 1")
+    check(p.quit().startswith(b"+OK"), "QUIT")
+
+    m = imaplib.IMAP4("127.0.0.1", a["imap"], timeout=TIMEOUT)
+    m.starttls(ssl_context=context(a))
+    m.login(a["user"], a["password"])
+    typ, data = m.select("INBOX")
+    check(typ == "OK" and int(data[0]) == len(sent) - 1, f"IMAP EXISTS after POP3 DELE+QUIT: {data}")
+    typ, data = m.search(None, "SUBJECT", '"flow 0"')
+    check(typ == "OK" and data[0].split() == [], "the deleted message is gone in IMAP")
+    typ, data = m.fetch("1", "(BODY.PEEK[])")
+    check(typ == "OK" and data[0][1] == retrieved[1], "IMAP BODY[] equals POP3 RETR")
+    typ, data = m.fetch("1", "(FLAGS)")
+    check(b"\\Seen" in data[0], f"retrieved over POP3 reads as seen in IMAP: {data}")
+    m.logout()
+    return {"uidl": uids}
+
+
+SCENARIOS = {
+    "maildrop": maildrop,
+    "in_use": in_use,
+    "bad_login": bad_login,
+    "smtp_pop3_imap": smtp_pop3_imap,
+}
 
 if __name__ == "__main__":
     try:
