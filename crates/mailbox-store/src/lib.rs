@@ -6,6 +6,23 @@
 //! transaction: the row lock serialises allocation per mailbox across any number of replicas.
 //! Changes are published with NOTIFY in the same transaction (so only committed changes are
 //! seen) and fanned out by every replica to its `Watch` streams.
+//!
+//! Contract details the .proto files leave open, as implemented here:
+//! - Deliver: a recipient whose every local account is over quota gets `OVER_QUOTA`; when no
+//!   recipient at all could be delivered because of quota the call fails with
+//!   `ServiceError::OverQuota` (`permanent` when the message is larger than the whole quota:
+//!   552, else 452). `mailbox` naming a mailbox that does not exist delivers to INBOX.
+//!   Idempotency records are kept 7 days. Return-Path:/Delivered-To: are stored per entry in
+//!   front of the shared blob; sizes, offsets and BODY[HEADER] include them.
+//! - Select: `first_unseen_uid` carries the *sequence number* of the first unseen message.
+//!   Selecting read-write clears \Recent (reported as a flag until then).
+//! - Watch: ends when the client closes its request stream or the server shuts down. An event
+//!   with kind UNSPECIFIED (and only `account_id` set) means events may have been lost:
+//!   resynchronise that account with `Changes`. A change touching more than 500 UIDs is
+//!   published with `uids` empty.
+//! - LockMaildrop: the lock is held from the first `acquired: true` until the client closes
+//!   its request stream, the call is dropped, or the server shuts down.
+//! - Errors: NotFound for a mailbox is what IMAP answers with [TRYCREATE] (COPY, APPEND).
 
 pub mod admin;
 pub mod body;
