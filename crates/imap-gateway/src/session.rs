@@ -477,7 +477,7 @@ impl Session {
         if !self.allowed(&cmd.body) {
             let text = match self.state {
                 StateKind::NotAuthenticated => format!("{name} requires authentication"),
-                StateKind::Authenticated => match &cmd.body {
+                StateKind::Authenticated | StateKind::Selected => match &cmd.body {
                     CommandBody::Login { .. }
                     | CommandBody::Authenticate { .. }
                     | CommandBody::StartTLS => "Already authenticated".to_string(),
@@ -2298,4 +2298,280 @@ fn build_items(
         items.push(item);
     }
     items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bounded_static::IntoBoundedStatic;
+    use imap_codec::CommandCodec;
+    use imap_codec::decode::Decoder as _;
+
+    fn session() -> Session {
+        let store = Store::connect("http://127.0.0.1:1").unwrap();
+        Session::new(
+            store,
+            Hub::new(0),
+            SessionLimits {
+                max_auth_failures: 3,
+                auth_failure_delay: Duration::from_millis(1),
+                fetch_batch: 10,
+                max_fetch_bytes: 1 << 20,
+            },
+        )
+    }
+
+    fn selected() -> Selected {
+        Selected {
+            mailbox_id: 1,
+            name: "INBOX".into(),
+            read_only: false,
+            uidvalidity: 7,
+            seq: SeqMap::from_uids(&[3, 5, 6, 9]),
+            modseq: 1,
+            dirty: false,
+            pending_expunges: vec![],
+            reported: HashMap::new(),
+        }
+    }
+
+    fn cmd(text: &str) -> Command<'static> {
+        let line = format!("t {text}\r\n");
+        let (rest, c) = CommandCodec::default()
+            .decode(line.as_bytes())
+            .unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        assert!(rest.is_empty());
+        c.into_static()
+    }
+
+    async fn run(s: &mut Session, text: &str) -> String {
+        let mut sink: Vec<u8> = Vec::new();
+        let mut out = Out::new(&mut sink);
+        s.handle(cmd(text), &mut out).await.unwrap();
+        out.flush().await.unwrap();
+        drop(out);
+        String::from_utf8(sink).unwrap()
+    }
+
+    const ANY: &[&str] = &["CAPABILITY", "NOOP", "LOGOUT", "ID NIL"];
+    const NOT_AUTH: &[&str] = &["STARTTLS", "AUTHENTICATE PLAIN", "LOGIN a b"];
+    const AUTH: &[&str] = &[
+        "SELECT INBOX",
+        "EXAMINE INBOX",
+        "CREATE x",
+        "DELETE x",
+        "RENAME x y",
+        "SUBSCRIBE x",
+        "UNSUBSCRIBE x",
+        "LIST \"\" *",
+        "LSUB \"\" *",
+        "NAMESPACE",
+        "STATUS INBOX (MESSAGES)",
+        "APPEND INBOX {1+}\r\nx",
+        "IDLE",
+        "ENABLE CONDSTORE",
+        "GETQUOTAROOT INBOX",
+    ];
+    const SELECTED: &[&str] = &[
+        "CHECK",
+        "CLOSE",
+        "UNSELECT",
+        "EXPUNGE",
+        "UID EXPUNGE 3",
+        "SEARCH ALL",
+        "FETCH 1 FLAGS",
+        "UID FETCH 1:* FLAGS",
+        "STORE 1 +FLAGS (\\Seen)",
+        "COPY 1 x",
+        "MOVE 1 x",
+    ];
+
+    fn refused_for_state(reply: &str) -> bool {
+        let last = reply.trim_end().rsplit("\r\n").next().unwrap_or("");
+        last.starts_with("t BAD")
+            && (last.contains("requires") || last.contains("Already authenticated"))
+    }
+
+    #[tokio::test]
+    async fn every_command_in_every_state() {
+        for (state, allowed) in [
+            (StateKind::NotAuthenticated, vec![ANY, NOT_AUTH]),
+            (StateKind::Authenticated, vec![ANY, AUTH]),
+            (StateKind::Selected, vec![ANY, AUTH, SELECTED]),
+        ] {
+            for group in [ANY, NOT_AUTH, AUTH, SELECTED] {
+                for text in group {
+                    let mut s = session();
+                    let sel = (state == StateKind::Selected).then(selected);
+                    s.force_state(state, sel);
+                    let reply = run(&mut s, text).await;
+                    let ok = allowed.iter().any(|g| std::ptr::eq(*g, group));
+                    assert_eq!(!refused_for_state(&reply), ok, "{state:?} {text}: {reply}");
+                    // STARTTLS, AUTHENTICATE without initial response and IDLE hand over to
+                    // the connection, which writes their continuation.
+                    assert!(
+                        reply.ends_with("\r\n")
+                            || (reply.is_empty()
+                                && ["STARTTLS", "AUTHENTICATE PLAIN", "IDLE"].contains(text)),
+                        "{state:?} {text}: {reply:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn login_needs_tls_unless_allowed_and_capabilities_say_so() {
+        let mut s = session();
+        let caps = run(&mut s, "CAPABILITY").await;
+        assert!(
+            caps.contains("STARTTLS") && caps.contains("LOGINDISABLED"),
+            "{caps}"
+        );
+        let r = run(&mut s, "LOGIN a b").await;
+        assert!(r.starts_with("t NO [PRIVACYREQUIRED]"), "{r}");
+        let r = run(&mut s, "AUTHENTICATE PLAIN AGEAYg==").await;
+        assert!(r.starts_with("t NO [PRIVACYREQUIRED]"), "{r}");
+        s.tls = true;
+        let caps = run(&mut s, "CAPABILITY").await;
+        assert!(
+            caps.contains("AUTH=PLAIN") && !caps.contains("STARTTLS"),
+            "{caps}"
+        );
+        let r = run(&mut s, "STARTTLS").await;
+        assert!(r.starts_with("t BAD"), "{r}");
+        let r = run(&mut s, "AUTHENTICATE CRAM-MD5").await;
+        assert!(r.starts_with("t NO"), "{r}");
+        let mut s = session();
+        let next = {
+            let mut sink = Vec::new();
+            let mut out = Out::new(&mut sink);
+            s.handle(cmd("STARTTLS"), &mut out).await.unwrap()
+        };
+        assert!(matches!(next, Next::StartTls(_)));
+        s.plaintext_ok = true;
+        let mut sink = Vec::new();
+        let mut out = Out::new(&mut sink);
+        let next = s.handle(cmd("AUTHENTICATE PLAIN"), &mut out).await.unwrap();
+        assert!(matches!(next, Next::AuthContinue(_)));
+    }
+
+    #[tokio::test]
+    async fn malformed_plain_response_is_bad() {
+        let mut s = session();
+        s.tls = true;
+        // base64("no-nuls")
+        let r = run(&mut s, "AUTHENTICATE PLAIN bm8tbnVscw==").await;
+        assert!(r.starts_with("t BAD"), "{r}");
+        // authzid differs from authcid
+        let r = run(&mut s, "AUTHENTICATE PLAIN YQBiAGM=").await;
+        assert!(r.starts_with("t NO [AUTHORIZATIONFAILED]"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn store_errors_become_rfc5530_codes_not_disconnects() {
+        let mut s = session();
+        s.force_state(StateKind::Selected, Some(selected()));
+        let r = run(&mut s, "FETCH 1:* FLAGS").await;
+        assert!(r.starts_with("t NO [UNAVAILABLE]"), "{r}");
+        let r = run(&mut s, "FETCH 5 FLAGS").await;
+        assert!(r.starts_with("t BAD"), "beyond the mailbox: {r}");
+        assert_eq!(s.state(), StateKind::Selected);
+        let r = run(&mut s, "UNSELECT").await;
+        assert!(r.starts_with("t OK"), "{r}");
+        assert_eq!(s.state(), StateKind::Authenticated);
+    }
+
+    #[tokio::test]
+    async fn sequence_sets_resolve_against_the_map() {
+        let mut s = session();
+        s.force_state(StateKind::Selected, Some(selected()));
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        assert_eq!(
+            s.resolve(&set("2:*"), false).unwrap(),
+            vec![(2, 5), (3, 6), (4, 9)]
+        );
+        assert_eq!(s.resolve(&set("*:3"), false).unwrap(), vec![(3, 6), (4, 9)]);
+        assert!(s.resolve(&set("5"), false).is_err());
+        assert_eq!(s.resolve(&set("4:6"), true).unwrap(), vec![(2, 5), (3, 6)]);
+        // UID n:* includes the highest UID even when n is above it (RFC 9051 §6.4.8).
+        assert_eq!(s.resolve(&set("100:*"), true).unwrap(), vec![(4, 9)]);
+        assert_eq!(s.resolve(&set("1,1,3"), true).unwrap(), vec![(1, 3)]);
+        assert_eq!(s.resolve(&set("7"), true).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn list_patterns() {
+        assert!(pattern_matches("*", "a/b/c"));
+        assert!(pattern_matches("%", "a"));
+        assert!(!pattern_matches("%", "a/b"));
+        assert!(pattern_matches("a/%", "a/b"));
+        assert!(!pattern_matches("a/%", "a/b/c"));
+        assert!(pattern_matches("a/*", "a/b/c"));
+        assert!(pattern_matches("inbox", "INBOX"));
+        assert!(!pattern_matches("inbox", "Inbox2"));
+        assert!(pattern_matches("S%t", "Sent"));
+        assert!(!pattern_matches("x", "xy"));
+        // Pathological patterns are cut off instead of backtracking for ever.
+        assert!(!pattern_matches("*a*a*a*a*a*a*a*a*a*b", &"a".repeat(200)));
+    }
+
+    #[test]
+    fn tagged_reply_is_found_only_as_the_last_line() {
+        let t = Tag::try_from("a1").unwrap();
+        let buf = b"* 1 FETCH (BODY[] {6}\r\na1 OK\r\n)\r\na1 OK done\r\n";
+        assert_eq!(find_tagged_start(buf, &t), Some(33));
+        assert_eq!(find_tagged_start(b"* OK x\r\n", &t), None);
+    }
+
+    #[tokio::test]
+    async fn alerts_and_change_events() {
+        let mut s = session();
+        s.force_state(StateKind::Selected, Some(selected()));
+        let mut sink = Vec::new();
+        let mut out = Out::new(&mut sink);
+        let alert = pb::ChangeEvent {
+            account_id: 1,
+            kind: pb::ChangeKind::Alert as i32,
+            text: "Disk\r\nfull".into(),
+            ..Default::default()
+        };
+        assert!(!s.on_event(&alert, &mut out));
+        let other = pb::ChangeEvent {
+            account_id: 1,
+            mailbox_id: 2,
+            kind: pb::ChangeKind::New as i32,
+            ..Default::default()
+        };
+        assert!(!s.on_event(&other, &mut out));
+        let mine = pb::ChangeEvent {
+            mailbox_id: 1,
+            ..other
+        };
+        assert!(s.on_event(&mine, &mut out));
+        assert!(s.selected.as_ref().unwrap().dirty);
+        assert_eq!(out.take(), b"* OK [ALERT] Diskfull\r\n");
+    }
+
+    #[test]
+    fn error_codes() {
+        let code = |e: ServiceError| {
+            let (_, c, _) = error_reply(&e);
+            let mut sink = Vec::new();
+            let mut out = Out::new(&mut sink);
+            out.untagged(StatusKind::No, c, "x");
+            String::from_utf8(out.take()).unwrap()
+        };
+        assert!(code(ServiceError::NotFound("x".into())).contains("[NONEXISTENT]"));
+        assert!(code(ServiceError::AlreadyExists("x".into())).contains("[ALREADYEXISTS]"));
+        assert!(
+            code(ServiceError::OverQuota {
+                message: "x".into(),
+                permanent: false
+            })
+            .contains("[OVERQUOTA]")
+        );
+        assert!(code(ServiceError::Cannot("x".into())).contains("[CANNOT]"));
+        assert!(code(ServiceError::Unavailable("x".into())).contains("[UNAVAILABLE]"));
+    }
 }

@@ -1,0 +1,54 @@
+//! Command decoding, literals included: arbitrary bytes fed in arbitrary chunkings must never
+//! panic, must stay within the configured memory bounds, and must decode to the same inputs
+//! however they are split.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../src/codec.rs"]
+#[allow(dead_code)]
+mod codec;
+
+use codec::{Decoder, DecoderLimits, Input, Mode};
+
+const LIMITS: DecoderLimits = DecoderLimits {
+    max_line: 512,
+    max_command: 2048,
+    max_append: 8192,
+};
+
+/// Decode `data` fed in pieces of `chunk` bytes. Mode switches follow what the connection
+/// does: AUTHENTICATE without initial response and IDLE change what the next line is.
+fn run(data: &[u8], chunk: usize) -> Vec<String> {
+    let mut d = Decoder::new(LIMITS);
+    let mut out = Vec::new();
+    for piece in data.chunks(chunk.max(1)) {
+        d.feed(piece);
+        while let Some(input) = d.next_input() {
+            let next_mode = match &input {
+                Input::Command(c) => match c.body.name() {
+                    "AUTHENTICATE" => Mode::AuthenticateData,
+                    "IDLE" => Mode::IdleDone,
+                    _ => Mode::Command,
+                },
+                _ => Mode::Command,
+            };
+            let stop = input == Input::LineTooLong;
+            out.push(format!("{input:?}"));
+            d.set_mode(next_mode);
+            if stop {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let whole = run(rest, rest.len());
+    let split = run(rest, (first as usize % 16) + 1);
+    assert_eq!(whole, split, "chunking changed the decoding");
+});
