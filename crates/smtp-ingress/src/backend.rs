@@ -3,6 +3,7 @@
 //! Mailbox of mailbox-store, Queue of relay-queue.
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use mailsuite_proto::delivery_client::DeliveryClient;
@@ -59,6 +60,7 @@ pub struct GrpcBackend {
     delivery: DeliveryClient<GrpcChannel>,
     mailbox: MailboxClient<GrpcChannel>,
     queue: QueueClient<GrpcChannel>,
+    timeout: Duration,
 }
 
 impl GrpcBackend {
@@ -70,7 +72,25 @@ impl GrpcBackend {
             delivery: DeliveryClient::new(store.clone()),
             mailbox: MailboxClient::new(store),
             queue: QueueClient::new(queue),
+            timeout: Duration::from_secs(60),
         })
+    }
+
+    /// Bound every call: a hung store or queue becomes a temporary failure (451), never a
+    /// session that waits forever.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> BResult<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(ServiceError::Unavailable("call timed out".into())),
+        }
     }
 }
 
@@ -87,14 +107,10 @@ fn chunks<T>(body: &Bytes, wrap: impl Fn(Bytes) -> T) -> Vec<T> {
 
 impl Backend for GrpcBackend {
     async fn resolve(&self, address: &str) -> BResult<ResolveResponse> {
-        let r = self
-            .directory
-            .clone()
-            .resolve(ResolveRequest {
-                address: address.to_string(),
-            })
-            .await?;
-        Ok(r.into_inner())
+        self.bounded(self.directory.clone().resolve(ResolveRequest {
+            address: address.to_string(),
+        }))
+        .await
     }
 
     async fn authenticate(
@@ -104,48 +120,35 @@ impl Backend for GrpcBackend {
         remote_ip: &str,
     ) -> BResult<Option<Account>> {
         let r = self
-            .directory
-            .clone()
-            .authenticate(AuthenticateRequest {
+            .bounded(self.directory.clone().authenticate(AuthenticateRequest {
                 username: username.to_string(),
                 password: password.to_string(),
                 remote_ip: remote_ip.to_string(),
                 protocol: "smtp".into(),
-            })
+            }))
             .await;
         match r {
-            Ok(r) => {
-                let r = r.into_inner();
-                Ok(if r.ok { r.account } else { None })
-            }
-            Err(s) => match ServiceError::from(s) {
-                ServiceError::Unauthenticated | ServiceError::NotFound(_) => Ok(None),
-                e => Err(e),
-            },
+            Ok(r) => Ok(if r.ok { r.account } else { None }),
+            Err(ServiceError::Unauthenticated | ServiceError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     async fn check_sender(&self, account_id: i64, address: &str) -> BResult<bool> {
         let r = self
-            .directory
-            .clone()
-            .check_sender(CheckSenderRequest {
+            .bounded(self.directory.clone().check_sender(CheckSenderRequest {
                 account_id,
                 address: address.to_string(),
-            })
+            }))
             .await?;
-        Ok(r.into_inner().allowed)
+        Ok(r.allowed)
     }
 
     async fn expand(&self, address: &str) -> BResult<ExpandResponse> {
-        let r = self
-            .directory
-            .clone()
-            .expand(ExpandRequest {
-                address: address.to_string(),
-            })
-            .await?;
-        Ok(r.into_inner())
+        self.bounded(self.directory.clone().expand(ExpandRequest {
+            address: address.to_string(),
+        }))
+        .await
     }
 
     async fn deliver(&self, header: DeliverHeader, body: Bytes) -> BResult<DeliverResponse> {
@@ -155,12 +158,8 @@ impl Backend for GrpcBackend {
         msgs.extend(chunks(&body, |b| DeliverChunk {
             part: Some(deliver_chunk::Part::Data(b.to_vec())),
         }));
-        let r = self
-            .delivery
-            .clone()
-            .deliver(tokio_stream::iter(msgs))
-            .await?;
-        Ok(r.into_inner())
+        self.bounded(self.delivery.clone().deliver(tokio_stream::iter(msgs)))
+            .await
     }
 
     async fn enqueue(&self, header: EnqueueHeader, body: Bytes) -> BResult<EnqueueResponse> {
@@ -170,31 +169,27 @@ impl Backend for GrpcBackend {
         msgs.extend(chunks(&body, |b| EnqueueChunk {
             part: Some(enqueue_chunk::Part::Data(b.to_vec())),
         }));
-        let r = self.queue.clone().enqueue(tokio_stream::iter(msgs)).await?;
-        Ok(r.into_inner())
+        self.bounded(self.queue.clone().enqueue(tokio_stream::iter(msgs)))
+            .await
     }
 
     async fn alert(&self, address: &str, text: &str) -> BResult<bool> {
         let r = self
-            .mailbox
-            .clone()
-            .alert(AlertRequest {
+            .bounded(self.mailbox.clone().alert(AlertRequest {
                 address: address.to_string(),
                 text: text.to_string(),
-            })
+            }))
             .await?;
-        Ok(r.into_inner().online)
+        Ok(r.online)
     }
 
     async fn flush(&self, domain: &str) -> BResult<u32> {
         let r = self
-            .queue
-            .clone()
-            .flush(FlushRequest {
+            .bounded(self.queue.clone().flush(FlushRequest {
                 domain: domain.to_string(),
-            })
+            }))
             .await?;
-        Ok(r.into_inner().recipients)
+        Ok(r.recipients)
     }
 }
 

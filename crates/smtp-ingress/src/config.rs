@@ -78,6 +78,8 @@ pub struct Limits {
     pub data_total_timeout_secs: u64,
     /// Lifetime of one connection, so no client can hold a task forever.
     pub session_timeout_secs: u64,
+    /// One call to the store or the queue; past it the client gets a temporary failure.
+    pub rpc_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -97,6 +99,7 @@ impl Default for Limits {
             data_timeout_secs: 180,
             data_total_timeout_secs: 600,
             session_timeout_secs: 3600,
+            rpc_timeout_secs: 60,
         }
     }
 }

@@ -352,3 +352,40 @@ async fn session_lifetime_bounds_a_chatty_client() {
     assert_eq!(code, 421, "{text}");
     e.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_queue_is_a_temporary_failure_not_a_hang() {
+    // A "queue" that accepts connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let e = env_with(|c| {
+        no_verify(c);
+        c.auth.allow_plaintext_loopback = true;
+        c.queue_url = format!("http://{hole_addr}");
+        c.limits.rpc_timeout_secs = 1;
+    })
+    .await;
+    let mut c = connect(e.smtp.submission.unwrap()).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect(
+        "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAY29ycmVjdCBob3JzZQ==",
+        235,
+    )
+    .await;
+    c.expect("MAIL FROM:<alice@local.test>", 250).await;
+    c.expect("RCPT TO:<x@remote.example>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send("Subject: stuck\r\n\r\n.\r\n").await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 451, "{text}");
+    assert!(text.starts_with("4.3.0"), "{text}");
+    c.expect("NOOP", 250).await;
+    holder.abort();
+    e.stop().await;
+}
