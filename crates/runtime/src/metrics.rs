@@ -416,9 +416,9 @@ pub fn render_prometheus() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// An ops endpoint that serves this registry at `/metrics`.
+/// An ops endpoint that serves this registry at `/metrics` (the same as `Ops::default()`).
 pub fn ops() -> crate::ops::Ops {
-    crate::ops::Ops::with_metrics(render_prometheus)
+    crate::ops::Ops::default()
 }
 
 /// The current value of one series, read back from the Prometheus rendering: the sum over

@@ -19,16 +19,19 @@ pub struct Ops {
     metrics: MetricsFn,
 }
 
+/// Serves the process's metrics registry (`crate::metrics`) at `/metrics`.
 impl Default for Ops {
     fn default() -> Self {
         Ops {
             ready: Arc::new(AtomicBool::new(false)),
-            metrics: Arc::new(String::new),
+            metrics: Arc::new(crate::metrics::render_prometheus),
         }
     }
 }
 
 impl Ops {
+    /// Serve `f()` at `/metrics` instead of the registry (append
+    /// `crate::metrics::render_prometheus()` to keep the registry's metrics too).
     pub fn with_metrics(f: impl Fn() -> String + Send + Sync + 'static) -> Self {
         Ops {
             metrics: Arc::new(f),
@@ -116,6 +119,16 @@ mod tests {
         assert_eq!(ops.respond("GET /readyz HTTP/1.1").0, 200);
         assert_eq!(ops.respond("GET /metrics HTTP/1.1").2, "mailsuite_up 1\n");
         assert_eq!(ops.respond("GET /nope HTTP/1.1").0, 404);
+    }
+
+    #[test]
+    fn default_serves_the_metrics_registry() {
+        crate::metrics::counter("mailsuite_test_ops_default_total", &[]).inc();
+        let body = Ops::default().respond("GET /metrics HTTP/1.1").2;
+        assert!(
+            body.contains("mailsuite_test_ops_default_total 1"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
