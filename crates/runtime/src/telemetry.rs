@@ -113,6 +113,20 @@ pub fn current_traceparent() -> String {
     carrier.remove("traceparent").unwrap_or_default()
 }
 
+/// The trace id of `span` as 32 hex digits (for log lines operators correlate with traces),
+/// or an empty string when tracing is not recording it.
+pub fn trace_id(span: &tracing::Span) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        sc.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
 /// The span context a stored `traceparent` names, for a span link; `None` when it is empty
 /// or malformed.
 pub fn span_context_from_traceparent(
@@ -144,6 +158,7 @@ mod tests {
             let _e = span.enter();
             let tp = current_traceparent();
             assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+            assert_eq!(&tp[3..35], trace_id(&span));
             let sc = span_context_from_traceparent(&tp).expect("valid");
             use opentelemetry::trace::TraceContextExt;
             use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -152,6 +167,7 @@ mod tests {
                 span.context().span().span_context().trace_id()
             );
         });
+        assert_eq!(trace_id(&tracing::Span::none()), "");
         assert!(span_context_from_traceparent("").is_none());
         assert!(span_context_from_traceparent("00-zz-yy-01").is_none());
     }
