@@ -404,6 +404,10 @@ impl Session {
             c("CHILDREN"),
             Capability::CondStore,
             Capability::Binary,
+            Capability::Quota,
+            Capability::QuotaRes(Resource::Storage),
+            Capability::QuotaRes(Resource::Message),
+            Capability::StatusSize,
         ]);
         caps
     }
@@ -743,7 +747,27 @@ impl Session {
             C::Idle => {
                 return Ok(Next::Idle(tag));
             }
-            C::GetQuota { .. } | C::GetQuotaRoot { .. } => self.quota(&tag, out).await?,
+            C::GetQuota { root } => {
+                if root.as_ref().is_empty() {
+                    self.quota(&tag, None, out).await?
+                } else {
+                    out.tagged(
+                        &tag,
+                        StatusKind::No,
+                        Some(other_code("NONEXISTENT")),
+                        "No such quota root",
+                    );
+                }
+            }
+            C::GetQuotaRoot { mailbox } => match self.name_in(&mailbox) {
+                Some(name) => self.quota(&tag, Some(name), out).await?,
+                None => out.tagged(
+                    &tag,
+                    StatusKind::No,
+                    Some(other_code("NONEXISTENT")),
+                    "No such mailbox",
+                ),
+            },
             C::SetQuota { .. } => out.tagged(
                 &tag,
                 StatusKind::No,
@@ -1304,13 +1328,27 @@ impl Session {
         Ok(())
     }
 
+    /// GETQUOTA "" and GETQUOTAROOT: one quota root, "", for the whole account (RFC 9208).
     async fn quota<W: AsyncWrite + Unpin>(
         &mut self,
         tag: &Tag<'static>,
+        mailbox: Option<String>,
         out: &mut Out<'_, W>,
     ) -> std::io::Result<()> {
+        if let Some(name) = &mailbox
+            && let Err(e) = self.store.status(self.account_id(), name).await
+        {
+            self.fail(tag, &e, out);
+            return Ok(());
+        }
         match self.store.quota(self.account_id()).await {
             Ok(q) => {
+                if let Some(name) = &mailbox {
+                    out.data(Data::QuotaRoot {
+                        mailbox: self.name_out(name),
+                        roots: vec![AString::try_from("").expect("empty string")],
+                    });
+                }
                 let mut quotas = vec![];
                 if q.limit_bytes > 0 {
                     quotas.push(QuotaGet {
@@ -1332,7 +1370,16 @@ impl Session {
                         quotas,
                     });
                 }
-                out.tagged(tag, StatusKind::Ok, None, "GETQUOTA completed");
+                out.tagged(
+                    tag,
+                    StatusKind::Ok,
+                    None,
+                    if mailbox.is_some() {
+                        "GETQUOTAROOT completed"
+                    } else {
+                        "GETQUOTA completed"
+                    },
+                );
             }
             Err(e) => self.fail(tag, &e, out),
         }

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use tokio::io::AsyncReadExt;
 
 const SIMPLE: &[u8] = b"From: Alice <alice@remote.test>\r\nTo: bob@example.test\r\nSubject: hello\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\nMessage-ID: <1@remote.test>\r\n\r\nHello Bob.\r\n";
 
@@ -619,5 +620,108 @@ async fn python_imaplib_full_session() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("imaplib: all checks passed"), "{stdout}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_and_status_size() {
+    let env = env().await;
+    env.account_with_quota("bob@example.test", 1024 * 1024, 2)
+        .await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut c = env.login("bob@example.test").await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains("QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE"),
+        "{caps}"
+    );
+    let r = c.cmd("GETQUOTAROOT INBOX").await;
+    assert!(r.contains("* QUOTAROOT INBOX \"\"\r\n"), "{r}");
+    assert!(
+        r.contains("* QUOTA \"\" (STORAGE 0 1024 MESSAGE 1 2)\r\n"),
+        "{r}"
+    );
+    let r = c.cmd("GETQUOTA \"\"").await;
+    assert!(r.contains("MESSAGE 1 2"), "{r}");
+    let r = c.cmd("GETQUOTAROOT Nope").await;
+    assert!(tagged(&r).contains("NO [NONEXISTENT]"), "{r}");
+    let r = c.cmd("STATUS INBOX (MESSAGES SIZE)").await;
+    assert!(
+        r.contains(&format!(
+            "* STATUS INBOX (MESSAGES 1 SIZE {})",
+            SIMPLE.len()
+        )),
+        "{r}"
+    );
+    let msg = b"Subject: a\r\n\r\nb\r\n";
+    let append = |tag: &str| {
+        let mut raw = format!("{tag} APPEND INBOX {{{}+}}\r\n", msg.len()).into_bytes();
+        raw.extend_from_slice(msg);
+        raw.extend_from_slice(b"\r\n");
+        raw
+    };
+    c.send(&append("a1")).await;
+    let r = String::from_utf8(c.until_tag("a1").await).unwrap();
+    assert!(r.contains("a1 OK [APPENDUID"), "{r}");
+    c.send(&append("a2")).await;
+    let r = String::from_utf8(c.until_tag("a2").await).unwrap();
+    assert!(r.contains("a2 NO [OVERQUOTA]"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_login_failures_end_the_connection() {
+    let env = env_with(|c| c.limits.max_auth_failures = 3).await;
+    env.account("bob@example.test").await;
+    let mut c = env.tls().await;
+    for _ in 0..2 {
+        let r = c.cmd("LOGIN bob@example.test wrong").await;
+        assert!(tagged(&r).contains("NO [AUTHENTICATIONFAILED]"), "{r}");
+    }
+    let r = c.cmd("LOGIN bob@example.test wrong").await;
+    assert!(r.starts_with("* BYE"), "{r}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(TIMEOUT, c.s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection closed after BYE");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_and_session_limits() {
+    let env = env_with(|c| {
+        c.limits.connections.max_per_ip = 2;
+        c.limits.max_sessions_per_account = 1;
+        c.limits.login_timeout_secs = 1;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    env.account("bob@example.test").await;
+    let mut a = env.plain().await;
+    let r = a
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let mut b = env.plain().await;
+    let r = b
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(
+        tagged(&r).contains("NO [LIMIT]"),
+        "one session per account: {r}"
+    );
+    // A third connection from this IP is refused with BYE on the plain port.
+    let mut s = tokio::net::TcpStream::connect(env.imap()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(buf, b"* BYE [UNAVAILABLE] Too many connections\r\n");
+    // The unauthenticated session is logged out by the login timer.
+    let l = b.line().await;
+    assert_eq!(l, "* BYE Autologout; idle for too long\r\n");
     env.stop().await;
 }

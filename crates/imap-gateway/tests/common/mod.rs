@@ -81,6 +81,10 @@ impl Env {
     }
 
     pub async fn account(&self, address: &str) -> i64 {
+        self.account_with_quota(address, 0, 0).await
+    }
+
+    pub async fn account_with_quota(&self, address: &str, bytes: i64, messages: i64) -> i64 {
         let mut admin = AdminClient::new(self.channel().await);
         let domain = address.rsplit_once('@').unwrap().1;
         let _ = admin
@@ -94,8 +98,8 @@ impl Env {
                 address: address.into(),
                 password: PASSWORD.into(),
                 display_name: String::new(),
-                quota_bytes: 0,
-                quota_messages: 0,
+                quota_bytes: bytes,
+                quota_messages: messages,
             })
             .await
             .expect("add account")
