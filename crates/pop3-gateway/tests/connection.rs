@@ -602,3 +602,68 @@ async fn large_message_is_streamed_not_buffered() {
     let pulled = srv.mem.pulled.load(Ordering::SeqCst) - before;
     assert!(pulled < 1 << 20, "TOP 3 2 pulled {pulled} octets");
 }
+
+#[tokio::test]
+async fn login_delay_is_advertised_and_enforced() {
+    let srv = Server::start(|c| c.login_delay = 3600).await;
+    let mut c = srv.tls().await;
+    c.send(b"CAPA\r\n").await;
+    c.line().await;
+    assert!(c.multi().await.contains(&"LOGIN-DELAY 3600".to_string()));
+    c.login().await;
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    let mut c = srv.tls().await;
+    c.cmd("USER alice").await;
+    assert_eq!(
+        c.cmd("PASS secret").await,
+        "-ERR [LOGIN-DELAY] minimum time between logins has not elapsed"
+    );
+    assert!(
+        !srv.mem.state.lock().unwrap().locked,
+        "the refused login holds no lock"
+    );
+}
+
+/// Shutdown lets a RETR in progress finish, then says goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_busy_retr_finish() {
+    let srv = Server::start(|_| {}).await;
+    srv.mem.state.lock().unwrap().big = true;
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("RETR 3").await, format!("+OK {BIG_SIZE} octets"));
+    let drain = tokio::spawn({
+        let sd = srv.shutdown.clone();
+        async move { sd.drain(Duration::from_secs(60)).await }
+    });
+    let lines = c.multi().await;
+    assert_eq!(lines.len(), 2 + BIG_LINES, "the whole message arrived");
+    assert_eq!(c.line().await, "-ERR [SYS/TEMP] server shutting down");
+    assert!(c.closed().await);
+    assert!(drain.await.unwrap(), "ended within the grace period");
+    assert!(srv.mem.state.lock().unwrap().updates.is_empty());
+}
+
+/// A client that stops reading in the middle of a RETR is cut off when shutdown is forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_shutdown_ends_a_stuck_transfer() {
+    let srv = Server::start(|_| {}).await;
+    srv.mem.state.lock().unwrap().big = true;
+    let mut c = srv.tls().await;
+    c.login().await;
+    c.send(b"RETR 3\r\n").await;
+    // Wait until the gateway is blocked on the client rather than done.
+    mailsuite_testkit::eventually(Duration::from_secs(20), "transfer under way", || async {
+        (srv.mem.pulled.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let clean = tokio::time::timeout(
+        Duration::from_secs(20),
+        srv.shutdown.drain(Duration::from_millis(300)),
+    )
+    .await
+    .expect("forced shutdown does not hang");
+    assert!(!clean, "the stuck transfer needed forcing");
+    assert!(srv.mem.pulled.load(Ordering::SeqCst) < BIG_SIZE);
+    assert!(!srv.mem.state.lock().unwrap().locked, "lock released");
+}
