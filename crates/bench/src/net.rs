@@ -265,11 +265,6 @@ impl Conn {
         .await
         .map_err(|_| timed_out())?
     }
-
-    /// Whether the server has sent bytes not yet consumed (e.g. during IMAP IDLE).
-    pub fn has_buffered(&self) -> bool {
-        self.pos < self.buf.len()
-    }
 }
 
 /// The response code that opens a POP3/IMAP status text (`[IN-USE] locked` → `IN-USE`),
