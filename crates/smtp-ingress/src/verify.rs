@@ -269,3 +269,63 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod dkim_tests {
+    use super::*;
+    use base64::Engine;
+    use mail_auth::common::crypto::Ed25519Key;
+    use mail_auth::common::headers::HeaderWriter;
+    use mail_auth::dkim::DkimSigner;
+
+    #[tokio::test]
+    async fn dkim_signature_is_verified_against_the_published_key() {
+        let key = Ed25519Key::from_pkcs8_der(&Ed25519Key::generate_pkcs8().unwrap()).unwrap();
+        let record = format!(
+            "v=DKIM1; k=ed25519; p={}",
+            base64::engine::general_purpose::STANDARD.encode(key.public_key())
+        );
+        let msg = b"From: a@signed.example\r\nTo: b@mx.test\r\nSubject: signed\r\n\r\nbody\r\n";
+        let sig = DkimSigner::from_key(key)
+            .domain("signed.example")
+            .selector("s1")
+            .headers(["From", "To", "Subject"])
+            .sign(msg)
+            .unwrap();
+        let mut signed = sig.to_header().into_bytes();
+        signed.extend_from_slice(msg);
+        let dns = DnsConfig {
+            nameservers: vec!["127.0.0.1".into()],
+            timeout_secs: 1,
+        };
+        let v = Verifier::new(&dns, "mx.test")
+            .unwrap()
+            .with_records([
+                ("s1._domainkey.signed.example", record.as_str()),
+                // SPF fails: DMARC passes on the aligned DKIM signature alone.
+                ("signed.example", "v=spf1 -all"),
+                ("_dmarc.signed.example", "v=DMARC1; p=reject; psd=n"),
+            ])
+            .unwrap();
+        let ip = "198.51.100.1".parse().unwrap();
+        let out = v.verify(ip, "h.example", "a@signed.example", &signed).await;
+        assert!(out.header.contains("dkim=pass"), "{}", out.header);
+        assert!(
+            out.header.contains("header.d=signed.example"),
+            "{}",
+            out.header
+        );
+        assert!(out.header.contains("dmarc=pass"), "{}", out.header);
+        assert!(!out.dmarc_reject);
+
+        // The same message altered in transit: the signature fails, and so does DMARC.
+        let mut tampered = signed.clone();
+        let n = tampered.len();
+        tampered[n - 3] = b'X';
+        let out = v
+            .verify(ip, "h.example", "a@signed.example", &tampered)
+            .await;
+        assert!(!out.header.contains("dkim=pass"), "{}", out.header);
+        assert!(out.dmarc_reject, "{}", out.header);
+    }
+}
