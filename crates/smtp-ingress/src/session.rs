@@ -157,7 +157,9 @@ impl<B: Backend> Session<B> {
             messages: 0,
             errors: 0,
             queue_seq: 0,
-            session_id: uuid::Uuid::now_v7().simple().to_string()[..16].to_uppercase(),
+            // The queue id (session id + sequence) is the idempotency key of the hand-off:
+            // it must be unique across sessions and replicas, so all 122 random bits.
+            session_id: uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
         }
     }
 
