@@ -140,6 +140,15 @@ pub fn span_context_from_traceparent(
     sc.is_valid().then_some(sc)
 }
 
+/// Link `span` to the trace a stored `traceparent` names (no-op when it is empty or
+/// malformed): a delivery attempt hours later points back at the accepting transaction.
+pub fn link_to_traceparent(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if let Some(sc) = span_context_from_traceparent(traceparent) {
+        span.add_link(sc);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +158,7 @@ mod tests {
     fn traceparent_round_trip() {
         install_propagator();
         let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
-        let provider = provider_with(exporter, "tp-test", false);
+        let provider = provider_with(exporter.clone(), "tp-test", false);
         let subscriber = tracing_subscriber::registry()
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
         tracing::subscriber::with_default(subscriber, || {
@@ -166,8 +175,28 @@ mod tests {
                 sc.trace_id(),
                 span.context().span().span_context().trace_id()
             );
+            drop(_e);
+            drop(span);
+            // Later work, in a trace of its own, links back to the stored context.
+            let later = tracing::info_span!(parent: None, "delivery attempt");
+            link_to_traceparent(&later, &tp);
+            drop(later);
         });
+        let spans = exporter.get_finished_spans().unwrap();
+        let accepting = spans.iter().find(|s| s.name == "accepting").unwrap();
+        let later = spans.iter().find(|s| s.name == "delivery attempt").unwrap();
+        assert_ne!(
+            later.span_context.trace_id(),
+            accepting.span_context.trace_id()
+        );
+        let links: Vec<_> = later.links.iter().collect();
+        assert_eq!(links.len(), 1);
+        assert_eq!(
+            links[0].span_context.span_id(),
+            accepting.span_context.span_id()
+        );
         assert_eq!(trace_id(&tracing::Span::none()), "");
+        link_to_traceparent(&tracing::Span::none(), "garbage");
         assert!(span_context_from_traceparent("").is_none());
         assert!(span_context_from_traceparent("00-zz-yy-01").is_none());
     }
