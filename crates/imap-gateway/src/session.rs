@@ -2140,20 +2140,30 @@ impl Session {
                     return Ok(());
                 }
             };
-            if r.truncated {
+            let (expunged, changed, highest) = if r.truncated {
+                // The change log no longer reaches back far enough: diff the UID lists.
                 match self.store.select(account_id, &sel.name, true).await {
                     Ok(s) => {
                         let fresh: std::collections::HashSet<u32> =
                             s.uids.iter().copied().collect();
-                        for (_, u) in sel.seq.iter().collect::<Vec<_>>() {
-                            if !fresh.contains(&u) && !sel.pending_expunges.contains(&u) {
-                                sel.pending_expunges.push(u);
-                            }
-                        }
-                        for u in s.uids {
-                            sel.seq.push(u);
-                        }
-                        sel.modseq = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
+                        let gone: Vec<u32> = sel
+                            .seq
+                            .iter()
+                            .map(|(_, u)| u)
+                            .filter(|u| !fresh.contains(u))
+                            .collect();
+                        let max = sel.seq.max_uid().unwrap_or(0);
+                        let new: Vec<pb::MessageFlags> = s
+                            .uids
+                            .iter()
+                            .filter(|u| **u > max)
+                            .map(|&uid| pb::MessageFlags {
+                                uid,
+                                ..Default::default()
+                            })
+                            .collect();
+                        let hms = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
+                        (gone, new, hms)
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "resync failed");
@@ -2162,13 +2172,16 @@ impl Session {
                     }
                 }
             } else {
-                for u in r.expunged {
+                (r.expunged, r.changed, r.highestmodseq)
+            };
+            {
+                for u in expunged {
                     if sel.seq.seq(u).is_some() && !sel.pending_expunges.contains(&u) {
                         sel.pending_expunges.push(u);
                     }
                 }
                 let before = sel.seq.len();
-                let mut changed = r.changed;
+                let mut changed = changed;
                 changed.sort_by_key(|m| m.uid);
                 let mut flag_updates = Vec::new();
                 for m in changed {
@@ -2186,7 +2199,7 @@ impl Session {
                         sel.seq.push(m.uid);
                     }
                 }
-                sel.modseq = sel.modseq.max(r.highestmodseq);
+                sel.modseq = sel.modseq.max(highest);
                 sel.reported.clear();
                 if allow_expunge {
                     for u in std::mem::take(&mut sel.pending_expunges) {
