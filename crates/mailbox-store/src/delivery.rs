@@ -288,11 +288,28 @@ impl DeliverySvc {
                 } as i32;
             }
         }
+        if header.all_or_nothing
+            && results.iter().any(|r| {
+                r.status != RecipientStatus::Delivered as i32 || !r.remote_targets.is_empty()
+            })
+        {
+            // Dropping the transaction rolls back the entries, the blob and the claimed key,
+            // so the caller may hand the message elsewhere (or retry) under the same key.
+            drop(tx);
+            return Ok(DeliverResponse {
+                results,
+                blob_id: String::new(),
+                duplicate: false,
+                size: data.len() as u64,
+                rolled_back: true,
+            });
+        }
         let response = DeliverResponse {
             results,
             blob_id: store::hex_id(&blob_id),
             duplicate: false,
             size: data.len() as u64,
+            rolled_back: false,
         };
         sqlx::query("UPDATE mailbox.deliveries SET response = $2 WHERE idempotency_key = $1")
             .bind(&header.idempotency_key)

@@ -531,3 +531,70 @@ async fn quota_is_enforced() {
         .unwrap();
     assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
 }
+
+/// With `all_or_nothing`, a partial result (one recipient over quota) stores nothing at all,
+/// so the caller can hand the whole message to the queue instead of losing that recipient.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_or_nothing_rolls_back_a_partial_delivery() {
+    let s = store().await;
+    let mut admin = s.admin().await;
+    admin
+        .add_domain(AddDomainRequest {
+            name: "example.test".into(),
+            catch_all: String::new(),
+        })
+        .await
+        .unwrap();
+    admin
+        .add_account(AddAccountRequest {
+            address: "tiny@example.test".into(),
+            password: "pw".into(),
+            quota_bytes: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let roomy = s.account("roomy@example.test").await;
+    let mut d = s.delivery().await;
+    let m = message("too big for tiny", &"z".repeat(500));
+    let header = DeliverHeader {
+        idempotency_key: "aon-1".into(),
+        return_path: "sender@remote.test".into(),
+        recipients: vec!["tiny@example.test".into(), "roomy@example.test".into()],
+        all_or_nothing: true,
+        ..Default::default()
+    };
+    let r = d
+        .deliver(tokio_stream::iter(chunks(header.clone(), &m)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.rolled_back, "partial delivery must roll back");
+    assert_eq!(r.results[0].status, RecipientStatus::OverQuota as i32);
+    assert_eq!(r.results[1].status, RecipientStatus::Delivered as i32);
+    let inbox = s.inbox(roomy).await;
+    let mut mb = s.mailbox().await;
+    let st = mb
+        .status(StatusRequest {
+            account_id: roomy,
+            name: "INBOX".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((st.id, st.messages), (inbox, 0), "nothing stored for roomy");
+
+    // The key was not consumed: the same key without the flag now delivers to roomy.
+    let header = DeliverHeader {
+        recipients: vec!["roomy@example.test".into()],
+        all_or_nothing: false,
+        ..header
+    };
+    let r = d
+        .deliver(tokio_stream::iter(chunks(header, &m)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.rolled_back && !r.duplicate);
+    assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+}

@@ -502,6 +502,7 @@ impl<B: Backend> Session<B> {
                 Outcome::reply(Reply::new(235, "2.7.0", "Authentication successful"))
             }
             Ok(None) => {
+                mailsuite_runtime::metrics::auth_failure("smtp");
                 let n = self.shared.rates.auth_failed(ip);
                 self.errors += 1;
                 let delay = Duration::from_millis(
@@ -832,6 +833,16 @@ impl<B: Backend> Session<B> {
             .await;
         if let Some(r) = &o.reply {
             span.record("code", r.code);
+            let result = match r.code {
+                200..=299 => "accepted",
+                400..=499 => "tempfail",
+                _ => "rejected",
+            };
+            mailsuite_runtime::metrics::counter(
+                "mailsuite_smtp_messages_received_total",
+                &[("result", result)],
+            )
+            .inc();
         }
         o
     }
@@ -916,21 +927,28 @@ impl<B: Backend> Session<B> {
             recipients,
             size_hint: msg.len() as u64,
             add_delivery_headers: true,
+            all_or_nothing: true,
             ..Default::default()
         };
         let b = &self.shared.backend;
         let mut r = b.deliver(header.clone(), msg.clone()).await;
         if let Err(mailsuite_runtime::ServiceError::Unavailable(_)) = &r {
-            r = b.deliver(header, msg).await;
+            r = b.deliver(header, msg.clone()).await;
         }
         let resp = r.map_err(|e| service_error(&e))?;
-        let delivered = resp.results.iter().any(|x| {
+        let deliverable = resp.results.iter().any(|x| {
             matches!(
                 x.status(),
                 RecipientStatus::Delivered | RecipientStatus::Remote
             )
         });
-        if delivered || resp.results.is_empty() || resp.duplicate {
+        if resp.rolled_back && deliverable {
+            // Some recipients could not take it now (quota, an alias with remote targets):
+            // the store stored nothing, so the queue becomes the one owner; it retries and
+            // bounces per recipient. Still exactly one commit before the 250.
+            return self.enqueue(tx, msg, queue_id).await;
+        }
+        if (deliverable && !resp.rolled_back) || resp.results.is_empty() || resp.duplicate {
             return Ok(());
         }
         // Nobody could take it: say why, from the first recipient.
