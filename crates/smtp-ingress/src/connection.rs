@@ -178,7 +178,11 @@ impl<B: Backend> Driver<B> {
         Ok(())
     }
 
-    async fn run(&mut self, tls: Option<&TlsAcceptor>) -> Result<(), Stop> {
+    async fn run(
+        &mut self,
+        tls: Option<&TlsAcceptor>,
+        metric: &mut mailsuite_runtime::metrics::Session,
+    ) -> Result<(), Stop> {
         let greeting = self.session.greeting();
         self.queue(&greeting);
         let mut lines = LineReader::new(self.max_line);
@@ -237,6 +241,7 @@ impl<B: Backend> Driver<B> {
                         let (io, info) = into_tls(plain, acceptor).await.map_err(|_| Stop::Gone)?;
                         self.io = io;
                         self.session.tls_established(info);
+                        metric.tls_upgraded();
                         break;
                     }
                     Next::AuthLine => {
@@ -286,6 +291,7 @@ pub async fn serve<B: Backend>(
     tls: Option<TlsAcceptor>,
     shutdown: Shutdown,
 ) {
+    let mut metric = mailsuite_runtime::metrics::Session::start("smtp", session.is_tls());
     let config = &shared.config;
     let l = &config.limits;
     let mut d = Driver {
@@ -301,7 +307,7 @@ pub async fn serve<B: Backend>(
         max_line: l.max_line_length,
         bare: config.policy.bare_line_end,
     };
-    let result = d.run(tls.as_ref()).await;
+    let result = d.run(tls.as_ref(), &mut metric).await;
     if let Err(Stop::Say(r)) = result {
         d.queue(&r);
         let _ = tokio::time::timeout(Duration::from_secs(5), d.flush()).await;

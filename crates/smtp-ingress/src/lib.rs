@@ -114,7 +114,7 @@ pub async fn start_with<B: Backend>(
         }
     }
     if let Some((listener, _)) = ops {
-        let o = mailsuite_runtime::ops::Ops::default();
+        let o = mailsuite_runtime::metrics::ops();
         o.set_ready(true);
         shutdown.spawn(o.serve(listener, shutdown.clone()));
     }
@@ -164,6 +164,15 @@ async fn accept_loop<B: Backend>(
             Ok(Admission::Refused {
                 mut stream, reason, ..
             }) => {
+                let which = match reason {
+                    mailsuite_runtime::listener::RefuseReason::TooManyFromIp => "per_ip",
+                    mailsuite_runtime::listener::RefuseReason::TooManyConnections => "total",
+                };
+                mailsuite_runtime::metrics::counter(
+                    "mailsuite_smtp_connections_refused_total",
+                    &[("reason", which)],
+                )
+                .inc();
                 shutdown.spawn(async move {
                     let text =
                         format!("421 4.7.0 Too many connections ({reason:?}), try again later\r\n");

@@ -250,6 +250,12 @@ async fn pipelined_conversation_in_one_write() {
     assert_eq!(c.reply().await.0, 221);
     assert_eq!(e.inbox(e.alice_id).await.len(), 1);
     assert_eq!(e.inbox(e.bob_id).await.len(), 1);
+    // One registry per process, shared by parallel tests: at least ours is counted.
+    let accepted = mailsuite_runtime::metrics::value(
+        "mailsuite_smtp_messages_received_total",
+        &[("result", "accepted")],
+    );
+    assert!(accepted >= 1.0, "{accepted}");
     e.stop().await;
 }
 
