@@ -425,10 +425,11 @@ pub fn ops() -> crate::ops::Ops {
 /// every series of `name` whose labels include all of `labels` (0 when none match). For
 /// histograms, ask for `<name>_count` or `<name>_sum`. Meant for tests and diagnostics.
 pub fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
-    sum_series(&render_prometheus(), name, labels)
+    value_in(&render_prometheus(), name, labels)
 }
 
-fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// [`value`] over any Prometheus text, e.g. a `/metrics` page fetched from another process.
+pub fn value_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(parse_sample)
@@ -600,10 +601,10 @@ mod tests {
     #[test]
     fn parses_escaped_label_values() {
         let text = "# HELP x y\nm{a=\"q\\\"uote\",b=\"2\"} 5\nm{a=\"other\"} 1\nn 4\n";
-        assert_eq!(sum_series(text, "m", &[("a", "q\"uote")]), 5.0);
-        assert_eq!(sum_series(text, "m", &[]), 6.0);
-        assert_eq!(sum_series(text, "n", &[]), 4.0);
-        assert_eq!(sum_series(text, "m", &[("b", "3")]), 0.0);
+        assert_eq!(value_in(text, "m", &[("a", "q\"uote")]), 5.0);
+        assert_eq!(value_in(text, "m", &[]), 6.0);
+        assert_eq!(value_in(text, "n", &[]), 4.0);
+        assert_eq!(value_in(text, "m", &[("b", "3")]), 0.0);
     }
 
     #[tokio::test]
