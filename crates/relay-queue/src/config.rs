@@ -30,6 +30,10 @@ pub struct Config {
     /// AUTH PLAIN credentials for the smarthost (sent only over TLS).
     pub smarthost_user: String,
     pub smarthost_password: String,
+    /// DNS servers (`ip:port`) for MX and address lookups; empty = the system's resolv.conf.
+    pub dns_servers: Vec<String>,
+    /// The SMTP port of MX hosts (25; other values only make sense in a lab).
+    pub mx_port: u16,
     /// Domains whose delivery must use verified TLS (never fall back to plain text).
     pub require_tls_domains: Vec<String>,
     /// Extra PEM roots trusted for STARTTLS verification (in addition to the webpki roots).
@@ -134,6 +138,8 @@ impl Default for Config {
             smarthost_user: String::new(),
             smarthost_password: String::new(),
             require_tls_domains: Vec::new(),
+            dns_servers: Vec::new(),
+            mx_port: 25,
             tls_extra_roots: String::new(),
             tls_allow_invalid_opportunistic: true,
             dkim: Vec::new(),

@@ -54,11 +54,43 @@ pub async fn static_target(route: &str) -> Result<Target, RouteError> {
     Ok(Target { name: host, addrs })
 }
 
+/// A resolver using the given `ip:port` servers, or the system configuration when empty.
+pub fn resolver(servers: &[String]) -> Result<TokioResolver, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    if servers.is_empty() {
+        return TokioResolver::builder_tokio()
+            .and_then(|b| b.build())
+            .map_err(|e| e.to_string());
+    }
+    let mut ns = Vec::new();
+    for s in servers {
+        let addr: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("bad DNS server {s:?} (want ip:port)"))?;
+        let conns = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+            .into_iter()
+            .map(|mut c| {
+                c.port = addr.port();
+                c
+            })
+            .collect();
+        ns.push(NameServerConfig::new(addr.ip(), true, conns));
+    }
+    TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(ns),
+        TokioRuntimeProvider::default(),
+    )
+    .build()
+    .map_err(|e| e.to_string())
+}
+
 /// MX hosts of `domain` in preference order, each resolved, at most `max_hosts`.
 pub async fn mx_targets(
     resolver: &TokioResolver,
     domain: &str,
     max_hosts: usize,
+    port: u16,
 ) -> Result<Vec<Target>, RouteError> {
     use hickory_resolver::proto::rr::RData;
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
@@ -99,7 +131,8 @@ pub async fn mx_targets(
     for (_, host) in exchanges.into_iter().take(max_hosts.max(1)) {
         match resolver.lookup_ip(host.as_str()).await {
             Ok(ips) => {
-                let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, 25)).collect();
+                let addrs: Vec<SocketAddr> =
+                    ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
                 if !addrs.is_empty() {
                     targets.push(Target {
                         name: host.trim_end_matches('.').to_string(),

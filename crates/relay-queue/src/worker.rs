@@ -89,8 +89,7 @@ impl Engine {
         if let Some(r) = &*g {
             return Ok(r.clone());
         }
-        let r = TokioResolver::builder_tokio()
-            .and_then(|b| b.build())
+        let r = route::resolver(&self.config.dns_servers)
             .map_err(|e| RouteError::Temporary(format!("4.4.3 DNS resolver: {e}")))?;
         let r = Arc::new(r);
         *g = Some(r.clone());
@@ -303,7 +302,12 @@ impl Engine {
         let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
         let targets = match tokio::time::timeout(
             rpc,
-            route::mx_targets(&resolver, domain, self.config.limits.max_mx_hosts),
+            route::mx_targets(
+                &resolver,
+                domain,
+                self.config.limits.max_mx_hosts,
+                self.config.mx_port,
+            ),
         )
         .await
         {

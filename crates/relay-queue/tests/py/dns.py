@@ -1,0 +1,42 @@
+"""A tiny authoritative DNS server (dnslib) for relay-queue routing tests.
+
+usage: dns.py ZONEFILE
+Prints "PORT <n>" once listening on 127.0.0.1 (UDP and TCP). Names in the zone answer with
+their records of the asked type (NODATA when the name exists with other types only); other
+names get NXDOMAIN.
+"""
+import sys
+import time
+
+from dnslib import QTYPE, RCODE, RR
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+
+class Zone(BaseResolver):
+    def __init__(self, text):
+        self.rrs = RR.fromZone(text)
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        qname = str(request.q.qname).lower()
+        exists = False
+        for rr in self.rrs:
+            if str(rr.rname).lower() == qname:
+                exists = True
+                if rr.rtype == request.q.qtype:
+                    reply.add_answer(rr)
+        if not exists:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
+zone = Zone(open(sys.argv[1]).read())
+quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data")
+udp = DNSServer(zone, port=0, address="127.0.0.1", logger=quiet)
+port = udp.server.server_address[1]
+tcp = DNSServer(zone, port=port, address="127.0.0.1", tcp=True, logger=quiet)
+udp.start_thread()
+tcp.start_thread()
+print("PORT %d" % port, flush=True)
+while True:
+    time.sleep(3600)
