@@ -671,3 +671,50 @@ async fn shutdown_says_421_to_idle_sessions() {
     assert_eq!(c.reply().await.0, 0, "closed");
     e.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_lets_a_busy_transfer_finish() {
+    let e = env_with(|c| c.policy.verify_inbound = false).await;
+    let mut c = connect(e.smtp.smtp.unwrap()).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect("MAIL FROM:<p@remote.example>", 250).await;
+    c.expect("RCPT TO:<alice@local.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send("Subject: in flight\r\n\r\nfirst half\r\n").await;
+    e.shutdown.trigger();
+    c.send("second half\r\n.\r\n").await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "the message in flight is accepted: {text}");
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.starts_with("4.3.2"), "{text}");
+    assert_eq!(e.inbox(e.alice_id).await.len(), 1);
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_challenges_without_initial_response() {
+    let e = env_with(|c| c.policy.verify_inbound = false).await;
+    let tcp = tokio::net::TcpStream::connect(e.smtp.submissions.unwrap())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = e.tls_connector().connect(name, tcp).await.unwrap();
+    let mut c = Client {
+        io: BufReader::new(tls),
+    };
+    assert_eq!(c.reply().await.0, 220);
+    c.expect("EHLO client.example", 250).await;
+    // PLAIN with an empty challenge, then a wrong password.
+    assert_eq!(c.cmd("AUTH PLAIN").await, (334, String::new()));
+    c.expect("AGFsaWNlQGxvY2FsLnRlc3QAd3Jvbmc=", 535).await;
+    // LOGIN step by step.
+    let t = c.expect("AUTH LOGIN", 334).await;
+    assert_eq!(t, "VXNlcm5hbWU6");
+    let t = c.expect("YWxpY2VAbG9jYWwudGVzdA==", 334).await;
+    assert_eq!(t, "UGFzc3dvcmQ6");
+    let t = c.expect("Y29ycmVjdCBob3JzZQ==", 235).await;
+    assert!(t.starts_with("2.7.0"), "{t}");
+    c.expect("MAIL FROM:<alice@local.test>", 250).await;
+    e.stop().await;
+}
