@@ -570,6 +570,7 @@ async fn queue_dsn(
         }],
         body_8bit: msg.body_8bit,
         smtputf8: msg.smtputf8,
+        traceparent: mailsuite_runtime::telemetry::current_traceparent(),
         ..Default::default()
     };
     insert_message(tx, &header, &bytes).await?;

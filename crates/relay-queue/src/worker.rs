@@ -219,6 +219,17 @@ impl Engine {
                 }
             }
         };
+        // A trace of its own (attempts happen long after the accepting transaction), linked
+        // back to the transaction's trace through the stored traceparent.
+        let span = tracing::info_span!(
+            parent: None,
+            "relay.delivery",
+            otel.kind = "client",
+            queue_id = %msg_id,
+            domain = %domain,
+            recipients = rcpts.len(),
+        );
+        let link_to = span.clone();
         let work = async {
             let _slot = self.in_flight.clone().acquire_owned().await;
             let msg = match self.db.load_message(msg_id).await {
@@ -229,6 +240,7 @@ impl Engine {
                     return;
                 }
             };
+            mailsuite_runtime::telemetry::link_to_traceparent(&link_to, &msg.traceparent);
             let results = self.deliver(&msg, &domain, rcpts).await;
             for r in &results {
                 let m = match r.outcome {
@@ -247,7 +259,7 @@ impl Engine {
             }
         };
         tokio::select! {
-            _ = work => {}
+            _ = tracing::Instrument::instrument(work, span) => {}
             _ = renew => {}
         }
     }
