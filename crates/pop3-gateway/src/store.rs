@@ -349,3 +349,43 @@ impl Backend for StoreBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_pop3_outcomes() {
+        assert_eq!(
+            login_error(Status::unauthenticated("no"), "x"),
+            LoginError::BadCredentials
+        );
+        assert!(matches!(
+            login_error(Status::unavailable("db down"), "x"),
+            LoginError::Temporary(_)
+        ));
+        assert!(matches!(
+            login_error(Status::permission_denied("no"), "x"),
+            LoginError::Permanent(_)
+        ));
+        assert!(matches!(
+            login_error(Status::not_found("no inbox"), "x"),
+            LoginError::Permanent(_)
+        ));
+        assert_eq!(failure(Status::not_found("uid"), "x"), Failure::Gone);
+        assert!(matches!(
+            failure(Status::deadline_exceeded("slow"), "x"),
+            Failure::Temporary(_)
+        ));
+        assert!(matches!(
+            failure(Status::invalid_argument("bad"), "x"),
+            Failure::Permanent(_)
+        ));
+        // Internal details stay in the log, not in the reply to the client.
+        let Failure::Temporary(m) = failure(Status::unavailable("secret dsn host:5432"), "x")
+        else {
+            panic!()
+        };
+        assert!(!m.contains("5432"), "{m}");
+    }
+}
