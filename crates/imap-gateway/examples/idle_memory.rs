@@ -1,11 +1,12 @@
 //! Load generator: how much memory do IDLE sessions cost?
 //!
-//! Starts a mailbox-store on a fresh test database and the gateway in this process, opens N
-//! plaintext loopback sessions that log in, SELECT INBOX and IDLE, then reports the growth of
-//! the process's resident memory per session. Client sockets live in the same process, so the
-//! figure is an upper bound for the gateway alone.
+//! Starts a mailbox-store on a fresh test database in this process and the gateway binary as
+//! a separate process, opens N plaintext loopback sessions that log in, SELECT INBOX and IDLE,
+//! then reports the gateway process's resident memory growth per session. With `tls` as the
+//! second argument the sessions use implicit TLS (port 993 style) instead.
 //!
-//! `cargo run -p mailsuite-imap-gateway --example idle_memory -- 2000`
+//! `cargo build -p mailsuite-imap-gateway --bins --examples &&
+//!  target/debug/examples/idle_memory 2000 [tls]`
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,8 @@ use mailsuite_runtime::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -26,7 +27,10 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-async fn until(r: &mut BufReader<TcpStream>, prefix: &str) {
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+async fn until(r: &mut BufReader<Box<dyn Io>>, prefix: &str) {
     let mut line = String::new();
     loop {
         line.clear();
@@ -39,14 +43,25 @@ async fn until(r: &mut BufReader<TcpStream>, prefix: &str) {
     }
 }
 
-async fn idle_session(addr: std::net::SocketAddr) -> BufReader<TcpStream> {
+async fn idle_session(
+    addr: std::net::SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+) -> BufReader<Box<dyn Io>> {
     let s = TcpStream::connect(addr).await.unwrap();
-    let mut r = BufReader::with_capacity(512, s);
+    let io: Box<dyn Io> = match tls {
+        Some(c) => {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            Box::new(c.connect(name, s).await.unwrap())
+        }
+        None => Box::new(s),
+    };
+    let mut r = BufReader::with_capacity(512, io);
     until(&mut r, "* OK").await;
     r.get_mut()
         .write_all(b"a LOGIN user@bench.test pw\r\nb SELECT INBOX\r\nc IDLE\r\n")
         .await
         .unwrap();
+    r.get_mut().flush().await.unwrap();
     until(&mut r, "a OK").await;
     until(&mut r, "b OK").await;
     until(&mut r, "+ ").await;
@@ -59,6 +74,9 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(2000);
+    let use_tls = std::env::args().nth(2).as_deref() == Some("tls");
+    let certs = mailsuite_testkit::TestCerts::new();
+    let connector = use_tls.then(|| tokio_rustls::TlsConnector::from(certs.client_config()));
     let db = mailsuite_testkit::TestDb::new().await;
     let sd = Shutdown::new();
     let store = mailsuite_mailbox_store::start(
@@ -93,29 +111,69 @@ async fn main() {
         })
         .await
         .unwrap();
-    let mut cfg = mailsuite_imap_gateway::Config {
-        listen_imap: "127.0.0.1:0".into(),
-        listen_imaps: String::new(),
-        listen_ops: String::new(),
-        store_url: format!("http://{}", store.grpc),
-        ..Default::default()
-    };
-    cfg.auth.allow_plaintext_loopback = true;
-    cfg.limits.connections.max_per_ip = 0;
-    cfg.limits.connections.max_connections = 0;
-    cfg.limits.max_sessions_per_account = 0;
-    cfg.limits.commands_per_second = 0;
-    let gw = mailsuite_imap_gateway::start(cfg, sd.clone()).await.unwrap();
-    let addr = gw.imap.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("imap-gateway"))
+        .expect("target dir");
+    let mut child = std::process::Command::new(&bin)
+        .args([
+            "--set",
+            &if use_tls {
+                format!("listen_imaps=\"127.0.0.1:{port}\"")
+            } else {
+                format!("listen_imap=\"127.0.0.1:{port}\"")
+            },
+            "--set",
+            if use_tls {
+                "listen_imap=\"\""
+            } else {
+                "listen_imaps=\"\""
+            },
+            "--set",
+            &format!("tls.cert=\"{}\"", certs.cert_pem.display()),
+            "--set",
+            &format!("tls.key=\"{}\"", certs.key_pem.display()),
+            "--set",
+            "listen_ops=\"\"",
+            "--set",
+            &format!("store_url=\"http://{}\"", store.grpc),
+            "--set",
+            "auth.allow_plaintext_loopback=true",
+            "--set",
+            "limits.connections.max_per_ip=0",
+            "--set",
+            "limits.connections.max_connections=0",
+            "--set",
+            "limits.max_sessions_per_account=0",
+            "--set",
+            "limits.commands_per_second=0",
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (build it with --bins)", bin.display()));
+    let pid = child.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Warm up allocator pools, the gRPC channel and the watch stream.
-    let mut sessions = vec![idle_session(addr).await];
+    let mut sessions = vec![idle_session(addr, connector.clone()).await];
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib();
+    let before = rss_kib(pid);
     let t0 = Instant::now();
     let mut pending = Vec::new();
     for _ in 1..n {
-        pending.push(tokio::spawn(idle_session(addr)));
+        pending.push(tokio::spawn(idle_session(addr, connector.clone())));
         if pending.len() == 16 {
             for p in pending.drain(..) {
                 sessions.push(p.await.unwrap());
@@ -125,15 +183,18 @@ async fn main() {
     for p in pending.drain(..) {
         sessions.push(p.await.unwrap());
     }
-    let after = rss_kib();
+    let after = rss_kib(pid);
     println!(
-        "{} IDLE sessions open in {:.1?}; RSS {} MiB -> {} MiB: {:.1} KiB per session (client sockets included)",
+        "{} IDLE sessions ({}) open in {:.1?}; RSS {} MiB -> {} MiB: {:.1} KiB per session (gateway process)",
         sessions.len(),
+        if use_tls { "TLS" } else { "plaintext" },
         t0.elapsed(),
         before / 1024,
         after / 1024,
         (after.saturating_sub(before)) as f64 / (n.max(2) - 1) as f64
     );
     drop(sessions);
+    let _ = child.kill();
+    let _ = child.wait();
     sd.drain(Duration::from_secs(5)).await;
 }

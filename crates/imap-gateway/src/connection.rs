@@ -152,7 +152,8 @@ where
     session.remote_ip = peer.ip().to_string();
     let mut decoder = Decoder::new(shared.decoder_limits());
     let mut rate = RateLimit::new(shared.config.limits.commands_per_second);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: an idle session should cost little; large literals just take more reads.
+    let mut buf = vec![0u8; 4 * 1024];
     // The tag of the AUTHENTICATE or IDLE command in progress.
     let mut pending: Option<Tag<'static>> = None;
     {

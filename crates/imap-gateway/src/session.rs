@@ -18,6 +18,7 @@ use imap_codec::imap_types::extensions::enable::CapabilityEnable;
 use imap_codec::imap_types::extensions::namespace::Namespace;
 use imap_codec::imap_types::extensions::quota::{QuotaGet, Resource};
 use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet as ImapUidSet};
+use imap_codec::imap_types::extensions::utf8::Utf8Kind;
 use imap_codec::imap_types::fetch::{
     Macro, MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName, Section,
 };
@@ -408,6 +409,7 @@ impl Session {
             Capability::QuotaRes(Resource::Storage),
             Capability::QuotaRes(Resource::Message),
             Capability::StatusSize,
+            Capability::Utf8(Utf8Kind::Accept),
         ]);
         caps
     }
@@ -634,9 +636,17 @@ impl Session {
             C::Enable { capabilities } => {
                 let mut enabled = Vec::new();
                 for c in capabilities.as_ref() {
-                    if matches!(c, CapabilityEnable::CondStore) {
-                        self.condstore = true;
-                        enabled.push(CapabilityEnable::CondStore);
+                    match c {
+                        CapabilityEnable::CondStore => {
+                            self.condstore = true;
+                            enabled.push(CapabilityEnable::CondStore);
+                        }
+                        // RFC 6855: mailbox names in UTF-8 from now on, not modified UTF-7.
+                        CapabilityEnable::Utf8(Utf8Kind::Accept) => {
+                            self.utf8 = true;
+                            enabled.push(CapabilityEnable::Utf8(Utf8Kind::Accept));
+                        }
+                        _ => {}
                     }
                 }
                 out.data(Data::Enabled {

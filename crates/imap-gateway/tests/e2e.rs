@@ -725,3 +725,22 @@ async fn connection_and_session_limits() {
     assert_eq!(l, "* BYE Autologout; idle for too long\r\n");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn utf8_accept_switches_mailbox_names_to_utf8() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("CREATE Entw&APw-rfe").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("ENABLE UTF8=ACCEPT").await;
+    assert!(r.contains("* ENABLED UTF8=ACCEPT"), "{r}");
+    let r = c.cmd("LIST \"\" Entw*").await;
+    assert!(r.contains("Entwürfe"), "UTF-8 on the wire: {r}");
+    assert!(!r.contains("&APw-"), "{r}");
+    let r = c.cmd("CREATE \"Überblick\"").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("STATUS \"Überblick\" (MESSAGES)").await;
+    assert!(r.contains("(MESSAGES 0)"), "{r}");
+    env.stop().await;
+}
