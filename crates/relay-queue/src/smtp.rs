@@ -75,6 +75,9 @@ pub enum SessionError {
     Refused(Reply),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The smarthost refused our credentials: a configuration problem, so the mail waits.
+    #[error("authentication refused: {0}")]
+    Auth(Reply),
     /// The message needs what the server lacks; permanent.
     #[error("{0}")]
     Unsupported(String),
@@ -467,7 +470,8 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         let r = conn.read_reply(secs(t.mail), "AUTH").await?;
         if r.code != 235 {
-            return Err(SessionError::Refused(r));
+            let _ = quit(conn, params).await;
+            return Err(SessionError::Auth(r));
         }
     }
 

@@ -20,7 +20,7 @@ async fn dns(zone: &str) -> Dns {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), zone).unwrap();
     let mut child = tokio::process::Command::new("python3")
-        .arg(py("dns.py"))
+        .arg(py("dns_server.py"))
         .arg(f.path())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

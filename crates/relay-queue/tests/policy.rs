@@ -270,3 +270,158 @@ async fn delay_warning_then_expiry_and_loop_detection() {
     assert!(reply.starts_with("5.4.6"), "{reply}");
     sd.drain(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_recipient_replies_size_limit_and_success_notification() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (store, store_url) = FakeStore::start(&["alice@local.test"], &sd).await;
+    let sink = Sink::start(&[
+        "--reject",
+        "x@remote.test",
+        "--tempfail-rcpt",
+        "y@remote.test",
+    ])
+    .await;
+    let small = Sink::start(&["--size-limit", "100"]).await;
+    let mut c = config(&db.url, &store_url);
+    c.retry.schedule_secs = vec![3600];
+    c.transports.insert("remote.test".into(), sink.route());
+    c.transports.insert("small.test".into(), small.route());
+    let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
+    let addr = started.grpc.unwrap();
+    let mut h = header(
+        "mixed-replies",
+        "alice@local.test",
+        &["ok@remote.test", "x@remote.test", "y@remote.test"],
+    );
+    h.recipients[0].notify = vec!["SUCCESS".into(), "FAILURE".into()];
+    let r = enqueue(
+        addr,
+        h,
+        &message(
+            "alice@local.test",
+            "ok@remote.test",
+            "replies",
+            "rep@local.test",
+        ),
+    )
+    .await;
+    let big = enqueue(
+        addr,
+        header("big", "alice@local.test", &["bob@small.test"]),
+        &message(
+            "alice@local.test",
+            "bob@small.test",
+            "too big",
+            "big@local.test",
+        ),
+    )
+    .await;
+
+    let got = sink.wait_for(1).await;
+    assert_eq!(
+        got[0].meta["rcpt_tos"],
+        serde_json::json!(["ok@remote.test"])
+    );
+    assert_eq!(
+        got[0].meta["rcpt_options"],
+        serde_json::json!([]),
+        "no NOTIFY to a server that does not offer DSN"
+    );
+    let st = eventually(T, "one session, three outcomes", || async {
+        let s = states(&db.pool, &r.queue_id).await;
+        s.iter()
+            .all(|x| x.1 != "pending" && x.1 != "delivering")
+            .then_some(s)
+    })
+    .await;
+    let by: Vec<(&str, &str)> = st.iter().map(|s| (s.0.as_str(), s.1.as_str())).collect();
+    assert_eq!(
+        by,
+        vec![
+            ("ok@remote.test", "delivered"),
+            ("x@remote.test", "failed"),
+            ("y@remote.test", "deferred"),
+        ]
+    );
+    let (state, reply) = last_reply(&db.pool, &big.queue_id).await;
+    assert_eq!(state, "failed");
+    assert!(
+        reply.starts_with("5.3.4"),
+        "SIZE checked before sending: {reply}"
+    );
+    assert!(small.messages().is_empty());
+
+    let dsns = eventually(T, "success, failure and size DSNs", || async {
+        let d: Vec<Stored> = store
+            .stored()
+            .into_iter()
+            .filter(|s| s.recipients == ["alice@local.test"])
+            .collect();
+        (d.len() >= 3).then_some(d)
+    })
+    .await;
+    assert_eq!(dsns.len(), 3, "nothing for the deferred recipient yet");
+    let ok = |rcpt: &str, action: &str, status: &str, subject: &str| {
+        dsns.iter().any(|d| {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), &d.bytes).unwrap();
+            std::process::Command::new("python3")
+                .arg(py("dsn_check.py"))
+                .args([f.path().to_str().unwrap(), rcpt, action, status, subject])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        })
+    };
+    assert!(
+        ok("ok@remote.test", "delivered", "2.0.0", "replies"),
+        "NOTIFY=SUCCESS honoured"
+    );
+    assert!(ok("x@remote.test", "failed", "5.1.1", "replies"));
+    assert!(ok("bob@small.test", "failed", "5.3.4", "too big"));
+    sd.drain(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smarthost_with_auth_over_starttls() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (_store, store_url) = FakeStore::start(&[], &sd).await;
+    let certs = TestCerts::new();
+    let relay = Sink::start(&[
+        "--tls",
+        certs.cert_pem.to_str().unwrap(),
+        certs.key_pem.to_str().unwrap(),
+        "--auth",
+        "relayuser:relay secret",
+    ])
+    .await;
+    let mut c = config(&db.url, &store_url);
+    c.tls_extra_roots = certs.ca_pem.to_str().unwrap().into();
+    c.smarthost = format!("localhost:{}", relay.port);
+    c.smarthost_user = "relayuser".into();
+    c.smarthost_password = "relay secret".into();
+    let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
+    enqueue(
+        started.grpc.unwrap(),
+        header("smart", "alice@local.test", &["bob@anywhere.test"]),
+        &message(
+            "alice@local.test",
+            "bob@anywhere.test",
+            "via smarthost",
+            "sh@local.test",
+        ),
+    )
+    .await;
+    let got = relay.wait_for(1).await;
+    assert_eq!(got[0].meta["auth"], "relayuser", "authenticated");
+    assert_eq!(got[0].meta["tls"], true, "credentials only over TLS");
+    assert_eq!(
+        got[0].meta["rcpt_tos"],
+        serde_json::json!(["bob@anywhere.test"])
+    );
+    sd.drain(Duration::from_secs(10)).await;
+}

@@ -1,6 +1,6 @@
 """A tiny authoritative DNS server (dnslib) for relay-queue routing tests.
 
-usage: dns.py ZONEFILE
+usage: dns_server.py ZONEFILE
 Prints "PORT <n>" once listening on 127.0.0.1 (UDP and TCP). Names in the zone answer with
 their records of the asked type (NODATA when the name exists with other types only); other
 names get NXDOMAIN.
