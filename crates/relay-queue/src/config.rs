@@ -91,6 +91,8 @@ pub struct WorkerConfig {
     pub per_destination: usize,
     /// Concurrent deliveries per process.
     pub max_in_flight: usize,
+    /// Finished messages (every recipient delivered or failed) stay visible this long.
+    pub keep_finished_secs: u64,
 }
 
 /// RFC 5321 §4.5.3.2 timeouts, in seconds.
@@ -180,6 +182,7 @@ impl Default for WorkerConfig {
             batch: 100,
             per_destination: 4,
             max_in_flight: 32,
+            keep_finished_secs: 24 * 3600,
         }
     }
 }

@@ -184,7 +184,11 @@ impl Engine {
             }
             if index == 0 && last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = tokio::time::Instant::now();
-                if let Err(e) = self.db.purge(Duration::from_secs(24 * 3600)).await {
+                if let Err(e) = self
+                    .db
+                    .purge(Duration::from_secs(self.config.workers.keep_finished_secs))
+                    .await
+                {
                     tracing::warn!("purging finished messages: {e}");
                 }
             }

@@ -362,3 +362,87 @@ pub async fn states(pool: &sqlx::PgPool, queue_id: &str) -> Vec<(String, String,
     .await
     .unwrap()
 }
+
+/// A scripted SMTP server in the test: answers EHLO with `ehlo` (multi-line, CRLF-joined
+/// capability lines after the greeting line; `None` refuses EHLO with 502 so the client must
+/// fall back to HELO), accepts everything else, and records each command line and message.
+pub struct Scripted {
+    pub port: u16,
+    pub commands: Arc<Mutex<Vec<String>>>,
+    pub messages: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Scripted {
+    pub async fn start(ehlo: Option<&[&str]>) -> Scripted {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let ehlo_reply = ehlo.map(|caps| {
+            let mut lines = vec!["scripted.test".to_string()];
+            lines.extend(caps.iter().map(|c| c.to_string()));
+            let n = lines.len();
+            lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| format!("250{}{l}\r\n", if i + 1 == n { ' ' } else { '-' }))
+                .collect::<String>()
+        });
+        let (cmds, msgs) = (commands.clone(), messages.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (cmds, msgs, ehlo_reply) = (cmds.clone(), msgs.clone(), ehlo_reply.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    w.write_all(b"220 scripted.test ESMTP\r\n").await.unwrap();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        cmds.lock().unwrap().push(line.trim_end().to_string());
+                        let up = line.to_ascii_uppercase();
+                        let reply = if up.starts_with("EHLO") {
+                            ehlo_reply
+                                .clone()
+                                .unwrap_or_else(|| "502 5.5.1 EHLO not implemented\r\n".into())
+                        } else if up.starts_with("DATA") {
+                            w.write_all(b"354 go on\r\n").await.unwrap();
+                            let mut body = Vec::new();
+                            loop {
+                                let mut l = Vec::new();
+                                if r.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == b".\r\n" {
+                                    break;
+                                }
+                                body.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
+                            }
+                            msgs.lock().unwrap().push(body);
+                            "250 2.0.0 accepted\r\n".into()
+                        } else if up.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 2.0.0 bye\r\n").await;
+                            return;
+                        } else {
+                            "250 2.0.0 ok\r\n".into()
+                        };
+                        w.write_all(reply.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        Scripted {
+            port,
+            commands,
+            messages,
+        }
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.commands.lock().unwrap().clone()
+    }
+}
