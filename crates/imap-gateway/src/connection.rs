@@ -141,6 +141,8 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut metric =
+        mailsuite_runtime::metrics::Session::start("imap", matches!(stream, Either::Right(_)));
     let mut session = Session::new(
         shared.store.clone(),
         shared.hub.clone(),
@@ -203,6 +205,7 @@ where
                             .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
                             stream = Either::Right(tls);
                             session.tls = true;
+                            metric.tls_upgraded();
                             // Bytes pipelined after STARTTLS came in plaintext: never act on
                             // them (command injection, CVE-2011-0411 class).
                             decoder = Decoder::new(shared.decoder_limits());
@@ -326,6 +329,28 @@ where
                 out.flush().await?;
                 return Ok(());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_paces() {
+        let mut r = RateLimit::new(10);
+        for _ in 0..100 {
+            assert_eq!(r.take(), Duration::ZERO, "burst of 10x the rate");
+        }
+        let wait = r.take();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(110),
+            "{wait:?}"
+        );
+        let mut unlimited = RateLimit::new(0);
+        for _ in 0..10_000 {
+            assert_eq!(unlimited.take(), Duration::ZERO);
         }
     }
 }

@@ -930,6 +930,7 @@ impl Session {
             }
             Ok(None) => {
                 self.auth_failures += 1;
+                mailsuite_runtime::metrics::auth_failure("imap");
                 // A growing delay makes password guessing slow.
                 let delay = self
                     .limits

@@ -744,3 +744,42 @@ async fn utf8_accept_switches_mailbox_names_to_utf8() {
     assert!(r.contains("(MESSAGES 0)"), "{r}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_commands_with_literals_and_byte_at_a_time_input() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut c = env.login("bob@example.test").await;
+    c.send(b"p1 SELECT INBOX\r\np2 FETCH 1 (UID)\r\np3 APPEND INBOX {5+}\r\nhello\r\np4 STATUS INBOX (MESSAGES)\r\np5 NOOP\r\n")
+        .await;
+    let r = String::from_utf8(c.until_tag("p5").await).unwrap();
+    let pos = |t: &str| {
+        r.find(&format!("{t} OK"))
+            .unwrap_or_else(|| panic!("{t}: {r}"))
+    };
+    assert!(
+        pos("p1") < pos("p2")
+            && pos("p2") < pos("p3")
+            && pos("p3") < pos("p4")
+            && pos("p4") < pos("p5"),
+        "{r}"
+    );
+    assert!(r.contains("* 1 FETCH (UID 1)"), "{r}");
+    // One byte per write, a synchronizing literal in the middle.
+    for b in b"b1 FETCH 2 (BODY.PEEK[HEADER.FIELDS (X)])\r\n" {
+        c.send(&[*b]).await;
+    }
+    let r = String::from_utf8(c.until_tag("b1").await).unwrap();
+    assert!(tagged(&r).contains("b1 OK"), "{r}");
+    for b in b"b2 LIST \"\" {5}\r\n" {
+        c.send(&[*b]).await;
+    }
+    assert!(c.line().await.starts_with("+ "));
+    for b in b"INBOX\r\n" {
+        c.send(&[*b]).await;
+    }
+    let r = String::from_utf8(c.until_tag("b2").await).unwrap();
+    assert!(r.contains("* LIST (\\HasNoChildren) \"/\" INBOX"), "{r}");
+    env.stop().await;
+}
