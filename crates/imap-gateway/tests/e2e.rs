@@ -783,3 +783,19 @@ async fn pipelined_commands_with_literals_and_byte_at_a_time_input() {
     assert!(r.contains("* LIST (\\HasNoChildren) \"/\" INBOX"), "{r}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rename_inbox_moves_its_messages_and_leaves_an_empty_inbox() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("RENAME INBOX \"Old Mail\"").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("STATUS INBOX (MESSAGES)").await;
+    assert!(r.contains("* STATUS INBOX (MESSAGES 0)"), "{r}");
+    let r = c.cmd("STATUS \"Old Mail\" (MESSAGES)").await;
+    assert!(r.contains("* STATUS \"Old Mail\" (MESSAGES 2)"), "{r}");
+    env.stop().await;
+}
