@@ -256,10 +256,29 @@ impl Engine {
                 tracing::info!(queue_id = %msg.id, rcpt = %r.rcpt.address, host = %r.host,
                     tls = r.tls, outcome = ?r.outcome, "delivery attempt");
             }
-            match self.db.record(worker, &msg, &results, &self.policy()).await {
-                Ok(dsns) if dsns > 0 => self.wake(),
-                Ok(_) => {}
-                Err(e) => tracing::error!(%msg_id, "recording results: {e}"),
+            // Mail already handed over must not be sent twice because the database blinked:
+            // retry the bookkeeping while the lease lasts (after that, another worker owns
+            // the recipients and will deliver again — at least once, never lost).
+            let mut pause = Duration::from_millis(250);
+            let started = tokio::time::Instant::now();
+            loop {
+                match self.db.record(worker, &msg, &results, &self.policy()).await {
+                    Ok(dsns) => {
+                        if dsns > 0 {
+                            self.wake();
+                        }
+                        break;
+                    }
+                    Err(e) if e.is_temporary() && started.elapsed() + pause < lease / 2 => {
+                        tracing::warn!(%msg_id, "recording results (will retry): {e}");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        tracing::error!(%msg_id, "recording results: {e}");
+                        break;
+                    }
+                }
             }
         };
         tokio::select! {
