@@ -357,6 +357,43 @@ impl DataReader {
     }
 }
 
+/// Whether a whole (BDAT) body has bare CR or LF, under a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineEnds {
+    /// Every CR and LF is part of a CRLF pair.
+    Clean,
+    /// A bare CR or LF, under `BareLineEnd::Reject`.
+    Bare,
+    /// Bare CRs and LFs, each turned into CRLF as the DATA reader does.
+    Normalized(Vec<u8>),
+}
+
+/// Apply the bare CR/LF policy to a complete body (BDAT has no dot-stuffing, so unlike DATA
+/// the whole body is known before the check and chunk boundaries do not matter).
+pub fn check_line_ends(body: &[u8], policy: BareLineEnd) -> LineEnds {
+    let bare_at = |i: usize| match body[i] {
+        b'\r' => body.get(i + 1) != Some(&b'\n'),
+        b'\n' => i == 0 || body[i - 1] != b'\r',
+        _ => false,
+    };
+    let Some(first) = (0..body.len()).find(|&i| bare_at(i)) else {
+        return LineEnds::Clean;
+    };
+    if policy == BareLineEnd::Reject {
+        return LineEnds::Bare;
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(&body[..first]);
+    for (i, &b) in body.iter().enumerate().skip(first) {
+        if bare_at(i) {
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.push(b);
+        }
+    }
+    LineEnds::Normalized(out)
+}
+
 /// Reads the octets of one BDAT chunk into a message body that is limited to `max` bytes.
 #[derive(Debug)]
 pub struct BdatReader {
@@ -654,5 +691,29 @@ mod tests {
     fn xtext() {
         assert_eq!(xtext_encode("a+b=c d"), "a+2Bb+3Dc+20d");
         assert_eq!(xtext_encode("plain@x"), "plain@x");
+    }
+
+    #[test]
+    fn bdat_body_line_ends() {
+        use BareLineEnd::*;
+        assert_eq!(check_line_ends(b"a\r\nb\r\n", Reject), LineEnds::Clean);
+        assert_eq!(check_line_ends(b"", Reject), LineEnds::Clean);
+        for bad in [&b"a\nb"[..], b"\n", b"a\rb", b"a\r", b"a\r\r\n"] {
+            assert_eq!(check_line_ends(bad, Reject), LineEnds::Bare, "{bad:?}");
+        }
+        assert_eq!(
+            check_line_ends(b"\na\rb\r\r\nc\r", Normalize),
+            LineEnds::Normalized(b"\r\na\r\nb\r\n\r\nc\r\n".to_vec())
+        );
+        // Normalising gives what the DATA reader stores for the same text.
+        let text = b"x\ny\rz\r\n";
+        let mut dot = text.to_vec();
+        dot.extend_from_slice(b".\r\n");
+        let mut r = DataReader::new(1000, Normalize);
+        assert!(r.feed(&dot).1.is_some());
+        assert_eq!(
+            check_line_ends(text, Normalize),
+            LineEnds::Normalized(r.take_body())
+        );
     }
 }

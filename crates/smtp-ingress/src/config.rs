@@ -80,6 +80,10 @@ pub struct Limits {
     pub session_timeout_secs: u64,
     /// One call to the store or the queue; past it the client gets a temporary failure.
     pub rpc_timeout_secs: u64,
+    /// Writing one batch of replies; a client that stops reading is disconnected after this.
+    pub write_timeout_secs: u64,
+    /// Clients (IPv4 addresses, IPv6 /64s) whose per-minute rates are tracked at once.
+    pub max_tracked_clients: usize,
 }
 
 impl Default for Limits {
@@ -100,6 +104,8 @@ impl Default for Limits {
             data_total_timeout_secs: 600,
             session_timeout_secs: 3600,
             rpc_timeout_secs: 60,
+            write_timeout_secs: 60,
+            max_tracked_clients: crate::limits::DEFAULT_CAPACITY,
         }
     }
 }

@@ -66,18 +66,33 @@ struct Driver<B: Backend> {
     command_timeout: Duration,
     data_timeout: Duration,
     data_total: Duration,
+    write_timeout: Duration,
     max_line: usize,
     bare: crate::codec::BareLineEnd,
 }
 
 impl<B: Backend> Driver<B> {
+    /// Write out the queued replies. A client that pipelines and never reads would otherwise
+    /// pin this task (and its buffers) forever: past the write timeout, or on a forced
+    /// shutdown, the connection is dropped without another word, since nothing more can be
+    /// delivered to it anyway.
     async fn flush(&mut self) -> Result<(), Stop> {
-        if !self.output.is_empty() {
-            let out = std::mem::take(&mut self.output);
-            self.io.write_all(&out).await.map_err(|_| Stop::Gone)?;
-            self.io.flush().await.map_err(|_| Stop::Gone)?;
+        if self.output.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let out = std::mem::take(&mut self.output);
+        let io = &mut self.io;
+        let write = async {
+            io.write_all(&out).await?;
+            io.flush().await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(self.write_timeout, write) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) | Err(_) => Err(Stop::Gone),
+            },
+            _ = self.shutdown.forced() => Err(Stop::Gone),
+        }
     }
 
     fn queue(&mut self, r: &Reply) {
@@ -304,13 +319,16 @@ pub async fn serve<B: Backend>(
         command_timeout: Duration::from_secs(l.command_timeout_secs.max(1)),
         data_timeout: Duration::from_secs(l.data_timeout_secs.max(1)),
         data_total: Duration::from_secs(l.data_total_timeout_secs.max(1)),
+        write_timeout: Duration::from_secs(l.write_timeout_secs.max(1)),
         max_line: l.max_line_length,
         bare: config.policy.bare_line_end,
     };
     let result = d.run(tls.as_ref(), &mut metric).await;
     if let Err(Stop::Say(r)) = result {
         d.queue(&r);
-        let _ = tokio::time::timeout(Duration::from_secs(5), d.flush()).await;
+        // The goodbye is a courtesy: a peer that is not reading does not get to delay closing.
+        d.write_timeout = d.write_timeout.min(Duration::from_secs(5));
+        let _ = d.flush().await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), d.io.shutdown()).await;
 }

@@ -91,10 +91,11 @@ pub async fn start_with<B: Backend>(
         submissions: submissions.as_ref().map(|l| l.local_addr()).transpose()?,
         ops: ops.as_ref().map(|o| o.1),
     };
+    let rates = limits::RateLimiter::new(config.limits.max_tracked_clients);
     let shared = Arc::new(Shared {
         config,
         backend,
-        rates: limits::RateLimiter::default(),
+        rates,
         verifier,
         tls_available: true,
     });

@@ -1,6 +1,13 @@
-//! Per-IP rates shared by all connections of this process: messages per minute and AUTH
-//! failures per minute (fixed one-minute windows). Memory is bounded: at most `MAX_IPS`
-//! addresses are tracked, and expired windows are swept when that is reached.
+//! Per-client rates shared by all connections of this process: messages per minute and AUTH
+//! failures per minute (fixed one-minute windows).
+//!
+//! A client is an IPv4 address or an IPv6 /64: one host usually owns a whole /64, so keying by
+//! the full IPv6 address would let it start afresh with every source address it picks.
+//!
+//! Memory is bounded: at most `capacity` clients are tracked. When the table is full, expired
+//! windows go first; if that frees nothing, the least active tenth goes (fewest counted events,
+//! then oldest window). Active offenders are the entries with the highest counts, so a flood of
+//! new addresses cannot wipe the counters that block them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,7 +15,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
-const MAX_IPS: usize = 100_000;
+
+/// Default number of clients tracked (about 5 MiB at most).
+pub const DEFAULT_CAPACITY: usize = 100_000;
 
 #[derive(Default)]
 struct Window {
@@ -19,7 +28,7 @@ struct Window {
 
 impl Window {
     fn current(&mut self, now: Instant) -> &mut Self {
-        if self.start.is_none_or(|s| now.duration_since(s) >= WINDOW) {
+        if !self.live(now) {
             *self = Window {
                 start: Some(now),
                 ..Window::default()
@@ -27,24 +36,68 @@ impl Window {
         }
         self
     }
+
+    fn live(&self, now: Instant) -> bool {
+        self.start.is_some_and(|s| now.duration_since(s) < WINDOW)
+    }
+
+    fn activity(&self) -> u64 {
+        u64::from(self.messages) + u64::from(self.auth_failures)
+    }
 }
 
-#[derive(Default)]
+/// The key a client is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 pub struct RateLimiter {
     ips: Mutex<HashMap<IpAddr, Window>>,
+    capacity: usize,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        RateLimiter::new(DEFAULT_CAPACITY)
+    }
 }
 
 impl RateLimiter {
+    pub fn new(capacity: usize) -> Self {
+        RateLimiter {
+            ips: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
     fn with<T>(&self, ip: IpAddr, f: impl FnOnce(&mut Window) -> T) -> T {
+        let key = client_key(ip);
         let now = Instant::now();
         let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
-        if ips.len() >= MAX_IPS && !ips.contains_key(&ip) {
-            ips.retain(|_, w| w.start.is_some_and(|s| now.duration_since(s) < WINDOW));
-            if ips.len() >= MAX_IPS {
-                ips.clear();
+        if ips.len() >= self.capacity && !ips.contains_key(&key) {
+            ips.retain(|_, w| w.live(now));
+            if ips.len() >= self.capacity {
+                // Evicting a tenth at once keeps the O(n) selection amortised O(1) per insert.
+                let n = (self.capacity / 10).max(1);
+                let mut order: Vec<(u64, Option<Instant>, IpAddr)> = ips
+                    .iter()
+                    .map(|(k, w)| (w.activity(), w.start, *k))
+                    .collect();
+                if n < order.len() {
+                    order.select_nth_unstable(n - 1);
+                }
+                for (_, _, k) in order.into_iter().take(n) {
+                    ips.remove(&k);
+                }
             }
         }
-        f(ips.entry(ip).or_default().current(now))
+        f(ips.entry(key).or_default().current(now))
     }
 
     /// Count one message from `ip`; false when over `max` this minute (0 = unlimited).
@@ -74,6 +127,11 @@ impl RateLimiter {
     pub fn auth_blocked(&self, ip: IpAddr, max: u32) -> bool {
         max > 0 && self.with(ip, |w| w.auth_failures > max)
     }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.ips.lock().unwrap().len()
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +160,43 @@ mod tests {
         r.auth_failed(a);
         assert!(r.auth_blocked(a, 2));
         assert!(!r.auth_blocked(a, 0));
+    }
+
+    #[test]
+    fn a_full_table_keeps_the_offenders_counters() {
+        let r = RateLimiter::new(100);
+        let attacker: IpAddr = "198.51.100.7".parse().unwrap();
+        for _ in 0..5 {
+            r.auth_failed(attacker);
+        }
+        assert!(r.auth_blocked(attacker, 3));
+        // A flood of fresh addresses, many times the capacity.
+        for i in 0..5_000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(r.message_allowed(ip, 10));
+            assert!(r.tracked() <= 100, "bounded");
+        }
+        assert!(
+            r.auth_blocked(attacker, 3),
+            "the attacker's failures survive the flood"
+        );
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_64() {
+        let r = RateLimiter::default();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1234:5678:9abc".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(r.message_allowed(a, 2));
+        assert!(r.message_allowed(b, 2));
+        assert!(!r.message_allowed(a, 2), "same /64 shares the budget");
+        assert!(r.message_allowed(other, 2), "another /64 does not");
+        r.auth_failed(a);
+        r.auth_failed(b);
+        assert!(r.auth_blocked("2001:db8:1:2::99".parse().unwrap(), 1));
+
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
     }
 }

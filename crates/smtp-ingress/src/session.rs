@@ -271,7 +271,7 @@ impl<B: Backend> Session<B> {
         if self.tls_offered() {
             lines.push("STARTTLS".into());
         }
-        if self.auth_allowed() && self.auth.is_none() {
+        if self.is_submission() && self.auth_allowed() && self.auth.is_none() {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         Reply::raw(250, lines)
@@ -366,6 +366,12 @@ impl<B: Backend> Session<B> {
     }
 
     async fn auth_start(&mut self, mechanism: u64, initial: String) -> Outcome {
+        // AUTH exists only for submission (RFC 6409 §3.1 keeps MX and submission apart): on
+        // the MX port it is not advertised, so the command is out of place there (RFC 4954 §4
+        // leaves the unadvertised case to the server; Postfix answers the same).
+        if !self.is_submission() {
+            return self.bad_sequence("Authentication not enabled on this port; use submission");
+        }
         if self.helo.as_ref().is_none_or(|h| !h.1) {
             return self.bad_sequence("Send EHLO first");
         }
@@ -592,7 +598,17 @@ impl<B: Backend> Session<B> {
             ));
         }
         if let Some(auth) = &self.auth {
-            if !from.address.is_empty() {
+            if from.address.is_empty() {
+                // The null reverse-path is what a user's MUA or filter uses for bounces,
+                // MDNs (RFC 8098 §2.1) and vacation replies: allowed, and logged because no
+                // ownership check applies to it.
+                tracing::info!(
+                    account = auth.id,
+                    user = %auth.address,
+                    peer = %self.peer.ip(),
+                    "authenticated submission with the null reverse-path MAIL FROM:<>"
+                );
+            } else {
                 match self
                     .shared
                     .backend
@@ -696,7 +712,9 @@ impl<B: Backend> Session<B> {
                 ));
             }
             AddressKind::Remote => {
-                if self.auth.is_none() {
+                // Relaying needs an authenticated submission session; the MX never relays,
+                // whatever the session state (AUTH is refused there anyway).
+                if self.auth.is_none() || !self.is_submission() {
                     return Outcome::reply(Reply::new(554, "5.7.1", "Relay access denied"));
                 }
                 true
@@ -790,6 +808,7 @@ impl<B: Backend> Session<B> {
             return self.error(r);
         }
         let max = self.max_message_size();
+        let policy = self.cfg().policy.bare_line_end;
         let Some(tx) = &mut self.tx else {
             return self.bad_sequence("Need MAIL before BDAT");
         };
@@ -801,14 +820,24 @@ impl<B: Backend> Session<B> {
         if !last {
             return Outcome::reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
         }
-        let body = tx.bdat.take().unwrap_or_default();
+        let mut body = tx.bdat.take().unwrap_or_default();
+        let mut bare_line_end = false;
+        // BINARYMIME bodies are opaque octets; any other BDAT body is a text message and gets
+        // the same bare CR/LF policy as DATA, or BDAT would be a way around it (smuggling).
+        if tx.from.flags & sp::MAIL_BODY_BINARYMIME == 0 {
+            match crate::codec::check_line_ends(&body, policy) {
+                crate::codec::LineEnds::Clean => {}
+                crate::codec::LineEnds::Bare => bare_line_end = true,
+                crate::codec::LineEnds::Normalized(b) => body = b,
+            }
+        }
         let n = body.len() as u64;
         self.finish_message(
             body,
             BodyEnd {
                 size: n,
-                too_large: false,
-                bare_line_end: false,
+                too_large: n > max,
+                bare_line_end,
             },
         )
         .await

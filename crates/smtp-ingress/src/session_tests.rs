@@ -236,7 +236,7 @@ async fn command_by_state_table() {
         ("STARTTLS", [220, 220, 503, 503]),
         (
             "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0",
-            [503, 538, 503, 503],
+            [503, 503, 503, 503],
         ),
         ("SEND FROM:<y@remote.example>", [502, 502, 502, 502]),
         ("SOML FROM:<y@remote.example>", [502, 502, 502, 502]),
@@ -821,4 +821,126 @@ async fn smtputf8_addresses_need_the_parameter() {
     let text = String::from_utf8_lossy(&d[0].1);
     assert!(text.contains("with UTF8SMTP id"), "{text}");
     assert_eq!(d[0].0.return_path, "josé@remote.example");
+}
+
+#[tokio::test]
+async fn no_auth_and_no_relay_on_the_mx_port() {
+    // Even over TLS, where submission would offer it.
+    let mut s = session(Port::Mx, true);
+    let (_, o) = line(&mut s, "EHLO c.example").await;
+    let ehlo = o.reply.unwrap().lines.join("\n");
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    for cmd in [
+        "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0",
+        "AUTH LOGIN",
+        "AUTH PLAIN",
+    ] {
+        let (c, o) = line(&mut s, cmd).await;
+        assert_eq!(c, 503, "{cmd}");
+        assert!(o.reply.unwrap().lines[0].starts_with("5.5.1"));
+        assert_eq!(o.next, Next::Continue, "no 334 challenge on 25");
+    }
+    assert!(s.authenticated().is_none());
+    code(&mut s, "MAIL FROM:<x@remote.example>").await;
+    let (c, o) = line(&mut s, "RCPT TO:<y@elsewhere.example>").await;
+    assert_eq!(c, 554);
+    assert!(o.reply.unwrap().lines[0].starts_with("5.7.1"));
+    assert_eq!(code(&mut s, "RCPT TO:<alice@local.test>").await, 250);
+
+    // Plaintext loopback AUTH (tests) does not reach the MX port either.
+    let mut cfg = config();
+    cfg.auth.allow_plaintext_loopback = true;
+    let shared = Arc::new(Shared {
+        config: cfg,
+        backend: fake(),
+        rates: RateLimiter::default(),
+        verifier: None,
+        tls_available: true,
+    });
+    let mut s = Session::new(shared, Port::Mx, "127.0.0.1:4000".parse().unwrap(), None);
+    code(&mut s, "EHLO c.example").await;
+    assert_eq!(
+        code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await,
+        503
+    );
+}
+
+#[tokio::test]
+async fn null_sender_allowed_for_authenticated_submission() {
+    let mut s = session(Port::Submissions, true);
+    code(&mut s, "EHLO c").await;
+    code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await;
+    assert_eq!(code(&mut s, "MAIL FROM:<>").await, 250);
+    assert_eq!(code(&mut s, "RCPT TO:<y@remote.example>").await, 250);
+    code(&mut s, "DATA").await;
+    let r = send_body(&mut s, b"Subject: MDN\r\n\r\nread\r\n.\r\n")
+        .await
+        .reply
+        .unwrap();
+    assert_eq!(r.code, 250);
+    let q = s.shared.backend.enqueued.lock().unwrap();
+    assert_eq!(q[0].0.return_path, "", "null reverse-path kept");
+    assert_eq!(q[0].0.submitter, "alice@local.test");
+}
+
+async fn bdat_text(policy: BareLineEnd, mail: &str, chunks: &[&[u8]]) -> (Outcome, Session<Fake>) {
+    let mut cfg = config();
+    cfg.policy.bare_line_end = policy;
+    let mut s = session_with(Port::Mx, false, cfg, fake());
+    code(&mut s, "EHLO c").await;
+    assert_eq!(code(&mut s, mail).await, 250);
+    code(&mut s, "RCPT TO:<alice@local.test>").await;
+    let mut last = None;
+    for (i, c) in chunks.iter().enumerate() {
+        let is_last = i + 1 == chunks.len();
+        let cmd = format!("BDAT {}{}", c.len(), if is_last { " LAST" } else { "" });
+        line(&mut s, &cmd).await;
+        s.bdat_sink().unwrap().extend_from_slice(c);
+        last = Some(s.bdat_end(c.len() as u64, is_last).await);
+    }
+    (last.unwrap(), s)
+}
+
+#[tokio::test]
+async fn bdat_text_bodies_follow_the_bare_line_end_policy() {
+    // A smuggling attempt split over two chunks: the bare LF is the first byte of the second.
+    let chunks: &[&[u8]] = &[b"Subject: x\r\n\r\nhi\r", b"\n.\nMAIL FROM:<a@b>\r\n"];
+    let (o, s) = bdat_text(BareLineEnd::Reject, "MAIL FROM:<x@remote.example>", chunks).await;
+    let r = o.reply.unwrap();
+    assert_eq!(r.code, 550);
+    assert!(r.lines[0].starts_with("5.6.0"), "{r:?}");
+    assert!(s.shared.backend.delivered.lock().unwrap().is_empty());
+
+    let (o, s) = bdat_text(
+        BareLineEnd::Normalize,
+        "MAIL FROM:<x@remote.example> BODY=8BITMIME",
+        chunks,
+    )
+    .await;
+    assert_eq!(o.reply.unwrap().code, 250);
+    let stored = s.shared.backend.delivered.lock().unwrap()[0].1.clone();
+    assert!(
+        stored.ends_with(b"hi\r\n.\r\nMAIL FROM:<a@b>\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&stored)
+    );
+
+    // Clean CRLF text split at the CR/LF boundary is not mistaken for a bare CR.
+    let clean: &[&[u8]] = &[b"Subject: x\r", b"\n\r\nok\r\n"];
+    let (o, _) = bdat_text(BareLineEnd::Reject, "MAIL FROM:<x@remote.example>", clean).await;
+    assert_eq!(o.reply.unwrap().code, 250);
+
+    // BINARYMIME bodies are opaque: kept byte for byte under either policy.
+    let (o, s) = bdat_text(
+        BareLineEnd::Reject,
+        "MAIL FROM:<x@remote.example> BODY=BINARYMIME",
+        chunks,
+    )
+    .await;
+    assert_eq!(o.reply.unwrap().code, 250);
+    assert!(
+        s.shared.backend.delivered.lock().unwrap()[0]
+            .1
+            .ends_with(b"hi\r\n.\nMAIL FROM:<a@b>\r\n")
+    );
 }

@@ -389,3 +389,67 @@ async fn hung_queue_is_a_temporary_failure_not_a_hang() {
     holder.abort();
     e.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_is_dropped_after_the_write_timeout() {
+    let e = env_with(|c| {
+        no_verify(c);
+        c.limits.write_timeout_secs = 1;
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive window so the replies back up quickly; the server's own send buffer
+    // still has to fill, which takes a few MiB of pipelined NOOPs.
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(e.smtp.smtp.unwrap()).await.unwrap();
+    let batch = "NOOP\r\n".repeat(10_000).into_bytes();
+    let mut sent = 0usize;
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            if let Err(err) = s.write_all(&batch).await {
+                return err;
+            }
+            sent += batch.len();
+        }
+    })
+    .await;
+    // Without a write timeout the server blocks on its write forever, stops reading, and
+    // this client's writes block too: the 60 s bound above fails the test.
+    let err = ended.expect("the server must drop a client that never reads");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{err:?} after {sent} bytes"
+    );
+    // Other clients are unaffected.
+    let mut c = greeted(&e).await;
+    c.expect("NOOP", 250).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_is_refused_on_the_mx_port() {
+    let e = env_with(|c| {
+        no_verify(c);
+        // Would allow plaintext AUTH from loopback on submission; the MX still refuses it.
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    let mut c = connect(e.smtp.smtp.unwrap()).await;
+    let ehlo = c.expect("EHLO client.example", 250).await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let t = c
+        .expect(
+            "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAY29ycmVjdCBob3JzZQ==",
+            503,
+        )
+        .await;
+    assert!(t.starts_with("5.5.1"), "{t}");
+    c.expect("MAIL FROM:<a@remote.example>", 250).await;
+    let t = c.expect("RCPT TO:<someone@elsewhere.example>", 554).await;
+    assert!(t.starts_with("5.7.1"), "{t}");
+    e.stop().await;
+}
