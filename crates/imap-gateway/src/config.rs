@@ -72,6 +72,8 @@ pub struct Limits {
     pub max_sessions_per_account: usize,
     /// Messages per FETCH round trip to the store (bounds memory per command).
     pub fetch_batch: u32,
+    /// Seconds to wait for the store to answer a call.
+    pub store_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             commands_per_second: 200,
             max_sessions_per_account: 100,
             fetch_batch: 256,
+            store_timeout_secs: 60,
         }
     }
 }

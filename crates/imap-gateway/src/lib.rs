@@ -56,7 +56,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
             "RFC 9051 requires an autologout timer of at least 30 minutes"
         );
     }
-    let store = store::Store::connect(&config.store_url)?;
+    let store = store::Store::connect(
+        &config.store_url,
+        Duration::from_secs(config.limits.store_timeout_secs.max(1)),
+    )?;
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     let limits = config.limits.connections;
     let bind = |addr: String| async move {

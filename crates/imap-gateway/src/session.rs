@@ -1425,6 +1425,15 @@ impl Session {
             }
         } else {
             let n = sel.seq.len();
+            let star = set.0.as_ref().iter().any(|s| match s {
+                Sequence::Single(v) => *v == SeqOrUid::Asterisk,
+                Sequence::Range(a, b) => *a == SeqOrUid::Asterisk || *b == SeqOrUid::Asterisk,
+            });
+            // "1:*" in an empty mailbox names nothing rather than an invalid number:
+            // clients send it blindly right after SELECT.
+            if n == 0 && star {
+                return Ok(vec![]);
+            }
             for s in set.0.as_ref() {
                 let f = |v: &SeqOrUid| match v {
                     SeqOrUid::Value(x) => x.get(),
@@ -2379,7 +2388,7 @@ mod tests {
     use imap_codec::decode::Decoder as _;
 
     fn session() -> Session {
-        let store = Store::connect("http://127.0.0.1:1").unwrap();
+        let store = Store::connect("http://127.0.0.1:1", Duration::from_secs(5)).unwrap();
         Session::new(
             store,
             Hub::new(0),
@@ -2569,6 +2578,12 @@ mod tests {
         assert_eq!(s.resolve(&set("100:*"), true).unwrap(), vec![(4, 9)]);
         assert_eq!(s.resolve(&set("1,1,3"), true).unwrap(), vec![(1, 3)]);
         assert_eq!(s.resolve(&set("7"), true).unwrap(), vec![]);
+        let mut empty = session();
+        let mut sel = selected();
+        sel.seq = SeqMap::default();
+        empty.force_state(StateKind::Selected, Some(sel));
+        assert_eq!(empty.resolve(&set("1:*"), false).unwrap(), vec![]);
+        assert!(empty.resolve(&set("1"), false).is_err());
     }
 
     #[test]

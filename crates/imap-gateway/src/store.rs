@@ -10,18 +10,27 @@ use mailsuite_runtime::grpc::GrpcChannel;
 
 pub type StoreResult<T> = Result<T, ServiceError>;
 
+/// Every call has a deadline, so a stuck store turns into `NO [UNAVAILABLE]`/`[SERVERBUG]`
+/// replies instead of sessions that hang. (It bounds the wait for the reply's headers: a
+/// unary reply, or the start of a stream.)
+type Channel = tower::timeout::Timeout<GrpcChannel>;
+
 #[derive(Clone)]
 pub struct Store {
-    mailbox: MailboxClient<GrpcChannel>,
-    directory: DirectoryClient<GrpcChannel>,
+    mailbox: MailboxClient<Channel>,
+    directory: DirectoryClient<Channel>,
 }
 
 /// APPEND data goes to the store in chunks of this size (CONVENTIONS: at most 64 KiB).
 const CHUNK: usize = 64 * 1024;
 
 impl Store {
-    pub fn connect(url: &str) -> Result<Store, tonic::transport::Error> {
-        let channel = mailsuite_runtime::grpc::connect_lazy(url)?;
+    pub fn connect(
+        url: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Store, tonic::transport::Error> {
+        let channel =
+            tower::timeout::Timeout::new(mailsuite_runtime::grpc::connect_lazy(url)?, timeout);
         Ok(Store {
             mailbox: MailboxClient::new(channel.clone())
                 .max_decoding_message_size(128 * 1024 * 1024),
@@ -29,7 +38,7 @@ impl Store {
         })
     }
 
-    pub fn mailbox(&self) -> MailboxClient<GrpcChannel> {
+    pub fn mailbox(&self) -> MailboxClient<Channel> {
         self.mailbox.clone()
     }
 
