@@ -135,11 +135,14 @@ impl Env {
         );
     }
 
+    // Robust to fields added to AlertRequest later (needless while there are none).
+    #[allow(clippy::needless_update)]
     pub async fn alert(&self, address: &str, text: &str) -> bool {
         let mut m = mailsuite_proto::mailbox_client::MailboxClient::new(self.channel().await);
         m.alert(AlertRequest {
             address: address.into(),
             text: text.into(),
+            ..Default::default()
         })
         .await
         .expect("alert")
