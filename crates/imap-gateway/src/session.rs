@@ -1260,7 +1260,8 @@ impl Session {
                 }
                 StatusDataItemName::Unseen => StatusDataItem::Unseen(info.unseen),
                 StatusDataItemName::Deleted => StatusDataItem::Deleted(info.deleted),
-                StatusDataItemName::DeletedStorage => StatusDataItem::DeletedStorage(0),
+                // The store does not track it; inventing 0 would mislead the client.
+                StatusDataItemName::DeletedStorage => continue,
                 StatusDataItemName::Size => StatusDataItem::Size(info.size),
                 StatusDataItemName::HighestModSeq => {
                     StatusDataItem::HighestModSeq(info.highestmodseq)
