@@ -38,9 +38,10 @@ async fn helo_fallback_and_esmtp_parameters_only_when_offered() {
         }
         enqueue(addr, h, body.as_bytes()).await;
     }
-    eventually(T, "both delivered", || async {
-        (old.messages.lock().unwrap().len() == 1 && modern.messages.lock().unwrap().len() == 1)
-            .then_some(())
+    // QUIT ends each session, after the message: wait for it so the transcripts are whole.
+    eventually(T, "both sessions finished", || async {
+        let done = |s: &Scripted| s.commands().iter().any(|l| l == "QUIT");
+        (done(&old) && done(&modern)).then_some(())
     })
     .await;
 

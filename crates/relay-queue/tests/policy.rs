@@ -345,8 +345,11 @@ async fn per_recipient_replies_size_limit_and_success_notification() {
             ("y@remote.test", "deferred"),
         ]
     );
-    let (state, reply) = last_reply(&db.pool, &big.queue_id).await;
-    assert_eq!(state, "failed");
+    let reply = eventually(T, "the oversized message failed", || async {
+        let (state, reply) = last_reply(&db.pool, &big.queue_id).await;
+        (state == "failed").then_some(reply)
+    })
+    .await;
     assert!(
         reply.starts_with("5.3.4"),
         "SIZE checked before sending: {reply}"
