@@ -1140,7 +1140,7 @@ impl Mailbox for MailboxSvc {
         .fetch_one(&mut *tx)
         .await
         .map_err(st)?;
-        if online {
+        if online && !req.probe_only {
             let mut ev = notify::event(account, 0, ChangeKind::Alert, Vec::new(), 0);
             ev.text = req.text.replace(['\r', '\n'], " ");
             store::publish(&mut tx, &ev).await.map_err(st)?;

@@ -528,6 +528,7 @@ async fn watch_sees_deliveries_made_through_another_replica() {
                 .alert(AlertRequest {
                     address: "alice@example.test".into(),
                     text: "ping".into(),
+                    probe_only: false,
                 })
                 .await
                 .ok()?;
@@ -619,6 +620,7 @@ async fn watch_sees_deliveries_made_through_another_replica() {
                 .alert(AlertRequest {
                     address: "alice@example.test".into(),
                     text: "x".into(),
+                    probe_only: false,
                 })
                 .await
                 .ok()?;
@@ -799,4 +801,66 @@ async fn size_limit_and_ops_metrics() {
     .await
     .unwrap();
     assert!(body.contains("mailsuite_store_deliveries_total"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_probe_reports_presence_without_publishing() {
+    let s = store().await;
+    let acc = s.account("alice@example.test").await;
+    s.account("bob@example.test").await;
+    let mut mb = s.mailbox().await;
+    let probe = |address: &str| AlertRequest {
+        address: address.into(),
+        text: "probe".into(),
+        probe_only: true,
+    };
+    let online = |r: tonic::Response<AlertResponse>| r.into_inner().online;
+    assert!(!online(
+        mb.alert(probe("alice@example.test")).await.unwrap()
+    ));
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut events = mb
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(WatchControl {
+        add_accounts: vec![acc],
+        remove_accounts: vec![],
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "alice online", || {
+        let mut mb = mb.clone();
+        async move {
+            let r = mb.alert(probe("alice@example.test")).await.ok()?;
+            r.into_inner().online.then_some(())
+        }
+    })
+    .await;
+    assert!(!online(mb.alert(probe("bob@example.test")).await.unwrap()));
+
+    // The probes published nothing: the first alert the watcher sees is the real one.
+    let r = mb
+        .alert(AlertRequest {
+            address: "alice@example.test".into(),
+            text: "hello".into(),
+            probe_only: false,
+        })
+        .await
+        .unwrap();
+    assert!(online(r));
+    let ev = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("alert event")
+            .unwrap()
+            .unwrap();
+        if ev.kind == ChangeKind::Alert as i32 {
+            break ev;
+        }
+    };
+    assert_eq!(ev.text, "hello");
+    drop(tx);
 }

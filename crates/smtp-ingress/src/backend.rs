@@ -50,6 +50,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = BResult<EnqueueResponse>> + Send;
     /// Returns whether the user had an open session.
     fn alert(&self, address: &str, text: &str) -> impl Future<Output = BResult<bool>> + Send;
+    /// Is a session of `address` open (an Alert probe that shows nothing)?
+    fn online(&self, address: &str) -> impl Future<Output = BResult<bool>> + Send;
     /// ETRN: recipients made due.
     fn flush(&self, domain: &str) -> impl Future<Output = BResult<u32>> + Send;
 }
@@ -178,6 +180,18 @@ impl Backend for GrpcBackend {
             .bounded(self.mailbox.clone().alert(AlertRequest {
                 address: address.to_string(),
                 text: text.to_string(),
+                probe_only: false,
+            }))
+            .await?;
+        Ok(r.online)
+    }
+
+    async fn online(&self, address: &str) -> BResult<bool> {
+        let r = self
+            .bounded(self.mailbox.clone().alert(AlertRequest {
+                address: address.to_string(),
+                probe_only: true,
+                ..Default::default()
             }))
             .await?;
         Ok(r.online)

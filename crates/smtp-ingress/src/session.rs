@@ -727,6 +727,22 @@ impl<B: Backend> Session<B> {
                 "SEND/SOML/SAML only to local users",
             ));
         }
+        // SEND only displays, so a recipient with no open session cannot take it (RFC 821
+        // §3.4: 450 to the RCPT); SOML/SAML mail instead. Presence can change before the end of data,
+        // which is checked again there.
+        if terminal == Some(Terminal::Send) {
+            match self.shared.backend.online(addr).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Outcome::reply(Reply::new(
+                        450,
+                        "4.2.1",
+                        format!("<{addr}> is not logged in"),
+                    ));
+                }
+                Err(e) => return Outcome::reply(lookup_error(&e)),
+            }
+        }
         let mut notify = Vec::new();
         for (flag, name) in [
             (sp::RCPT_NOTIFY_NEVER, "NEVER"),

@@ -128,6 +128,9 @@ impl Backend for Fake {
         self.alerts.lock().unwrap().push((a.into(), t.into()));
         Ok(self.online.iter().any(|o| o == a))
     }
+    async fn online(&self, a: &str) -> BResult<bool> {
+        Ok(self.online.iter().any(|o| o == a))
+    }
     async fn flush(&self, d: &str) -> BResult<u32> {
         if d == "down.example" {
             Err(ServiceError::Unavailable("queue".into()))
@@ -651,17 +654,23 @@ async fn send_soml_saml() {
     );
     assert!(s.shared.backend.delivered.lock().unwrap().is_empty());
 
-    // SEND to an offline user: 450 4.2.1.
+    // SEND to an offline user: 450 4.2.1 at RCPT, before any text is sent.
     let mut s = terminal_session().await;
     code(&mut s, "SEND FROM:<alice@local.test>").await;
-    code(&mut s, "RCPT TO:<alice@local.test>").await;
-    code(&mut s, "DATA").await;
-    let r = send_body(&mut s, b"Subject: x\r\n\r\n.\r\n")
-        .await
-        .reply
-        .unwrap();
-    assert_eq!(r.code, 450);
-    assert!(r.lines[0].starts_with("4.2.1"));
+    let (c, o) = line(&mut s, "RCPT TO:<alice@local.test>").await;
+    assert_eq!(c, 450);
+    assert!(o.reply.unwrap().lines[0].starts_with("4.2.1"));
+    assert_eq!(code(&mut s, "DATA").await, 503, "no recipient was taken");
+    assert!(s.shared.backend.alerts.lock().unwrap().is_empty());
+    // With an online recipient beside it, the offline one is still refused.
+    assert_eq!(code(&mut s, "RCPT TO:<bob@local.test>").await, 250);
+    // SOML and SAML take offline recipients (they are mailed).
+    let mut s = terminal_session().await;
+    code(&mut s, "SOML FROM:<alice@local.test>").await;
+    assert_eq!(code(&mut s, "RCPT TO:<alice@local.test>").await, 250);
+    let mut s = terminal_session().await;
+    code(&mut s, "SAML FROM:<alice@local.test>").await;
+    assert_eq!(code(&mut s, "RCPT TO:<alice@local.test>").await, 250);
 
     // SOML: online → alert only; offline → mail.
     let mut s = terminal_session().await;
