@@ -1,6 +1,7 @@
 //! Fuzz the DATA and BDAT readers. Invariants: no panic; the kept body never exceeds the
 //! limit; the reader never consumes past the end-of-data marker; under `Normalize` the kept
-//! body has no bare CR or LF; a DATA body is the same whatever the chunking.
+//! body has no bare CR or LF; a DATA body is the same whatever the chunking; the BDAT bare
+//! CR/LF check agrees with its normalisation.
 #![no_main]
 
 #[path = "../../src/codec.rs"]
@@ -64,4 +65,15 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(used as u64, size);
     assert!(body.len() as u64 <= MAX);
+    // The bare CR/LF policy of text BDAT bodies: Reject flags exactly the bodies Normalize
+    // changes, and a normalised body is clean.
+    use codec::{check_line_ends, LineEnds};
+    match (check_line_ends(input, BareLineEnd::Reject), check_line_ends(input, BareLineEnd::Normalize)) {
+        (LineEnds::Clean, LineEnds::Clean) => {}
+        (LineEnds::Bare, LineEnds::Normalized(n)) => {
+            assert!(n.len() > input.len() || n != input);
+            assert_eq!(check_line_ends(&n, BareLineEnd::Reject), LineEnds::Clean, "normalised body not clean");
+        }
+        other => panic!("policies disagree: {other:?}"),
+    }
 });
