@@ -346,3 +346,58 @@ async fn bad_credentials_get_auth_code_and_ops_endpoint_counts_them() {
         "metrics exported: {body}"
     );
 }
+
+/// With the mail store unreachable, a login gets `-ERR [SYS/TEMP]` promptly, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_store_is_a_temporary_error() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let certs = TestCerts::new();
+    let sd = Shutdown::new();
+    let started = mailsuite_pop3_gateway::start(
+        mailsuite_pop3_gateway::Config {
+            listen_pop3: "127.0.0.1:0".into(),
+            listen_pop3s: String::new(),
+            listen_ops: String::new(),
+            store_url: format!("http://{dead_addr}"),
+            tls: certs.tls_config(),
+            auth: mailsuite_pop3_gateway::config::AuthConfig {
+                allow_plaintext_loopback: true,
+            },
+            ..Default::default()
+        },
+        sd.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        started.pop3s, None,
+        "an empty address disables the listener"
+    );
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let s = tokio::net::TcpStream::connect(started.pop3.unwrap())
+        .await
+        .unwrap();
+    let mut s = BufReader::new(s);
+    let mut line = String::new();
+    s.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("+OK"));
+    s.get_mut()
+        .write_all(b"USER alice@example.test\r\nPASS pw\r\n")
+        .await
+        .unwrap();
+    let mut replies = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !replies.contains("-ERR") {
+            s.read_line(&mut replies).await.unwrap();
+        }
+    })
+    .await
+    .expect("an answer, not a hang");
+    assert!(
+        replies.ends_with("-ERR [SYS/TEMP] mail store temporarily unavailable\r\n"),
+        "{replies}"
+    );
+    assert!(sd.drain(Duration::from_secs(10)).await);
+}
