@@ -84,6 +84,7 @@ async fn async_imap_session() {
     assert_eq!(found.into_iter().collect::<Vec<_>>(), vec![1]);
 
     // IDLE: a delivery arrives as new data.
+    env.until_watched("bob@example.test").await;
     let mut idle = session.idle();
     idle.init().await.unwrap();
     let (wait, _stop) = idle.wait_with_timeout(Duration::from_secs(10));

@@ -234,6 +234,7 @@ async fn delivery_appears_during_idle_within_one_second() {
     assert!(r.contains("* 0 EXISTS"), "{r}");
     c.send(b"i1 IDLE\r\n").await;
     assert_eq!(c.line().await, "+ idling\r\n");
+    env.until_watched("bob@example.test").await;
     // Deliver returns after the commit; from then on the clock runs.
     env.deliver("bob@example.test", SIMPLE).await;
     let line = tokio::time::timeout(Duration::from_secs(1), c.line())
@@ -254,13 +255,11 @@ async fn alert_reaches_the_accounts_sessions() {
     c.cmd("SELECT INBOX").await;
     c.send(b"i1 IDLE\r\n").await;
     assert_eq!(c.line().await, "+ idling\r\n");
-    // The alert is delivered once the gateway's watch stream has registered the account.
-    mailsuite_testkit::eventually(Duration::from_secs(5), "watch registered", || async {
+    env.until_watched("bob@example.test").await;
+    assert!(
         env.alert("bob@example.test", "Message from the postmaster")
             .await
-            .then_some(())
-    })
-    .await;
+    );
     let line = c.line().await;
     assert_eq!(line, "* OK [ALERT] Message from the postmaster\r\n");
     env.stop().await;
@@ -394,6 +393,7 @@ async fn two_sessions_see_each_others_changes_with_expunge_held_back_during_fetc
     b.cmd("STORE 2 +FLAGS.SILENT (\\Deleted)").await;
     let r = b.cmd("EXPUNGE").await;
     assert!(r.contains("* 2 EXPUNGE"), "{r}");
+    env.until_watched("bob@example.test").await;
     env.deliver("bob@example.test", SIMPLE).await;
     // A FETCH may not announce the expunge (RFC 9051 §7.5.1), but may announce the new mail.
     let deadline = Instant::now() + Duration::from_secs(5);

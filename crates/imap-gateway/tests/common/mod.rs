@@ -135,14 +135,34 @@ impl Env {
         );
     }
 
-    // Robust to fields added to AlertRequest later (needless while there are none).
-    #[allow(clippy::needless_update)]
+    /// Wait until the gateway's Watch stream has registered the account, so that changes
+    /// from now on are pushed to its sessions.
+    pub async fn until_watched(&self, address: &str) {
+        let m = mailsuite_proto::mailbox_client::MailboxClient::new(self.channel().await);
+        mailsuite_testkit::eventually(TIMEOUT, "account watched", || {
+            let mut m = m.clone();
+            async move {
+                m.alert(AlertRequest {
+                    address: address.into(),
+                    text: String::new(),
+                    probe_only: true,
+                })
+                .await
+                .expect("alert probe")
+                .into_inner()
+                .online
+                .then_some(())
+            }
+        })
+        .await;
+    }
+
     pub async fn alert(&self, address: &str, text: &str) -> bool {
         let mut m = mailsuite_proto::mailbox_client::MailboxClient::new(self.channel().await);
         m.alert(AlertRequest {
             address: address.into(),
             text: text.into(),
-            ..Default::default()
+            probe_only: false,
         })
         .await
         .expect("alert")
