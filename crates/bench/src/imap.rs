@@ -278,8 +278,9 @@ impl Client {
         Ok((exists, uidnext))
     }
 
-    /// Enters IDLE and waits for the server's continuation.
-    pub async fn idle(&mut self) -> Result<String, ImapError> {
+    /// Enters IDLE and waits for the server's continuation; untagged responses that come
+    /// before it (an `EXISTS` among them, perhaps) go to `on_untagged`.
+    pub async fn idle(&mut self, mut on_untagged: impl FnMut(&[u8])) -> Result<String, ImapError> {
         let tag = self.send("IDLE").await?;
         loop {
             let resp = self.read_response().await?;
@@ -293,7 +294,7 @@ impl Client {
                     text: String::from_utf8_lossy(&resp).into_owned(),
                 });
             }
-            // Untagged data before the continuation is allowed; nothing to measure in it.
+            on_untagged(&resp);
         }
     }
 

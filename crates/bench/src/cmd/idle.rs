@@ -73,7 +73,7 @@ pub async fn run(args: IdleArgs, common: &Common) -> anyhow::Result<(Report, boo
                     Client::connect(&server, implicit.as_ref(), upgrade.as_ref(), timeout).await?;
                 c.login(&login, &pass).await?;
                 let (exists, _) = c.select("INBOX", true).await?;
-                c.idle().await?;
+                c.idle(|_| {}).await?;
                 Ok::<_, imap::ImapError>((c, exists))
             };
             let (mut c, mut exists) = match setup.await {

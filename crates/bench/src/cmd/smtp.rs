@@ -478,9 +478,9 @@ async fn watch(
             })
             .await?;
         }
-        Ok::<_, imap::ImapError>((c, last_uid))
+        Ok::<_, imap::ImapError>((c, last_uid, exists))
     };
-    let (mut c, mut last_uid) = match setup.await {
+    let (mut c, mut last_uid, exists) = match setup.await {
         Ok(v) => v,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));
@@ -489,23 +489,36 @@ async fn watch(
     };
     let idle = c.has("IDLE");
     let _ = ready.send(Ok(()));
-    // Messages may take longer than one network timeout to arrive; idling is bounded by the
-    // caller's verify timeout instead (it aborts this task).
-    c.set_timeout(Duration::from_secs(3600));
+    // `known`: the largest EXISTS the server announced; `have`: messages accounted for. An
+    // EXISTS may arrive in any response (FETCH, DONE, before IDLE's continuation), and each
+    // must lead to a fetch, or the last messages of a run would never be seen.
+    let mut known = exists;
+    let mut have = exists;
+    let note = |known: &mut u64, r: &[u8]| {
+        if let Some(n) = imap::untagged_number(r, "EXISTS") {
+            *known = (*known).max(n);
+        }
+    };
     loop {
-        if idle {
-            let tag = c.idle().await?;
-            loop {
-                let r = c.idle_next().await?;
-                if imap::untagged_number(&r, "EXISTS").is_some() {
-                    break;
+        if known <= have {
+            if idle {
+                // Messages may take longer than one network timeout to arrive; idling is
+                // bounded by the caller's verify timeout instead (it aborts this task).
+                c.set_timeout(Duration::from_secs(3600));
+                let tag = c.idle(|r| note(&mut known, r)).await?;
+                while known <= have {
+                    let r = c.idle_next().await?;
+                    note(&mut known, &r);
+                }
+                c.set_timeout(timeout);
+                c.idle_done(&tag, |r| note(&mut known, r)).await?;
+            } else {
+                c.run("NOOP", |r| note(&mut known, r)).await?;
+                if known <= have {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
                 }
             }
-            c.set_timeout(timeout);
-            c.idle_done(&tag, |_| {}).await?;
-        } else {
-            c.set_timeout(timeout);
-            c.run("NOOP", |_| {}).await?;
         }
         let mut seen = Vec::new();
         c.run(
@@ -514,6 +527,7 @@ async fn watch(
                 last_uid + 1
             ),
             |r| {
+                note(&mut known, r);
                 if let Some(uid) = imap::number_after(r, "UID")
                     && uid > last_uid
                 {
@@ -522,16 +536,18 @@ async fn watch(
             },
         )
         .await?;
+        if seen.is_empty() {
+            // EXISTS counted something we cannot fetch (e.g. an expunge in between): resync
+            // rather than spin.
+            have = known;
+        }
+        have += seen.len() as u64;
         let now = Instant::now();
         for (uid, seq) in seen {
             last_uid = last_uid.max(uid);
             if let Some(seq) = seq {
                 let _ = tx.send(Event::Visible(seq, now));
             }
-        }
-        c.set_timeout(Duration::from_secs(3600));
-        if !idle {
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -352,6 +352,9 @@ async fn imap_session(sh: Arc<Shared>, io: Box<dyn Io>) -> std::io::Result<()> {
     r.get_mut().write_all(b"* OK fake IMAP ready\r\n").await?;
     let mut user: Option<String> = None;
     let mut changes = sh.changed.subscribe();
+    // Like a real server, new messages are announced once, in whichever response comes next
+    // (a FETCH, NOOP, or during IDLE).
+    let mut announced = 0usize;
     loop {
         let Some(l) = line(&mut r).await? else {
             return Ok(());
@@ -375,6 +378,7 @@ async fn imap_session(sh: Arc<Shared>, io: Box<dyn Io>) -> std::io::Result<()> {
             }
             "SELECT" | "EXAMINE" => {
                 let n = mailbox(&sh, user.as_deref().unwrap_or("")).len();
+                announced = n;
                 out.extend_from_slice(
                     format!("* {n} EXISTS\r\n* OK [UIDNEXT {}] next\r\n", n + 1).as_bytes(),
                 );
@@ -428,7 +432,13 @@ async fn imap_session(sh: Arc<Shared>, io: Box<dyn Io>) -> std::io::Result<()> {
             "IDLE" => {
                 r.get_mut().write_all(b"+ idling\r\n").await?;
                 let me = user.clone().unwrap_or_default();
-                let mut known = mailbox(&sh, &me).len();
+                let now = mailbox(&sh, &me).len();
+                if now > announced {
+                    announced = now;
+                    r.get_mut()
+                        .write_all(format!("* {now} EXISTS\r\n").as_bytes())
+                        .await?;
+                }
                 loop {
                     let mut buf = String::new();
                     tokio::select! {
@@ -439,8 +449,8 @@ async fn imap_session(sh: Arc<Shared>, io: Box<dyn Io>) -> std::io::Result<()> {
                         c = changes.changed() => {
                             if c.is_err() { return Ok(()); }
                             let now = mailbox(&sh, &me).len();
-                            if now > known {
-                                known = now;
+                            if now > announced {
+                                announced = now;
                                 r.get_mut().write_all(format!("* {now} EXISTS\r\n").as_bytes()).await?;
                             }
                         }
@@ -458,6 +468,13 @@ async fn imap_session(sh: Arc<Shared>, io: Box<dyn Io>) -> std::io::Result<()> {
                     .write_all(format!("{tag} BAD unknown\r\n").as_bytes())
                     .await?;
                 continue;
+            }
+        }
+        if let Some(u) = &user {
+            let now = mailbox(&sh, u).len();
+            if now > announced && verb != "SELECT" && verb != "EXAMINE" {
+                announced = now;
+                out.extend_from_slice(format!("* {now} EXISTS\r\n").as_bytes());
             }
         }
         out.extend_from_slice(format!("{tag} OK done\r\n").as_bytes());
