@@ -798,3 +798,27 @@ async fn rename_inbox_moves_its_messages_and_leaves_an_empty_inbox() {
     assert!(r.contains("* STATUS \"Old Mail\" (MESSAGES 2)"), "{r}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_pipelined_after_starttls_are_discarded() {
+    let env = env().await;
+    let mut c = env.plain().await;
+    // The injected NOOP arrives in the same segment as STARTTLS, in plaintext.
+    c.send(b"a STARTTLS\r\nb NOOP\r\n").await;
+    let l = c.line().await;
+    assert_eq!(l, "a OK Begin TLS negotiation now\r\n");
+    let inner = c.into_inner();
+    let connector = tokio_rustls::TlsConnector::from(env.certs.client_config());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    // Either the server dropped the plaintext and TLS works, or it read it as a broken
+    // handshake; it must never execute it.
+    if let Ok(tls) = connector.connect(name, inner).await {
+        let mut c = Client::new(Box::new(tls));
+        let r = c.cmd("NOOP").await;
+        assert!(
+            r.starts_with("t1 OK"),
+            "no reply to the injected command: {r}"
+        );
+    }
+    env.stop().await;
+}
