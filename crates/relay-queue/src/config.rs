@@ -93,6 +93,8 @@ pub struct WorkerConfig {
     pub max_in_flight: usize,
     /// Finished messages (every recipient delivered or failed) stay visible this long.
     pub keep_finished_secs: u64,
+    /// How often the queue-size gauges of /metrics are refreshed.
+    pub metrics_interval_secs: u64,
 }
 
 /// RFC 5321 §4.5.3.2 timeouts, in seconds.
@@ -183,6 +185,7 @@ impl Default for WorkerConfig {
             per_destination: 4,
             max_in_flight: 32,
             keep_finished_secs: 24 * 3600,
+            metrics_interval_secs: 15,
         }
     }
 }

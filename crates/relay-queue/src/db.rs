@@ -461,6 +461,15 @@ impl Db {
         Ok(queued)
     }
 
+    /// Recipients per state.
+    pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>, ServiceError> {
+        Ok(sqlx::query_as(
+            "SELECT state, count(*) FROM relay.recipients GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Forget finished messages (every recipient delivered or failed) older than `keep`.
     pub async fn purge(&self, keep: Duration) -> Result<u64, ServiceError> {
         Ok(sqlx::query(

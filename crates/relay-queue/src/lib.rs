@@ -190,15 +190,30 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         let e = engine.clone();
         let ops = mailsuite_runtime::ops::Ops::with_metrics(move || {
             let m = &e.metrics;
-            format!(
-                "# TYPE relay_deliveries_total counter\n\
+            let mut out = format!(
+                "# HELP relay_deliveries_total Delivery attempts of this process, by outcome.\n\
+                 # TYPE relay_deliveries_total counter\n\
                  relay_deliveries_total{{outcome=\"delivered\"}} {}\n\
                  relay_deliveries_total{{outcome=\"deferred\"}} {}\n\
-                 relay_deliveries_total{{outcome=\"failed\"}} {}\n",
+                 relay_deliveries_total{{outcome=\"failed\"}} {}\n\
+                 # HELP relay_queue_recipients Recipients in the queue (all replicas), by state.\n\
+                 # TYPE relay_queue_recipients gauge\n",
                 m.delivered.load(Ordering::Relaxed),
                 m.deferred.load(Ordering::Relaxed),
                 m.failed.load(Ordering::Relaxed),
-            )
+            );
+            let counts = m.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for state in ["pending", "delivering", "deferred", "delivered", "failed"] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == state)
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                out.push_str(&format!(
+                    "relay_queue_recipients{{state=\"{state}\"}} {n}\n"
+                ));
+            }
+            out
         });
         ops.set_ready(true);
         shutdown.spawn(ops.serve(listener, shutdown.clone()));

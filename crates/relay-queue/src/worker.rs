@@ -43,6 +43,8 @@ pub struct Metrics {
     pub delivered: std::sync::atomic::AtomicU64,
     pub deferred: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
+    /// Recipients per state in the whole queue (all replicas), refreshed periodically.
+    pub queue: Mutex<Vec<(String, i64)>>,
 }
 
 impl Engine {
@@ -116,6 +118,24 @@ impl Engine {
         let me = self.clone();
         let sd = shutdown.clone();
         shutdown.spawn(async move { me.listen_for_wakeups(sd).await });
+        let me = self.clone();
+        let sd = shutdown.clone();
+        shutdown.spawn(async move { me.count_queue(sd).await });
+    }
+
+    /// Keep the queue-size gauges of /metrics fresh.
+    async fn count_queue(self: Arc<Self>, shutdown: Shutdown) {
+        let every = Duration::from_secs(self.config.workers.metrics_interval_secs.max(1));
+        loop {
+            match self.db.count_by_state().await {
+                Ok(v) => *self.metrics.queue.lock().unwrap_or_else(|e| e.into_inner()) = v,
+                Err(e) => tracing::debug!("counting the queue: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.stopping() => return,
+            }
+        }
     }
 
     /// Replicas wake each other through PostgreSQL NOTIFY (sent in the enqueue transaction).

@@ -193,6 +193,26 @@ async fn temporary_failure_is_retried_then_delivered() {
     assert!(outcomes[0].1.starts_with("451 4.3.0"), "{:?}", outcomes[0]);
     assert_eq!(outcomes[1].0, "delivered");
     assert_eq!(sink.messages().len(), 1);
+    let ops = started.ops.unwrap();
+    let metrics = eventually(T, "queue gauges refreshed", || async {
+        let m = http_get(ops, "/metrics").await;
+        m.contains("relay_queue_recipients{state=\"delivered\"} 1")
+            .then_some(m)
+    })
+    .await;
+    assert!(
+        metrics.contains("relay_deliveries_total{outcome=\"deferred\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("relay_deliveries_total{outcome=\"delivered\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("relay_queue_recipients{state=\"deferred\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(ops, "/readyz").await.trim(), "ready");
     sd.drain(Duration::from_secs(10)).await;
 }
 

@@ -275,6 +275,7 @@ pub fn config(database_url: &str, store_url: &str) -> Config {
     c.workers.count = 2;
     c.workers.poll_interval_ms = 200;
     c.workers.lease_secs = 30;
+    c.workers.metrics_interval_secs = 1;
     c.retry.schedule_secs = vec![1];
     c.timeouts.connect = 5;
     c.timeouts.greeting = 10;
@@ -445,4 +446,18 @@ impl Scripted {
     pub fn commands(&self) -> Vec<String> {
         self.commands.lock().unwrap().clone()
     }
+}
+
+/// GET a path from an ops endpoint; the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
