@@ -110,9 +110,7 @@ impl DeliverySvc {
                 "an idempotency key is required".into(),
             ));
         }
-        if let Some(prev) = previous(ctx, &header.idempotency_key).await? {
-            return Ok(prev);
-        }
+        // A retry is answered from the idempotency record when the claim below conflicts.
 
         // Resolve every recipient before the transaction (read-only, no locks held).
         let mut results = Vec::new();

@@ -140,6 +140,21 @@ async fn expand_targets(
     Ok(())
 }
 
+fn account_resolution(r: &mut Resolution, a: AccountRow) {
+    r.canonical = a.address.clone();
+    r.display_name = a.display_name.clone();
+    r.over_quota = a.over_quota;
+    if !a.moved_to.is_empty() {
+        r.kind = AddressKind::Moved;
+        r.moved_to = a.moved_to;
+    } else if !a.enabled {
+        r.kind = AddressKind::Disabled;
+    } else {
+        r.kind = AddressKind::Account;
+        r.local.push(a.address);
+    }
+}
+
 /// Classify and expand one address.
 pub async fn resolve(
     conn: &mut PgConnection,
@@ -157,26 +172,39 @@ pub async fn resolve(
         canonical: full.clone(),
         ..Default::default()
     };
-    let Some((_, catch_all)) = domain(conn, &dom).await? else {
+    // The common case, an exact account address, in one round trip with the domain.
+    let row = sqlx::query(
+        "SELECT d.catch_all, a.address, a.display_name, a.enabled, a.moved_to,
+                (a.quota_bytes > 0 AND a.used_bytes >= a.quota_bytes)
+                 OR (a.quota_messages > 0 AND a.used_messages >= a.quota_messages)
+           FROM mailbox.domains d LEFT JOIN mailbox.accounts a ON a.address = $2
+          WHERE d.name = $1",
+    )
+    .bind(&dom)
+    .bind(&full)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
         r.kind = AddressKind::Remote;
         r.remote.push(full);
         return Ok(r);
     };
+    let catch_all: String = row.get(0);
+    if let Some(address) = row.get::<Option<String>, _>(1) {
+        let a = AccountRow {
+            address,
+            display_name: row.get(2),
+            enabled: row.get(3),
+            moved_to: row.get(4),
+            over_quota: row.get::<Option<bool>, _>(5).unwrap_or(false),
+        };
+        account_resolution(&mut r, a);
+        return Ok(r);
+    }
     let base = strip_detail(&local).map(|b| format!("{b}@{dom}"));
     for candidate in std::iter::once(full.clone()).chain(base) {
         if let Some(a) = account(conn, &candidate).await? {
-            r.canonical = a.address.clone();
-            r.display_name = a.display_name.clone();
-            r.over_quota = a.over_quota;
-            if !a.moved_to.is_empty() {
-                r.kind = AddressKind::Moved;
-                r.moved_to = a.moved_to;
-            } else if !a.enabled {
-                r.kind = AddressKind::Disabled;
-            } else {
-                r.kind = AddressKind::Account;
-                r.local.push(a.address);
-            }
+            account_resolution(&mut r, a);
             return Ok(r);
         }
         if let Some((kind, targets)) = alias(conn, &candidate).await? {

@@ -125,6 +125,8 @@ pub fn hex_id(id: &[u8]) -> String {
     hex::encode(id)
 }
 
+const PROBE_ABOVE: usize = 256 * 1024;
+
 /// Store `raw` once (by SHA-256) and add `refs` references to it. The MIME metadata is parsed
 /// only when the content is new.
 pub async fn put_blob(
@@ -133,13 +135,18 @@ pub async fn put_blob(
     refs: i64,
 ) -> Result<Vec<u8>, ServiceError> {
     let id = sha2::Sha256::digest(raw).to_vec();
-    let updated = sqlx::query("UPDATE mailbox.blobs SET refcount = refcount + $2 WHERE id = $1")
-        .bind(&id)
-        .bind(refs)
-        .execute(&mut *tx)
-        .await?;
-    if updated.rows_affected() == 1 {
-        return Ok(id);
+    // Most content is new: parsing a small message costs less than a round trip to look for
+    // it first. Large ones are looked up before they are parsed.
+    if raw.len() > PROBE_ABOVE {
+        let updated =
+            sqlx::query("UPDATE mailbox.blobs SET refcount = refcount + $2 WHERE id = $1")
+                .bind(&id)
+                .bind(refs)
+                .execute(&mut *tx)
+                .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(id);
+        }
     }
     let owned = raw.to_vec();
     let parsed = tokio::task::spawn_blocking(move || mime::parse(&owned))
@@ -231,8 +238,10 @@ pub struct NewEntry<'a> {
 
 pub async fn insert_entry(tx: &mut PgConnection, e: &NewEntry<'_>) -> Result<(), ServiceError> {
     sqlx::query(
-        "INSERT INTO mailbox.messages (mailbox_id, uid, modseq, flags, internal_date, date_offset, size, blob_id, prefix)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "WITH m AS (
+            INSERT INTO mailbox.messages (mailbox_id, uid, modseq, flags, internal_date, date_offset, size, blob_id, prefix)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING mailbox_id, modseq, uid)
+         INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid) SELECT mailbox_id, modseq, 1, uid FROM m",
     )
     .bind(e.mailbox_id)
     .bind(e.uid)
@@ -243,14 +252,6 @@ pub async fn insert_entry(tx: &mut PgConnection, e: &NewEntry<'_>) -> Result<(),
     .bind(e.size)
     .bind(e.blob_id)
     .bind(e.prefix)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid) VALUES ($1, $2, 1, $3)",
-    )
-    .bind(e.mailbox_id)
-    .bind(e.modseq)
-    .bind(e.uid)
     .execute(&mut *tx)
     .await?;
     Ok(())
