@@ -144,7 +144,7 @@ impl Running {
             ("gRPC relay-queue", show(&self.queue.grpc)),
         ];
         let _ = writeln!(t, "\nmailsuite is up.\n");
-        let _ = writeln!(t, "  {:<32} {}", "listener", "address");
+        let _ = writeln!(t, "  {:<32} address", "listener");
         for (name, addr) in rows {
             let _ = writeln!(t, "  {name:<32} {addr}");
         }
