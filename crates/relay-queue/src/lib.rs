@@ -114,6 +114,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         tls,
     );
     engine.spawn(&shutdown);
+    shutdown.spawn(queue_gauges(engine.db.pool.clone(), shutdown.clone()));
 
     if config.dkim_from_store {
         let sd = shutdown.clone();
@@ -213,6 +214,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
                     "relay_queue_recipients{{state=\"{state}\"}} {n}\n"
                 ));
             }
+            // The process registry: OpenTelemetry metrics shared with OTLP export.
+            out.push_str(&mailsuite_runtime::metrics::render_prometheus());
             out
         });
         ops.set_ready(true);
@@ -227,4 +230,36 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         ops: ops_addr,
         engine,
     })
+}
+
+/// `mailsuite_queue_depth` (recipients waiting or in flight) and
+/// `mailsuite_queue_oldest_age_seconds` (how long the oldest of their messages has waited),
+/// refreshed every few seconds from the database, which every replica shares.
+async fn queue_gauges(pool: sqlx::PgPool, shutdown: Shutdown) {
+    let depth = mailsuite_runtime::metrics::gauge("mailsuite_queue_depth", &[]);
+    let oldest = mailsuite_runtime::metrics::gauge("mailsuite_queue_oldest_age_seconds", &[]);
+    loop {
+        let row: Result<(i64, f64), sqlx::Error> = {
+            let _t = mailsuite_runtime::metrics::db_timer("relay_queue_depth");
+            sqlx::query_as(
+                "SELECT count(*),
+                        COALESCE(EXTRACT(EPOCH FROM now() - min(m.created)), 0)::float8
+                 FROM relay.recipients r JOIN relay.messages m ON m.id = r.message_id
+                 WHERE r.state IN ('pending', 'deferred', 'delivering')",
+            )
+            .fetch_one(&pool)
+            .await
+        };
+        match row {
+            Ok((n, age)) => {
+                depth.set(n as f64);
+                oldest.set(age);
+            }
+            Err(e) => tracing::debug!("queue depth: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.stopping() => return,
+        }
+    }
 }

@@ -273,6 +273,16 @@ impl Engine {
                     Outcome::Failed(_) => &self.metrics.failed,
                 };
                 m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let result = match r.outcome {
+                    Outcome::Delivered(_) => "delivered",
+                    Outcome::Deferred(_) => "deferred",
+                    Outcome::Failed(_) => "bounced",
+                };
+                mailsuite_runtime::metrics::counter(
+                    "mailsuite_queue_deliveries_total",
+                    &[("result", result)],
+                )
+                .inc();
                 tracing::info!(queue_id = %msg.id, rcpt = %r.rcpt.address, host = %r.host,
                     tls = r.tls, outcome = ?r.outcome, "delivery attempt");
             }
@@ -282,7 +292,11 @@ impl Engine {
             let mut pause = Duration::from_millis(250);
             let started = tokio::time::Instant::now();
             loop {
-                match self.db.record(worker, &msg, &results, &self.policy()).await {
+                let recorded = {
+                    let _t = mailsuite_runtime::metrics::db_timer("relay_record");
+                    self.db.record(worker, &msg, &results, &self.policy()).await
+                };
+                match recorded {
                     Ok(dsns) => {
                         if dsns > 0 {
                             self.wake();

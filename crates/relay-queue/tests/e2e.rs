@@ -212,6 +212,23 @@ async fn temporary_failure_is_retried_then_delivered() {
         metrics.contains("relay_queue_recipients{state=\"deferred\"} 0"),
         "{metrics}"
     );
+    // The same page carries the OpenTelemetry registry (process-wide, so other tests of this
+    // binary may have added to it: at least, not exactly).
+    let otel = |result| {
+        mailsuite_runtime::metrics::value_in(
+            &metrics,
+            "mailsuite_queue_deliveries_total",
+            &[("result", result)],
+        )
+    };
+    assert!(
+        otel("deferred") >= 1.0 && otel("delivered") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE mailsuite_queue_depth gauge"),
+        "{metrics}"
+    );
     assert_eq!(http_get(ops, "/readyz").await.trim(), "ready");
     sd.drain(Duration::from_secs(10)).await;
 }
