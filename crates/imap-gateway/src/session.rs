@@ -181,6 +181,23 @@ pub struct Selected {
     pub pending_expunges: Vec<u32>,
     /// Flag states this session already reported, so its own STOREs are not echoed twice.
     pub reported: HashMap<u32, u64>,
+    /// Messages with this UID or above are \Recent in this session (RFC 3501): those the
+    /// store reported as recent at SELECT (the newest) and everything that arrives later.
+    pub recent_from: u32,
+}
+
+impl Selected {
+    fn is_recent(&self, uid: u32) -> bool {
+        uid >= self.recent_from
+    }
+
+    fn flags(&self, uid: u32, flags: &[String]) -> Vec<FlagFetch<'static>> {
+        let mut f = convert::flags_fetch(flags);
+        if self.is_recent(uid) {
+            f.push(FlagFetch::Recent);
+        }
+        f
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1076,7 +1093,14 @@ impl Session {
                 None => out.untagged(StatusKind::Ok, Some(Code::NoModSeq), "No modseq"),
             }
         }
+        let recent_from = match info.recent {
+            0 => info.uidnext.max(seq.max_uid().map_or(1, |m| m + 1)),
+            r => seq
+                .uid(seq.len().saturating_sub(r) + 1)
+                .unwrap_or(info.uidnext),
+        };
         self.selected = Some(Box::new(Selected {
+            recent_from,
             mailbox_id: info.id,
             name: info.name.clone(),
             read_only,
@@ -1691,7 +1715,8 @@ impl Session {
                         }
                     }
                 };
-                let items = build_items(&names, meta, bodies);
+                let recent = self.sel().is_recent(*uid);
+                let items = build_items(&names, meta, bodies, recent);
                 if let Ok(items) = Vec1::try_from(items) {
                     out.data(Data::Fetch {
                         seq: nz(*seq),
@@ -1787,7 +1812,7 @@ impl Session {
             }
             let mut items = vec![];
             if response == StoreResponse::Answer {
-                items.push(MessageDataItem::Flags(convert::flags_fetch(&m.flags)));
+                items.push(MessageDataItem::Flags(sel.flags(m.uid, &m.flags)));
             }
             if uid {
                 items.push(MessageDataItem::Uid(nz(m.uid)));
@@ -2042,11 +2067,12 @@ impl Session {
             SearchKey::Unseen => lacks("\\Seen"),
             SearchKey::Keyword(a) => has(a.as_ref()),
             SearchKey::Unkeyword(a) => lacks(a.as_ref()),
-            SearchKey::Recent => K::Recent(true),
+            // \Recent is this session's state (see `Selected::recent_from`).
+            SearchKey::Recent => self.recent_key(),
             SearchKey::New => K::And(pb::SearchKeys {
                 keys: vec![
                     pb::SearchKey {
-                        key: Some(K::Recent(true)),
+                        key: Some(self.recent_key()),
                     },
                     pb::SearchKey {
                         key: Some(lacks("\\Seen")),
@@ -2054,7 +2080,7 @@ impl Session {
                 ],
             }),
             SearchKey::Old => K::Not(Box::new(pb::SearchKey {
-                key: Some(K::Recent(true)),
+                key: Some(self.recent_key()),
             })),
             SearchKey::Before(d) => K::InternalDate(date(pb::DateOp::Before, d)),
             SearchKey::On(d) => K::InternalDate(date(pb::DateOp::On, d)),
@@ -2078,6 +2104,11 @@ impl Session {
             }
         };
         Ok(pb::SearchKey { key: Some(key) })
+    }
+
+    fn recent_key(&self) -> pb::search_key::Key {
+        let from = self.sel().recent_from;
+        pb::search_key::Key::Uids(pb::UidSet::from_ranges([(from.max(1), u32::MAX)]))
     }
 
     /// Like `resolve`, but message numbers beyond the mailbox simply match nothing (SEARCH).
@@ -2237,7 +2268,7 @@ impl Session {
                         continue;
                     };
                     let mut items = vec![
-                        MessageDataItem::Flags(convert::flags_fetch(&m.flags)),
+                        MessageDataItem::Flags(sel.flags(m.uid, &m.flags)),
                         MessageDataItem::Uid(nz(m.uid)),
                     ];
                     if condstore && let Some(ms) = NonZeroU64::new(m.modseq) {
@@ -2306,6 +2337,7 @@ fn build_items(
     names: &[MessageDataItemName<'static>],
     meta: &pb::MessageMeta,
     bodies: Vec<Option<Vec<u8>>>,
+    recent: bool,
 ) -> Vec<MessageDataItem<'static>> {
     let mut bodies = bodies.into_iter();
     let mut items = Vec::with_capacity(names.len());
@@ -2313,8 +2345,9 @@ fn build_items(
         let item = match n {
             MessageDataItemName::Flags => {
                 let mut f = convert::flags_fetch(&meta.flags);
-                f.dedup();
-                let _ = FlagFetch::Recent;
+                if recent {
+                    f.push(FlagFetch::Recent);
+                }
                 MessageDataItem::Flags(f)
             }
             MessageDataItemName::Uid => MessageDataItem::Uid(nz(meta.uid)),
@@ -2413,6 +2446,7 @@ mod tests {
             dirty: false,
             pending_expunges: vec![],
             reported: HashMap::new(),
+            recent_from: 9,
         }
     }
 

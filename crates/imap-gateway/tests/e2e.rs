@@ -281,12 +281,21 @@ async fn store_copy_move_expunge_with_uidplus() {
         .and_then(|s| s.parse().ok())
         .expect("uidvalidity");
     let r = c.cmd("STORE 1:2 +FLAGS (\\Flagged $Work)").await;
-    assert!(r.contains("* 1 FETCH (FLAGS (\\Flagged $Work))"), "{r}");
-    assert!(r.contains("* 2 FETCH (FLAGS (\\Flagged $Work))"), "{r}");
+    assert!(
+        r.contains("* 1 FETCH (FLAGS (\\Flagged $Work \\Recent))"),
+        "{r}"
+    );
+    assert!(
+        r.contains("* 2 FETCH (FLAGS (\\Flagged $Work \\Recent))"),
+        "{r}"
+    );
     let r = c.cmd("STORE 2 -FLAGS.SILENT (\\Flagged)").await;
     assert!(!r.contains("FETCH"), "silent: {r}");
     let r = c.cmd("UID STORE 3 FLAGS (\\Seen)").await;
-    assert!(r.contains("* 3 FETCH (FLAGS (\\Seen) UID 3)"), "{r}");
+    assert!(
+        r.contains("* 3 FETCH (FLAGS (\\Seen \\Recent) UID 3)"),
+        "{r}"
+    );
     let r = c.cmd("COPY 1:2 Nonexistent").await;
     assert!(tagged(&r).contains("NO [TRYCREATE]"), "{r}");
     let r = c.cmd("COPY 1:2 Trash").await;
@@ -308,8 +317,11 @@ async fn store_copy_move_expunge_with_uidplus() {
     );
     assert!(r.contains("* 1 EXPUNGE\r\n"), "{r}");
     let r = c.cmd("UID FETCH 1:* (UID FLAGS)").await;
-    assert!(r.contains("* 1 FETCH (UID 2 FLAGS ($Work))"), "{r}");
-    assert!(r.contains("* 2 FETCH (UID 4 FLAGS ())"), "{r}");
+    assert!(
+        r.contains("* 1 FETCH (UID 2 FLAGS ($Work \\Recent))"),
+        "{r}"
+    );
+    assert!(r.contains("* 2 FETCH (UID 4 FLAGS (\\Recent))"), "{r}");
     c.cmd("UID STORE 2,4 +FLAGS.SILENT (\\Deleted)").await;
     let r = c.cmd("UID EXPUNGE 4").await;
     assert!(r.starts_with("* 2 EXPUNGE\r\n"), "only UID 4 goes: {r}");
@@ -389,7 +401,10 @@ async fn two_sessions_see_each_others_changes_with_expunge_held_back_during_fetc
     b.cmd("SELECT INBOX").await;
     b.cmd("STORE 1 +FLAGS (\\Answered)").await;
     let r = a.cmd("NOOP").await;
-    assert!(r.contains("* 1 FETCH (FLAGS (\\Answered) UID 1)"), "{r}");
+    assert!(
+        r.contains("* 1 FETCH (FLAGS (\\Answered \\Recent) UID 1)"),
+        "{r}"
+    );
     b.cmd("STORE 2 +FLAGS.SILENT (\\Deleted)").await;
     let r = b.cmd("EXPUNGE").await;
     assert!(r.contains("* 2 EXPUNGE"), "{r}");
@@ -438,11 +453,17 @@ async fn condstore_changedsince_and_unchangedsince() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("HIGHESTMODSEQ: {r}"));
     let r = c.cmd("STORE 2 +FLAGS (\\Seen)").await;
-    assert!(r.contains("* 2 FETCH (FLAGS (\\Seen) MODSEQ ("), "{r}");
+    assert!(
+        r.contains("* 2 FETCH (FLAGS (\\Seen \\Recent) MODSEQ ("),
+        "{r}"
+    );
     let r = c
         .cmd(&format!("FETCH 1:* (FLAGS) (CHANGEDSINCE {hms})"))
         .await;
-    assert!(r.contains("* 2 FETCH (FLAGS (\\Seen) MODSEQ ("), "{r}");
+    assert!(
+        r.contains("* 2 FETCH (FLAGS (\\Seen \\Recent) MODSEQ ("),
+        "{r}"
+    );
     assert!(!r.contains("* 1 FETCH") && !r.contains("* 3 FETCH"), "{r}");
     let r = c
         .cmd(&format!(
@@ -450,7 +471,10 @@ async fn condstore_changedsince_and_unchangedsince() {
         ))
         .await;
     assert!(tagged(&r).contains("OK [MODIFIED 2]"), "{r}");
-    assert!(r.contains("* 1 FETCH (FLAGS (\\Flagged) MODSEQ ("), "{r}");
+    assert!(
+        r.contains("* 1 FETCH (FLAGS (\\Flagged \\Recent) MODSEQ ("),
+        "{r}"
+    );
     let r = c.cmd("STATUS INBOX (HIGHESTMODSEQ)").await;
     assert!(r.contains("HIGHESTMODSEQ "), "{r}");
     let r = c.cmd(&format!("SEARCH MODSEQ {}", hms + 1)).await;
@@ -820,5 +844,30 @@ async fn commands_pipelined_after_starttls_are_discarded() {
             "no reply to the injected command: {r}"
         );
     }
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recent_belongs_to_the_first_session_that_selects() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut a = env.login("bob@example.test").await;
+    let r = a.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 2 RECENT"), "{r}");
+    let r = a.cmd("FETCH 1:* (FLAGS)").await;
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Recent))"), "{r}");
+    let r = a.cmd("SEARCH RECENT").await;
+    assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+    let mut b = env.login("bob@example.test").await;
+    let r = b.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 0 RECENT"), "{r}");
+    let r = b.cmd("FETCH 1 (FLAGS)").await;
+    assert!(r.contains("* 1 FETCH (FLAGS ())"), "{r}");
+    let r = b.cmd("SEARCH NEW").await;
+    assert!(r.contains("* SEARCH\r\n"), "{r}");
+    let r = b.cmd("SEARCH OLD").await;
+    assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
     env.stop().await;
 }
