@@ -37,6 +37,11 @@ pub trait Backend: Send + Sync + 'static {
     /// it is dropped.
     type Lock: Send + 'static;
 
+    /// Whether the store can serve requests now (drives `/readyz`).
+    fn ready(&self) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+
     /// Check the credentials, take the maildrop lock, and list the maildrop.
     fn login(
         &self,

@@ -64,6 +64,13 @@ pub struct Limits {
     /// RFC 1939 §3 auto-logout timer in seconds (default 600; the RFC requires at least 10
     /// minutes, lower values are for tests).
     pub idle_timeout_secs: u64,
+    /// Absolute deadline from accept to a successful login, whatever the client sends
+    /// meanwhile (default 60): the idle timer alone restarts on every byte, so without this
+    /// a client trickling bytes would hold an unauthenticated connection forever.
+    pub login_timeout_secs: u64,
+    /// Once the first byte of a command line has arrived, the whole line must arrive within
+    /// this many seconds (default 30).
+    pub line_timeout_secs: u64,
     /// Give up on a client that does not read its response for this long (default 300).
     pub write_timeout_secs: u64,
     /// TLS handshake deadline, for both STLS and port 995 (default 30).
@@ -75,12 +82,25 @@ pub struct Limits {
     pub auth_failure_delay_max_ms: u64,
     /// Failed logins after which the connection is closed (default 5).
     pub max_auth_failures: u32,
+    /// Failed logins per client address (IPv4, or IPv6 /64), counted over all connections to
+    /// this gateway process within `ip_auth_failure_window_secs` (default 20). Past it, every
+    /// login from that address is refused with `[LOGIN-DELAY]` after a growing delay,
+    /// without asking the store, and the connection is closed. 0 = unlimited.
+    pub ip_auth_failures: u32,
+    /// The window over which `ip_auth_failures` counts (default 300).
+    pub ip_auth_failure_window_secs: u64,
+    /// Client addresses tracked by the per-address limiter (default 100000); when full,
+    /// expired entries go first, then the least active.
+    pub ip_table_capacity: usize,
     /// Unknown, malformed or out-of-state commands after which the connection is closed
     /// (default 20).
     pub max_bad_commands: u32,
     /// Deadline for one call to mailbox-store, and for each chunk of a streamed message
     /// (default 30).
     pub store_timeout_secs: u64,
+    /// `/readyz` reports ready only while the store's gRPC health service answers SERVING;
+    /// it is asked this often, in seconds (default 5).
+    pub store_health_interval_secs: u64,
     /// RETR/TOP read a message from the store in windows of this many octets, so memory
     /// per transfer stays bounded whatever the message size (default 1 MiB).
     pub fetch_window_bytes: u64,
@@ -92,12 +112,18 @@ impl Default for Limits {
             connections: ConnLimits::default(),
             max_line: 1024,
             idle_timeout_secs: 600,
+            login_timeout_secs: 60,
+            line_timeout_secs: 30,
             write_timeout_secs: 300,
             tls_handshake_timeout_secs: 30,
             auth_failure_delay_ms: 1000,
             auth_failure_delay_max_ms: 16_000,
             max_auth_failures: 5,
+            ip_auth_failures: 20,
+            ip_auth_failure_window_secs: 300,
+            ip_table_capacity: 100_000,
             max_bad_commands: 20,
+            store_health_interval_secs: 5,
             store_timeout_secs: 30,
             fetch_window_bytes: 1 << 20,
         }

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::backend::{Backend, Failure};
 use crate::codec::{BodyEncoder, LineDecoder, Reply, RespCode};
 use crate::config::Config;
+use crate::limiter::AuthLimiter;
 use crate::session::{Action, LoginError, Maildrop, Session, SessionConfig, Target};
 
 /// Output is written to the socket whenever this much is buffered while streaming.
@@ -33,16 +34,22 @@ pub struct Shared<B> {
     pub shutdown: Shutdown,
     /// Last successful login per account, for LOGIN-DELAY (this replica only).
     login_times: Mutex<HashMap<i64, Instant>>,
+    /// Failed logins per client address, across connections.
+    auth_limiter: AuthLimiter,
 }
 
 impl<B: Backend> Shared<B> {
     pub fn new(backend: B, config: Config, acceptor: TlsAcceptor, shutdown: Shutdown) -> Self {
         Shared {
             backend,
-            config,
             acceptor,
             shutdown,
             login_times: Mutex::default(),
+            auth_limiter: AuthLimiter::new(
+                Duration::from_secs(config.limits.ip_auth_failure_window_secs),
+                config.limits.ip_table_capacity,
+            ),
+            config,
         }
     }
 
@@ -77,6 +84,13 @@ enum Flow {
     Abort,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Idle,
+    Login,
+    Line,
+}
+
 enum Next<S> {
     Closed,
     StartTls(S),
@@ -89,6 +103,8 @@ struct Conn<B: Backend> {
     out: Vec<u8>,
     peer: SocketAddr,
     lock: Option<B::Lock>,
+    /// Until a login succeeds, the connection must not outlive this.
+    login_deadline: tokio::time::Instant,
 }
 
 /// Serve one accepted connection until it ends (or shutdown forces it to).
@@ -124,7 +140,12 @@ async fn serve<B: Backend>(
         max_bad_commands: cfg.limits.max_bad_commands,
     };
     let handshake = Duration::from_secs(cfg.limits.tls_handshake_timeout_secs.max(1));
+    let login_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(cfg.limits.login_timeout_secs.max(1));
+    // The handshake counts against the login deadline too.
+    let handshake_deadline = (tokio::time::Instant::now() + handshake).min(login_deadline);
     let mut conn = Conn {
+        login_deadline,
         decoder: LineDecoder::new(cfg.limits.max_line),
         session: Session::new(session_cfg, implicit_tls),
         out: Vec::new(),
@@ -133,24 +154,26 @@ async fn serve<B: Backend>(
         shared: shared.clone(),
     };
     if implicit_tls {
-        let tls = match tokio::time::timeout(handshake, shared.acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
-                return;
-            }
-        };
+        let tls =
+            match tokio::time::timeout_at(handshake_deadline, shared.acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
         conn.session.greeting().serialize(&mut conn.out);
         conn.run(tls).await;
         return;
     }
     conn.session.greeting().serialize(&mut conn.out);
     if let Next::StartTls(tcp) = conn.run(tcp).await {
-        match tokio::time::timeout(handshake, shared.acceptor.accept(tcp)).await {
+        let handshake_deadline = (tokio::time::Instant::now() + handshake).min(login_deadline);
+        match tokio::time::timeout_at(handshake_deadline, shared.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
                 conn.session.tls_started();
                 tracing::debug!("STLS complete");
@@ -174,6 +197,9 @@ impl<B: Backend> Conn<B> {
     {
         let mut buf = vec![0u8; READ_BUF];
         let idle = Duration::from_secs(self.limits().idle_timeout_secs.max(1));
+        let line_timeout = Duration::from_secs(self.limits().line_timeout_secs.max(1));
+        // When the first byte of the command line now being received arrived.
+        let mut line_started: Option<tokio::time::Instant> = None;
         loop {
             while let Some(line) = self.decoder.next_line() {
                 let action = self.session.handle_line(line);
@@ -199,6 +225,23 @@ impl<B: Backend> Conn<B> {
             if self.write(&mut io).await.is_err() {
                 return Next::Closed;
             }
+            let now = tokio::time::Instant::now();
+            if self.decoder.buffered() == 0 {
+                line_started = None;
+            } else if line_started.is_none() {
+                line_started = Some(now);
+            }
+            // The earliest of: the auto-logout timer (restarts with every read), the login
+            // deadline (fixed, until logged in) and the line deadline (fixed per line).
+            let mut deadline = (now + idle, Expiry::Idle);
+            if self.session.maildrop().is_none() && self.login_deadline < deadline.0 {
+                deadline = (self.login_deadline, Expiry::Login);
+            }
+            if let Some(t) = line_started.map(|t| t + line_timeout)
+                && t < deadline.0
+            {
+                deadline = (t, Expiry::Line);
+            }
             let shutdown = self.shared.shutdown.clone();
             let read = tokio::select! {
                 biased;
@@ -207,13 +250,30 @@ impl<B: Backend> Conn<B> {
                     self.close(&mut io).await;
                     return Next::Closed;
                 }
-                r = tokio::time::timeout(idle, io.read(&mut buf)) => r,
+                r = tokio::time::timeout_at(deadline.0, io.read(&mut buf)) => r,
             };
             match read {
                 // RFC 1939 §3: the auto-logout timer closes without a response, and without
                 // entering UPDATE: nothing is removed.
-                Err(_) => {
+                Err(_) if deadline.1 == Expiry::Idle => {
                     tracing::debug!(state = self.session.state_name(), "auto-logout");
+                    return Next::Closed;
+                }
+                Err(_) => {
+                    let (metric, text) = match deadline.1 {
+                        Expiry::Login => ("login", "login time exceeded, closing connection"),
+                        _ => (
+                            "line",
+                            "command line not completed in time, closing connection",
+                        ),
+                    };
+                    tracing::info!(
+                        state = self.session.state_name(),
+                        "{metric} deadline passed"
+                    );
+                    metrics::counter("mailsuite_pop3_deadlines_total", &[("kind", metric)]).inc();
+                    Reply::err(text).serialize(&mut self.out);
+                    self.close(&mut io).await;
                     return Next::Closed;
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => return Next::Closed,
@@ -241,33 +301,47 @@ impl<B: Backend> Conn<B> {
                     return Flow::StartTls;
                 }
                 Action::Login { user, password } => {
+                    let max = self.limits().ip_auth_failures;
+                    let ip = self.peer.ip();
+                    if max > 0 && self.shared.auth_limiter.failures(ip) >= max {
+                        // Refused without asking the store, so guessing gets nowhere; counted,
+                        // so the delay keeps growing while the client keeps trying.
+                        let n = self.shared.auth_limiter.failed(ip);
+                        metrics::counter(
+                            "mailsuite_pop3_logins_total",
+                            &[("result", "ip_blocked")],
+                        )
+                        .inc();
+                        tracing::info!(
+                            failures = n,
+                            "login refused: too many failures from this address"
+                        );
+                        let delay = self.limits().auth_failure_delay(n - max + 1);
+                        let reply = Reply::err_code(
+                            RespCode::LoginDelay,
+                            "too many failed logins from your address, try again later",
+                        );
+                        return self.delayed(io, delay, reply, true).await;
+                    }
                     let result = self.login(&user, &password).await;
                     action = self.session.login_done(result);
                 }
                 Action::AuthFailed { reply, close } => {
                     metrics::counter("mailsuite_pop3_logins_total", &[("result", "failed")]).inc();
+                    let ip_failures = self.shared.auth_limiter.failed(self.peer.ip());
+                    let max = self.limits().ip_auth_failures;
                     tracing::info!(
                         failures = self.session.auth_failures(),
+                        ip_failures,
                         "authentication failed"
                     );
-                    // Earlier replies go out now; this one waits, longer after every failure.
-                    if self.write(io).await.is_err() {
-                        return Flow::Abort;
-                    }
+                    // The delay grows with the failures of this connection and of this
+                    // address, whichever is more.
                     let delay = self
                         .limits()
-                        .auth_failure_delay(self.session.auth_failures());
-                    let shutdown = self.shared.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.stopping() => {
-                            Reply::err_code(RespCode::SysTemp, "server shutting down")
-                                .serialize(&mut self.out);
-                            return Flow::Close;
-                        }
-                    }
-                    reply.serialize(&mut self.out);
-                    return if close { Flow::Close } else { Flow::Continue };
+                        .auth_failure_delay(self.session.auth_failures().max(ip_failures));
+                    let close = close || (max > 0 && ip_failures >= max);
+                    return self.delayed(io, delay, reply, close).await;
                 }
                 Action::Send {
                     reply,
@@ -301,6 +375,26 @@ impl<B: Backend> Conn<B> {
                 }
             }
         }
+    }
+
+    /// Send earlier replies now, then `reply` after `delay` (and close if asked).
+    async fn delayed<S>(&mut self, io: &mut S, delay: Duration, reply: Reply, close: bool) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if self.write(io).await.is_err() {
+            return Flow::Abort;
+        }
+        let shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.stopping() => {
+                Reply::err_code(RespCode::SysTemp, "server shutting down").serialize(&mut self.out);
+                return Flow::Close;
+            }
+        }
+        reply.serialize(&mut self.out);
+        if close { Flow::Close } else { Flow::Continue }
     }
 
     async fn login(&mut self, user: &str, password: &str) -> Result<Maildrop, LoginError> {

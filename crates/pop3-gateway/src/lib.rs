@@ -10,6 +10,7 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod limiter;
 pub mod session;
 pub mod store;
 
@@ -100,11 +101,34 @@ pub async fn start_with<B: Backend>(
     }
     if let Some(l) = ops {
         let ops = metrics::ops();
-        ops.set_ready(true);
+        shutdown.spawn(watch_store(shared.clone(), ops.clone()));
         shutdown.spawn(ops.serve(l, shutdown.clone()));
     }
     tracing::info!(?started, "pop3-gateway listening");
     Ok(started)
+}
+
+/// Keep `/readyz` in step with the store's health, so a load balancer stops sending clients
+/// to a gateway whose store is gone. One check per interval, whatever the probe rate.
+async fn watch_store<B: Backend>(shared: Arc<Shared<B>>, ops: mailsuite_runtime::ops::Ops) {
+    let limits = &shared.config.limits;
+    let interval = Duration::from_secs(limits.store_health_interval_secs.max(1));
+    let timeout = Duration::from_secs(limits.store_timeout_secs.max(1)).min(interval);
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let ready = tokio::select! {
+            r = tokio::time::timeout(timeout, shared.backend.ready()) => r.unwrap_or(false),
+            _ = shutdown.stopping() => return,
+        };
+        if ready != ops.is_ready() {
+            tracing::info!(ready, "store readiness changed");
+        }
+        ops.set_ready(ready);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.stopping() => return,
+        }
+    }
 }
 
 async fn accept_loop<B: Backend>(shared: Arc<Shared<B>>, listener: LimitedListener, tls: bool) {

@@ -14,6 +14,9 @@ use mailsuite_proto::{
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::GrpcChannel;
 use tonic::{Code, Status, Streaming};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::backend::{Backend, BodyStream, Failure};
 use crate::session::{LoginError, Maildrop, Message, Target};
@@ -25,9 +28,13 @@ pub const MAILDROP: &str = "INBOX";
 pub struct StoreBackend {
     directory: DirectoryClient<GrpcChannel>,
     mailbox: MailboxClient<GrpcChannel>,
+    health: HealthClient<GrpcChannel>,
     timeout: Duration,
     window: u64,
 }
+
+/// The service whose health decides readiness: the one every POP3 command goes through.
+const HEALTH_SERVICE: &str = "mailsuite.v1.Mailbox";
 
 struct WindowReader {
     mailbox: MailboxClient<GrpcChannel>,
@@ -125,7 +132,8 @@ impl StoreBackend {
         let channel = mailsuite_runtime::grpc::connect_lazy(url)?;
         Ok(StoreBackend {
             directory: DirectoryClient::new(channel.clone()),
-            mailbox: MailboxClient::new(channel),
+            mailbox: MailboxClient::new(channel.clone()),
+            health: HealthClient::new(channel),
             timeout,
             window: window.max(1),
         })
@@ -196,6 +204,19 @@ fn failure(status: Status, during: &str) -> Failure {
 
 impl Backend for StoreBackend {
     type Lock = MaildropLock;
+
+    async fn ready(&self) -> bool {
+        let request = self.unary(HealthCheckRequest {
+            service: HEALTH_SERVICE.into(),
+        });
+        match self.health.clone().check(request).await {
+            Ok(r) => r.into_inner().status() == ServingStatus::Serving,
+            Err(s) => {
+                tracing::debug!(error = %s, "store health check failed");
+                false
+            }
+        }
+    }
 
     async fn login(
         &self,

@@ -28,6 +28,8 @@ struct State {
     messages: BTreeMap<u32, Vec<u8>>,
     big: bool,
     locked: bool,
+    /// Successful logins (credentials checked and accepted).
+    logins: usize,
     fail_body: bool,
     updates: Vec<(Vec<u32>, Vec<u32>)>,
 }
@@ -69,6 +71,7 @@ impl Backend for Mem {
             return Err(LoginError::InUse);
         }
         s.locked = true;
+        s.logins += 1;
         let mut messages: Vec<Message> = s
             .messages
             .iter()
@@ -666,4 +669,158 @@ async fn forced_shutdown_ends_a_stuck_transfer() {
     assert!(!clean, "the stuck transfer needed forcing");
     assert!(srv.mem.pulled.load(Ordering::SeqCst) < BIG_SIZE);
     assert!(!srv.mem.state.lock().unwrap().locked, "lock released");
+}
+
+/// Review I3: a client that keeps the connection busy with commands but never logs in is
+/// closed at the login deadline, though the idle timer never expires.
+#[tokio::test]
+async fn login_deadline_is_absolute_not_reset_by_activity() {
+    let srv = Server::start(|c| {
+        c.limits.login_timeout_secs = 2;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    let mut c = srv.plain().await;
+    let t = Instant::now();
+    let last = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let r = c.cmd("USER alice").await;
+            if r != "+OK send PASS" {
+                return r;
+            }
+            // The client's pace (well inside the idle timer), not a wait for server state.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("closed by the login deadline, not kept alive by activity");
+    assert_eq!(last, "-ERR login time exceeded, closing connection");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(c.closed().await);
+
+    // A logged-in session is not subject to it.
+    let mut c = srv.plain().await;
+    c.login().await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(c.cmd("NOOP").await, "+OK");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.cmd("STAT").await, "+OK 2 80");
+}
+
+/// Review I3: one byte at a time, never finishing the line, is cut off at the line deadline.
+#[tokio::test]
+async fn a_trickled_command_line_is_cut_off() {
+    let srv = Server::start(|c| {
+        c.limits.line_timeout_secs = 1;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    let mut c = srv.plain().await;
+    c.login().await;
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), async {
+        // Partially read bytes stay in `l` when a read times out.
+        let mut l = Vec::new();
+        for b in b"USER abcdefghijklmnopqrstuvwxyz".iter().cycle() {
+            if c.io.get_mut().write_all(&[*b]).await.is_err() {
+                break;
+            }
+            // Writing and reading share the client: one byte, then a short look for a reply.
+            let read = c.io.read_until(b'\n', &mut l);
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), read).await {
+                r.unwrap();
+                break;
+            }
+        }
+        if !l.ends_with(b"\n") {
+            c.io.read_until(b'\n', &mut l).await.unwrap();
+        }
+        String::from_utf8(l).unwrap()
+    })
+    .await
+    .expect("cut off at the line deadline, not kept alive by trickling");
+    assert_eq!(
+        got,
+        "-ERR command line not completed in time, closing connection\r\n"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        srv.mem.state.lock().unwrap().updates.is_empty(),
+        "no UPDATE"
+    );
+}
+
+/// Review I4: failures are counted per client address across connections. Once over the
+/// limit, even the right password is refused (the store is not asked), with a delay that
+/// grows with every further attempt, and the connection is closed.
+#[tokio::test]
+async fn failed_logins_are_limited_per_address_across_connections() {
+    let srv = Server::start(|c| {
+        c.limits.ip_auth_failures = 4;
+        c.limits.max_auth_failures = 3;
+        c.limits.auth_failure_delay_ms = 50;
+        c.limits.auth_failure_delay_max_ms = 5000;
+    })
+    .await;
+    // Two connections at once, each under its own limit of 3.
+    let mut a = srv.tls().await;
+    let mut b = srv.tls().await;
+    for c in [&mut a, &mut b] {
+        c.cmd("USER alice").await;
+        assert_eq!(
+            c.cmd("PASS wrong").await,
+            "-ERR [AUTH] authentication failed"
+        );
+    }
+    a.cmd("USER alice").await;
+    assert_eq!(
+        a.cmd("PASS wrong").await,
+        "-ERR [AUTH] authentication failed"
+    );
+    // The fourth failure from this address closes the connection, though the connection
+    // itself has failed only twice.
+    b.cmd("USER alice").await;
+    assert_eq!(
+        b.cmd("PASS wrong").await,
+        "-ERR [AUTH] authentication failed"
+    );
+    assert!(b.closed().await, "closed at the address limit");
+
+    let mut last = Duration::ZERO;
+    for n in 1..=2u32 {
+        let mut c = srv.tls().await;
+        c.cmd("USER alice").await;
+        let t = Instant::now();
+        assert_eq!(
+            c.cmd("PASS secret").await,
+            "-ERR [LOGIN-DELAY] too many failed logins from your address, try again later"
+        );
+        let took = t.elapsed();
+        // Lower bounds only: 100, 200 ms.
+        assert!(
+            took >= Duration::from_millis(50 << n),
+            "attempt {n} took {took:?}"
+        );
+        assert!(took > last);
+        last = took;
+        assert!(c.closed().await);
+    }
+    assert_eq!(
+        srv.mem.state.lock().unwrap().logins,
+        0,
+        "the store was never asked about the right password"
+    );
+    // The open connection is refused too.
+    a.cmd("USER alice").await;
+    assert!(a.cmd("PASS secret").await.starts_with("-ERR [LOGIN-DELAY]"));
 }
