@@ -187,6 +187,74 @@ pub struct Selected {
 }
 
 impl Selected {
+    /// Apply a batch of changes from the store (or a resync diff) to the session's view and
+    /// report them: EXPUNGE (if allowed now), then EXISTS, then FETCH FLAGS.
+    fn apply_changes<W: AsyncWrite + Unpin>(
+        &mut self,
+        expunged: Vec<u32>,
+        changed: Vec<pb::MessageFlags>,
+        highest: u64,
+        allow_expunge: bool,
+        condstore: bool,
+        out: &mut Out<'_, W>,
+    ) {
+        for u in expunged {
+            if self.seq.seq(u).is_some() && !self.pending_expunges.contains(&u) {
+                self.pending_expunges.push(u);
+            }
+        }
+        let mut added = false;
+        let mut changed = changed;
+        changed.sort_by_key(|m| m.uid);
+        let mut flag_updates = Vec::new();
+        for m in changed {
+            if self.pending_expunges.contains(&m.uid) {
+                continue;
+            }
+            if self.seq.seq(m.uid).is_some() {
+                if self.reported.get(&m.uid).is_some_and(|&ms| ms >= m.modseq) {
+                    continue;
+                }
+                flag_updates.push(m);
+            } else {
+                // New arrivals have UIDs above all known ones; anything else is a
+                // message this session already saw expunged.
+                added |= self.seq.push(m.uid);
+            }
+        }
+        self.modseq = self.modseq.max(highest);
+        self.reported.clear();
+        if allow_expunge {
+            for u in std::mem::take(&mut self.pending_expunges) {
+                if let Some(s) = self.seq.remove(u) {
+                    out.data(Data::Expunge(nz(s)));
+                }
+            }
+        }
+        // Announced after the EXPUNGEs whenever something arrived, even if the total is
+        // unchanged (one expunge + one arrival): the client counts EXPUNGEs itself and
+        // would otherwise believe the mailbox shrank.
+        if added {
+            out.data(Data::Exists(self.seq.len()));
+        }
+        for m in flag_updates {
+            let Some(seq) = self.seq.seq(m.uid) else {
+                continue;
+            };
+            let mut items = vec![
+                MessageDataItem::Flags(self.flags(m.uid, &m.flags)),
+                MessageDataItem::Uid(nz(m.uid)),
+            ];
+            if condstore && let Some(ms) = NonZeroU64::new(m.modseq) {
+                items.push(MessageDataItem::ModSeq(ms));
+            }
+            out.data(Data::Fetch {
+                seq: nz(seq),
+                items: Vec1::try_from(items).expect("non-empty"),
+            });
+        }
+    }
+
     fn is_recent(&self, uid: u32) -> bool {
         uid >= self.recent_from
     }
@@ -2193,27 +2261,9 @@ impl Session {
                 }
             };
             let (expunged, changed, highest) = if r.truncated {
-                // The change log no longer reaches back far enough: diff the UID lists.
                 match self.store.select(account_id, &sel.name, true).await {
                     Ok(s) => {
-                        let fresh: std::collections::HashSet<u32> =
-                            s.uids.iter().copied().collect();
-                        let gone: Vec<u32> = sel
-                            .seq
-                            .iter()
-                            .map(|(_, u)| u)
-                            .filter(|u| !fresh.contains(u))
-                            .collect();
-                        let max = sel.seq.max_uid().unwrap_or(0);
-                        let new: Vec<pb::MessageFlags> = s
-                            .uids
-                            .iter()
-                            .filter(|u| **u > max)
-                            .map(|&uid| pb::MessageFlags {
-                                uid,
-                                ..Default::default()
-                            })
-                            .collect();
+                        let (gone, new) = resync_diff(&sel.seq, &s.uids);
                         let hms = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
                         (gone, new, hms)
                     }
@@ -2226,61 +2276,8 @@ impl Session {
             } else {
                 (r.expunged, r.changed, r.highestmodseq)
             };
-            {
-                for u in expunged {
-                    if sel.seq.seq(u).is_some() && !sel.pending_expunges.contains(&u) {
-                        sel.pending_expunges.push(u);
-                    }
-                }
-                let before = sel.seq.len();
-                let mut changed = changed;
-                changed.sort_by_key(|m| m.uid);
-                let mut flag_updates = Vec::new();
-                for m in changed {
-                    if sel.pending_expunges.contains(&m.uid) {
-                        continue;
-                    }
-                    if sel.seq.seq(m.uid).is_some() {
-                        if sel.reported.get(&m.uid).is_some_and(|&ms| ms >= m.modseq) {
-                            continue;
-                        }
-                        flag_updates.push(m);
-                    } else {
-                        // New arrivals have UIDs above all known ones; anything else is a
-                        // message this session already saw expunged.
-                        sel.seq.push(m.uid);
-                    }
-                }
-                sel.modseq = sel.modseq.max(highest);
-                sel.reported.clear();
-                if allow_expunge {
-                    for u in std::mem::take(&mut sel.pending_expunges) {
-                        if let Some(s) = sel.seq.remove(u) {
-                            out.data(Data::Expunge(nz(s)));
-                        }
-                    }
-                }
-                if sel.seq.len() != before {
-                    out.data(Data::Exists(sel.seq.len()));
-                }
-                for m in flag_updates {
-                    let Some(seq) = sel.seq.seq(m.uid) else {
-                        continue;
-                    };
-                    let mut items = vec![
-                        MessageDataItem::Flags(sel.flags(m.uid, &m.flags)),
-                        MessageDataItem::Uid(nz(m.uid)),
-                    ];
-                    if condstore && let Some(ms) = NonZeroU64::new(m.modseq) {
-                        items.push(MessageDataItem::ModSeq(ms));
-                    }
-                    out.data(Data::Fetch {
-                        seq: nz(seq),
-                        items: Vec1::try_from(items).expect("non-empty"),
-                    });
-                }
-                return Ok(());
-            }
+            sel.apply_changes(expunged, changed, highest, allow_expunge, condstore, out);
+            return Ok(());
         }
         if allow_expunge && !sel.pending_expunges.is_empty() {
             for u in std::mem::take(&mut sel.pending_expunges) {
@@ -2303,6 +2300,27 @@ impl Session {
         }
         self.selected = selected.map(Box::new);
     }
+}
+
+/// The change log no longer reaches back far enough: diff the session's UIDs against the
+/// store's current list. Returns the UIDs gone and the arrivals (above every known UID).
+fn resync_diff(seq: &SeqMap, fresh: &[u32]) -> (Vec<u32>, Vec<pb::MessageFlags>) {
+    let present: std::collections::HashSet<u32> = fresh.iter().copied().collect();
+    let gone = seq
+        .iter()
+        .map(|(_, u)| u)
+        .filter(|u| !present.contains(u))
+        .collect();
+    let max = seq.max_uid().unwrap_or(0);
+    let new = fresh
+        .iter()
+        .filter(|u| **u > max)
+        .map(|&uid| pb::MessageFlags {
+            uid,
+            ..Default::default()
+        })
+        .collect();
+    (gone, new)
 }
 
 fn binary_section(section: &[NonZeroU32], partial: Option<(u32, NonZeroU32)>) -> pb::Section {
@@ -2466,6 +2484,69 @@ mod tests {
         out.flush().await.unwrap();
         drop(out);
         String::from_utf8(sink).unwrap()
+    }
+
+    fn arrival(uid: u32) -> pb::MessageFlags {
+        pb::MessageFlags {
+            uid,
+            ..Default::default()
+        }
+    }
+
+    fn applied(
+        sel: &mut Selected,
+        expunged: Vec<u32>,
+        new: Vec<pb::MessageFlags>,
+        allow: bool,
+    ) -> String {
+        let mut sink: Vec<u8> = Vec::new();
+        let mut out = Out::new(&mut sink);
+        sel.apply_changes(expunged, new, 2, allow, false, &mut out);
+        String::from_utf8(std::mem::take(&mut out.buf)).unwrap()
+    }
+
+    #[test]
+    fn one_expunge_and_one_arrival_announce_exists_after_the_expunge() {
+        let mut sel = selected();
+        let r = applied(&mut sel, vec![5], vec![arrival(10)], true);
+        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n");
+        assert_eq!(
+            sel.seq.iter().map(|(_, u)| u).collect::<Vec<_>>(),
+            [3, 6, 9, 10]
+        );
+        // Expunges held back (during FETCH): EXISTS counts the held-back message too.
+        let mut sel = selected();
+        let r = applied(&mut sel, vec![5], vec![arrival(10)], false);
+        assert_eq!(r, "* 5 EXISTS\r\n");
+        assert_eq!(sel.pending_expunges, [5]);
+        // Nothing arrived: no EXISTS, however the count moved.
+        let mut sel = selected();
+        assert_eq!(
+            applied(&mut sel, vec![3, 9], vec![], true),
+            "* 1 EXPUNGE\r\n* 3 EXPUNGE\r\n"
+        );
+    }
+
+    #[test]
+    fn truncated_resync_reports_expunges_then_exists() {
+        let mut sel = selected();
+        let (gone, new) = resync_diff(&sel.seq, &[3, 6, 9, 10]);
+        assert_eq!(gone, [5]);
+        assert_eq!(new.iter().map(|m| m.uid).collect::<Vec<_>>(), [10]);
+        let r = applied(&mut sel, gone, new, true);
+        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n");
+        // Two gone, one new: the total shrinks yet the arrival must still be announced.
+        let mut sel = selected();
+        let (gone, new) = resync_diff(&sel.seq, &[3, 9, 11]);
+        let r = applied(&mut sel, gone, new, true);
+        assert_eq!(r, "* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n* 3 EXISTS\r\n");
+        // Everything was expunged before the resync.
+        let mut sel = selected();
+        let (gone, new) = resync_diff(&sel.seq, &[12]);
+        assert_eq!(gone, [3, 5, 6, 9]);
+        let r = applied(&mut sel, gone, new, true);
+        assert!(r.ends_with("* 1 EXISTS\r\n"), "{r}");
+        assert_eq!(sel.seq.iter().map(|(_, u)| u).collect::<Vec<_>>(), [12]);
     }
 
     const ANY: &[&str] = &["CAPABILITY", "NOOP", "LOGOUT", "ID NIL"];

@@ -436,6 +436,45 @@ async fn two_sessions_see_each_others_changes_with_expunge_held_back_during_fetc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_expunge_and_an_arrival_in_one_poll_announce_both() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for _ in 0..3 {
+        env.deliver("bob@example.test", SIMPLE).await;
+    }
+    let mut a = env.login("bob@example.test").await;
+    let mut b = env.login("bob@example.test").await;
+    a.cmd("SELECT INBOX").await;
+    b.cmd("SELECT INBOX").await;
+    b.cmd("STORE 2 +FLAGS.SILENT (\\Deleted)").await;
+    let r = b.cmd("EXPUNGE").await;
+    assert!(r.contains("* 2 EXPUNGE"), "{r}");
+    // Both changes are committed before A asks: its NOOP sees them in one poll of the
+    // change log, where the message count is unchanged (3 - 1 + 1).
+    env.deliver("bob@example.test", SIMPLE).await;
+    let r = a.cmd("NOOP").await;
+    let expunge = r
+        .find("* 2 EXPUNGE\r\n")
+        .unwrap_or_else(|| panic!("no EXPUNGE: {r}"));
+    let exists = r
+        .find("* 3 EXISTS\r\n")
+        .unwrap_or_else(|| panic!("no EXISTS: {r}"));
+    assert!(expunge < exists, "EXISTS must follow the EXPUNGE: {r}");
+    let r = a.cmd("FETCH 1:* (UID)").await;
+    let uids: Vec<&str> = r.lines().filter(|l| l.starts_with("* ")).collect();
+    assert_eq!(
+        uids,
+        [
+            "* 1 FETCH (UID 1)",
+            "* 2 FETCH (UID 3)",
+            "* 3 FETCH (UID 4)"
+        ],
+        "{r}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn condstore_changedsince_and_unchangedsince() {
     let env = env().await;
     env.account("bob@example.test").await;
