@@ -117,8 +117,9 @@ async fn watch_store<B: Backend>(shared: Arc<Shared<B>>, ops: mailsuite_runtime:
     let shutdown = shared.shutdown.clone();
     loop {
         let ready = tokio::select! {
-            r = tokio::time::timeout(timeout, shared.backend.ready()) => r.unwrap_or(false),
+            biased;
             _ = shutdown.stopping() => return,
+            r = tokio::time::timeout(timeout, shared.backend.ready()) => r.unwrap_or(false),
         };
         if ready != ops.is_ready() {
             tracing::info!(ready, "store readiness changed");

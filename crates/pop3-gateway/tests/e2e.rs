@@ -142,6 +142,7 @@ async fn env() -> Env {
             ..Default::default()
         };
         c.limits.auth_failure_delay_ms = 10;
+        c.limits.store_health_interval_secs = 1;
         // Windows that cut lines and chunks at odd places.
         c.limits.fetch_window_bytes = 3001;
         let sd = Shutdown::new();
@@ -347,6 +348,46 @@ async fn bad_credentials_get_auth_code_and_ops_endpoint_counts_them() {
     );
 }
 
+async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `/readyz` follows the store: ready while it serves, not ready once it is gone (the
+/// gateway itself stays alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_store() {
+    let env = env().await;
+    let ops = [env.pops[0].ops.unwrap(), env.pops[1].ops.unwrap()];
+    for addr in ops {
+        mailsuite_testkit::eventually(Duration::from_secs(20), "gateway ready", || async move {
+            (http_status(addr, "/readyz").await == 200).then_some(())
+        })
+        .await;
+    }
+    // Store 0, behind gateway 0, goes away.
+    assert!(env.shutdowns[0].drain(Duration::from_secs(10)).await);
+    let gone = ops[0];
+    mailsuite_testkit::eventually(
+        Duration::from_secs(20),
+        "gateway 0 not ready",
+        || async move { (http_status(gone, "/readyz").await == 503).then_some(()) },
+    )
+    .await;
+    assert_eq!(http_status(ops[0], "/healthz").await, 200, "still alive");
+    assert_eq!(
+        http_status(ops[1], "/readyz").await,
+        200,
+        "its store still serves"
+    );
+}
+
 /// With the mail store unreachable, a login gets `-ERR [SYS/TEMP]` promptly, not a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_store_is_a_temporary_error() {
@@ -359,7 +400,7 @@ async fn unreachable_store_is_a_temporary_error() {
         mailsuite_pop3_gateway::Config {
             listen_pop3: "127.0.0.1:0".into(),
             listen_pop3s: String::new(),
-            listen_ops: String::new(),
+            listen_ops: "127.0.0.1:0".into(),
             store_url: format!("http://{dead_addr}"),
             tls: certs.tls_config(),
             auth: mailsuite_pop3_gateway::config::AuthConfig {
@@ -398,6 +439,13 @@ async fn unreachable_store_is_a_temporary_error() {
     assert!(
         replies.ends_with("-ERR [SYS/TEMP] mail store temporarily unavailable\r\n"),
         "{replies}"
+    );
+    let ops = started.ops.unwrap();
+    assert_eq!(http_status(ops, "/healthz").await, 200);
+    assert_eq!(
+        http_status(ops, "/readyz").await,
+        503,
+        "no store, not ready"
     );
     assert!(sd.drain(Duration::from_secs(10)).await);
 }
