@@ -137,7 +137,7 @@ if [[ $STEP == all || $STEP == imap ]]; then
   run imap-flags imap --server $IMAP --users "$USERS" --clients 10 --mode flags --duration "$DURATION"
 fi
 if [[ $STEP == all || $STEP == pop3 ]]; then
-  run pop3 pop3 --server $POP3 --users 1 --messages 1000 --iterations 5
+  run pop3 pop3 --server $POP3 --users 1 --messages 1000 --iterations "${POP3_ITERATIONS:-1}" --timeout 120
 fi
 if [[ $STEP == all || $STEP == bigmsg ]]; then
   # One 50 MB message through SMTP -> store -> IMAP FETCH; the reports carry each process's peak RSS.
@@ -146,7 +146,8 @@ if [[ $STEP == all || $STEP == bigmsg ]]; then
     --timeout 120
 fi
 if [[ $STEP == all || $STEP == idle ]]; then
-  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --server-pid "$PID_imap_gateway" --smtp $SMTP \
+  # Logins are argon2id verifications: a small ramp keeps the store's memory bounded.
+  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --ramp 16 --server-pid "$PID_imap_gateway" --smtp $SMTP \
     --deliveries 3
 fi
 if [[ $STEP == serve ]]; then
