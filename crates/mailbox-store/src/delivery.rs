@@ -358,7 +358,21 @@ impl Delivery for DeliverySvc {
         // A deadlock or serialization failure is retried here rather than by every caller.
         let mut attempt = 0;
         loop {
-            match self.deliver_inner(&header, &data).await {
+            // The delivery transaction, as a span in the caller's trace and a latency sample.
+            let span = tracing::info_span!(
+                "db.transaction",
+                otel.name = "deliver",
+                otel.kind = "client",
+                db.system.name = "postgresql",
+                db.operation.name = "deliver",
+                mailsuite.recipients = header.recipients.len(),
+                messaging.message.body.size = data.len(),
+            );
+            let timer = mailsuite_runtime::metrics::db_timer("deliver");
+            let result =
+                tracing::Instrument::instrument(self.deliver_inner(&header, &data), span).await;
+            drop(timer);
+            match result {
                 Err(ServiceError::Conflict(m)) if attempt < 3 => {
                     attempt += 1;
                     tracing::debug!("delivery conflict, retrying: {m}");

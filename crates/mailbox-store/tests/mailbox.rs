@@ -801,6 +801,17 @@ async fn size_limit_and_ops_metrics() {
     .await
     .unwrap();
     assert!(body.contains("mailsuite_store_deliveries_total"), "{body}");
+    // The shared registry: gRPC and database latency of the calls above.
+    assert!(
+        body.contains(
+            "mailsuite_grpc_server_duration_seconds_bucket{code=\"OK\",rpc_method=\"Deliver\""
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("mailsuite_db_duration_seconds_count{operation=\"deliver\"}"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
