@@ -52,6 +52,12 @@ pub fn provider_with(
 /// from `OTEL_SERVICE_NAME` when set.
 pub fn init(service: &str, json: bool) -> TelemetryGuard {
     install_propagator();
+    // Every binary honours MAILSUITE_LOG_JSON, whatever its own flag is called: compose and
+    // Kubernetes switch JSON logs on through the environment.
+    let json = json
+        || std::env::var("MAILSUITE_LOG_JSON")
+            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+            .unwrap_or(false);
     let filter = EnvFilter::try_from_env("MAILSUITE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn,sqlx=warn"));
