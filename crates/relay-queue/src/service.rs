@@ -19,6 +19,12 @@ pub struct QueueService {
 }
 
 fn validate(h: &EnqueueHeader, max_recipients: usize) -> Result<(), ServiceError> {
+    // Without a key a retried Enqueue (lost reply, reconnect) would queue the message twice.
+    if h.idempotency_key.is_empty() {
+        return Err(ServiceError::InvalidArgument(
+            "an idempotency key is required".into(),
+        ));
+    }
     if h.recipients.is_empty() {
         return Err(ServiceError::InvalidArgument("no recipients".into()));
     }
@@ -203,11 +209,20 @@ mod tests {
     #[test]
     fn header_validation() {
         let ok = EnqueueHeader {
+            idempotency_key: "k".into(),
             return_path: "a@x.test".into(),
             recipients: vec![rcpt("b@y.test")],
             ..Default::default()
         };
         assert!(validate(&ok, 10).is_ok());
+        let keyless = EnqueueHeader {
+            idempotency_key: String::new(),
+            ..ok.clone()
+        };
+        assert!(matches!(
+            validate(&keyless, 10),
+            Err(ServiceError::InvalidArgument(_))
+        ));
         let none = EnqueueHeader {
             recipients: vec![],
             ..ok.clone()

@@ -603,21 +603,66 @@ async fn quit<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// RFC 5321 §4.5.2 transparency, CRLF-normalised, with the terminating `.` line.
+/// The message with every bare CR and bare LF turned into CRLF, borrowed when there is none.
+/// DKIM must sign these bytes: `dot_stuff` normalises on the wire anyway, and a signature over
+/// the bare form would no longer verify.
+pub fn crlf_normalised(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let clean = message.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => message.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && message[i - 1] == b'\r',
+        _ => true,
+    });
+    if clean {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len() + 16);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' | b'\n' => {
+                if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// RFC 5321 §4.5.2 transparency with the terminating `.` line. Every bare CR and bare LF
+/// becomes CRLF: receivers disagree on whether a lone CR or LF ends a line, so passing one on
+/// would let `\r.\r` or `\n.\n` end the DATA early at some MTAs (SMTP smuggling). Only a
+/// BDAT/BINARYMIME transfer could carry them unchanged, and this client never uses one.
 pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
     let mut at_line_start = true;
-    let mut prev = 0u8;
-    for &b in message {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
+    let mut i = 0;
+    while i < message.len() {
+        let b = message[i];
+        i += 1;
+        match b {
+            b'\r' => {
+                if message.get(i) == Some(&b'\n') {
+                    i += 1;
+                }
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            }
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            }
+            _ => {
+                if at_line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                at_line_start = false;
+            }
         }
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-        prev = b;
     }
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
@@ -639,6 +684,55 @@ mod tests {
         assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n".to_vec());
         assert_eq!(dot_stuff(b".\nx"), b"..\r\nx\r\n.\r\n".to_vec());
         assert_eq!(dot_stuff(b""), b"\r\n.\r\n".to_vec());
+        assert_eq!(dot_stuff(b"a\r\r\nb"), b"a\r\n\r\nb\r\n.\r\n".to_vec());
+    }
+
+    #[test]
+    fn crlf_normalisation_borrows_clean_input() {
+        assert!(matches!(
+            crlf_normalised(b"a\r\nb\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            &*crlf_normalised(b"a\rb\nc\r\r\nd\n\r"),
+            b"a\r\nb\r\nc\r\n\r\nd\r\n\r\n"
+        );
+        let m = b"x\r.\ry\n.\n";
+        assert_eq!(dot_stuff(&crlf_normalised(m)), dot_stuff(m));
+    }
+
+    /// Every way a receiver might read a lone CR or LF as a line end must leave exactly one
+    /// `<CRLF>.<CRLF>` on the wire: the terminator we append.
+    #[test]
+    fn smuggling_payloads_cannot_end_data_early() {
+        let payloads: [&[u8]; 6] = [
+            b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n",
+        ];
+        for p in payloads {
+            let mut msg = b"Subject: x\r\n\r\nhello".to_vec();
+            msg.extend_from_slice(p);
+            msg.extend_from_slice(b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@y.test>\r\n");
+            let wire = dot_stuff(&msg);
+            assert!(
+                !wire.iter().enumerate().any(|(i, &b)| {
+                    (b == b'\r' && wire.get(i + 1) != Some(&b'\n'))
+                        || (b == b'\n' && (i == 0 || wire[i - 1] != b'\r'))
+                }),
+                "bare CR or LF on the wire for {p:?}: {wire:?}"
+            );
+            let ends = wire.windows(5).filter(|w| w == b"\r\n.\r\n").count();
+            assert_eq!(
+                ends,
+                1,
+                "payload {p:?}: {:?}",
+                String::from_utf8_lossy(&wire)
+            );
+            assert!(wire.ends_with(b"\r\n.\r\n"));
+            assert!(
+                wire.windows(5).any(|w| w == b"\r\n..\r"),
+                "the smuggled dot is stuffed for {p:?}"
+            );
+        }
     }
 
     #[test]

@@ -435,108 +435,16 @@ impl Engine {
         Ok(r.kind() != AddressKind::Remote)
     }
 
+    /// One Deliver call per recipient, keyed by (message, recipient address): the key must not
+    /// depend on how a claim happened to group recipients, or a re-claim after an expired lease
+    /// (Deliver committed, our state update lost) could store the message a second time.
     async fn deliver_local(&self, msg: &MessageRow, rcpts: Vec<Claimed>) -> Vec<Result1> {
-        let mut ids: Vec<i64> = rcpts.iter().map(|r| r.id).collect();
-        ids.sort_unstable();
-        let key = format!(
-            "relay:{}:{}",
-            msg.id,
-            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-        );
-        let header = DeliverHeader {
-            idempotency_key: key,
-            return_path: msg.return_path.clone(),
-            recipients: rcpts.iter().map(|r| r.address.clone()).collect(),
-            size_hint: msg.raw.len() as u64,
-            add_delivery_headers: true,
-            ..Default::default()
-        };
-        let mut chunks = vec![DeliverChunk {
-            part: Some(mailsuite_proto::deliver_chunk::Part::Header(header)),
-        }];
-        for c in msg.raw.chunks(64 * 1024) {
-            chunks.push(DeliverChunk {
-                part: Some(mailsuite_proto::deliver_chunk::Part::Data(c.to_vec())),
-            });
-        }
-        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
-        let mut client = self.delivery.clone();
-        let res = tokio::time::timeout(rpc, client.deliver(tokio_stream::iter(chunks))).await;
         let host = "mailbox-store";
-        let outcome_all = |o: Outcome, rcpts: Vec<Claimed>| -> Vec<Result1> {
-            rcpts
-                .into_iter()
-                .map(|rcpt| Result1 {
-                    rcpt,
-                    outcome: o.clone(),
-                    host: host.into(),
-                    tls: "none",
-                })
-                .collect()
-        };
-        let resp = match res {
-            Err(_) => {
-                return outcome_all(
-                    Outcome::Deferred("4.4.1 local delivery timed out".into()),
-                    rcpts,
-                );
-            }
-            Ok(Err(status)) => {
-                let e = ServiceError::from(status);
-                let o = match &e {
-                    ServiceError::OverQuota {
-                        permanent: true, ..
-                    }
-                    | ServiceError::TooLarge(_) => Outcome::Failed(format!("5.2.2 {e}")),
-                    _ => Outcome::Deferred(format!("4.3.0 local delivery: {e}")),
-                };
-                return outcome_all(o, rcpts);
-            }
-            Ok(Ok(r)) => r.into_inner(),
-        };
-        let by_rcpt: HashMap<String, mailsuite_proto::RecipientResult> = resp
-            .results
-            .into_iter()
-            .map(|r| (r.recipient.to_ascii_lowercase(), r))
-            .collect();
         let mut out = Vec::with_capacity(rcpts.len());
         let mut remote_targets = Vec::new();
         for rcpt in rcpts {
-            let outcome = match by_rcpt.get(&rcpt.address.to_ascii_lowercase()) {
-                None => Outcome::Deferred("4.3.0 no result from the mailbox store".into()),
-                Some(r) => match r.status() {
-                    RecipientStatus::Delivered => {
-                        remote_targets.extend(r.remote_targets.iter().cloned());
-                        Outcome::Delivered(format!(
-                            "250 2.0.0 delivered to {}",
-                            if r.delivered_to.is_empty() {
-                                rcpt.address.clone()
-                            } else {
-                                r.delivered_to.join(", ")
-                            }
-                        ))
-                    }
-                    RecipientStatus::Unknown => {
-                        Outcome::Failed("550 5.1.1 no such user here".into())
-                    }
-                    RecipientStatus::OverQuota => {
-                        Outcome::Deferred("452 4.2.2 mailbox full".into())
-                    }
-                    RecipientStatus::Disabled => {
-                        Outcome::Failed("550 5.2.1 mailbox disabled".into())
-                    }
-                    RecipientStatus::Remote => {
-                        remote_targets.extend(r.remote_targets.iter().cloned());
-                        Outcome::Delivered(format!(
-                            "250 2.1.5 forwarded to {}",
-                            r.remote_targets.join(", ")
-                        ))
-                    }
-                    RecipientStatus::Unspecified => {
-                        Outcome::Deferred("4.3.0 unexpected result from the mailbox store".into())
-                    }
-                },
-            };
+            let (outcome, targets) = self.deliver_local_one(msg, &rcpt).await;
+            remote_targets.extend(targets);
             out.push(Result1 {
                 rcpt,
                 outcome,
@@ -556,6 +464,95 @@ impl Engine {
         out
     }
 
+    async fn deliver_local_one(&self, msg: &MessageRow, rcpt: &Claimed) -> (Outcome, Vec<String>) {
+        let header = DeliverHeader {
+            idempotency_key: local_delivery_key(msg.id, &rcpt.address),
+            return_path: msg.return_path.clone(),
+            recipients: vec![rcpt.address.clone()],
+            size_hint: msg.raw.len() as u64,
+            add_delivery_headers: true,
+            ..Default::default()
+        };
+        let mut chunks = vec![DeliverChunk {
+            part: Some(mailsuite_proto::deliver_chunk::Part::Header(header)),
+        }];
+        for c in msg.raw.chunks(64 * 1024) {
+            chunks.push(DeliverChunk {
+                part: Some(mailsuite_proto::deliver_chunk::Part::Data(c.to_vec())),
+            });
+        }
+        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
+        let mut client = self.delivery.clone();
+        let res = tokio::time::timeout(rpc, client.deliver(tokio_stream::iter(chunks))).await;
+        let resp = match res {
+            Err(_) => {
+                return (
+                    Outcome::Deferred("4.4.1 local delivery timed out".into()),
+                    Vec::new(),
+                );
+            }
+            Ok(Err(status)) => {
+                let e = ServiceError::from(status);
+                let o = match &e {
+                    ServiceError::OverQuota {
+                        permanent: true, ..
+                    }
+                    | ServiceError::TooLarge(_) => Outcome::Failed(format!("5.2.2 {e}")),
+                    _ => Outcome::Deferred(format!("4.3.0 local delivery: {e}")),
+                };
+                return (o, Vec::new());
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let wanted = rcpt.address.to_ascii_lowercase();
+        let Some(r) = resp
+            .results
+            .into_iter()
+            .find(|r| r.recipient.to_ascii_lowercase() == wanted)
+        else {
+            return (
+                Outcome::Deferred("4.3.0 no result from the mailbox store".into()),
+                Vec::new(),
+            );
+        };
+        match r.status() {
+            RecipientStatus::Delivered => {
+                let o = Outcome::Delivered(format!(
+                    "250 2.0.0 delivered to {}",
+                    if r.delivered_to.is_empty() {
+                        rcpt.address.clone()
+                    } else {
+                        r.delivered_to.join(", ")
+                    }
+                ));
+                (o, r.remote_targets)
+            }
+            RecipientStatus::Unknown => (
+                Outcome::Failed("550 5.1.1 no such user here".into()),
+                Vec::new(),
+            ),
+            RecipientStatus::OverQuota => (
+                Outcome::Deferred("452 4.2.2 mailbox full".into()),
+                Vec::new(),
+            ),
+            RecipientStatus::Disabled => (
+                Outcome::Failed("550 5.2.1 mailbox disabled".into()),
+                Vec::new(),
+            ),
+            RecipientStatus::Remote => {
+                let o = Outcome::Delivered(format!(
+                    "250 2.1.5 forwarded to {}",
+                    r.remote_targets.join(", ")
+                ));
+                (o, r.remote_targets)
+            }
+            RecipientStatus::Unspecified => (
+                Outcome::Deferred("4.3.0 unexpected result from the mailbox store".into()),
+                Vec::new(),
+            ),
+        }
+    }
+
     async fn deliver_smtp(
         &self,
         msg: &MessageRow,
@@ -570,9 +567,10 @@ impl Engine {
             domain.to_string()
         };
         let _slot = self.destination_slot(&dest).acquire_owned().await;
-        let signature = self.keyring.sign(&msg.raw, domain_part(&msg.return_path));
+        let raw = smtp::crlf_normalised(&msg.raw);
+        let signature = self.keyring.sign(&raw, domain_part(&msg.return_path));
         let mut signed = signature;
-        signed.extend_from_slice(&msg.raw);
+        signed.extend_from_slice(&raw);
         let addrs: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
         let params: Vec<String> = rcpts.iter().map(rcpt_params).collect();
         let envid = xtext(&msg.envid);
@@ -709,6 +707,12 @@ pub fn count_received(raw: &[u8]) -> usize {
         at_start = b == b'\n';
     }
     n
+}
+
+/// The store's idempotency key for one local recipient of a queued message; addresses compare
+/// case-insensitively, like the store's own recipient matching.
+pub(crate) fn local_delivery_key(message: Uuid, address: &str) -> String {
+    format!("relay:{message}:{}", address.to_ascii_lowercase())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The SMTP client against scripted servers: HELO fallback for a server without ESMTP, and
-//! the ESMTP parameters (SIZE, BODY, RET/ENVID, NOTIFY/ORCPT) sent only when offered.
+//! the ESMTP parameters (SIZE, BODY, RET/ENVID, NOTIFY/ORCPT) sent only when offered; and
+//! the Enqueue contract a client must meet (an idempotency key).
 
 mod common;
 
@@ -74,5 +75,43 @@ async fn helo_fallback_and_esmtp_parameters_only_when_offered() {
         "RCPT TO:<bob@modern.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@modern.test"
     );
     assert!(mc.iter().any(|l| l == "QUIT"), "{mc:?}");
+    sd.drain(Duration::from_secs(10)).await;
+}
+
+/// A keyless Enqueue would be stored with a NULL key, so a client's retry queues it twice:
+/// refused like the store's Deliver refuses it, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_without_an_idempotency_key_is_refused() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (_store, store_url) = FakeStore::start(&[], &sd).await;
+    let started = mailsuite_relay_queue::start(config(&db.url, &store_url), sd.clone())
+        .await
+        .unwrap();
+    let chunks = vec![
+        mailsuite_proto::EnqueueChunk {
+            part: Some(mailsuite_proto::enqueue_chunk::Part::Header(header(
+                "",
+                "alice@local.test",
+                &["bob@remote.test"],
+            ))),
+        },
+        mailsuite_proto::EnqueueChunk {
+            part: Some(mailsuite_proto::enqueue_chunk::Part::Data(
+                b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            )),
+        },
+    ];
+    let err = client(started.grpc.unwrap())
+        .await
+        .enqueue(tokio_stream::iter(chunks))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
     sd.drain(Duration::from_secs(10)).await;
 }

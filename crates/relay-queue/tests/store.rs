@@ -203,3 +203,110 @@ async fn with_the_real_store_keys_local_delivery_and_bounce_to_inbox() {
     );
     sd.drain(Duration::from_secs(10)).await;
 }
+
+/// Review finding: the local-delivery idempotency key depended on how a claim grouped the
+/// recipients. A lease that expires after Deliver committed (the state update was lost) lets
+/// another worker re-claim a recipient in a different grouping; it must not be stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaim_in_a_different_grouping_does_not_deliver_twice() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let store = mailsuite_mailbox_store::start(
+        mailsuite_mailbox_store::Config {
+            listen_grpc: "127.0.0.1:0".into(),
+            listen_ops: String::new(),
+            database_url: db.url.clone(),
+            ..Default::default()
+        },
+        sd.clone(),
+    )
+    .await
+    .unwrap();
+    let store_url = format!("http://{}", store.grpc);
+    let ch = Channel::from_shared(store_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = AdminClient::new(ch.clone());
+    admin
+        .add_domain(AddDomainRequest {
+            name: HOSTED.into(),
+            catch_all: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for a in ["alice@local.test", "dave@local.test"] {
+        let acc = admin
+            .add_account(AddAccountRequest {
+                address: a.into(),
+                password: "a long enough password".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(acc.id);
+    }
+    let started = mailsuite_relay_queue::start(config(&db.url, &store_url), sd.clone())
+        .await
+        .unwrap();
+    let original = message(
+        "carol@remote.test",
+        "alice@local.test",
+        "regroup",
+        "regroup@remote.test",
+    );
+    enqueue(
+        started.grpc.unwrap(),
+        header(
+            "regroup",
+            "carol@remote.test",
+            &["alice@local.test", "dave@local.test"],
+        ),
+        &original,
+    )
+    .await;
+    let attempts = |address: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM relay.attempts a
+                   JOIN relay.recipients r ON r.id = a.recipient_id
+                  WHERE r.address = $1 AND a.outcome = 'delivered'",
+            )
+            .bind(address)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for a in ["alice@local.test", "dave@local.test"] {
+        eventually(T, "first delivery recorded", || async {
+            (attempts(a).await == 1).then_some(())
+        })
+        .await;
+    }
+
+    // Dave alone, as if his lease had run out before the worker recorded the delivery.
+    sqlx::query(
+        "UPDATE relay.recipients
+            SET state = 'delivering', lease_until = now() - interval '1 second'
+          WHERE address = 'dave@local.test'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(T, "dave re-claimed and delivered again", || async {
+        (attempts("dave@local.test").await == 2).then_some(())
+    })
+    .await;
+
+    let mut mb = MailboxClient::new(ch);
+    let dave = inbox(&mut mb, ids[1]).await;
+    assert_eq!(dave.len(), 1, "the re-claim must not store a second copy");
+    assert!(dave[0].ends_with(&original));
+    assert_eq!(inbox(&mut mb, ids[0]).await.len(), 1);
+    sd.drain(Duration::from_secs(10)).await;
+}
