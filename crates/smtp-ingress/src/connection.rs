@@ -96,6 +96,9 @@ impl<B: Backend> Driver<B> {
     }
 
     fn queue(&mut self, r: &Reply) {
+        if !r.is_positive() {
+            count_rejection(r);
+        }
         self.output.extend_from_slice(&r.serialize());
     }
 
@@ -295,6 +298,24 @@ impl<B: Backend> Driver<B> {
             }
         }
     }
+}
+
+/// `mailsuite_smtp_rejections_total{reason}`: the reply's enhanced status code says why
+/// (5.1.1 unknown user, 5.7.1 relaying denied or policy, 4.7.0 rate limit, 5.5.x syntax ...),
+/// a small fixed set; the basic code stands in for a reply without one.
+fn count_rejection(r: &Reply) {
+    let first = r.lines.first().map(String::as_str).unwrap_or("");
+    let enhanced = first.split(' ').next().unwrap_or("");
+    let parts: Vec<&str> = enhanced.split('.').collect();
+    let is_enhanced = enhanced.len() <= 11
+        && parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let code = r.code.to_string();
+    let reason = if is_enhanced { enhanced } else { code.as_str() };
+    mailsuite_runtime::metrics::counter("mailsuite_smtp_rejections_total", &[("reason", reason)])
+        .inc();
 }
 
 /// Run one SMTP session to its end. `implicit_tls` has already been applied by the caller

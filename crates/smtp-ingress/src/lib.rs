@@ -130,6 +130,7 @@ async fn accept_loop<B: Backend>(
     tls: TlsAcceptor,
     shutdown: Shutdown,
 ) {
+    let listener_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     loop {
         let admission = tokio::select! {
             a = listener.accept() => a,
@@ -144,7 +145,17 @@ async fn accept_loop<B: Backend>(
                 let shared = shared.clone();
                 let tls = tls.clone();
                 let sd = shutdown.clone();
-                let span = tracing::info_span!("smtp.session", %peer, port = ?port);
+                // The root of every message's trace; OpenTelemetry semantic conventions for
+                // the connection (never addresses or content).
+                let span = tracing::info_span!(
+                    "smtp.session",
+                    otel.kind = "server",
+                    network.transport = "tcp",
+                    network.peer.address = %peer.ip(),
+                    network.peer.port = peer.port(),
+                    server.port = listener_port,
+                    port = ?port,
+                );
                 shutdown.spawn(tracing::Instrument::instrument(async move {
                     let _guard = guard;
                     let (io, info): (Box<dyn connection::Io>, _) = if port == Port::Submissions {

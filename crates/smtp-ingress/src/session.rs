@@ -864,18 +864,82 @@ impl<B: Backend> Session<B> {
         self.finish_message(body, end).await
     }
 
+    /// One message: the `smtp.message` span around the hand-off (the gRPC call into
+    /// mailbox-store or relay-queue joins the session's trace), the message metrics, and the
+    /// mail log line operators grep: `smtp transaction`, one per message, with the queue id,
+    /// the trace id, the client, the envelope, the size and the result.
     async fn finish_message(&mut self, body: Vec<u8>, end: BodyEnd) -> Outcome {
         use tracing::Instrument;
+        let started = std::time::Instant::now();
+        let size = body.len() as u64;
+        let seq_before = self.queue_seq;
+        let (from, to, route) = match &self.tx {
+            Some(tx) => (
+                tx.from.address.clone(),
+                tx.rcpts
+                    .iter()
+                    .map(|r| r.address.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if tx.rcpts.iter().any(|r| r.remote) {
+                    "relay"
+                } else {
+                    "local"
+                },
+            ),
+            None => (String::new(), String::new(), ""),
+        };
         let span = tracing::info_span!(
             "smtp.message",
             otel.kind = "server",
             size = body.len(),
-            code = tracing::field::Empty
+            code = tracing::field::Empty,
+            smtp.route = route,
+            smtp.queue_id = tracing::field::Empty,
         );
         let o = self
             .finish_message_inner(body, end)
             .instrument(span.clone())
             .await;
+        let queue_id = if self.queue_seq != seq_before {
+            format!("{}{:04X}", self.session_id, self.queue_seq)
+        } else {
+            String::new()
+        };
+        span.record("smtp.queue_id", queue_id.as_str());
+        let accepted = o.reply.as_ref().is_some_and(|r| r.is_positive());
+        if accepted {
+            mailsuite_runtime::metrics::histogram("mailsuite_smtp_message_size_bytes", &[])
+                .record(size as f64);
+        }
+        let reply = o
+            .reply
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r.code,
+                    r.lines.first().map(String::as_str).unwrap_or("")
+                )
+            })
+            .unwrap_or_default();
+        tracing::info!(
+            parent: &span,
+            queue_id = %queue_id,
+            trace_id = %mailsuite_runtime::telemetry::trace_id(&span),
+            client_ip = %self.peer.ip(),
+            helo = self.helo.as_ref().map(|h| h.0.as_str()).unwrap_or(""),
+            tls = self.tls.is_some(),
+            auth = self.auth.as_ref().map(|a| a.address.as_str()).unwrap_or(""),
+            from = %from,
+            to = %to,
+            route,
+            size,
+            result = if accepted { "accepted" } else { "rejected" },
+            reply = %reply,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "smtp transaction"
+        );
         if let Some(r) = &o.reply {
             span.record("code", r.code);
             let result = match r.code {
