@@ -59,6 +59,9 @@ pub struct Limits {
     /// Seconds a client may stay silent before the connection is closed (also during IDLE).
     /// RFC 9051 requires at least 30 minutes once authenticated.
     pub idle_timeout_secs: u64,
+    /// Seconds a write to the client may make no progress before the connection is closed
+    /// (a client that stops reading). Default 300.
+    pub write_timeout_secs: u64,
     /// Seconds a client may take to log in.
     pub login_timeout_secs: u64,
     /// Failed logins allowed per connection before it is closed.
@@ -84,6 +87,7 @@ impl Default for Limits {
             max_command: 1024 * 1024,
             max_append: 64 * 1024 * 1024,
             idle_timeout_secs: 30 * 60,
+            write_timeout_secs: 300,
             login_timeout_secs: 60,
             max_auth_failures: 5,
             auth_failure_delay_ms: 500,

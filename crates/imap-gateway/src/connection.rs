@@ -2,8 +2,12 @@
 //! continuation, STARTTLS as an upgrade of the stream, AUTHENTICATE and IDLE exchanges,
 //! unsolicited updates from the change feed, command rate limiting, and `* BYE` on shutdown.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use imap_codec::imap_types::auth::AuthenticateData;
@@ -11,7 +15,7 @@ use imap_codec::imap_types::core::Tag;
 use imap_codec::imap_types::response::{Code, CommandContinuationRequest, Response, StatusKind};
 use mailsuite_proto as pb;
 use mailsuite_runtime::Shutdown;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
@@ -102,13 +106,99 @@ async fn next_event(sub: &mut Option<Subscription>) -> Option<pb::ChangeEvent> {
     }
 }
 
-type Stream<S> = Either<S, TlsStream<S>>;
+type Stream<S> = Either<WriteTimeout<S>, TlsStream<WriteTimeout<S>>>;
+
+/// Fails a write, flush or shutdown that makes no progress for `timeout`: a client that
+/// stops reading must not pin the connection (and the FETCH buffers behind it) forever.
+/// Wraps the socket beneath TLS so that TLS records and the goodbye are bounded too.
+pub struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        WriteTimeout {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+
+    fn guard<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.deadline = None;
+            return r;
+        }
+        let timeout = self.timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.deadline = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client stopped reading: write timed out",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.guard(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.guard(cx, r)
+    }
+}
 
 /// Serve one accepted connection to its end.
 pub async fn handle<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, implicit_tls: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let write_timeout = Duration::from_secs(shared.config.limits.write_timeout_secs.max(1));
+    let stream = WriteTimeout::new(stream, write_timeout);
     let stream: Stream<S> = if implicit_tls {
         let Some(acceptor) = shared.tls.clone() else {
             return;

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mailsuite_testkit::eventually;
 use tokio::io::AsyncReadExt;
 
 const SIMPLE: &[u8] = b"From: Alice <alice@remote.test>\r\nTo: bob@example.test\r\nSubject: hello\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\nMessage-ID: <1@remote.test>\r\n\r\nHello Bob.\r\n";
@@ -728,6 +729,54 @@ async fn quota_and_status_size() {
     c.send(&append("a2")).await;
     let r = String::from_utf8(c.until_tag("a2").await).unwrap();
     assert!(r.contains("a2 NO [OVERQUOTA]"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected_by_the_write_timeout() {
+    let env = env_with(|c| {
+        c.limits.write_timeout_secs = 1;
+        c.limits.max_sessions_per_account = 1;
+    })
+    .await;
+    env.account("bob@example.test").await;
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 256 * 1024 {
+        big.extend_from_slice(&[b'x'; 998]);
+        big.extend_from_slice(b"\r\n");
+    }
+    env.deliver("bob@example.test", &big).await;
+    let mut stuck = env.login("bob@example.test").await;
+    stuck.cmd("SELECT INBOX").await;
+    // ~50 MB of replies: far more than the socket buffers hold, and never read.
+    let fetches = 200;
+    let mut pipelined = Vec::new();
+    for i in 0..fetches {
+        pipelined.extend_from_slice(format!("f{i} FETCH 1 BODY.PEEK[]\r\n").as_bytes());
+    }
+    stuck.send(&pipelined).await;
+    // The session (one per account) is released only when the gateway gives up on writing.
+    eventually(
+        Duration::from_secs(20),
+        "the stuck session to end",
+        || async {
+            let mut c = env.tls().await;
+            let r = c
+                .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+                .await;
+            tagged(&r).contains(" OK ").then_some(())
+        },
+    )
+    .await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, stuck.s.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closed the connection");
+    assert!(
+        rest.len() < fetches * big.len(),
+        "only part of the replies was sent: {}",
+        rest.len()
+    );
     env.stop().await;
 }
 
