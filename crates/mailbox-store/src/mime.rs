@@ -526,13 +526,15 @@ fn part_structure(
             let mut sub =
                 part_structure(inner, 0, inner_raw, if in_place { base } else { 0 }, false);
             if in_place {
-                // The nested root's end is the end of its container's body.
+                // The nested root's end is the end of its container's body. A crafted
+                // message can put the nested body's start past that end: clamp so the
+                // ranges stay ordered (header ≤ body ≤ end) and inside the container.
                 sub.body_end = node.body_end;
-                sub.size = sub.body_end.saturating_sub(sub.body_start);
+                sub.body_start = sub.body_start.clamp(node.body_start, sub.body_end);
+                sub.header_start = sub.header_start.clamp(node.body_start, sub.body_start);
+                sub.size = sub.body_end - sub.body_start;
                 if sub.parts.is_empty() && sub.message.is_none() {
-                    sub.lines = count_lines(
-                        &raw[(sub.body_start - base) as usize..(sub.body_end - base) as usize],
-                    );
+                    sub.lines = count_lines(sub_slice(raw, base, sub.body_start, sub.body_end));
                 }
             } else {
                 detach(&mut sub, node.body_start, node.body_end);
@@ -547,6 +549,18 @@ fn part_structure(
         }
     }
     node
+}
+
+/// `raw[start - base .. end - base]`, empty when the range is not inside `raw`.
+fn sub_slice(raw: &[u8], base: u64, start: u64, end: u64) -> &[u8] {
+    let (Some(s), Some(e)) = (start.checked_sub(base), end.checked_sub(base)) else {
+        return &[];
+    };
+    usize::try_from(s)
+        .ok()
+        .zip(usize::try_from(e).ok())
+        .and_then(|(s, e)| raw.get(s..e))
+        .unwrap_or(&[])
 }
 
 fn detach(p: &mut BodyPart, start: u64, end: u64) {
@@ -570,7 +584,7 @@ fn empty_text(start: u64, end: u64) -> BodyPart {
         header_start: start,
         body_start: start,
         body_end: end,
-        size: end - start,
+        size: end.saturating_sub(start),
         ..Default::default()
     }
 }
@@ -626,8 +640,16 @@ pub fn section_range<'a>(
         msg = None;
         cur = Some(next);
     }
-    let bytes =
-        |start: u64, end: u64, part: Option<&'a BodyPart>| SectionRange::Bytes { start, end, part };
+    // Stored structures come from crafted input too: never hand out a range that is reversed
+    // or reaches past the message.
+    let bytes = |start: u64, end: u64, part: Option<&'a BodyPart>| {
+        let end = end.min(total);
+        SectionRange::Bytes {
+            start: start.min(end),
+            end,
+            part,
+        }
+    };
     match (msg, cur) {
         (Some(m), _) => match kind {
             K::Full => bytes(0, total, None),

@@ -404,3 +404,148 @@ fn encoded_message_rfc822_points_at_its_container() {
     let inner = m.message.as_ref().expect("described");
     assert!(inner.body_start >= m.body_start && inner.body_end <= m.body_end);
 }
+
+/// Every offset in the tree is ordered (header ≤ body ≤ end) and inside the message.
+fn assert_ranges_within(p: &BodyPart, total: u64) {
+    assert!(
+        p.header_start <= p.body_start && p.body_start <= p.body_end && p.body_end <= total,
+        "range {}..{}..{} outside 0..{total}",
+        p.header_start,
+        p.body_start,
+        p.body_end
+    );
+    // (`size` is not checked: a part inside an encoded message/rfc822 reports its decoded
+    // size while its offsets point at the container's body.)
+    for c in &p.parts {
+        assert_ranges_within(c, total);
+    }
+    if let Some(m) = &p.message {
+        assert_ranges_within(m, total);
+    }
+}
+
+/// Resolves every section (up to depth 3, every kind) and checks the range is in the message.
+fn assert_sections_within(root: &BodyPart, total: u64) {
+    let kinds = [
+        SectionKind::Full,
+        SectionKind::Header,
+        SectionKind::HeaderFields,
+        SectionKind::Text,
+        SectionKind::Mime,
+    ];
+    let mut paths: Vec<Vec<u32>> = vec![vec![]];
+    for a in 1..=3 {
+        paths.push(vec![a]);
+        for b in 1..=3 {
+            paths.push(vec![a, b]);
+            for c in 1..=2 {
+                paths.push(vec![a, b, c]);
+            }
+        }
+    }
+    for path in &paths {
+        for k in kinds {
+            if let SectionRange::Bytes { start, end, .. } = section_range(root, total, path, k) {
+                assert!(
+                    start <= end && end <= total,
+                    "{path:?} {k:?}: {start}..{end}"
+                );
+            }
+        }
+    }
+}
+
+fn check(raw: &[u8]) {
+    let p = parse(raw);
+    assert_ranges_within(&p.body, raw.len() as u64);
+    assert_sections_within(&p.body, raw.len() as u64);
+}
+
+#[test]
+fn nested_body_past_container_end_does_not_panic() {
+    // A message/rfc822 part whose encapsulated header never ends before the boundary: the
+    // nested parse starts its body beyond the container's body end.
+    let crafted: &[&[u8]] = &[
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: x\r\nX: y\r\n--b--\r\n\r\nafter\r\n",
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: x\r\n--b\r\n\r\n--b--\r\nZ: 1\r\n\r\nbody\r\n",
+        b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: message/rfc822\n\nContent-Type: multipart/mixed; boundary=c\n--b--\n\n--c\n\ninner\n--c--\n",
+        b"Content-Type: message/rfc822\r\n\r\nSubject: x",
+        b"Content-Type: message/rfc822\r\n\r\n",
+    ];
+    for raw in crafted {
+        check(raw);
+    }
+}
+
+/// xorshift64*: a fixed seed keeps the run reproducible without a PRNG dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+#[test]
+fn random_and_mutated_mime_never_panics_and_stays_in_range() {
+    let seeds: &[&[u8]] = &[
+        b"From: a@b\r\nSubject: s\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\npre\r\n--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nContent-Type: multipart/alternative; boundary=c\r\n\r\n--c\r\n\r\none\r\n--c\r\nContent-Type: text/html\r\n\r\n<b>two</b>\r\n--c--\r\n--b\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nU3ViamVjdDogZW5jCgpib2R5Cg==\r\n--b--\r\nepilogue\r\n",
+        b"Content-Type: multipart/digest; boundary=d\n\n--d\n\nSubject: one\n\nbody\n--d\n\nSubject: two\n\n--d--\n",
+        b"Subject: plain\r\n\r\nline\r\nline\r\n",
+    ];
+    let tokens: &[&[u8]] = &[
+        b"\r\n",
+        b"\n",
+        b"\r\n\r\n",
+        b"--b\r\n",
+        b"--b--\r\n",
+        b"--c\r\n",
+        b"Content-Type: message/rfc822\r\n",
+        b"Content-Type: multipart/mixed; boundary=b\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b":",
+        b"=?utf-8?q?x?=",
+    ];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..3000 {
+        let mut m = seeds[rng.below(seeds.len())].to_vec();
+        for _ in 0..1 + rng.below(8) {
+            let at = rng.below(m.len() + 1);
+            match rng.below(5) {
+                0 => {
+                    let t = tokens[rng.below(tokens.len())];
+                    m.splice(at..at, t.iter().copied());
+                }
+                1 => {
+                    let end = (at + rng.below(32)).min(m.len());
+                    m.drain(at..end);
+                }
+                2 if at < m.len() => m[at] = rng.next() as u8,
+                3 => m.truncate(at),
+                _ => {
+                    // Splice a random slice of the message into itself (nesting, repeats).
+                    let s = rng.below(m.len() + 1);
+                    let e = (s + rng.below(64)).min(m.len());
+                    let piece = m[s..e].to_vec();
+                    m.splice(at..at, piece);
+                }
+            }
+        }
+        check(&m);
+    }
+    // Pure noise as well.
+    let alphabet = b"-\r\n:b=;\" aZ";
+    for _ in 0..500 {
+        let len = rng.below(256);
+        let m: Vec<u8> = (0..len)
+            .map(|_| alphabet[rng.below(alphabet.len())])
+            .collect();
+        check(&m);
+    }
+}
