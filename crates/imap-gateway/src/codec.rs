@@ -82,6 +82,11 @@ impl Decoder {
         self.mode = mode;
     }
 
+    /// Part of a command line (not literal data) has arrived and its end has not.
+    pub fn partial_line(&self) -> bool {
+        !self.in_literal && self.frag.message_bytes().len() > self.fragment_start
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }

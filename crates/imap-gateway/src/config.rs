@@ -62,8 +62,12 @@ pub struct Limits {
     /// Seconds a write to the client may make no progress before the connection is closed
     /// (a client that stops reading). Default 300.
     pub write_timeout_secs: u64,
-    /// Seconds a client may take to log in.
+    /// Seconds from connecting within which a client must log in, however busy it keeps the
+    /// connection (slowloris). Default 60.
     pub login_timeout_secs: u64,
+    /// Seconds a command line (literal data excluded) may take to arrive once its first byte
+    /// has; literal data only has to keep flowing (idle timeout). Default 60.
+    pub line_timeout_secs: u64,
     /// Failed logins allowed per connection before it is closed.
     pub max_auth_failures: u32,
     /// First delay after a failed login, milliseconds; doubles with each further failure.
@@ -89,6 +93,7 @@ impl Default for Limits {
             idle_timeout_secs: 30 * 60,
             write_timeout_secs: 300,
             login_timeout_secs: 60,
+            line_timeout_secs: 60,
             max_auth_failures: 5,
             auth_failure_delay_ms: 500,
             commands_per_second: 200,

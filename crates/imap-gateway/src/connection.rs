@@ -254,6 +254,9 @@ where
         out.flush().await?;
     }
     let limits = &shared.config.limits;
+    let login_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(limits.login_timeout_secs.max(1));
+    let mut line_started: Option<tokio::time::Instant> = None;
     loop {
         // Everything already received is handled before waiting for more.
         while let Some(input) = decoder.next_input() {
@@ -382,16 +385,36 @@ where
                 return Ok(());
             }
         }
-        let timeout = if session.state() == StateKind::NotAuthenticated {
-            limits.login_timeout_secs
+        // Deadlines are absolute, not renewed by every byte: a client trickling input must
+        // still log in, and finish each command line, in bounded time.
+        if decoder.partial_line() {
+            line_started.get_or_insert_with(tokio::time::Instant::now);
         } else {
-            limits.idle_timeout_secs
+            line_started = None;
+        }
+        let now = tokio::time::Instant::now();
+        let mut deadline = if session.state() == StateKind::NotAuthenticated {
+            login_deadline
+        } else {
+            now + Duration::from_secs(limits.idle_timeout_secs.max(1))
         };
-        let wake = tokio::select! {
-            r = stream.read(&mut buf) => Wake::Read(r),
-            ev = next_event(&mut session.subscription) => Wake::Event(ev),
-            _ = tokio::time::sleep(Duration::from_secs(timeout.max(1))) => Wake::Timeout,
-            _ = shared.shutdown.stopping() => Wake::Shutdown,
+        let mut why = "Autologout; idle for too long";
+        if let Some(start) = line_started {
+            let line_deadline = start + Duration::from_secs(limits.line_timeout_secs.max(1));
+            if line_deadline < deadline {
+                deadline = line_deadline;
+                why = "Command line took too long";
+            }
+        }
+        let wake = if deadline <= now {
+            Wake::Timeout
+        } else {
+            tokio::select! {
+                r = stream.read(&mut buf) => Wake::Read(r),
+                ev = next_event(&mut session.subscription) => Wake::Event(ev),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timeout,
+                _ = shared.shutdown.stopping() => Wake::Shutdown,
+            }
         };
         let mut out = Out::new(&mut stream);
         match wake {
@@ -410,7 +433,7 @@ where
                 }
             }
             Wake::Timeout => {
-                out.bye(None, "Autologout; idle for too long");
+                out.bye(None, why);
                 out.flush().await?;
                 return Ok(());
             }

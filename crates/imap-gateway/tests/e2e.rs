@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mailsuite_testkit::eventually;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SIMPLE: &[u8] = b"From: Alice <alice@remote.test>\r\nTo: bob@example.test\r\nSubject: hello\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\nMessage-ID: <1@remote.test>\r\n\r\nHello Bob.\r\n";
 
@@ -777,6 +777,71 @@ async fn a_client_that_stops_reading_is_disconnected_by_the_write_timeout() {
         "only part of the replies was sent: {}",
         rest.len()
     );
+    env.stop().await;
+}
+
+/// Connect on the plain port and write `drip` every 200 ms until the gateway hangs up;
+/// returns everything the gateway sent and how long the connection lasted.
+async fn trickle(env: &Env, first: &[u8], drip: &'static [u8]) -> (String, Duration) {
+    let started = Instant::now();
+    let s = tokio::net::TcpStream::connect(env.imap()).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    w.write_all(first).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if w.write_all(drip).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut got))
+        .await
+        .expect("the gateway hung up on the trickling client");
+    writer.abort();
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_client_must_still_log_in_within_the_login_timeout() {
+    let env = env_with(|c| {
+        c.limits.login_timeout_secs = 2;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    // A command every 200 ms keeps an idle timer from ever firing.
+    let (got, lasted) = trickle(&env, b"", b"n NOOP\r\n").await;
+    assert!(got.contains("n OK"), "{got}");
+    assert!(
+        got.ends_with("* BYE Autologout; idle for too long\r\n"),
+        "{got}"
+    );
+    assert!(lasted >= Duration::from_secs(2), "{lasted:?}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_line_must_arrive_within_the_line_timeout() {
+    let env = env_with(|c| {
+        c.limits.line_timeout_secs = 1;
+        c.auth.allow_plaintext_loopback = true;
+    })
+    .await;
+    env.account("bob@example.test").await;
+    let login = format!("l LOGIN bob@example.test \"{PASSWORD}\"\r\nx SEARCH TEXT ");
+    // One byte every 200 ms: the line never ends, the idle timer never fires.
+    let (got, lasted) = trickle(&env, login.as_bytes(), b"y").await;
+    assert!(got.contains("l OK"), "{got}");
+    assert!(
+        got.ends_with("* BYE Command line took too long\r\n"),
+        "{got}"
+    );
+    assert!(lasted >= Duration::from_secs(1), "{lasted:?}");
     env.stop().await;
 }
 
