@@ -35,6 +35,16 @@ pub struct Limits {
     pub max_uid_ranges: usize,
     /// Change log entries older than this many days are pruned (QRESYNC then resyncs fully).
     pub changelog_days: u32,
+    /// Most argon2 verifications/hashes running at once (each holds ~19 MiB and a blocking
+    /// thread, so an AUTH flood must not fan out unbounded). Default: 2 × cores, at least 2.
+    pub max_concurrent_password_checks: usize,
+    /// How long a password check waits for a free slot before answering UNAVAILABLE, in ms.
+    pub password_check_wait_ms: u64,
+}
+
+fn default_password_checks() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).max(2)
 }
 
 impl Default for Limits {
@@ -48,6 +58,8 @@ impl Default for Limits {
             presence_lease_secs: 60,
             max_uid_ranges: 10_000,
             changelog_days: 90,
+            max_concurrent_password_checks: default_password_checks(),
+            password_check_wait_ms: 2000,
         }
     }
 }

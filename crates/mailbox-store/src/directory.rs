@@ -311,7 +311,8 @@ impl Directory for DirectorySvc {
             .0
             .passwords
             .verify(&req.password, hash.as_deref())
-            .await;
+            .await
+            .map_err(st)?;
         let account = row.as_ref().map(account_message);
         let ok = ok
             && account

@@ -94,7 +94,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         config: Arc::new(config.clone()),
         hub,
         shutdown: shutdown.clone(),
-        passwords: password::Hasher::new(),
+        passwords: password::Hasher::new(
+            config.limits.max_concurrent_password_checks,
+            std::time::Duration::from_millis(config.limits.password_check_wait_ms),
+        ),
     };
     notify::spawn_maintenance(ctx.clone());
 

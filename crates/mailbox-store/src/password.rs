@@ -1,29 +1,51 @@
 //! argon2id password hashing. Verification runs on the blocking pool (it is deliberately
 //! slow), and an unknown user is verified against a fixed dummy hash so that the answer takes
 //! as long as for a real one.
+//!
+//! Every argon2 run holds ~19 MiB and a blocking thread, so runs are capped by a semaphore:
+//! an AUTH flood then gets prompt UNAVAILABLE answers (a temporary failure at the gateways)
+//! instead of growing the process by gigabytes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use mailsuite_runtime::ServiceError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Clone)]
 pub struct Hasher {
     dummy: Arc<String>,
-}
-
-impl Default for Hasher {
-    fn default() -> Self {
-        Self::new()
-    }
+    slots: Arc<Semaphore>,
+    wait: Duration,
 }
 
 impl Hasher {
-    pub fn new() -> Self {
+    /// `max_concurrent` argon2 runs at once (0 is treated as 1); a caller waits at most `wait`
+    /// for a slot.
+    pub fn new(max_concurrent: usize, wait: Duration) -> Self {
         let dummy = hash_blocking("mailsuite dummy password for unknown users").unwrap_or_default();
         Hasher {
             dummy: Arc::new(dummy),
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            wait,
+        }
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let busy = || ServiceError::Unavailable("too many password checks in progress".into());
+        // try_acquire first: with a zero wait, timeout() would still poll once, but being
+        // explicit keeps the zero-wait answer independent of the timer.
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.wait.is_zero() {
+            return Err(busy());
+        }
+        match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(busy()),
         }
     }
 
@@ -31,27 +53,36 @@ impl Hasher {
         if password.is_empty() {
             return Err(ServiceError::InvalidArgument("empty password".into()));
         }
+        let permit = self.slot().await?;
         let pw = password.to_string();
-        tokio::task::spawn_blocking(move || hash_blocking(&pw))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hash_blocking(&pw)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
     }
 
     /// `hash` None: the user does not exist; the dummy hash is checked to spend the same time.
-    pub async fn verify(&self, password: &str, hash: Option<&str>) -> bool {
+    /// Err(Unavailable) when no verification slot frees up within the configured wait.
+    pub async fn verify(&self, password: &str, hash: Option<&str>) -> Result<bool, ServiceError> {
         let (h, real) = match hash {
             Some(h) => (h.to_string(), true),
             None => (self.dummy.as_str().to_string(), false),
         };
+        let permit = self.slot().await?;
         let pw = password.to_string();
+        // The permit moves into the blocking task: if the caller is cancelled, the argon2 run
+        // still holds its slot (and its memory) until it really ends.
         let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             Argon2::default()
                 .verify_password(pw.as_bytes(), h.as_str())
                 .is_ok()
         })
         .await
         .unwrap_or(false);
-        ok && real
+        Ok(ok && real)
     }
 }
 
@@ -60,4 +91,44 @@ fn hash_blocking(password: &str) -> Result<String, ServiceError> {
         .hash_password(password.as_bytes())
         .map(|h| h.to_string())
         .map_err(|e| ServiceError::Internal(format!("hashing password: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn saturated_checks_are_refused_not_queued() {
+        let h = Hasher::new(1, Duration::ZERO);
+        let hash = h.hash("secret").await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (h, hash) = (h.clone(), hash.clone());
+            tasks.push(tokio::spawn(async move {
+                h.verify("secret", Some(&hash)).await
+            }));
+        }
+        let (mut ok, mut busy) = (0, 0);
+        for t in tasks {
+            match t.await.expect("no panic") {
+                Ok(true) => ok += 1,
+                Err(ServiceError::Unavailable(_)) => busy += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert!(ok >= 1, "at least the first check runs");
+        assert!(busy >= 1, "the rest must be refused, got ok={ok}");
+
+        let h = Hasher::new(32, Duration::from_secs(30));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (h, hash) = (h.clone(), hash.clone());
+            tasks.push(tokio::spawn(async move {
+                h.verify("secret", Some(&hash)).await
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap());
+        }
+    }
 }

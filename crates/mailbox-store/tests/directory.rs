@@ -412,3 +412,57 @@ async fn unparseable_messages_are_stored_not_refused() {
     let err = deliver(&mut d, "e", &[], b"x").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+/// Fires `n` concurrent Authenticate calls for a valid login; returns (accepted, UNAVAILABLE).
+async fn auth_flood(s: &Store, n: usize) -> (usize, usize) {
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        let mut dir = s.directory().await;
+        calls.push(tokio::spawn(async move {
+            dir.authenticate(AuthenticateRequest {
+                username: "alice@example.test".into(),
+                password: "secret password".into(),
+                remote_ip: "127.0.0.1".into(),
+                protocol: "imap".into(),
+            })
+            .await
+        }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for c in calls {
+        match c.await.expect("client task") {
+            Ok(r) => {
+                assert!(r.into_inner().ok, "a valid login is never answered 'wrong'");
+                ok += 1;
+            }
+            Err(st) if st.code() == tonic::Code::Unavailable => busy += 1,
+            Err(st) => panic!("unexpected status {st:?}"),
+        }
+    }
+    (ok, busy)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn password_checks_are_capped_under_an_auth_flood() {
+    // One argon2 slot and no waiting: while one verification runs, the others must be
+    // refused at once with UNAVAILABLE (a temporary failure), not queued on the blocking pool.
+    let s = store_with(|c| {
+        c.limits.max_concurrent_password_checks = 1;
+        c.limits.password_check_wait_ms = 0;
+    })
+    .await;
+    s.account("alice@example.test").await;
+    let (ok, busy) = auth_flood(&s, 12).await;
+    assert_eq!(ok + busy, 12);
+    assert!(ok >= 1, "the check holding the slot succeeds");
+    assert!(busy >= 1, "the flood is refused, not piled up (ok={ok})");
+
+    // A generous cap and wait: every login of the same flood succeeds.
+    let s = store_with(|c| {
+        c.limits.max_concurrent_password_checks = 16;
+        c.limits.password_check_wait_ms = 60_000;
+    })
+    .await;
+    s.account("alice@example.test").await;
+    assert_eq!(auth_flood(&s, 12).await, (12, 0));
+}

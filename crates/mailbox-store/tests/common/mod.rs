@@ -242,3 +242,17 @@ pub fn message(subject: &str, body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A store started with `tune` applied to the default test configuration.
+pub async fn store_with(tune: impl FnOnce(&mut Config)) -> Store {
+    let db = TestDb::new().await;
+    let shutdown = Shutdown::new();
+    let mut cfg = config(&db.url);
+    tune(&mut cfg);
+    let started = start(cfg, shutdown.clone()).await.expect("store starts");
+    Store {
+        db,
+        started,
+        shutdown,
+    }
+}
