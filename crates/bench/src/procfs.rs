@@ -348,11 +348,16 @@ mod tests {
             tree: false,
         };
         let m = CpuMeter::start(std::slice::from_ref(&me)).unwrap();
-        // Burn measurable CPU: a few tens of milliseconds of hashing.
+        // Burn measurable CPU until the kernel has charged at least 60 ms of it to this
+        // process (wall time is no measure on a loaded machine), within a generous deadline.
+        let ticks = |s: StatTimes| s.self_ticks;
+        let before = ticks(read_stat(std::process::id()).unwrap());
+        let want = (clk_tck() * 6).div_ceil(100);
         let mut x = 0u64;
         let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_millis(60) {
-            for i in 0..10_000u64 {
+        while ticks(read_stat(std::process::id()).unwrap()) < before + want {
+            assert!(t.elapsed() < Duration::from_secs(60), "no CPU time charged");
+            for i in 0..100_000u64 {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
             }
         }
