@@ -70,6 +70,14 @@ pub struct Limits {
     pub line_timeout_secs: u64,
     /// Failed logins allowed per connection before it is closed.
     pub max_auth_failures: u32,
+    /// Failed logins from one client address (IPv6: its /64), over all connections, after
+    /// which logins from it are refused until the window has passed; 0 = unlimited. Default 30.
+    pub max_auth_failures_per_ip: u32,
+    /// Seconds over which failed logins per address are counted. Default 900.
+    pub auth_failure_window_secs: u64,
+    /// Addresses tracked at once; when full, expired and then least recently active entries
+    /// are evicted. Default 16384.
+    pub auth_failure_table: usize,
     /// First delay after a failed login, milliseconds; doubles with each further failure.
     pub auth_failure_delay_ms: u64,
     /// Commands per second a connection may sustain (token bucket with a burst of 10x);
@@ -95,6 +103,9 @@ impl Default for Limits {
             login_timeout_secs: 60,
             line_timeout_secs: 60,
             max_auth_failures: 5,
+            max_auth_failures_per_ip: 30,
+            auth_failure_window_secs: 900,
+            auth_failure_table: 16384,
             auth_failure_delay_ms: 500,
             commands_per_second: 200,
             max_sessions_per_account: 100,

@@ -27,6 +27,7 @@ use crate::session::{Next, Out, Session, SessionLimits, StateKind};
 use crate::store::Store;
 
 pub struct Shared {
+    pub auth_limiter: Arc<crate::authlimit::AuthLimiter>,
     pub config: Config,
     pub store: Store,
     pub hub: Hub,
@@ -242,6 +243,7 @@ where
     session.tls_available = shared.tls.is_some();
     session.plaintext_ok = shared.config.auth.allow_plaintext_loopback && peer.ip().is_loopback();
     session.remote_ip = peer.ip().to_string();
+    session.auth_limiter = Some((shared.auth_limiter.clone(), peer.ip()));
     let mut decoder = Decoder::new(shared.decoder_limits());
     let mut rate = RateLimit::new(shared.config.limits.commands_per_second);
     // Small: an idle session should cost little; large literals just take more reads.

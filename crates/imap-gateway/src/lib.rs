@@ -6,6 +6,7 @@
 //! `session` (states, sequence numbers, replies) → `connection` (sockets, TLS, IDLE, timers,
 //! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process.
 
+pub mod authlimit;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -83,7 +84,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     };
     let hub = hub::Hub::new(config.limits.max_sessions_per_account);
     shutdown.spawn(hub.clone().run(store.clone(), shutdown.clone()));
+    let auth_limiter = Arc::new(authlimit::AuthLimiter::new(
+        config.limits.max_auth_failures_per_ip,
+        std::time::Duration::from_secs(config.limits.auth_failure_window_secs),
+        config.limits.auth_failure_table,
+    ));
     let shared = Arc::new(Shared {
+        auth_limiter,
         config,
         store,
         hub,

@@ -3,7 +3,9 @@
 //! through `Out`, which encodes imap-types responses with imap-codec.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::Arc;
 use std::time::Duration;
 
 use imap_codec::ResponseCodec;
@@ -37,6 +39,7 @@ use mailsuite_proto as pb;
 use mailsuite_runtime::ServiceError;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::authlimit::AuthLimiter;
 use crate::convert;
 use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
@@ -285,6 +288,8 @@ pub struct Session {
     pub plaintext_ok: bool,
     pub tls_available: bool,
     pub remote_ip: String,
+    /// The gateway-wide failed-login table and this client's address.
+    pub auth_limiter: Option<(Arc<AuthLimiter>, IpAddr)>,
     state: StateKind,
     account: Option<pb::Account>,
     pub selected: Option<Box<Selected>>,
@@ -445,6 +450,7 @@ impl Session {
             plaintext_ok: false,
             tls_available: true,
             remote_ip: String::new(),
+            auth_limiter: None,
             state: StateKind::NotAuthenticated,
             account: None,
             selected: None,
@@ -991,6 +997,18 @@ impl Session {
             );
             return Ok(Next::Continue);
         }
+        if let Some((limiter, ip)) = &self.auth_limiter
+            && limiter.blocked(*ip)
+        {
+            // Refused without asking the store: the password is not even checked.
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(other_code("UNAVAILABLE")),
+                "Too many failed logins from your address; try again later",
+            );
+            return Ok(Next::Continue);
+        }
         match self.store.authenticate(user, pass, &self.remote_ip).await {
             Ok(Some(account)) => {
                 let Some(sub) = self.hub.subscribe(account.id) else {
@@ -1015,6 +1033,9 @@ impl Session {
             }
             Ok(None) => {
                 self.auth_failures += 1;
+                if let Some((limiter, ip)) = &self.auth_limiter {
+                    limiter.record_failure(*ip);
+                }
                 mailsuite_runtime::metrics::auth_failure("imap");
                 // A growing delay makes password guessing slow.
                 let delay = self

@@ -846,6 +846,32 @@ async fn a_command_line_must_arrive_within_the_line_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn login_failures_are_limited_per_address_across_connections() {
+    let env = env_with(|c| {
+        c.limits.max_auth_failures = 2;
+        c.limits.max_auth_failures_per_ip = 4;
+        c.limits.auth_failure_delay_ms = 1;
+    })
+    .await;
+    env.account("bob@example.test").await;
+    // Two connections each use up their own limit: four failures from 127.0.0.1.
+    for _ in 0..2 {
+        let mut c = env.tls().await;
+        let r = c.cmd("LOGIN bob@example.test wrong").await;
+        assert!(tagged(&r).contains("NO [AUTHENTICATIONFAILED]"), "{r}");
+        let r = c.cmd("LOGIN bob@example.test wrong").await;
+        assert!(r.starts_with("* BYE"), "{r}");
+    }
+    // A fresh connection is refused even with the right password.
+    let mut c = env.tls().await;
+    let r = c
+        .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+        .await;
+    assert!(tagged(&r).contains("NO [UNAVAILABLE]"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn repeated_login_failures_end_the_connection() {
     let env = env_with(|c| c.limits.max_auth_failures = 3).await;
     env.account("bob@example.test").await;
