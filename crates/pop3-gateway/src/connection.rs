@@ -114,13 +114,38 @@ pub async fn handle<B: Backend>(
     peer: SocketAddr,
     implicit_tls: bool,
 ) {
-    let span = tracing::info_span!("pop3", %peer, tls = implicit_tls);
+    let span = tracing::info_span!(
+        "pop3.session",
+        otel.kind = "server",
+        network.transport = "tcp",
+        network.peer.address = %peer.ip(),
+        network.peer.port = peer.port(),
+        server.port = tcp.local_addr().map(|a| a.port()).unwrap_or(0),
+        tls = implicit_tls,
+    );
     let forced = shared.shutdown.force_token();
     let _active = metrics::up_down("mailsuite_pop3_sessions_active", &[]).guard();
+    let mut session_metrics = metrics::Session::start("pop3", implicit_tls);
     tokio::select! {
         _ = forced.cancelled() => tracing::debug!(parent: &span, "ended by forced shutdown"),
-        _ = serve(shared, tcp, peer, implicit_tls).instrument(span.clone()) => {}
+        _ = serve(shared, tcp, peer, implicit_tls, &mut session_metrics).instrument(span.clone()) => {}
     }
+}
+
+/// The command keyword of a raw line, for the command's span: never its arguments (PASS,
+/// AUTH data), and a fixed set of names.
+fn keyword_of(line: &Result<Vec<u8>, crate::codec::LineError>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "CAPA", "STLS", "AUTH", "USER", "PASS", "APOP", "STAT", "LIST", "RETR", "DELE", "NOOP",
+        "RSET", "QUIT", "TOP", "UIDL", "UTF8", "LANG",
+    ];
+    let Ok(line) = line else { return "INVALID" };
+    let word = line.split(|b| *b == b' ').next().unwrap_or_default();
+    KNOWN
+        .iter()
+        .find(|k| word.eq_ignore_ascii_case(k.as_bytes()))
+        .copied()
+        .unwrap_or("OTHER")
 }
 
 async fn serve<B: Backend>(
@@ -128,6 +153,7 @@ async fn serve<B: Backend>(
     tcp: TcpStream,
     peer: SocketAddr,
     implicit_tls: bool,
+    session_metrics: &mut metrics::Session,
 ) {
     let cfg = &shared.config;
     let session_cfg = SessionConfig {
@@ -176,6 +202,7 @@ async fn serve<B: Backend>(
         match tokio::time::timeout_at(handshake_deadline, shared.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
                 conn.session.tls_started();
+                session_metrics.tls_upgraded();
                 tracing::debug!("STLS complete");
                 // The TLS layer cannot start TLS again: the session refuses a second STLS.
                 let _ = conn.run(tls).await;
@@ -202,8 +229,9 @@ impl<B: Backend> Conn<B> {
         let mut line_started: Option<tokio::time::Instant> = None;
         loop {
             while let Some(line) = self.decoder.next_line() {
-                let action = self.session.handle_line(line);
-                match self.perform(action, &mut io).await {
+                let span = tracing::info_span!("pop3.command", pop3.command = keyword_of(&line));
+                let action = span.in_scope(|| self.session.handle_line(line));
+                match self.perform(action, &mut io).instrument(span).await {
                     Flow::Continue => {}
                     Flow::Close => {
                         self.close(&mut io).await;
@@ -327,6 +355,7 @@ impl<B: Backend> Conn<B> {
                     action = self.session.login_done(result);
                 }
                 Action::AuthFailed { reply, close } => {
+                    metrics::auth_failure("pop3");
                     metrics::counter("mailsuite_pop3_logins_total", &[("result", "failed")]).inc();
                     let ip_failures = self.shared.auth_limiter.failed(self.peer.ip());
                     let max = self.limits().ip_auth_failures;
