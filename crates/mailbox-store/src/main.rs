@@ -15,7 +15,7 @@ struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
     /// Log lines as JSON.
-    #[arg(long)]
+    #[arg(long, env = "MAILSUITE_LOG_JSON")]
     json_logs: bool,
     /// Seconds to let open calls finish after SIGTERM.
     #[arg(long, default_value_t = 10)]

@@ -12,7 +12,7 @@ struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// Log lines as JSON.
-    #[arg(long)]
+    #[arg(long, env = "MAILSUITE_LOG_JSON")]
     log_json: bool,
 }
 

@@ -9,7 +9,7 @@ struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// Log as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "MAILSUITE_LOG_JSON")]
     json_logs: bool,
 }
 
