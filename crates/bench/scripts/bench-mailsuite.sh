@@ -3,7 +3,7 @@
 #
 #   cargo build --release -p mailsuite-mailbox-store -p mailsuite-smtp-ingress -p mailsuite-imap-gateway \
 #     -p mailsuite-pop3-gateway -p mailctl -p mailsuite-bench
-#   crates/bench/scripts/bench-mailsuite.sh [smtp|imap|pop3|bigmsg|idle|all|serve]
+#   crates/bench/scripts/bench-mailsuite.sh [smtp|imap|pop3|bigmsg|idle|all|serve][,STEP...]
 #
 # Starts mailbox-store, smtp-ingress, imap-gateway and pop3-gateway as separate processes on
 # 127.0.0.1 against a fresh database `mailbench` on the local PostgreSQL, creates the test
@@ -22,7 +22,17 @@ SMTP_CONNECTIONS=${SMTP_CONNECTIONS:-50}
 PER_USER=${PER_USER:-1000}
 IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
 DURATION=${DURATION:-20}
+# Seconds over which the SMTP sessions open (0: all at once). Only needed to dodge the queue-id
+# collision smtp-ingress had before c9824ad.
+RAMP_UP=${RAMP_UP:-0}
+# One step or several separated by commas (e.g. smtp,imap,pop3: one database, one seeding).
 STEP=${1:-all}
+want() {
+  [[ ,$STEP, == *,all,* ]] && [[ $1 != serve ]] && return 0
+  local s
+  for s in "$@"; do [[ ,$STEP, == *,$s,* ]] && return 0; done
+  return 1
+}
 # Per-event INFO logging would be measured as server CPU.
 export MAILSUITE_LOG=${MAILSUITE_LOG:-warn}
 
@@ -98,7 +108,10 @@ run() {
   local name=$1
   shift
   echo "== $name: mailbench $*" >&2
+  # The machine may be shared: the load average belongs next to every figure.
+  echo "   before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   "${MB[@]}" "$@" >"$OUT/$name.json" || echo "   (exit $?: see $OUT/$name.json)" >&2
+  echo "   after:  $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   python3 - "$OUT/$name.json" >&2 <<'PY' || true
 import json, sys
 try:
@@ -120,37 +133,43 @@ for k, v in r["notes"].items():
 PY
 }
 
-if [[ $STEP == all || $STEP == smtp ]]; then
+if want smtp; then
+  # Two sessions opened in the same millisecond once shared queue ids (= Deliver idempotency
+  # keys) and lost mail after 250: every accepted message must be visible and stored once.
+  run smtp-check smtp --server $SMTP -c 2 -n 200 --size 4096 --users "$USERS" --pipelining \
+    --verify-imap $IMAP --verify-timeout 60
+  echo "   stored: $(psql "$DATABASE_URL" -qAt -c 'SELECT count(*) FROM mailbox.messages') mailbox entries," \
+    "$(psql "$DATABASE_URL" -qAt -c 'SELECT count(*) FROM mailbox.deliveries') deliveries" >&2
   run smtp-max smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n "$SMTP_MESSAGES" --size 4096 --users "$USERS" \
-    --pipelining --ramp-up 1 --verify-imap $IMAP --verify-timeout 120
+    --pipelining --ramp-up "$RAMP_UP" --verify-imap $IMAP --verify-timeout 120
   RATE=$(python3 -c 'import json,sys; print(max(1, int(json.load(open(sys.argv[1]))["ops_per_sec"] / 2)))' "$OUT/smtp-max.json")
   run smtp-half-rate smtp --server $SMTP -c "$SMTP_CONNECTIONS" -n $((RATE * 20)) --size 4096 --users "$USERS" \
-    --pipelining --ramp-up 1 --rate "$RATE"
+    --pipelining --ramp-up "$RAMP_UP" --rate "$RATE"
 fi
-if [[ $STEP == all || $STEP == imap || $STEP == pop3 ]]; then
+if want imap pop3; then
   run seed seed --server $SMTP -c 20 --users "$USERS" --per-user "$PER_USER" --size 4700 --pipelining
 fi
-if [[ $STEP == all || $STEP == imap ]]; then
+if want imap; then
   run imap-envelope imap --server $IMAP --users "$USERS" --clients 10 --mode envelope --duration "$DURATION"
   run imap-body imap --server $IMAP --users "$USERS" --clients 10 --mode body --duration "$DURATION"
   run imap-search imap --server $IMAP --users "$USERS" --clients 10 --mode search --duration "$DURATION"
   run imap-flags imap --server $IMAP --users "$USERS" --clients 10 --mode flags --duration "$DURATION"
 fi
-if [[ $STEP == all || $STEP == pop3 ]]; then
+if want pop3; then
   run pop3 pop3 --server $POP3 --users 1 --messages 1000 --iterations "${POP3_ITERATIONS:-1}" --timeout 120
 fi
-if [[ $STEP == all || $STEP == bigmsg ]]; then
+if want bigmsg; then
   # One 50 MB message through SMTP -> store -> IMAP FETCH; the reports carry each process's peak RSS.
   run bigmsg-smtp smtp --server $SMTP -c 1 -n 1 --size 50000000 --user-template big@mailbench.test --timeout 120
   run bigmsg-fetch imap --server $IMAP --user-template big@mailbench.test --clients 1 --mode body --requests 2 \
     --timeout 120
 fi
-if [[ $STEP == all || $STEP == idle ]]; then
+if want idle; then
   # Logins are argon2id verifications: a small ramp keeps the store's memory bounded.
   run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --ramp 16 --server-pid "$PID_imap_gateway" --smtp $SMTP \
     --deliveries 3
 fi
-if [[ $STEP == serve ]]; then
+if want serve; then
   # Keep the system up for manual runs; Ctrl-C (or SIGTERM) stops it.
   echo "smtp $SMTP imap $IMAP pop3 $POP3; ${PIDARGS[*]}" >&2
   wait
