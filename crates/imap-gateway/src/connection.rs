@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use imap_codec::imap_types::auth::AuthenticateData;
 use imap_codec::imap_types::core::Tag;
@@ -193,8 +194,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     }
 }
 
-/// Serve one accepted connection to its end.
+/// Serve one accepted connection to its end, as one `imap.session` span (commands are child
+/// spans, see `Session::handle`).
 pub async fn handle<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, implicit_tls: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!(
+        "imap.session",
+        otel.kind = "server",
+        network.transport = "tcp",
+        network.peer.address = %peer.ip(),
+        network.peer.port = peer.port(),
+        tls = implicit_tls,
+    );
+    serve(shared, stream, peer, implicit_tls)
+        .instrument(span)
+        .await
+}
+
+async fn serve<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, implicit_tls: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

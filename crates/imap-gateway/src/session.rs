@@ -595,7 +595,9 @@ impl Session {
             cmd.body,
             CommandBody::Noop | CommandBody::Check | CommandBody::Idle
         );
-        let next = self.dispatch(cmd, out).await?;
+        // The command name only: arguments may hold passwords or message text.
+        let span = tracing::info_span!("imap.command", imap.command = %name);
+        let next = tracing::Instrument::instrument(self.dispatch(cmd, out), span).await?;
         if self.state == StateKind::Selected && next == Next::Continue {
             // Unsolicited updates go before the tagged reply, which dispatch put last: move it.
             let tagged_at = find_tagged_start(&out.buf, &tag);

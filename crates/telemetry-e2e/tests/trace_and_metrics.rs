@@ -76,6 +76,38 @@ where
     }
 }
 
+/// Send one IMAP command (or nothing, for the greeting) and read up to the line starting
+/// with `expect` (the tagged reply); returns everything read.
+async fn imap_command<S>(conn: &mut BufReader<S>, line: &str, expect: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if !line.is_empty() {
+        conn.get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut all = String::new();
+    loop {
+        let mut reply = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), conn.read_line(&mut reply))
+            .await
+            .expect("reply in time")
+            .unwrap();
+        assert!(n > 0, "connection closed after {line:?}: {all}");
+        all.push_str(&reply);
+        if reply.starts_with(expect) {
+            return all;
+        }
+        let tag = expect.split(' ').next().unwrap_or("");
+        assert!(
+            tag == "*" || !reply.starts_with(&format!("{tag} ")),
+            "{line:?} got {reply:?}"
+        );
+    }
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -121,6 +153,7 @@ async fn delivered_message_is_one_trace_and_moves_the_metrics() {
         c.smtp.policy.verify_inbound = false;
         c.smtp.listen_ops = "127.0.0.1:0".into();
         c.store.listen_ops = "127.0.0.1:0".into();
+        c.imap.auth.allow_plaintext_loopback = true;
     })
     .await;
     let r = &suite.running;
@@ -185,18 +218,59 @@ async fn delivered_message_is_one_trace_and_moves_the_metrics() {
     command(&mut conn, "QUIT", "221").await;
     drop(conn);
 
-    // Spans end when the session task finishes, just after QUIT.
-    let spans = eventually(Duration::from_secs(10), "the smtp.session span", || {
+    // The user reads it over IMAP: a session span with one child span per command.
+    let tcp = TcpStream::connect(r.imap.imap.expect("imap listener"))
+        .await
+        .unwrap();
+    let mut imap = BufReader::new(tcp);
+    imap_command(&mut imap, "", "*").await;
+    imap_command(
+        &mut imap,
+        &format!("a1 LOGIN carol@obs.test {PASSWORD}"),
+        "a1 OK",
+    )
+    .await;
+    imap_command(&mut imap, "a2 SELECT INBOX", "a2 OK").await;
+    let fetched = imap_command(&mut imap, "a3 FETCH 1 BODY[]", "a3 OK").await;
+    assert!(fetched.contains(BODY_MARKER), "{fetched}");
+    imap_command(&mut imap, "a4 LOGOUT", "a4 OK").await;
+    drop(imap);
+
+    // Spans end when the session tasks finish, just after QUIT / LOGOUT.
+    let spans = eventually(Duration::from_secs(10), "the session spans", || {
         let exporter = exporter.clone();
         async move {
             let spans = exporter.get_finished_spans().ok()?;
-            spans
-                .iter()
-                .any(|s| s.name == "smtp.session")
-                .then_some(spans)
+            (spans.iter().any(|s| s.name == "smtp.session")
+                && spans.iter().any(|s| s.name == "imap.session"))
+            .then_some(spans)
         }
     })
     .await;
+    let imap_session = spans
+        .iter()
+        .find(|s| s.name == "imap.session")
+        .expect("imap.session span");
+    let imap_commands: Vec<String> = spans
+        .iter()
+        .filter(|s| s.name == "imap.command")
+        .inspect(|s| {
+            assert_eq!(
+                s.parent_span_id,
+                imap_session.span_context.span_id(),
+                "IMAP command spans are children of the session span"
+            )
+        })
+        .map(attr_text)
+        .collect();
+    for cmd in ["LOGIN", "SELECT", "FETCH", "LOGOUT"] {
+        assert!(
+            imap_commands
+                .iter()
+                .any(|a| a.contains(&format!("imap.command={cmd}"))),
+            "no imap.command span for {cmd}: {imap_commands:?}"
+        );
+    }
     let names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
     let find = |pred: &dyn Fn(&SpanData) -> bool, what: &str| -> SpanData {
         spans
