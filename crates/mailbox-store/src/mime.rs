@@ -38,7 +38,11 @@ pub const MAX_INDEXED_TEXT: usize = 512 * 1024;
 pub fn parse(raw: &[u8]) -> Parsed {
     let header_end = header_end(raw);
     let raw_headers = split_headers(&raw[..header_end]);
-    let parsed = MessageParser::default().parse(raw);
+    // mail-parser 0.11.9 panics on some crafted nestings ("Invalid part ID, could not find
+    // multipart", found by fuzz/mime): such a message is stored as one flat body instead of
+    // failing its delivery.
+    let parsed =
+        std::panic::catch_unwind(|| MessageParser::default().parse(raw)).unwrap_or_default();
     let Some(msg) = parsed.filter(|m| !m.parts.is_empty()) else {
         return flat(raw, header_end, &raw_headers);
     };

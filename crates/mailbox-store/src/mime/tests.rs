@@ -549,3 +549,13 @@ fn random_and_mutated_mime_never_panics_and_stays_in_range() {
         check(&m);
     }
 }
+
+#[test]
+fn parser_panic_on_crafted_nesting_gives_a_flat_body() {
+    // Found by `cargo fuzz run mime`: mail-parser itself panics on this input.
+    let raw: &[u8] = b"From: a@b\x0d\x0aContent-Type: multipart/mixed; boundary=b\x0d\x0a\x0d\x0a--b\x0d\x0aContent-Type: text/plain\x0d\x0a\x0d\x0ahi\x0d\x0a--b\x0d\x0aContent-Type: message/rfc822\x0d\x0a\x0d\x0aSubject: in\x0d\x0aContent-TypOntent-Type: message/rfc822-b\x0d\x0aContent-Type: message/rfc822\x0d\x0a\x0d\x0aSubject: in\x0d\x0aContent-TypOnte\x0d\x0arfcy=bt-Transre-Efncoding: base64\x0d\x0a\x0d\x0aU3ViamVjdDogZW5jCgpib2R5Cg==\x0d\x0a--b--\x0d\x0a";
+    let p = parse(raw);
+    assert_eq!(t(&p.body.media_type), "TEXT");
+    assert!(p.body.parts.is_empty());
+    check(raw);
+}
