@@ -1,15 +1,17 @@
-//! A message to two local users where one cannot take it (over quota) is accepted once and
-//! reaches the other; the refused copy is owned by the queue (deferred or bounced), never
-//! silently dropped after the 250.
+//! A message to two local users where one cannot take it now (over quota) is accepted once
+//! and reaches the other; the refused copy is owned by the queue (deferred for a retry),
+//! never silently dropped after the 250.
 
 use std::process::Command;
 use std::time::Duration;
 
 use mailsuite_proto::admin_client::AdminClient;
+use mailsuite_proto::delivery_client::DeliveryClient;
 use mailsuite_proto::mailbox_client::MailboxClient;
 use mailsuite_proto::queue_client::QueueClient;
 use mailsuite_proto::{
-    AddAccountRequest, AddDomainRequest, ListMessagesRequest, RecipientState, StatusRequest,
+    AddAccountRequest, AddDomainRequest, DeliverChunk, DeliverHeader, ListMessagesRequest,
+    RecipientState, StatusRequest, deliver_chunk,
 };
 use mailsuite_testkit::{TestSuite, eventually};
 
@@ -30,7 +32,7 @@ async fn partial_local_delivery_is_handed_to_the_queue() {
         .add_account(AddAccountRequest {
             address: "tiny@part.test".into(),
             password: "tiny-password".into(),
-            quota_bytes: 100,
+            quota_bytes: 2000,
             ..Default::default()
         })
         .await
@@ -44,6 +46,27 @@ async fn partial_local_delivery_is_handed_to_the_queue() {
         .await
         .unwrap()
         .into_inner();
+
+    // Fill tiny's box to 1,500 of 2,000 bytes: RCPT still accepts (not full yet), but the
+    // next message does not fit now — a temporary refusal, which the queue retries later.
+    let mut delivery = DeliveryClient::new(store.clone());
+    let filler = format!("Subject: filler\r\n\r\n{}\r\n", "f".repeat(1400));
+    let chunks = vec![
+        DeliverChunk {
+            part: Some(deliver_chunk::Part::Header(DeliverHeader {
+                idempotency_key: "filler-1".into(),
+                recipients: vec!["tiny@part.test".into()],
+                ..Default::default()
+            })),
+        },
+        DeliverChunk {
+            part: Some(deliver_chunk::Part::Data(filler.into_bytes())),
+        },
+    ];
+    delivery
+        .deliver(tokio_stream::iter(chunks))
+        .await
+        .expect("filler delivered");
 
     let smtp = r.smtp.smtp.unwrap().port().to_string();
     let script = format!(
@@ -118,10 +141,11 @@ async fn partial_local_delivery_is_handed_to_the_queue() {
         .flat_map(|m| m.recipients.iter())
         .find(|rc| rc.address == "tiny@part.test")
         .expect("tiny's copy is in the queue");
+    // Temporary: deferred for a retry (or not yet attempted), never dropped or bounced.
     assert!(
         matches!(
             tiny.state(),
-            RecipientState::Deferred | RecipientState::Failed | RecipientState::Pending
+            RecipientState::Deferred | RecipientState::Pending | RecipientState::Delivering
         ),
         "{tiny:?}"
     );
