@@ -166,7 +166,7 @@ if want bigmsg; then
 fi
 if want idle; then
   # Logins are argon2id verifications: a small ramp keeps the store's memory bounded.
-  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --ramp 16 --server-pid "$PID_imap_gateway" --smtp $SMTP \
+  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --ramp "${IDLE_RAMP:-16}" --server-pid "$PID_imap_gateway" --smtp $SMTP \
     --deliveries 3
 fi
 if want serve; then
