@@ -22,9 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailsuite_runtime::Shutdown;
-use mailsuite_runtime::listener::{Admission, LimitedListener};
+use mailsuite_runtime::listener::{self, LimitedListener};
 use mailsuite_runtime::metrics;
-use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsAcceptor;
 
 pub use config::Config;
@@ -113,60 +112,14 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: LimitedListener, tls: bool) {
-    let name = if tls { "imaps" } else { "imap" };
-    let shutdown = shared.shutdown.clone();
-    loop {
-        let admission = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.stopping() => return,
-        };
-        match admission {
-            Ok(Admission::Accepted {
-                stream,
-                peer,
-                guard,
-            }) => {
-                metrics::counter(
-                    "mailsuite_imap_connections_total",
-                    &[("listener", name), ("result", "accepted")],
-                )
-                .inc();
-                let shared = shared.clone();
-                shutdown.spawn(async move {
-                    connection::handle(shared, stream, peer, tls).await;
-                    drop(guard);
-                });
-            }
-            Ok(Admission::Refused {
-                mut stream,
-                peer,
-                reason,
-            }) => {
-                metrics::counter(
-                    "mailsuite_imap_connections_total",
-                    &[("listener", name), ("result", "refused")],
-                )
-                .inc();
-                tracing::info!(%peer, ?reason, "connection refused");
-                // Over TLS a plaintext refusal would be garbage to the client: just close.
-                if !tls {
-                    shutdown.spawn(async move {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(5),
-                            stream.write_all(b"* BYE [UNAVAILABLE] Too many connections\r\n"),
-                        )
-                        .await;
-                    });
-                }
-            }
-            Err(e) => {
-                // Typically out of file descriptors: pause rather than spin on the error.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = shutdown.stopping() => return,
-                }
-            }
-        }
-    }
+    let refusal: &'static [u8] = b"* BYE [UNAVAILABLE] Too many connections\r\n";
+    listener::accept_loop(
+        listener,
+        shared.shutdown.clone(),
+        "mailsuite_imap_connections_total",
+        if tls { "imaps" } else { "imap" },
+        (!tls).then_some(refusal),
+        move |stream, peer| connection::handle(shared.clone(), stream, peer, tls),
+    )
+    .await
 }

@@ -137,6 +137,73 @@ impl LimitedListener {
     }
 }
 
+/// Serve a listener until shutdown begins: each admitted connection runs `handle` as a task
+/// that shutdown waits for (its slot is released when it ends); a connection over a limit
+/// gets `refusal` (if any, within 5 s) and is closed; accept errors (typically out of file
+/// descriptors) pause instead of spinning. Counts `metric{listener, result}`.
+///
+/// `refusal` must be `None` on implicit-TLS listeners: plaintext there is garbage to the client.
+pub async fn accept_loop<H, Fut>(
+    listener: LimitedListener,
+    shutdown: crate::Shutdown,
+    metric: &'static str,
+    listener_name: &'static str,
+    refusal: Option<&'static [u8]>,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    let count = |result| {
+        crate::metrics::counter(metric, &[("listener", listener_name), ("result", result)]).inc()
+    };
+    loop {
+        let admission = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.stopping() => return,
+        };
+        match admission {
+            Ok(Admission::Accepted {
+                stream,
+                peer,
+                guard,
+            }) => {
+                count("accepted");
+                let session = handle(stream, peer);
+                shutdown.spawn(async move {
+                    session.await;
+                    drop(guard);
+                });
+            }
+            Ok(Admission::Refused {
+                mut stream,
+                peer,
+                reason,
+            }) => {
+                count("refused");
+                tracing::info!(%peer, ?reason, "connection refused");
+                if let Some(text) = refusal {
+                    shutdown.spawn(async move {
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            stream.write_all(text),
+                        )
+                        .await;
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
