@@ -25,6 +25,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut signals = shutdown::Signals::install()?;
     let _telemetry = telemetry::init("mailbox-store", cli.json_logs);
     mailsuite_runtime::tls::install_crypto_provider();
     let cfg: Config = config::load(&cli.config.sources()).context("loading configuration")?;
@@ -33,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting mailbox-store")?;
     eprintln!("mailbox-store: gRPC on {}", started.grpc);
-    shutdown::signal().await;
+    signals.recv().await;
     sd.drain(Duration::from_secs(cli.grace_seconds)).await;
     Ok(())
 }

@@ -36,6 +36,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    let mut signals = shutdown::Signals::install()?;
     match cli.command {
         Command::Up {
             config: args,
@@ -51,7 +52,7 @@ async fn main() -> Result<()> {
             let result = async {
                 let running = up::start(cfg, &database_url, shutdown.clone()).await?;
                 println!("{}", running.table());
-                shutdown::signal().await;
+                signals.recv().await;
                 eprintln!("shutting down (grace {grace:?}) ...");
                 Ok::<_, anyhow::Error>(())
             }

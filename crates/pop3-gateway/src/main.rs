@@ -24,6 +24,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut signals = shutdown::Signals::install()?;
     let config: Config = load(&args.config.sources()).context("configuration")?;
     let _telemetry = telemetry::init("pop3-gateway", args.log_json);
     let sd = Shutdown::new();
@@ -31,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting pop3-gateway")?;
     tracing::info!(?started, "pop3-gateway started");
-    shutdown::signal().await;
+    signals.recv().await;
     tracing::info!("shutting down");
     sd.drain(Duration::from_secs(args.grace_secs)).await;
     Ok(())

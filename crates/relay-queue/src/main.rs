@@ -19,6 +19,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut signals = mailsuite_runtime::shutdown::Signals::install()?;
     let config: mailsuite_relay_queue::Config =
         mailsuite_runtime::config::load(&args.config.sources())?;
     let _telemetry = mailsuite_runtime::telemetry::init("relay-queue", args.log_json);
@@ -26,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let started = mailsuite_relay_queue::start(config, shutdown.clone()).await?;
     tracing::info!(grpc = ?started.grpc, ops = ?started.ops, "relay-queue started");
-    mailsuite_runtime::shutdown::signal().await;
+    signals.recv().await;
     tracing::info!("shutting down");
     shutdown.drain(grace).await;
     Ok(())

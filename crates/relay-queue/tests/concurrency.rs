@@ -42,6 +42,7 @@ async fn slow_server(pause: Duration) -> Slow {
                 let _ = w.write_all(b"220 slow.test\r\n").await;
                 let mut line = String::new();
                 let mut in_data = false;
+                let mut counted = true;
                 loop {
                     line.clear();
                     if r.read_line(&mut line).await.unwrap_or(0) == 0 {
@@ -59,6 +60,11 @@ async fn slow_server(pause: Duration) -> Slow {
                         in_data = true;
                         b"354 go on\r\n"
                     } else if line.to_ascii_uppercase().starts_with("QUIT") {
+                        // The session ends for the client when it reads 221, and it may open
+                        // the next one at once: count this one closed before replying, or the
+                        // two overlap here although they never overlapped for the client.
+                        active.fetch_sub(1, Ordering::SeqCst);
+                        counted = false;
                         let _ = w.write_all(b"221 bye\r\n").await;
                         break;
                     } else {
@@ -68,7 +74,9 @@ async fn slow_server(pause: Duration) -> Slow {
                         break;
                     }
                 }
-                active.fetch_sub(1, Ordering::SeqCst);
+                if counted {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
             });
         }
     });

@@ -16,12 +16,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut signals = shutdown::Signals::install()?;
     let config: mailsuite_smtp_ingress::Config = load(&args.config.sources())?;
     let _telemetry = telemetry::init("smtp-ingress", args.json_logs);
     let sd = Shutdown::new();
     let started = mailsuite_smtp_ingress::start(config, sd.clone()).await?;
     tracing::info!(?started, "smtp-ingress started");
-    shutdown::signal().await;
+    signals.recv().await;
     sd.drain(std::time::Duration::from_secs(30)).await;
     Ok(())
 }
