@@ -4,11 +4,14 @@
 //! continuation request for a synchronizing literal, and the size limits (RFC 7888 `[TOOBIG]`).
 
 use bounded_static::IntoBoundedStatic;
+use imap_codec::decode::Decoder as _;
 use imap_codec::fragmentizer::{DecodeMessageError, FragmentInfo, Fragmentizer};
 use imap_codec::imap_types::auth::AuthenticateData;
 use imap_codec::imap_types::command::Command;
 use imap_codec::imap_types::core::{LiteralMode, Tag};
 use imap_codec::{AuthenticateDataCodec, CommandCodec, IdleDoneCodec};
+
+use crate::preparse::{Ext, Pre, preparse};
 
 /// What the next complete client message is expected to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +25,8 @@ pub enum Mode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
-    Command(Box<Command<'static>>),
+    /// A command, with what the pre-parser took out of it (`preparse`).
+    Command(Box<Command<'static>>, Ext),
     AuthenticateData(AuthenticateData<'static>),
     IdleDone,
     /// The client announced a synchronizing literal within the limits: send `+ ...`.
@@ -186,22 +190,47 @@ impl Decoder {
         verb.eq_ignore_ascii_case(b"APPEND")
     }
 
+    fn decode_plain(&mut self) -> Input {
+        match self.frag.decode_message(&CommandCodec::default()) {
+            Ok(cmd) => Input::Command(Box::new(cmd.into_static()), Ext::default()),
+            Err(DecodeMessageError::MessageTooLong { .. }) => Input::TooBig {
+                tag: self.frag.decode_tag().map(|t| t.into_static()),
+                append: self.is_append(),
+            },
+            Err(_) => Input::Bad {
+                tag: self.frag.decode_tag().map(|t| t.into_static()),
+            },
+        }
+    }
+
     fn decode(&mut self) -> Input {
         if let Some(append) = self.too_big {
             let tag = self.frag.decode_tag().map(|t| t.into_static());
             return Input::TooBig { tag, append };
         }
         match self.mode {
-            Mode::Command => match self.frag.decode_message(&CommandCodec::default()) {
-                Ok(cmd) => Input::Command(Box::new(cmd.into_static())),
-                Err(DecodeMessageError::MessageTooLong { .. }) => Input::TooBig {
-                    tag: self.frag.decode_tag().map(|t| t.into_static()),
-                    append: self.is_append(),
-                },
-                Err(_) => Input::Bad {
-                    tag: self.frag.decode_tag().map(|t| t.into_static()),
-                },
-            },
+            Mode::Command => {
+                // Forms imap-codec does not know (ESEARCH, SEARCHRES, LIST-EXTENDED) first.
+                if !self.frag.is_message_poisoned() && !self.frag.is_max_message_size_exceeded() {
+                    match preparse(self.frag.message_bytes()) {
+                        Pre::Unchanged => {}
+                        Pre::Bad(_) => {
+                            return Input::Bad {
+                                tag: self.frag.decode_tag().map(|t| t.into_static()),
+                            };
+                        }
+                        Pre::Rewritten(bytes, ext) => {
+                            return match CommandCodec::default().decode(&bytes) {
+                                Ok((b"", cmd)) => Input::Command(Box::new(cmd.into_static()), ext),
+                                _ => Input::Bad {
+                                    tag: self.frag.decode_tag().map(|t| t.into_static()),
+                                },
+                            };
+                        }
+                    }
+                }
+                self.decode_plain()
+            }
             Mode::AuthenticateData => {
                 match self.frag.decode_message(&AuthenticateDataCodec::default()) {
                     Ok(data) => Input::AuthenticateData(data.into_static()),
@@ -263,7 +292,7 @@ mod tests {
         let names: Vec<&str> = out
             .iter()
             .map(|i| match i {
-                Input::Command(c) => c.name(),
+                Input::Command(c, _) => c.name(),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -276,7 +305,7 @@ mod tests {
         assert_eq!(out[0], Input::ContinueLiteral);
         assert_eq!(out[1], Input::ContinueLiteral);
         match &out[2] {
-            Input::Command(c) => match &c.body {
+            Input::Command(c, _) => match &c.body {
                 CommandBody::Login { username, .. } => {
                     assert_eq!(username.as_ref(), b"alice")
                 }
@@ -284,7 +313,7 @@ mod tests {
             },
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&out[3], Input::Command(c) if c.name() == "NOOP"));
+        assert!(matches!(&out[3], Input::Command(c, _) if c.name() == "NOOP"));
         assert_eq!(out.len(), 4);
     }
 
@@ -294,7 +323,7 @@ mod tests {
             same_in_all_chunkings(b"a1 APPEND INBOX {11+}\r\nSubject: x\n\r\na2 NOOP\r\n", &[]);
         assert_eq!(out.len(), 2, "{out:?}");
         match &out[0] {
-            Input::Command(c) => assert_eq!(c.name(), "APPEND"),
+            Input::Command(c, _) => assert_eq!(c.name(), "APPEND"),
             other => panic!("{other:?}"),
         }
     }
@@ -304,14 +333,14 @@ mod tests {
         // The literal contains something that looks like a command.
         let out = same_in_all_chunkings(b"a1 LOGIN {10+}\r\nx LOGOUT\r\n pw\r\n", &[]);
         assert_eq!(out.len(), 1);
-        assert!(matches!(&out[0], Input::Command(c) if c.name() == "LOGIN"));
+        assert!(matches!(&out[0], Input::Command(c, _) if c.name() == "LOGIN"));
     }
 
     #[test]
     fn bad_syntax_is_reported_with_its_tag_and_decoding_continues() {
         let out = same_in_all_chunkings(b"a1 FROB x\r\na2 NOOP\r\n* bad\r\n", &[]);
         assert_eq!(out[0], Input::Bad { tag: tag("a1") });
-        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
         assert_eq!(out[2], Input::Bad { tag: None });
     }
 
@@ -325,7 +354,7 @@ mod tests {
                 append: false
             }
         );
-        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
         let out = same_in_all_chunkings(b"a1 APPEND INBOX {5001}\r\n", &[]);
         assert_eq!(
             out,
@@ -349,7 +378,7 @@ mod tests {
                 append: true
             }
         );
-        assert!(matches!(&out[1], Input::Command(c) if c.name() == "NOOP"));
+        assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
         assert_eq!(out.len(), 2);
     }
 
@@ -374,16 +403,80 @@ mod tests {
                 (4, Mode::Command),
             ],
         );
-        assert!(matches!(&out[0], Input::Command(c) if c.name() == "AUTHENTICATE"));
+        assert!(matches!(&out[0], Input::Command(c, _) if c.name() == "AUTHENTICATE"));
         match &out[1] {
             Input::AuthenticateData(AuthenticateData::Continue(d)) => {
                 assert_eq!(d.declassify().as_ref(), b"\0alice\0pw")
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&out[2], Input::Command(c) if c.name() == "IDLE"));
+        assert!(matches!(&out[2], Input::Command(c, _) if c.name() == "IDLE"));
         assert_eq!(out[3], Input::IdleDone);
-        assert!(matches!(&out[4], Input::Command(c) if c.name() == "NOOP"));
+        assert!(matches!(&out[4], Input::Command(c, _) if c.name() == "NOOP"));
+    }
+
+    #[test]
+    fn search_return_dollar_and_extended_list_decode_in_any_chunking() {
+        use crate::preparse::ReturnOpt;
+        use imap_codec::imap_types::search::SearchKey;
+        use imap_codec::imap_types::sequence::{SeqOrUid, Sequence};
+        let input = b"a1 UID SEARCH RETURN (SAVE MIN) SUBJECT {3}\r\n$ x\r\n\
+a2 FETCH $ FLAGS\r\n\
+a3 SEARCH RETURN (BOGUS) ALL\r\n\
+a4 LIST (SUBSCRIBED) \"\" (INBOX {4+}\r\nSe%t) RETURN (STATUS (MESSAGES))\r\n\
+a5 LIST \"\" * RETURN (NOPE)\r\n\
+a6 NOOP\r\n";
+        let out = same_in_all_chunkings(input, &[]);
+        assert_eq!(out[0], Input::ContinueLiteral);
+        match &out[1] {
+            Input::Command(c, ext) => {
+                assert_eq!(
+                    ext.search_return,
+                    Some(vec![ReturnOpt::Save, ReturnOpt::Min])
+                );
+                assert!(!ext.saved);
+                match &c.body {
+                    CommandBody::Search { criteria, uid, .. } => {
+                        assert!(*uid);
+                        assert!(
+                            matches!(criteria.as_ref(), [SearchKey::Subject(s)] if s.as_ref() == b"$ x"),
+                            "{criteria:?}"
+                        );
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        match &out[2] {
+            Input::Command(c, ext) => {
+                assert!(ext.saved);
+                match &c.body {
+                    CommandBody::Fetch { sequence_set, .. } => assert!(matches!(
+                        sequence_set.0.as_ref(),
+                        [Sequence::Range(SeqOrUid::Value(a), SeqOrUid::Value(b))]
+                            if a.get() == u32::MAX && b.get() == u32::MAX - 1
+                    )),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out[3], Input::Bad { tag: tag("a3") });
+        match &out[4] {
+            Input::Command(c, ext) => {
+                assert_eq!(c.name(), "LIST");
+                let l = ext.list.as_ref().expect("extended LIST");
+                assert!(l.sel_subscribed);
+                assert_eq!(l.patterns, vec![b"INBOX".to_vec(), b"Se%t".to_vec()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out[5], Input::Bad { tag: tag("a5") });
+        assert!(
+            matches!(&out[6], Input::Command(c, e) if c.name() == "NOOP" && *e == Ext::default())
+        );
+        assert_eq!(out.len(), 7);
     }
 
     #[test]

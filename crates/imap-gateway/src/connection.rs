@@ -283,14 +283,14 @@ where
         while let Some(input) = decoder.next_input() {
             let mut out = Out::new(&mut stream);
             match input {
-                Input::Command(cmd) => {
+                Input::Command(cmd, ext) => {
                     let wait = rate.take();
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
                     let tag = cmd.tag.clone();
                     let next = tokio::select! {
-                        n = session.handle(*cmd, &mut out) => n?,
+                        n = session.handle_ext(*cmd, ext, &mut out) => n?,
                         _ = shared.shutdown.forced() => return Ok(()),
                     };
                     match next {

@@ -41,8 +41,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::authlimit::AuthLimiter;
 use crate::convert;
+use crate::esearch;
 use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
+use crate::preparse::{Ext, ReturnOpt};
 use crate::seqmap::SeqMap;
 use crate::store::Store;
 
@@ -187,6 +189,8 @@ pub struct Selected {
     /// Messages with this UID or above are \Recent in this session (RFC 3501): those the
     /// store reported as recent at SELECT (the newest) and everything that arrives later.
     pub recent_from: u32,
+    /// IMAP4rev2 session: no \Recent at all (RFC 9051 Appendix E).
+    pub no_recent: bool,
 }
 
 impl Selected {
@@ -259,7 +263,7 @@ impl Selected {
     }
 
     fn is_recent(&self, uid: u32) -> bool {
-        uid >= self.recent_from
+        !self.no_recent && uid >= self.recent_from
     }
 
     fn flags(&self, uid: u32, flags: &[String]) -> Vec<FlagFetch<'static>> {
@@ -296,6 +300,12 @@ pub struct Session {
     pub subscription: Option<Subscription>,
     pub condstore: bool,
     pub utf8: bool,
+    /// `ENABLE IMAP4rev2` was given (RFC 9051 rules from then on).
+    pub rev2: bool,
+    /// The SEARCHRES saved result (RFC 5182): UIDs, ascending.
+    saved: Vec<u32>,
+    /// The command being handled used `$` (the pre-parser's marker stands for `saved`).
+    uses_saved: bool,
     auth_failures: u32,
 }
 
@@ -350,6 +360,15 @@ fn imap_uid_set(uids: &[u32]) -> Option<ImapUidSet> {
         })
         .collect();
     Vec1::try_from(elems).ok().map(ImapUidSet)
+}
+
+/// The pre-parser's stand-in for `$` (`preparse::SAVED_MARKER`).
+fn is_saved_marker(set: &SequenceSet) -> bool {
+    matches!(
+        set.0.as_ref(),
+        [Sequence::Range(SeqOrUid::Value(a), SeqOrUid::Value(b))]
+            if a.get() == u32::MAX && b.get() == u32::MAX - 1
+    )
 }
 
 fn sequence_set_of(nums: &[u32]) -> Option<SequenceSet> {
@@ -457,6 +476,9 @@ impl Session {
             subscription: None,
             condstore: false,
             utf8: false,
+            rev2: false,
+            saved: Vec::new(),
+            uses_saved: false,
             auth_failures: 0,
         }
     }
@@ -470,8 +492,8 @@ impl Session {
     }
 
     pub fn capabilities(&self) -> Vec<Capability<'static>> {
-        let mut caps = vec![Capability::Imap4Rev1];
         let c = |s: &'static str| Capability::try_from(s).expect("capability atom");
+        let mut caps = vec![Capability::Imap4Rev1, c("IMAP4rev2")];
         if self.state == StateKind::NotAuthenticated {
             if !self.tls && self.tls_available {
                 caps.push(Capability::StartTls);
@@ -501,6 +523,8 @@ impl Session {
             Capability::QuotaRes(Resource::Message),
             Capability::StatusSize,
             Capability::Utf8(Utf8Kind::Accept),
+            c("ESEARCH"),
+            c("SEARCHRES"),
         ]);
         caps
     }
@@ -569,6 +593,16 @@ impl Session {
         cmd: Command<'static>,
         out: &mut Out<'_, W>,
     ) -> std::io::Result<Next> {
+        self.handle_ext(cmd, Ext::default(), out).await
+    }
+
+    /// Handle one command with what the pre-parser took out of it (`preparse::Ext`).
+    pub async fn handle_ext<W: AsyncWrite + Unpin>(
+        &mut self,
+        cmd: Command<'static>,
+        ext: Ext,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<Next> {
         let tag = cmd.tag.clone();
         let name = cmd.body.name();
         if !self.allowed(&cmd.body) {
@@ -597,7 +631,9 @@ impl Session {
         );
         // The command name only: arguments may hold passwords or message text.
         let span = tracing::info_span!("imap.command", imap.command = %name);
-        let next = tracing::Instrument::instrument(self.dispatch(cmd, out), span).await?;
+        self.uses_saved = ext.saved;
+        let next = tracing::Instrument::instrument(self.dispatch(cmd, ext, out), span).await?;
+        self.uses_saved = false;
         if self.state == StateKind::Selected && next == Next::Continue {
             // Unsolicited updates go before the tagged reply, which dispatch put last: move it.
             let tagged_at = find_tagged_start(&out.buf, &tag);
@@ -661,6 +697,7 @@ impl Session {
     async fn dispatch<W: AsyncWrite + Unpin>(
         &mut self,
         cmd: Command<'static>,
+        ext: Ext,
         out: &mut Out<'_, W>,
     ) -> std::io::Result<Next> {
         let tag = cmd.tag;
@@ -739,6 +776,18 @@ impl Session {
                             self.utf8 = true;
                             enabled.push(CapabilityEnable::Utf8(Utf8Kind::Accept));
                         }
+                        // RFC 9051: rev2 rules from now on (ESEARCH only, no \Recent, UTF-8
+                        // mailbox names, LIST in SELECT, CLOSED).
+                        CapabilityEnable::Other(_)
+                            if !self.rev2 && c.to_string().eq_ignore_ascii_case("IMAP4rev2") =>
+                        {
+                            self.rev2 = true;
+                            self.utf8 = true;
+                            if let Some(sel) = self.selected.as_mut() {
+                                sel.no_recent = true;
+                            }
+                            enabled.push(c.clone());
+                        }
                         _ => {}
                     }
                 }
@@ -790,6 +839,7 @@ impl Session {
                     Some(n) => {
                         let r = self.store.delete(self.account_id(), &n).await;
                         if r.is_ok() && self.selected.as_ref().is_some_and(|s| s.name == n) {
+                            self.saved.clear();
                             self.selected = None;
                             self.state = StateKind::Authenticated;
                         }
@@ -878,6 +928,7 @@ impl Session {
                 "Quotas are set by the administrator",
             ),
             C::Close => {
+                self.saved.clear();
                 if let Some(sel) = self.selected.take()
                     && !sel.read_only
                 {
@@ -894,6 +945,7 @@ impl Session {
                 out.tagged(&tag, StatusKind::Ok, None, "CLOSE completed");
             }
             C::Unselect => {
+                self.saved.clear();
                 self.selected = None;
                 self.state = StateKind::Authenticated;
                 out.tagged(&tag, StatusKind::Ok, None, "UNSELECT completed");
@@ -904,7 +956,10 @@ impl Session {
                 charset,
                 criteria,
                 uid,
-            } => self.search(&tag, charset, criteria, uid, out).await?,
+            } => {
+                self.search(&tag, charset, criteria, uid, ext.search_return, out)
+                    .await?
+            }
             C::Fetch {
                 sequence_set,
                 macro_or_item_names,
@@ -1107,7 +1162,8 @@ impl Session {
         out: &mut Out<'_, W>,
     ) -> std::io::Result<()> {
         // Selecting anything deselects the current mailbox first, even if it fails.
-        if self.selected.take().is_some() && self.condstore {
+        self.saved.clear();
+        if self.selected.take().is_some() && (self.condstore || self.rev2) {
             out.untagged(
                 StatusKind::Ok,
                 Some(Code::Closed),
@@ -1159,9 +1215,18 @@ impl Session {
             "Flags permitted",
         );
         out.data(Data::Exists(seq.len()));
-        out.data(Data::Recent(info.recent));
+        if self.rev2 {
+            // RFC 9051 §6.3.2: the mailbox's LIST line; no RECENT, no UNSEEN code.
+            out.data(Data::List {
+                items: vec![],
+                delimiter: Some(QuotedChar::try_from(DELIMITER).expect("quoted char")),
+                mailbox: self.name_out(&info.name),
+            });
+        } else {
+            out.data(Data::Recent(info.recent));
+        }
         // Despite its name the field carries the sequence number (see mailbox.proto).
-        if r.first_unseen_uid > 0 && r.first_unseen_uid <= seq.len() {
+        if !self.rev2 && r.first_unseen_uid > 0 && r.first_unseen_uid <= seq.len() {
             out.untagged(
                 StatusKind::Ok,
                 Some(Code::Unseen(nz(r.first_unseen_uid))),
@@ -1192,6 +1257,7 @@ impl Session {
         };
         self.selected = Some(Box::new(Selected {
             recent_from,
+            no_recent: self.rev2,
             mailbox_id: info.id,
             name: info.name.clone(),
             read_only,
@@ -1311,7 +1377,13 @@ impl Session {
                         && pattern_matches(&full, &b.name)
                 })
             {
-                let items = vec![FlagNameAttribute::Noselect, attr("\\HasChildren")];
+                // RFC 9051 §7.3.1: a name that does not exist is \NonExistent in rev2.
+                let missing = if self.rev2 && !lsub {
+                    attr("\\NonExistent")
+                } else {
+                    FlagNameAttribute::Noselect
+                };
+                let items = vec![missing, attr("\\HasChildren")];
                 let d = if lsub {
                     Data::Lsub {
                         items,
@@ -1368,6 +1440,8 @@ impl Session {
         for i in items {
             values.push(match i {
                 StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
+                // Not part of IMAP4rev2.
+                StatusDataItemName::Recent if self.rev2 => continue,
                 StatusDataItemName::Recent => StatusDataItem::Recent(info.recent),
                 StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uidnext)),
                 StatusDataItemName::UidValidity => {
@@ -1518,6 +1592,15 @@ impl Session {
     fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
         let sel = self.selected.as_ref().ok_or("No mailbox selected")?;
         let mut out: Vec<(u32, u32)> = Vec::new();
+        if self.uses_saved && is_saved_marker(set) {
+            // `$` (RFC 5182): the saved UIDs still in the mailbox, for UID and message
+            // number commands alike; an empty result names nothing.
+            return Ok(self
+                .saved
+                .iter()
+                .filter_map(|u| sel.seq.seq(*u).map(|q| (q, *u)))
+                .collect());
+        }
         if uid {
             let max = sel.seq.max_uid().unwrap_or(0);
             for s in set.0.as_ref() {
@@ -2026,14 +2109,61 @@ impl Session {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn search<W: AsyncWrite + Unpin>(
         &mut self,
         tag: &Tag<'static>,
         charset: Option<Charset<'static>>,
         criteria: Vec1<SearchKey<'static>>,
         uid: bool,
+        ret: Option<Vec<ReturnOpt>>,
         out: &mut Out<'_, W>,
     ) -> std::io::Result<()> {
+        let save = ret.as_ref().is_some_and(|o| o.contains(&ReturnOpt::Save));
+        let r = self.search_uids(tag, charset, criteria, out).await;
+        let Some((uids, modseq)) = r else {
+            // A failed SEARCH ... SAVE leaves an empty saved result (RFC 5182 §2.1).
+            if save {
+                self.saved.clear();
+            }
+            return Ok(());
+        };
+        let sel = self.sel();
+        let nums: Vec<u32> = if uid {
+            uids.clone()
+        } else {
+            uids.iter().filter_map(|u| sel.seq.seq(*u)).collect()
+        };
+        if ret.is_some() || self.rev2 {
+            // ESEARCH (RFC 4731); IMAP4rev2 answers every SEARCH so, ALL by default.
+            let opts = ret.unwrap_or_default();
+            if save {
+                self.saved = esearch::saved(&opts, &uids);
+            }
+            if esearch::responds(&opts) {
+                let result = esearch::compute(&opts, &nums, modseq);
+                out.raw(&esearch::serialize(tag.as_ref(), uid, &result));
+            }
+        } else {
+            let modseq = modseq
+                .filter(|_| !nums.is_empty())
+                .and_then(NonZeroU64::new);
+            out.data(Data::Search(nums.into_iter().map(nz).collect(), modseq));
+        }
+        out.tagged(tag, StatusKind::Ok, None, "SEARCH completed");
+        Ok(())
+    }
+
+    /// Run a search: the matching UIDs still in the session's view (ascending) and, when a
+    /// MODSEQ key was used, the highest modseq of the matches. `None`: the tagged failure
+    /// has been written.
+    async fn search_uids<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        charset: Option<Charset<'static>>,
+        criteria: Vec1<SearchKey<'static>>,
+        out: &mut Out<'_, W>,
+    ) -> Option<(Vec<u32>, Option<u64>)> {
         if let Some(c) = &charset {
             let c = c.as_ref();
             if !c.eq_ignore_ascii_case("UTF-8") && !c.eq_ignore_ascii_case("US-ASCII") {
@@ -2048,7 +2178,7 @@ impl Session {
                     }),
                     "Unsupported charset",
                 );
-                return Ok(());
+                return None;
             }
         }
         let mut uses_modseq = false;
@@ -2061,7 +2191,7 @@ impl Session {
             Ok(k) => k,
             Err(m) => {
                 out.tagged(tag, StatusKind::Bad, None, m);
-                return Ok(());
+                return None;
             }
         };
         if uses_modseq {
@@ -2082,30 +2212,18 @@ impl Session {
             Ok(r) => r,
             Err(e) => {
                 self.fail(tag, &e, out);
-                return Ok(());
+                return None;
             }
         };
         let sel = self.sel();
-        let mut nums: Vec<NonZeroU32> = r
+        let mut uids: Vec<u32> = r
             .uids
-            .iter()
-            .filter_map(|u| {
-                if uid {
-                    sel.seq.seq(*u).map(|_| nz(*u))
-                } else {
-                    sel.seq.seq(*u).map(nz)
-                }
-            })
+            .into_iter()
+            .filter(|u| sel.seq.seq(*u).is_some())
             .collect();
-        nums.sort_unstable();
-        let modseq = if uses_modseq && !nums.is_empty() {
-            NonZeroU64::new(r.highestmodseq)
-        } else {
-            None
-        };
-        out.data(Data::Search(nums, modseq));
-        out.tagged(tag, StatusKind::Ok, None, "SEARCH completed");
-        Ok(())
+        uids.sort_unstable();
+        uids.dedup();
+        Some((uids, uses_modseq.then_some(r.highestmodseq)))
     }
 
     fn search_key(
@@ -2159,6 +2277,9 @@ impl Session {
             SearchKey::Keyword(a) => has(a.as_ref()),
             SearchKey::Unkeyword(a) => lacks(a.as_ref()),
             // \Recent is this session's state (see `Selected::recent_from`).
+            SearchKey::Recent | SearchKey::New | SearchKey::Old if self.rev2 => {
+                return Err("RECENT, NEW and OLD are not IMAP4rev2");
+            }
             SearchKey::Recent => self.recent_key(),
             SearchKey::New => K::And(pb::SearchKeys {
                 keys: vec![
@@ -2488,6 +2609,7 @@ mod tests {
             pending_expunges: vec![],
             reported: HashMap::new(),
             recent_from: 9,
+            no_recent: false,
         }
     }
 

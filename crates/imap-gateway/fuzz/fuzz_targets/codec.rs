@@ -8,6 +8,10 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../src/codec.rs"]
 #[allow(dead_code)]
 mod codec;
+// codec.rs uses the pre-parser as `crate::preparse`.
+#[path = "../../src/preparse.rs"]
+#[allow(dead_code)]
+mod preparse;
 
 use codec::{Decoder, DecoderLimits, Input, Mode};
 
@@ -26,7 +30,7 @@ fn run(data: &[u8], chunk: usize) -> Vec<String> {
         d.feed(piece);
         while let Some(input) = d.next_input() {
             let next_mode = match &input {
-                Input::Command(c) => match c.body.name() {
+                Input::Command(c, _) => match c.body.name() {
                     "AUTHENTICATE" => Mode::AuthenticateData,
                     "IDLE" => Mode::IdleDone,
                     _ => Mode::Command,

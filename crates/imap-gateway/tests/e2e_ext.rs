@@ -1,0 +1,287 @@
+//! End-to-end tests of ESEARCH (RFC 4731), SEARCHRES (RFC 5182), IMAP4rev2 (RFC 9051) and
+//! LIST-EXTENDED / LIST-STATUS (RFC 5258 / 5819): the gateway over real sockets against a
+//! real mailbox-store on a fresh PostgreSQL database.
+
+mod common;
+
+use common::*;
+
+fn msg(subject: &str) -> Vec<u8> {
+    format!(
+        "From: Alice <alice@remote.test>\r\nTo: bob@example.test\r\nSubject: {subject}\r\n\
+         Date: Mon, 7 Feb 1994 21:52:25 -0800\r\n\r\nbody of {subject}\r\n"
+    )
+    .into_bytes()
+}
+
+/// The untagged lines of a response block starting with `prefix`.
+fn lines<'a>(r: &'a str, prefix: &str) -> Vec<&'a str> {
+    r.split("\r\n").filter(|l| l.starts_with(prefix)).collect()
+}
+
+/// Sequence numbers of the `* n FETCH` lines.
+fn fetched(r: &str) -> Vec<u32> {
+    r.split("\r\n")
+        .filter(|l| l.starts_with("* ") && l.contains(" FETCH "))
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect()
+}
+
+async fn four_messages(env: &Env) -> Client {
+    env.account("bob@example.test").await;
+    for s in ["one", "two", "three", "four"] {
+        env.deliver("bob@example.test", &msg(s)).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 4 EXISTS"), "{r}");
+    let r = c.cmd("STORE 2,4 +FLAGS.SILENT (\\Flagged)").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn esearch_return_options() {
+    let env = env().await;
+    let mut c = four_messages(&env).await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains(" ESEARCH") && caps.contains(" SEARCHRES"),
+        "{caps}"
+    );
+    // (command, tag number, expected ESEARCH line without "* ESEARCH (TAG "tN")")
+    let cases = [
+        (
+            "SEARCH RETURN (MIN MAX ALL COUNT) FLAGGED",
+            " MIN 2 MAX 4 ALL 2,4 COUNT 2",
+        ),
+        ("UID SEARCH RETURN () ALL", " UID ALL 1:4"),
+        ("SEARCH RETURN (ALL) UNFLAGGED", " ALL 1,3"),
+        ("SEARCH RETURN (COUNT) SUBJECT nomatch", " COUNT 0"),
+        // No MIN/MAX/ALL item for an empty result.
+        ("SEARCH RETURN (MIN MAX ALL) SUBJECT nomatch", ""),
+        ("UID SEARCH RETURN (max) NOT FLAGGED", " UID MAX 3"),
+        ("SEARCH RETURN (COUNT) CHARSET UTF-8 TEXT three", " COUNT 1"),
+    ];
+    for (q, want) in cases {
+        let tag = format!("t{}", 5 + cases.iter().position(|x| x.0 == q).unwrap());
+        let r = c.cmd(q).await;
+        assert!(tagged(&r).contains("OK"), "{q}: {r}");
+        let es = lines(&r, "* ESEARCH");
+        assert_eq!(
+            es,
+            vec![format!("* ESEARCH (TAG \"{tag}\"){want}")],
+            "{q}: {r}"
+        );
+        assert!(lines(&r, "* SEARCH").is_empty(), "{q}: {r}");
+    }
+    // A rev1 SEARCH without RETURN still answers `* SEARCH`.
+    let r = c.cmd("SEARCH FLAGGED").await;
+    assert!(
+        r.contains("* SEARCH 2 4\r\n") && !r.contains("ESEARCH"),
+        "{r}"
+    );
+    // CONDSTORE: MODSEQ result item when the search used MODSEQ (RFC 7162 §3.1.5).
+    let r = c.cmd("SEARCH RETURN (COUNT) MODSEQ 1").await;
+    let es = lines(&r, "* ESEARCH");
+    assert!(es.len() == 1 && es[0].contains(" COUNT 4 MODSEQ "), "{r}");
+    let r = c.cmd("SEARCH RETURN (COUNT) ALL").await;
+    assert!(!r.contains("MODSEQ"), "{r}");
+    // Bad RETURN syntax: BAD, the connection lives.
+    for bad in [
+        "SEARCH RETURN (BOGUS) ALL",
+        "SEARCH RETURN MIN ALL",
+        "SEARCH RETURN (MIN)",
+        "UID SEARCH RETURN (MIN  MAX) ALL",
+        "FETCH $$ FLAGS",
+        "SEARCH RETURN (SAVE) FROBNICATE",
+    ] {
+        let r = c.cmd(bad).await;
+        assert!(tagged(&r).contains(" BAD "), "{bad}: {r}");
+    }
+    let r = c.cmd("NOOP").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn searchres_saves_uids_for_dollar() {
+    let env = env().await;
+    let mut c = four_messages(&env).await;
+    // SAVE alone: no ESEARCH response at all.
+    let r = c.cmd("SEARCH RETURN (SAVE) FLAGGED").await;
+    assert!(tagged(&r).contains("OK") && !r.contains("ESEARCH"), "{r}");
+    let r = c.cmd("FETCH $ (FLAGS)").await;
+    assert_eq!(fetched(&r), vec![2, 4], "{r}");
+    let r = c.cmd("UID FETCH $ (FLAGS)").await;
+    assert_eq!(fetched(&r), vec![2, 4], "{r}");
+    let r = c.cmd("SEARCH $").await;
+    assert!(r.contains("* SEARCH 2 4\r\n"), "{r}");
+    let r = c.cmd("SEARCH RETURN (ALL) NOT $").await;
+    assert!(r.contains(" ALL 1,3\r\n"), "{r}");
+    let r = c.cmd("UID SEARCH RETURN (COUNT) UID $").await;
+    assert!(r.contains(" UID COUNT 2\r\n"), "{r}");
+    // SAVE with MIN only keeps the minimum (RFC 5182 §2.4), and reports it.
+    let r = c.cmd("SEARCH RETURN (SAVE MIN) ALL").await;
+    assert!(r.contains(" MIN 1\r\n"), "{r}");
+    let r = c.cmd("UID STORE $ +FLAGS (\\Seen)").await;
+    assert_eq!(fetched(&r), vec![1], "{r}");
+    let r = c.cmd("SEARCH SEEN").await;
+    assert!(r.contains("* SEARCH 1\r\n"), "{r}");
+    let r = c.cmd("COPY $ Trash").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("STATUS Trash (MESSAGES)").await;
+    assert!(r.contains("MESSAGES 1)"), "{r}");
+    // The saved result is UIDs: after an expunge it still names the same messages.
+    let r = c.cmd("SEARCH RETURN (SAVE) UID 3:4").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    c.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    let r = c.cmd("EXPUNGE").await;
+    assert!(r.contains("* 1 EXPUNGE"), "{r}");
+    let r = c.cmd("UID FETCH $ (UID)").await;
+    assert!(
+        r.contains("* 2 FETCH (UID 3)") && r.contains("* 3 FETCH (UID 4)"),
+        "{r}"
+    );
+    // MOVE $ moves exactly those.
+    let r = c.cmd("MOVE $ Junk").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("STATUS Junk (MESSAGES)").await;
+    assert!(r.contains("MESSAGES 2)"), "{r}");
+    let r = c.cmd("SEARCH ALL").await;
+    assert!(r.contains("* SEARCH 1\r\n"), "{r}");
+    // A failed SEARCH ... SAVE empties the saved result: `$` then names nothing.
+    let r = c.cmd("SEARCH RETURN (SAVE) ALL").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("SEARCH RETURN (SAVE) CHARSET KOI8-R ALL").await;
+    assert!(tagged(&r).contains("NO [BADCHARSET"), "{r}");
+    let r = c.cmd("FETCH $ (FLAGS)").await;
+    assert!(tagged(&r).contains("OK") && fetched(&r).is_empty(), "{r}");
+    // SELECT resets it too.
+    c.cmd("SEARCH RETURN (SAVE) ALL").await;
+    let r = c.cmd("FETCH $ (FLAGS)").await;
+    assert_eq!(fetched(&r), vec![1], "{r}");
+    c.cmd("SELECT INBOX").await;
+    let r = c.cmd("FETCH $ (FLAGS)").await;
+    assert!(tagged(&r).contains("OK") && fetched(&r).is_empty(), "{r}");
+    let r = c.cmd("UID EXPUNGE $").await;
+    assert!(
+        tagged(&r).contains("OK") && !r.contains("EXPUNGE\r\n* "),
+        "{r}"
+    );
+    // `$` in a quoted string is a string.
+    let r = c.cmd("SEARCH SUBJECT \"$\"").await;
+    assert!(r.contains("* SEARCH\r\n"), "{r}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imap4rev2_enable_switches_the_session_rules() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", &msg("one")).await;
+    env.deliver("bob@example.test", &msg("two")).await;
+
+    // A rev1 client first: unchanged behaviour.
+    let mut old = env.login("bob@example.test").await;
+    let caps = old.cmd("CAPABILITY").await;
+    assert!(caps.contains("IMAP4REV1 IMAP4rev2 "), "{caps}");
+    let r = old.cmd("EXAMINE INBOX").await;
+    assert!(r.contains("* 2 RECENT") || r.contains("* 0 RECENT"), "{r}");
+    assert!(!r.contains("* LIST"), "{r}");
+    let r = old.cmd("SEARCH ALL").await;
+    assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+    let r = old.cmd("STATUS INBOX (MESSAGES RECENT)").await;
+    assert!(r.contains("RECENT"), "{r}");
+
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("ENABLE IMAP4rev2").await;
+    assert!(r.contains("* ENABLED IMAP4rev2\r\n"), "{r}");
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 2 EXISTS\r\n"), "{r}");
+    assert!(r.contains("* LIST () \"/\" INBOX\r\n"), "{r}");
+    assert!(!r.contains("RECENT") && !r.contains("[UNSEEN"), "{r}");
+    assert!(!r.contains("[CLOSED]"), "nothing was selected before: {r}");
+    let r = c.cmd("FETCH 1:* (FLAGS)").await;
+    assert!(!r.contains("\\Recent"), "{r}");
+    // SEARCH answers with ESEARCH only.
+    let r = c.cmd("SEARCH ALL").await;
+    let es = lines(&r, "* ESEARCH (TAG \"t");
+    assert!(es.len() == 1 && es[0].ends_with("\") ALL 1:2"), "{r}");
+    assert!(!r.contains("* SEARCH"), "{r}");
+    let r = c.cmd("UID SEARCH SUBJECT nomatch").await;
+    let es = lines(&r, "* ESEARCH (TAG \"t");
+    assert!(es.len() == 1 && es[0].ends_with("\") UID"), "{r}");
+    let r = c.cmd("SEARCH RECENT").await;
+    assert!(tagged(&r).contains(" BAD "), "{r}");
+    // STATUS: DELETED and SIZE, no RECENT.
+    c.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    let r = c.cmd("STATUS INBOX (MESSAGES DELETED SIZE RECENT)").await;
+    let st = lines(&r, "* STATUS");
+    assert!(
+        st.len() == 1
+            && st[0].contains("MESSAGES 2")
+            && st[0].contains("DELETED 1")
+            && st[0].contains("SIZE ")
+            && !st[0].contains("RECENT"),
+        "{r}"
+    );
+    // Replacing the selection says CLOSED first.
+    let r = c.cmd("EXAMINE INBOX").await;
+    assert!(r.starts_with("* OK [CLOSED]"), "{r}");
+    // Mailbox names are UTF-8, not modified UTF-7.
+    let r = c.cmd("CREATE \"Entwürfe/Ärger\"").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("LIST \"\" \"Entw*\"").await;
+    assert!(r.contains("Entwürfe/Ärger\r\n"), "{r}");
+    assert!(!r.contains("&A"), "{r}");
+    // The rev1 session sees the same mailbox in modified UTF-7.
+    let r = old.cmd("LIST \"\" \"Entw*\"").await;
+    assert!(r.contains("Entw&APw-rfe/&AMQ-rger"), "{r}");
+    // A name that only exists as a parent (its mailbox deleted, the child kept):
+    // \NonExistent for rev2, \Noselect for rev1.
+    c.cmd("CREATE \"p/q\"").await;
+    let r = c.cmd("DELETE p").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let rev2 = c.cmd("LIST \"\" \"%\"").await;
+    let rev1 = old.cmd("LIST \"\" \"%\"").await;
+    assert!(
+        rev2.contains("* LIST (\\NonExistent \\HasChildren) \"/\" p\r\n"),
+        "{rev2}"
+    );
+    assert!(
+        rev1.contains("* LIST (\\Noselect \\HasChildren) \"/\" p\r\n"),
+        "{rev1}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_imaplib_esearch_and_rev2() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for s in ["one", "two", "three"] {
+        env.deliver("bob@example.test", &msg(s)).await;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/imaplib_ext.py");
+    let out = tokio::process::Command::new("python3")
+        .args([
+            script.to_string(),
+            "127.0.0.1".into(),
+            env.imaps().port().to_string(),
+            env.certs.ca_pem.display().to_string(),
+            "bob@example.test".into(),
+            PASSWORD.into(),
+        ])
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("imaplib ext: all checks passed"),
+        "{stdout}"
+    );
+    env.stop().await;
+}
