@@ -44,7 +44,7 @@ use crate::convert;
 use crate::esearch;
 use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
-use crate::preparse::{Ext, ReturnOpt};
+use crate::preparse::{Ext, ListExt, ReturnOpt, StatusItem};
 use crate::seqmap::SeqMap;
 use crate::store::Store;
 
@@ -525,6 +525,8 @@ impl Session {
             Capability::Utf8(Utf8Kind::Accept),
             c("ESEARCH"),
             c("SEARCHRES"),
+            c("LIST-EXTENDED"),
+            c("LIST-STATUS"),
         ]);
         caps
     }
@@ -869,6 +871,10 @@ impl Session {
                     None => Err(ServiceError::NotFound(String::new())),
                 };
                 self.simple_reply(&tag, r, "UNSUBSCRIBE completed", out);
+            }
+            C::List { .. } if ext.list.is_some() => {
+                let l = ext.list.expect("checked");
+                self.list_extended(&tag, &l, out).await?
             }
             C::List {
                 reference,
@@ -1413,6 +1419,177 @@ impl Session {
         Ok(())
     }
 
+    /// LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and RFC 6154 SPECIAL-USE.
+    async fn list_extended<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        l: &ListExt,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let decode = |b: &[u8]| -> Option<String> {
+            let s = String::from_utf8(b.to_vec()).ok()?;
+            if self.utf8 {
+                Some(s)
+            } else {
+                mutf7::decode(&s)
+            }
+        };
+        let Some(reference) = decode(&l.reference) else {
+            out.tagged(tag, StatusKind::Bad, None, "Bad reference name");
+            return Ok(());
+        };
+        let mut patterns = Vec::new();
+        for p in &l.patterns {
+            match decode(p) {
+                Some(p) if !p.is_empty() => patterns.push(format!("{reference}{p}")),
+                Some(_) => {}
+                None => {
+                    out.tagged(tag, StatusKind::Bad, None, "Bad pattern");
+                    return Ok(());
+                }
+            }
+        }
+        let delim = QuotedChar::try_from(DELIMITER).expect("quoted char");
+        let no_selection = !l.sel_subscribed && !l.sel_special_use;
+        if patterns.is_empty() {
+            // Only empty patterns: the hierarchy delimiter, as for the basic form.
+            if no_selection {
+                out.data(Data::List {
+                    items: vec![FlagNameAttribute::Noselect],
+                    delimiter: Some(delim),
+                    mailbox: Mailbox::try_from("").unwrap_or(Mailbox::Inbox),
+                });
+            }
+            out.tagged(tag, StatusKind::Ok, None, "LIST completed");
+            return Ok(());
+        }
+        let status_items: Option<Vec<StatusDataItemName>> = l.ret_status.as_ref().map(|v| {
+            v.iter()
+                .map(|i| match i {
+                    StatusItem::Messages => StatusDataItemName::Messages,
+                    StatusItem::UidNext => StatusDataItemName::UidNext,
+                    StatusItem::UidValidity => StatusDataItemName::UidValidity,
+                    StatusItem::Unseen => StatusDataItemName::Unseen,
+                    StatusItem::Deleted => StatusDataItemName::Deleted,
+                    StatusItem::Size => StatusDataItemName::Size,
+                    StatusItem::HighestModSeq => StatusDataItemName::HighestModSeq,
+                    StatusItem::Recent => StatusDataItemName::Recent,
+                })
+                .collect()
+        });
+        let boxes = match self
+            .store
+            .list(self.account_id(), status_items.is_some())
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let by_name: std::collections::BTreeMap<&str, &pb::MailboxInfo> =
+            boxes.iter().map(|b| (b.name.as_str(), b)).collect();
+        // Every name to consider: the mailboxes and their (possibly missing) ancestors.
+        let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for b in &boxes {
+            names.insert(b.name.clone());
+            let mut n = b.name.as_str();
+            while let Some(i) = n.rfind(DELIMITER) {
+                n = &n[..i];
+                names.insert(n.to_string());
+            }
+        }
+        let matches = |n: &str| patterns.iter().any(|p| pattern_matches(p, n));
+        // Does this existing mailbox satisfy the selection options?
+        let selected = |b: &pb::MailboxInfo| {
+            (!l.sel_subscribed || b.subscribed)
+                && (!l.sel_special_use || special_use_attr(b.special_use).is_some())
+        };
+        let is_below = |child: &str, parent: &str| {
+            child.len() > parent.len()
+                && child.starts_with(parent)
+                && child[parent.len()..].starts_with(DELIMITER)
+        };
+        let mut childinfo = Vec::new();
+        if l.sel_subscribed {
+            childinfo.push("\"SUBSCRIBED\"");
+        }
+        if l.sel_special_use {
+            childinfo.push("\"SPECIAL-USE\"");
+        }
+        for name in &names {
+            if !matches(name) {
+                continue;
+            }
+            let info = by_name.get(name.as_str()).copied();
+            let meets = info.is_some_and(selected);
+            // RECURSIVEMATCH: a descendant that meets the selection but not the patterns.
+            let child_meets = l.sel_recursive
+                && boxes
+                    .iter()
+                    .any(|b| is_below(&b.name, name) && selected(b) && !matches(&b.name));
+            let has_children = names.iter().any(|n| is_below(n, name));
+            if !(meets || child_meets) {
+                // Without selection options, a missing name is listed only as the parent of
+                // mailboxes the pattern does not reach (as the basic LIST does).
+                let missing_parent = no_selection
+                    && info.is_none()
+                    && !boxes
+                        .iter()
+                        .any(|b| is_below(&b.name, name) && matches(&b.name));
+                if !missing_parent {
+                    continue;
+                }
+            }
+            let mut items = vec![];
+            match info {
+                None => items.push(attr("\\NonExistent")),
+                Some(b) => {
+                    if (l.ret_subscribed || l.sel_subscribed) && b.subscribed {
+                        items.push(attr("\\Subscribed"));
+                    }
+                    if let Some(su) = special_use_attr(b.special_use) {
+                        items.push(attr(su));
+                    }
+                }
+            }
+            items.push(attr(
+                if has_children || info.is_some_and(|b| b.has_children) {
+                    "\\HasChildren"
+                } else {
+                    "\\HasNoChildren"
+                },
+            ));
+            let mut line = ResponseCodec::default()
+                .encode(&Response::Data(Data::List {
+                    items,
+                    delimiter: Some(delim),
+                    mailbox: self.name_out(name),
+                }))
+                .dump();
+            if child_meets && !childinfo.is_empty() {
+                // Extended data (RFC 5258 §4): the line without its CRLF, then the item.
+                line.truncate(line.len().saturating_sub(2));
+                line.extend_from_slice(
+                    format!(" (\"CHILDINFO\" ({}))\r\n", childinfo.join(" ")).as_bytes(),
+                );
+            }
+            out.raw(&line);
+            // LIST-STATUS: right after the LIST line, only for selectable mailboxes.
+            if let (Some(items), Some(b)) = (&status_items, info) {
+                let values = self.status_values(b, items);
+                out.data(Data::Status {
+                    mailbox: self.name_out(&b.name),
+                    items: values.into(),
+                });
+            }
+            out.maybe_flush().await?;
+        }
+        out.tagged(tag, StatusKind::Ok, None, "LIST completed");
+        Ok(())
+    }
+
     async fn status<W: AsyncWrite + Unpin>(
         &mut self,
         tag: &Tag<'static>,
@@ -1436,6 +1613,21 @@ impl Session {
                 return Ok(());
             }
         };
+        let values = self.status_values(&info, items);
+        out.data(Data::Status {
+            mailbox: self.name_out(&info.name),
+            items: values.into(),
+        });
+        out.tagged(tag, StatusKind::Ok, None, "STATUS completed");
+        Ok(())
+    }
+
+    /// The STATUS items asked for, from a mailbox's counts.
+    fn status_values(
+        &self,
+        info: &pb::MailboxInfo,
+        items: &[StatusDataItemName],
+    ) -> Vec<StatusDataItem> {
         let mut values = Vec::new();
         for i in items {
             values.push(match i {
@@ -1457,12 +1649,7 @@ impl Session {
                 }
             });
         }
-        out.data(Data::Status {
-            mailbox: self.name_out(&info.name),
-            items: values.into(),
-        });
-        out.tagged(tag, StatusKind::Ok, None, "STATUS completed");
-        Ok(())
+        values
     }
 
     async fn append<W: AsyncWrite + Unpin>(

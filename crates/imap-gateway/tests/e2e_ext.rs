@@ -285,3 +285,132 @@ async fn python_imaplib_esearch_and_rev2() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_extended_selection_return_options_and_status() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", &msg("one")).await;
+    env.deliver("bob@example.test", &msg("two")).await;
+    let mut c = env.login("bob@example.test").await;
+    let caps = c.cmd("CAPABILITY").await;
+    assert!(
+        caps.contains(" LIST-EXTENDED") && caps.contains(" LIST-STATUS"),
+        "{caps}"
+    );
+    for m in ["Fruit/Apple", "Fruit/Banana", "Veg"] {
+        let r = c.cmd(&format!("CREATE {m}")).await;
+        assert!(tagged(&r).contains("OK"), "{r}");
+    }
+    for m in ["Fruit", "Fruit/Apple", "Veg"] {
+        c.cmd(&format!("UNSUBSCRIBE {m}")).await;
+    }
+    let r = c.cmd("SUBSCRIBE Fruit/Banana").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+
+    // SUBSCRIBED selection: only subscribed names, marked \Subscribed.
+    let r = c.cmd("LIST (SUBSCRIBED) \"\" \"Fruit*\"").await;
+    assert_eq!(
+        lines(&r, "* LIST"),
+        vec!["* LIST (\\Subscribed \\HasNoChildren) \"/\" Fruit/Banana"],
+        "{r}"
+    );
+    // RECURSIVEMATCH: the unsubscribed parent with CHILDINFO.
+    let r = c.cmd("LIST (SUBSCRIBED RECURSIVEMATCH) \"\" \"%\"").await;
+    let l = lines(&r, "* LIST");
+    assert!(
+        l.contains(&"* LIST (\\HasChildren) \"/\" Fruit (\"CHILDINFO\" (\"SUBSCRIBED\"))"),
+        "{r}"
+    );
+    assert!(!l.iter().any(|x| x.ends_with(" Veg")), "{r}");
+    assert!(tagged(&r).contains("OK"), "{r}");
+
+    // Several patterns (one a literal), STATUS right after each LIST line.
+    c.send(
+        b"s1 LIST \"\" (\"INBOX\" {4+}\r\nFru%) RETURN (STATUS (MESSAGES UNSEEN) SUBSCRIBED)\r\n",
+    )
+    .await;
+    let r = String::from_utf8(c.until_tag("s1").await).unwrap();
+    let all: Vec<&str> = r.split("\r\n").collect();
+    let inbox = all
+        .iter()
+        .position(|x| x.starts_with("* LIST") && x.ends_with(" INBOX"))
+        .unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        all[inbox + 1],
+        "* STATUS INBOX (MESSAGES 2 UNSEEN 2)",
+        "{r}"
+    );
+    let fruit = all
+        .iter()
+        .position(|x| x.starts_with("* LIST") && x.ends_with(" Fruit"))
+        .unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        all[fruit + 1],
+        "* STATUS Fruit (MESSAGES 0 UNSEEN 0)",
+        "{r}"
+    );
+    assert_eq!(lines(&r, "* LIST").len(), 2, "{r}");
+    assert!(tagged(&r).starts_with("s1 OK"), "{r}");
+
+    // SPECIAL-USE selection (RFC 6154): only special-use mailboxes.
+    let r = c.cmd("LIST (SPECIAL-USE) \"\" \"*\"").await;
+    let l = lines(&r, "* LIST");
+    assert!(
+        l.iter()
+            .any(|x| x.contains("\\Sent") && x.ends_with(" Sent")),
+        "{r}"
+    );
+    assert!(
+        !l.iter()
+            .any(|x| x.ends_with(" INBOX") || x.ends_with(" Veg")),
+        "{r}"
+    );
+    let r = c.cmd("LIST \"\" \"S*\" RETURN (SPECIAL-USE)").await;
+    assert!(
+        lines(&r, "* LIST").iter().any(|x| x.contains("\\Sent")),
+        "{r}"
+    );
+
+    // A parent without its mailbox: \NonExistent and no STATUS for it.
+    c.cmd("CREATE x/y").await;
+    let r = c.cmd("DELETE x").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c.cmd("LIST \"\" \"%\" RETURN (STATUS (MESSAGES))").await;
+    let all: Vec<&str> = r.split("\r\n").collect();
+    let x = all
+        .iter()
+        .position(|l| *l == "* LIST (\\NonExistent \\HasChildren) \"/\" x")
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(!all[x + 1].starts_with("* STATUS"), "{r}");
+    assert!(r.contains("* STATUS Veg (MESSAGES 0)"), "{r}");
+    // Bad extended syntax: BAD, and the connection lives.
+    for bad in [
+        "LIST (BOGUS) \"\" *",
+        "LIST (RECURSIVEMATCH) \"\" *",
+        "LIST \"\" * RETURN (STATUS ())",
+        "LIST \"\" * RETURN (NOPE)",
+        "LIST \"\" () RETURN (CHILDREN)",
+        "LIST \"\" * RETURN",
+    ] {
+        let r = c.cmd(bad).await;
+        assert!(tagged(&r).contains(" BAD "), "{bad}: {r}");
+    }
+    let r = c.cmd("LIST \"\" INBOX").await;
+    assert!(
+        r.contains("* LIST (\\HasNoChildren) \"/\" INBOX\r\n"),
+        "{r}"
+    );
+
+    // UTF-8 patterns once IMAP4rev2 is enabled.
+    c.cmd("ENABLE IMAP4rev2").await;
+    c.cmd("CREATE \"Straße\"").await;
+    let r = c
+        .cmd("LIST \"\" (\"Stra*\") RETURN (STATUS (MESSAGES))")
+        .await;
+    assert!(
+        r.contains("Straße\r\n* STATUS ") && r.contains("(MESSAGES 0)"),
+        "{r}"
+    );
+    env.stop().await;
+}

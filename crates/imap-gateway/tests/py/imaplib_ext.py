@@ -69,6 +69,21 @@ def main():
         check("BAD" in str(e) or "bad" in str(e).lower(), "BAD for RETURN (NOPE)", str(e))
     ok(m.noop(), "noop after BAD")
 
+    # LIST-EXTENDED + LIST-STATUS: several patterns, STATUS after the LIST line.
+    for c in ("LIST-EXTENDED", "LIST-STATUS"):
+        check(c in caps, f"{c} advertised", caps)
+    m.untagged_responses.pop("LIST", None)
+    m.untagged_responses.pop("STATUS", None)
+    typ, data = m._simple_command(
+        "LIST", '""', '("INBOX" "Sen%")', "RETURN", "(SUBSCRIBED", "STATUS", "(MESSAGES))"
+    )
+    check(typ == "OK", "list-status", data)
+    lists = m.untagged_responses.pop("LIST", [])
+    status = m.untagged_responses.pop("STATUS", [])
+    check(len(lists) == 2 and lists[0].endswith(b'"/" INBOX'), "LIST lines", lists)
+    check(lists[1].endswith(b'"/" Sent') and b"\\Sent" in lists[1], "Sent listed", lists)
+    check(status == [b"INBOX (MESSAGES 3)", b"Sent (MESSAGES 0)"], "STATUS lines", status)
+
     # IMAP4rev2 (ENABLE belongs to the authenticated state).
     ok(m.unselect(), "unselect")
     typ, data = m._simple_command("ENABLE", "IMAP4rev2")
