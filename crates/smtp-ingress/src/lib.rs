@@ -185,6 +185,12 @@ async fn accept_loop<B: Backend>(
                     &[("reason", which)],
                 )
                 .inc();
+                if port == Port::Submissions {
+                    // Implicit TLS: a plaintext 421 would be garbage to the client's TLS stack,
+                    // and a handshake just to refuse is what a flood wants us to spend. Close.
+                    drop(stream);
+                    continue;
+                }
                 shutdown.spawn(async move {
                     let text =
                         format!("421 4.7.0 Too many connections ({reason:?}), try again later\r\n");
@@ -198,7 +204,10 @@ async fn accept_loop<B: Backend>(
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 // Out of file descriptors and similar: back off instead of spinning.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    _ = shutdown.stopping() => return,
+                }
             }
         }
     }

@@ -148,6 +148,43 @@ async fn connection_limits_overall_and_per_ip() {
     e.stop().await;
 }
 
+/// On the implicit-TLS port a refused connection is closed without a byte: a plaintext 421
+/// there is garbage to the client's TLS stack.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusal_on_implicit_tls_port_sends_no_plaintext() {
+    use tokio::io::AsyncReadExt;
+    let e = env_with(|c| {
+        no_verify(c);
+        c.limits.max_connections_per_ip = 1;
+    })
+    .await;
+    let addr = e.smtp.submissions.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = e.tls_connector().connect(name, tcp).await.unwrap();
+    let mut first = Client {
+        io: BufReader::new(tls),
+    };
+    assert_eq!(first.reply().await.0, 220, "the first connection is served");
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), over.read_to_end(&mut got))
+        .await
+        .expect("the refused connection is closed")
+        .unwrap();
+    assert!(got.is_empty(), "no plaintext on 465: {got:?}");
+    // The plaintext MX port still explains itself with a 421.
+    let _mx = greeted(&e).await;
+    let s = tokio::net::TcpStream::connect(e.smtp.smtp.unwrap())
+        .await
+        .unwrap();
+    let mut c = Client {
+        io: BufReader::new(s),
+    };
+    assert_eq!(c.reply().await.0, 421);
+    e.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_per_ip_per_minute() {
     let e = env_with(|c| {
