@@ -437,7 +437,9 @@ fn search_keys(p: &mut P<'_>, ext: &mut Ext, edits: &mut Edits) {
             Tok::Space | Tok::Open | Tok::Close | Tok::Quoted | Tok::Literal => p.i += 1,
             Tok::Atom => {
                 let word = p.text(&t).to_ascii_uppercase();
-                if word == b"$" {
+                // A sequence set where a key belongs: `$`, or the client's own marker text
+                // (made ascending by `seq_token`).
+                if word == b"$" || word == SAVED_MARKER {
                     seq_token(p, ext, edits);
                     continue;
                 }
@@ -708,6 +710,60 @@ mod tests {
             b,
             "a SEARCH (4294967295:4294967294 (UID 4294967295:4294967294))\r\n"
         );
+    }
+
+    #[test]
+    fn client_marker_in_search_keys_never_means_dollar() {
+        let (b, e) = rw(b"a SEARCH 4294967295:4294967294 $\r\n");
+        assert_eq!(
+            b,
+            "a SEARCH 4294967294:4294967295 4294967295:4294967294\r\n"
+        );
+        assert!(e.saved);
+    }
+
+    /// Mutations of valid commands (a small deterministic fuzz run that CI always does; the
+    /// cargo-fuzz target goes further): never a panic, and a rewrite never grows a message
+    /// by more than the `$` replacements can.
+    #[test]
+    fn mutated_commands_never_panic() {
+        let seeds: [&[u8]; 6] = [
+            b"a1 UID SEARCH RETURN (MIN MAX ALL COUNT SAVE) CHARSET UTF-8 OR $ UID $ SUBJECT {3}\r\nabc\r\n",
+            b"a2 UID FETCH $ (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n",
+            b"a3 LIST (SUBSCRIBED RECURSIVEMATCH) \"\" (\"INBOX\" {2+}\r\n%x) RETURN (STATUS (MESSAGES SIZE) CHILDREN)\r\n",
+            b"a4 SEARCH MODSEQ \"/flags/\\\\seen\" all 5 NOT (HEADER x $ $)\r\n",
+            b"a5 UID EXPUNGE $\r\n",
+            b"a6 MOVE $ Trash\r\n",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        let alphabet = b" ()\"{}+$\\\r\n*%~0123456789ARSUL";
+        for _ in 0..20_000 {
+            let mut m = seeds[rnd(seeds.len())].to_vec();
+            for _ in 0..1 + rnd(4) {
+                let at = rnd(m.len() + 1);
+                match rnd(3) {
+                    0 if at < m.len() => {
+                        m.remove(at);
+                    }
+                    1 if at < m.len() => m[at] = alphabet[rnd(alphabet.len())],
+                    _ => m.insert(at, alphabet[rnd(alphabet.len())]),
+                }
+            }
+            if let Pre::Rewritten(out, _) = preparse(&m) {
+                let dollars = m.iter().filter(|b| **b == b'$').count();
+                assert!(
+                    out.len() <= m.len() + dollars * SAVED_MARKER.len(),
+                    "{}",
+                    String::from_utf8_lossy(&m)
+                );
+            }
+        }
     }
 
     #[test]
