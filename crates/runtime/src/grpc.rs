@@ -112,13 +112,15 @@ pub struct ClientTraceLayer;
 impl<S> Layer<S> for ClientTraceLayer {
     type Service = ClientTrace<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ClientTrace { inner }
+        ClientTrace { inner, auth: None }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct ClientTrace<S> {
     inner: S,
+    /// `authorization: Bearer <internal token>`, sent on every call when set.
+    auth: Option<http::HeaderValue>,
 }
 
 impl<S, B, RB> Service<http::Request<B>> for ClientTrace<S>
@@ -149,6 +151,10 @@ where
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
         });
+        if let Some(auth) = &self.auth {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, auth.clone());
+        }
         let fut = self.inner.call(req);
         let timing = Timing::start("mailsuite_grpc_client_duration_seconds", svc, method);
         let recorded = span.clone();
@@ -233,14 +239,108 @@ fn grpc_code_name(code: &str) -> &'static str {
 pub type GrpcChannel = ClientTrace<Channel>;
 
 /// A channel that connects on first use and reconnects as needed (so services may start in
-/// any order).
+/// any order), sending no internal token.
 pub fn connect_lazy(url: &str) -> Result<GrpcChannel, tonic::transport::Error> {
+    connect_lazy_with_token(url, "")
+}
+
+/// [`connect_lazy`] that authenticates every call with the services' shared internal token
+/// (see [`ServerAuthLayer`]); an empty token sends none.
+pub fn connect_lazy_with_token(
+    url: &str,
+    token: &str,
+) -> Result<GrpcChannel, tonic::transport::Error> {
     let ep = Endpoint::from_shared(url.to_string())?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    Ok(ClientTraceLayer.layer(ep.connect_lazy()))
+    let mut channel = ClientTraceLayer.layer(ep.connect_lazy());
+    channel.auth = bearer(token);
+    Ok(channel)
+}
+
+fn bearer(token: &str) -> Option<http::HeaderValue> {
+    if token.is_empty() {
+        return None;
+    }
+    let mut v = http::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// Server side: every call but the health service's must carry
+/// `authorization: Bearer <token>`, else it fails with `UNAUTHENTICATED` before reaching a
+/// handler. An empty token disables the check (a single host or a trusted network only).
+///
+/// Why a shared token and not mTLS: it needs no certificate authority in compose or
+/// Kubernetes (one Secret), and health stays open for probes that cannot send headers.
+#[derive(Clone, Debug, Default)]
+pub struct ServerAuthLayer {
+    expected: Option<std::sync::Arc<[u8]>>,
+}
+
+impl ServerAuthLayer {
+    pub fn new(token: &str) -> Self {
+        ServerAuthLayer {
+            expected: (!token.is_empty()).then(|| format!("Bearer {token}").into_bytes().into()),
+        }
+    }
+}
+
+impl<S> Layer<S> for ServerAuthLayer {
+    type Service = ServerAuth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerAuth {
+            inner,
+            expected: self.expected.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerAuth<S> {
+    inner: S,
+    expected: Option<std::sync::Arc<[u8]>>,
+}
+
+/// Equal-length comparison that does not stop at the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl<S, B, RB> Service<http::Request<B>> for ServerAuth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if let Some(expected) = &self.expected {
+            let open = req.uri().path().starts_with("/grpc.health.v1.Health/");
+            let given = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !open && !same_secret(given, expected) {
+                crate::metrics::counter("mailsuite_grpc_unauthenticated_total", &[]).inc();
+                let res = tonic::Status::unauthenticated("missing or wrong internal token")
+                    .into_http::<RB>();
+                return Box::pin(async move { Ok(res) });
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
 }
 
 /// Turn a bound listener into the incoming stream tonic serves from.
@@ -276,5 +376,56 @@ mod tests {
             ("mailsuite.v1.Delivery".to_string(), "Deliver".to_string())
         );
         assert_eq!(super::rpc_parts("/"), (String::new(), String::new()));
+    }
+
+    /// The auth layer in front of a handler that always answers OK: which requests reach it.
+    #[tokio::test]
+    async fn internal_token_is_required_except_for_health() {
+        use tower::{Layer, ServiceExt};
+        let handler = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("handled")))
+        });
+        let call = |layer: super::ServerAuthLayer, path: &str, auth: Option<&str>| {
+            let svc = layer.layer(handler);
+            let mut req = http::Request::builder().uri(path);
+            if let Some(a) = auth {
+                req = req.header(http::header::AUTHORIZATION, a);
+            }
+            let req = req.body(()).unwrap();
+            async move {
+                let res = svc.oneshot(req).await.unwrap();
+                let status = res
+                    .headers()
+                    .get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, res.into_body())
+            }
+        };
+        let on = || super::ServerAuthLayer::new("s3cret");
+        let rpc = "/mailsuite.v1.Admin/ListDomains";
+        let handled = (None, "handled".to_string());
+        let refused = (Some("16".to_string()), String::new());
+        assert_eq!(call(on(), rpc, Some("Bearer s3cret")).await, handled);
+        assert_eq!(call(on(), rpc, None).await, refused);
+        assert_eq!(call(on(), rpc, Some("Bearer s3cre")).await, refused);
+        assert_eq!(call(on(), rpc, Some("Bearer s3cret2")).await, refused);
+        assert_eq!(call(on(), rpc, Some("s3cret")).await, refused);
+        // Probes cannot send headers: health stays open.
+        let health = "/grpc.health.v1.Health/Check";
+        assert_eq!(call(on(), health, None).await, handled);
+        // An empty token switches the check off.
+        let off = super::ServerAuthLayer::new("");
+        assert_eq!(call(off, rpc, None).await, handled);
+    }
+
+    #[test]
+    fn client_sends_the_bearer_only_with_a_token() {
+        assert!(super::bearer("").is_none());
+        let v = super::bearer("abc").unwrap();
+        assert_eq!(v.as_bytes(), b"Bearer abc");
+        assert!(
+            v.is_sensitive(),
+            "kept out of debug output and HPACK tables"
+        );
     }
 }
