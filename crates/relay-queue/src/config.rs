@@ -15,6 +15,9 @@ pub struct Config {
     pub database_url: String,
     /// mailbox-store (Directory + Delivery) for hosted-domain recipients.
     pub store_url: String,
+    /// The services' shared gRPC secret: required of callers of `Queue`, sent to the store.
+    /// Empty = none (a single host or a trusted network only).
+    pub internal_token: mailsuite_runtime::grpc::InternalToken,
     /// Our name in EHLO, Received: and DSNs.
     pub hostname: String,
     /// Apply the migrations at start-up (under sqlx's advisory lock).
@@ -134,6 +137,7 @@ impl Default for Config {
             listen_ops: "0.0.0.0:9052".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
             store_url: "http://127.0.0.1:50051".into(),
+            internal_token: Default::default(),
             hostname: "localhost".into(),
             migrate_on_start: true,
             shutdown_grace_secs: 10,

@@ -91,7 +91,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     if let Some(e) = keyring.set(static_keys.clone()).into_iter().next() {
         return Err(Error::Config(e.to_string()));
     }
-    let store = grpc::connect_lazy(&config.store_url)?;
+    let store = grpc::connect_lazy_with_token(&config.store_url, config.internal_token.as_str())?;
     let tls = smtp::TlsClients::new(&config.tls_extra_roots).map_err(Error::Config)?;
 
     // Bind everything before spawning anything.
@@ -162,9 +162,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         .max_decoding_message_size(4 * 1024 * 1024);
         let sd = shutdown.clone();
         let forced = shutdown.force_token();
+        let auth = grpc::ServerAuthLayer::new(config.internal_token.as_str());
         shutdown.spawn(async move {
             let serve = tonic::transport::Server::builder()
                 .layer(grpc::ServerTraceLayer)
+                .layer(auth)
                 .add_service(health)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(grpc::incoming(listener), async move {

@@ -235,6 +235,37 @@ fn grpc_code_name(code: &str) -> &'static str {
     }
 }
 
+/// The secret the services share to authenticate gRPC calls to each other
+/// (`internal_token` in every service's configuration, `MAILSUITE_INTERNAL_TOKEN` in the
+/// environment). Debug output never shows it.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct InternalToken(pub String);
+
+impl InternalToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// 32 random bytes, hex: for `mailsuite up`, where one process starts every service.
+    pub fn random() -> InternalToken {
+        use rand::RngCore;
+        let mut b = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut b);
+        InternalToken(b.iter().map(|x| format!("{x:02x}")).collect())
+    }
+}
+
+impl std::fmt::Debug for InternalToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "(none)" } else { "(set)" })
+    }
+}
+
 /// The channel type every gRPC client in mailsuite uses.
 pub type GrpcChannel = ClientTrace<Channel>;
 
@@ -416,6 +447,14 @@ mod tests {
         // An empty token switches the check off.
         let off = super::ServerAuthLayer::new("");
         assert_eq!(call(off, rpc, None).await, handled);
+    }
+
+    #[test]
+    fn token_is_never_in_debug_output_and_random_ones_differ() {
+        let t = super::InternalToken::random();
+        assert_eq!(t.as_str().len(), 64);
+        assert_ne!(t, super::InternalToken::random());
+        assert!(!format!("{t:?}").contains(t.as_str()));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use mailsuite_proto::{
     FlushRequest, ResolveRequest, ResolveResponse, deliver_chunk, enqueue_chunk,
 };
 use mailsuite_runtime::ServiceError;
-use mailsuite_runtime::grpc::{GrpcChannel, connect_lazy};
+use mailsuite_runtime::grpc::{GrpcChannel, connect_lazy_with_token};
 
 /// Streamed message chunks stay under the 64 KiB frame rule.
 const CHUNK: usize = 64 * 1024;
@@ -66,9 +66,14 @@ pub struct GrpcBackend {
 }
 
 impl GrpcBackend {
-    pub fn new(store_url: &str, queue_url: &str) -> Result<Self, tonic::transport::Error> {
-        let store = connect_lazy(store_url)?;
-        let queue = connect_lazy(queue_url)?;
+    /// `token`: the services' shared internal token (empty = none).
+    pub fn new(
+        store_url: &str,
+        queue_url: &str,
+        token: &str,
+    ) -> Result<Self, tonic::transport::Error> {
+        let store = connect_lazy_with_token(store_url, token)?;
+        let queue = connect_lazy_with_token(queue_url, token)?;
         Ok(GrpcBackend {
             directory: DirectoryClient::new(store.clone()),
             delivery: DeliveryClient::new(store.clone()),

@@ -22,6 +22,8 @@ pub struct Config {
     pub hostname: String,
     pub store_url: String,
     pub queue_url: String,
+    /// The services' shared gRPC secret, sent on every call to the store and the queue.
+    pub internal_token: mailsuite_runtime::grpc::InternalToken,
     pub tls: TlsConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
@@ -39,6 +41,7 @@ impl Default for Config {
             hostname: "localhost".into(),
             store_url: "http://127.0.0.1:50051".into(),
             queue_url: "http://127.0.0.1:50052".into(),
+            internal_token: Default::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
             auth: AuthConfig::default(),

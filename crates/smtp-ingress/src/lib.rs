@@ -50,9 +50,14 @@ pub struct Started {
 
 /// Start with the gRPC backend named in the config and a DNS verifier from `config.dns`.
 pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
-    let backend = GrpcBackend::new(&config.store_url, &config.queue_url)?.with_timeout(
-        std::time::Duration::from_secs(config.limits.rpc_timeout_secs.max(1)),
-    );
+    let backend = GrpcBackend::new(
+        &config.store_url,
+        &config.queue_url,
+        config.internal_token.as_str(),
+    )?
+    .with_timeout(std::time::Duration::from_secs(
+        config.limits.rpc_timeout_secs.max(1),
+    ));
     let verifier = if config.policy.verify_inbound {
         Some(Verifier::new(&config.dns, &config.hostname)?)
     } else {

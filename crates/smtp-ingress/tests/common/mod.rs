@@ -187,9 +187,10 @@ pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     } else {
         None
     };
-    let backend = mailsuite_smtp_ingress::GrpcBackend::new(&config.store_url, &config.queue_url)
-        .unwrap()
-        .with_timeout(Duration::from_secs(config.limits.rpc_timeout_secs));
+    let backend =
+        mailsuite_smtp_ingress::GrpcBackend::new(&config.store_url, &config.queue_url, "")
+            .unwrap()
+            .with_timeout(Duration::from_secs(config.limits.rpc_timeout_secs));
     let shutdown = Shutdown::new();
     let smtp = mailsuite_smtp_ingress::start_with(config, backend, verifier, shutdown.clone())
         .await
