@@ -11,11 +11,44 @@ use crate::store;
 /// Gateways write at most this much per chunk (CONVENTIONS: ≤ 64 KiB per frame).
 pub const CHUNK: usize = 64 * 1024;
 
+/// Blobs up to this size are read with the message row (one statement per page of messages);
+/// larger ones are read per section, by byte range, so a big message is never loaded whole
+/// for a small section.
+pub const INLINE: u64 = 64 * 1024;
+
 pub struct Stored<'a> {
     pub blob_id: &'a [u8],
     pub prefix: &'a [u8],
+    /// The whole blob when it was read with the row (at most [`INLINE`] bytes).
+    pub data: Option<&'a [u8]>,
     pub size: u64,
     pub structure: &'a BodyPart,
+}
+
+/// Bytes [start, end) of the entry (prefix followed by the blob): sliced from the blob read
+/// with the row when there is one, otherwise read from the database by range.
+async fn read(
+    conn: &mut PgConnection,
+    msg: &Stored<'_>,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u8>, ServiceError> {
+    let Some(blob) = msg.data else {
+        return store::read_range(conn, msg.blob_id, msg.prefix, start, end).await;
+    };
+    let plen = msg.prefix.len() as u64;
+    let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+    if start < plen {
+        out.extend_from_slice(&msg.prefix[start as usize..end.min(plen) as usize]);
+    }
+    if end > plen {
+        let bs = (start.max(plen) - plen).min(blob.len() as u64) as usize;
+        let be = ((end - plen) as usize).min(blob.len());
+        if be > bs {
+            out.extend_from_slice(&blob[bs..be]);
+        }
+    }
+    Ok(out)
 }
 
 /// The bytes of one section, or None when the message has no such section.
@@ -44,11 +77,9 @@ pub async fn render(
         } else {
             (s + section.length).min(end)
         };
-        return Ok(Some(
-            store::read_range(conn, msg.blob_id, msg.prefix, s, e).await?,
-        ));
+        return Ok(Some(read(conn, msg, s, e).await?));
     }
-    let mut data = store::read_range(conn, msg.blob_id, msg.prefix, start, end.max(start)).await?;
+    let mut data = read(conn, msg, start, end.max(start)).await?;
     match kind {
         SectionKind::HeaderFields => {
             data = mime::filter_header_fields(&data, &section.fields, true)

@@ -32,6 +32,23 @@ fn st(e: impl Into<ServiceError>) -> Status {
 /// Rows fetched per round trip when streaming a large UID set.
 const PAGE: i64 = 500;
 
+/// Messages per FetchBody query. Blobs up to [`body::INLINE`] come with the row, so a page
+/// holds at most `BODY_PAGE × INLINE` bytes of content.
+const BODY_PAGE: i64 = 50;
+
+/// The rows of one FetchBody page: $1 mailbox, $2/$3 the UID ranges, $4 the last UID sent,
+/// $5 the largest blob read with the row (larger ones are read by range, per section).
+pub fn fetch_body_sql() -> String {
+    format!(
+        "SELECT m.uid, m.size, m.blob_id, m.prefix, b.body,
+                CASE WHEN b.size <= $5 THEN b.data END AS data
+           FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
+          WHERE m.mailbox_id = $1 AND m.uid > $4 AND {}
+          ORDER BY m.uid LIMIT {BODY_PAGE}",
+        store::uid_in_ranges("m.uid", 2, 3)
+    )
+}
+
 const INFO_SELECT: &str =
     "SELECT mb.id, mb.name, mb.special_use, mb.subscribed, mb.uidvalidity, mb.uidnext,
         mb.highestmodseq,
@@ -841,30 +858,23 @@ impl Mailbox for MailboxSvc {
         let req = req.into_inner();
         let (s, e) = self.limit_uids(req.uids.as_ref()).map_err(st)?;
         let pool = self.0.pool.clone();
-        {
-            let mut conn = pool.acquire().await.map_err(st)?;
-            owned(&mut conn, req.account_id, req.mailbox_id)
-                .await
-                .map_err(st)?;
-        }
+        // One connection for the ownership check and the reads.
+        let mut conn = pool.acquire().await.map_err(st)?;
+        owned(&mut conn, req.account_id, req.mailbox_id)
+            .await
+            .map_err(st)?;
         let stream = async_stream::try_stream! {
-            let mut conn = pool.acquire().await.map_err(st)?;
             let mut last: i64 = 0;
             loop {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT m.uid, m.size, m.blob_id, m.prefix, b.body
-                       FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
-                      WHERE m.mailbox_id = $1 AND m.uid > $4 AND {}
-                      ORDER BY m.uid LIMIT 50",
-                    store::uid_in_ranges("m.uid", 2, 3)
-                )))
-                .bind(req.mailbox_id)
-                .bind(&s)
-                .bind(&e)
-                .bind(last)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(st)?;
+                let rows = sqlx::query(sqlx::AssertSqlSafe(fetch_body_sql()))
+                    .bind(req.mailbox_id)
+                    .bind(&s)
+                    .bind(&e)
+                    .bind(last)
+                    .bind(body::INLINE as i64)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(st)?;
                 if rows.is_empty() {
                     break;
                 }
@@ -873,10 +883,12 @@ impl Mailbox for MailboxSvc {
                     let uid = last as u32;
                     let blob_id: Vec<u8> = r.get("blob_id");
                     let prefix: Vec<u8> = r.get("prefix");
+                    let data: Option<Vec<u8>> = r.get("data");
                     let structure = store::decode_structure(&r.get::<Vec<u8>, _>("body"), prefix.len() as u64);
                     let stored = Stored {
                         blob_id: &blob_id,
                         prefix: &prefix,
+                        data: data.as_deref(),
                         size: r.get::<i64, _>("size") as u64,
                         structure: &structure,
                     };
@@ -905,7 +917,7 @@ impl Mailbox for MailboxSvc {
                         }
                     }
                 }
-                if rows.len() < 50 {
+                if (rows.len() as i64) < BODY_PAGE {
                     break;
                 }
             }

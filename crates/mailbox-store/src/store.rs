@@ -96,9 +96,15 @@ pub fn uidset_pairs(set: Option<&mailsuite_proto::UidSet>) -> (Vec<i64>, Vec<i64
 }
 
 /// SQL fragment matching `uid` against unnest($a::bigint[], $b::bigint[]).
+///
+/// The plain bounds (lowest start, highest end) come first: they are what the planner can use
+/// as index conditions on `(mailbox_id, uid)`, so `FETCH 7` reads one row instead of scanning
+/// the mailbox up to it and testing every row against the set.
 pub fn uid_in_ranges(col: &str, a: usize, b: usize) -> String {
     format!(
-        "EXISTS (SELECT 1 FROM unnest(${a}::bigint[], ${b}::bigint[]) AS r(s, e) WHERE {col} BETWEEN r.s AND r.e)"
+        "{col} >= (SELECT min(s) FROM unnest(${a}::bigint[]) AS s)
+         AND {col} <= (SELECT max(e) FROM unnest(${b}::bigint[]) AS e)
+         AND EXISTS (SELECT 1 FROM unnest(${a}::bigint[], ${b}::bigint[]) AS r(s, e) WHERE {col} BETWEEN r.s AND r.e)"
     )
 }
 
