@@ -58,6 +58,21 @@ pub trait Backend: Send + Sync + 'static {
         uid: u32,
     ) -> impl Future<Output = Result<BodyStream, Failure>> + Send;
 
+    /// Several small messages at once, for pipelined RETRs: the whole stored content of
+    /// each uid that still exists (line ends as stored), in any order; uids that are gone
+    /// are simply left out. At most `max_bytes` in total: a backend that would exceed it
+    /// returns what fits. The default reads nothing ahead, so every RETR goes through
+    /// [`Backend::body`].
+    fn bodies(
+        &self,
+        target: Target,
+        uids: Vec<u32>,
+        max_bytes: u64,
+    ) -> impl Future<Output = Result<Vec<(u32, Vec<u8>)>, Failure>> + Send {
+        let _ = (target, uids, max_bytes);
+        async { Ok(Vec::new()) }
+    }
+
     /// The UPDATE state: mark `seen` \Seen, remove exactly the `deleted` messages.
     fn update(
         &self,

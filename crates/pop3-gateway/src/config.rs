@@ -104,6 +104,15 @@ pub struct Limits {
     /// RETR/TOP read a message from the store in windows of this many octets, so memory
     /// per transfer stays bounded whatever the message size (default 1 MiB).
     pub fetch_window_bytes: u64,
+    /// Pipelined RETRs read ahead together: when a RETR is executed while more RETRs are
+    /// already waiting in the input, the messages of up to this many of them are read from
+    /// the store in one call (default 32; 0 or 1 = one store call per RETR) ...
+    pub prefetch_messages: usize,
+    /// ... as long as each is at most `prefetch_message_bytes` (default 64 KiB; larger ones
+    /// are streamed in windows as usual) and together they hold at most `prefetch_bytes`
+    /// (default 1 MiB): the memory a connection may hold for messages not yet sent.
+    pub prefetch_message_bytes: u64,
+    pub prefetch_bytes: u64,
 }
 
 impl Default for Limits {
@@ -126,6 +135,9 @@ impl Default for Limits {
             store_health_interval_secs: 5,
             store_timeout_secs: 30,
             fetch_window_bytes: 1 << 20,
+            prefetch_messages: 32,
+            prefetch_message_bytes: 64 * 1024,
+            prefetch_bytes: 1 << 20,
         }
     }
 }

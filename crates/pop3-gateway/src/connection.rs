@@ -3,7 +3,7 @@
 //! stream type is generic, so the same loop runs before and after), and says goodbye on
 //! shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::backend::{Backend, Failure};
-use crate::codec::{BodyEncoder, LineDecoder, Reply, RespCode};
+use crate::codec::{BodyEncoder, LineDecoder, LineError, Reply, RespCode};
 use crate::config::Config;
 use crate::limiter::AuthLimiter;
 use crate::session::{Action, LoginError, Maildrop, Session, SessionConfig, Target};
@@ -100,6 +100,12 @@ struct Conn<B: Backend> {
     shared: Arc<Shared<B>>,
     session: Session,
     decoder: LineDecoder,
+    /// Complete command lines taken out of the decoder early, to look for pipelined RETRs;
+    /// they are executed before anything else the decoder holds.
+    pending: VecDeque<Result<Vec<u8>, LineError>>,
+    /// Messages read ahead for pipelined RETRs (uid → stored content), bounded by
+    /// `limits.prefetch_bytes`; dropped once the pipelined batch has been answered.
+    ahead: HashMap<u32, Vec<u8>>,
     out: Vec<u8>,
     peer: SocketAddr,
     lock: Option<B::Lock>,
@@ -134,7 +140,7 @@ pub async fn handle<B: Backend>(
 
 /// The command keyword of a raw line, for the command's span: never its arguments (PASS,
 /// AUTH data), and a fixed set of names.
-fn keyword_of(line: &Result<Vec<u8>, crate::codec::LineError>) -> &'static str {
+fn keyword_of(line: &Result<Vec<u8>, LineError>) -> &'static str {
     const KNOWN: &[&str] = &[
         "CAPA", "STLS", "AUTH", "USER", "PASS", "APOP", "STAT", "LIST", "RETR", "DELE", "NOOP",
         "RSET", "QUIT", "TOP", "UIDL", "UTF8", "LANG",
@@ -173,6 +179,8 @@ async fn serve<B: Backend>(
     let mut conn = Conn {
         login_deadline,
         decoder: LineDecoder::new(cfg.limits.max_line),
+        pending: VecDeque::new(),
+        ahead: HashMap::new(),
         session: Session::new(session_cfg, implicit_tls),
         out: Vec::new(),
         peer,
@@ -228,7 +236,11 @@ impl<B: Backend> Conn<B> {
         // When the first byte of the command line now being received arrived.
         let mut line_started: Option<tokio::time::Instant> = None;
         loop {
-            while let Some(line) = self.decoder.next_line() {
+            while let Some(line) = self
+                .pending
+                .pop_front()
+                .or_else(|| self.decoder.next_line())
+            {
                 let span = tracing::info_span!("pop3.command", pop3.command = keyword_of(&line));
                 let action = span.in_scope(|| self.session.handle_line(line));
                 match self.perform(action, &mut io).instrument(span).await {
@@ -245,11 +257,13 @@ impl<B: Backend> Conn<B> {
                         // Anything pipelined after STLS arrived in plaintext: it must not be
                         // executed as if it had come over TLS.
                         self.decoder.clear();
+                        self.pending.clear();
                         return Next::StartTls(io);
                     }
                 }
             }
             // Replies to a pipelined batch go out together, once the input is used up.
+            self.ahead.clear();
             if self.write(&mut io).await.is_err() {
                 return Next::Closed;
             }
@@ -377,7 +391,12 @@ impl<B: Backend> Conn<B> {
                     target,
                     uid,
                     top,
-                } => return self.send(io, reply, target, uid, top).await,
+                } => {
+                    if top.is_none() {
+                        self.read_ahead(target, uid).await;
+                    }
+                    return self.send(io, reply, target, uid, top).await;
+                }
                 Action::Update {
                     target,
                     deleted,
@@ -466,6 +485,68 @@ impl<B: Backend> Conn<B> {
         result
     }
 
+    /// Before RETR `uid`: when more RETRs are already waiting in the input, read this message
+    /// and theirs from the store in one call (small ones only, bounded in count and bytes),
+    /// instead of one serial store round trip per RETR. Only reads: every command is still
+    /// executed by the session in order, so a DELE in between or an unknown number behaves
+    /// exactly as without it. A failure here costs nothing but the attempt: each RETR then
+    /// reads its message itself and reports its own error.
+    async fn read_ahead(&mut self, target: Target, uid: u32) {
+        let limits = self.limits();
+        let (max_n, per_message, max_bytes) = (
+            limits.prefetch_messages,
+            limits.prefetch_message_bytes,
+            limits.prefetch_bytes,
+        );
+        if max_n < 2 || self.ahead.contains_key(&uid) {
+            return;
+        }
+        // The lines already received after this one (the decoder bounds what it holds).
+        while self.pending.len() < max_n {
+            match self.decoder.next_line() {
+                Some(line) => self.pending.push_back(line),
+                None => break,
+            }
+        }
+        let Some(md) = self.session.maildrop() else {
+            return;
+        };
+        let size_of = |uid: u32| {
+            md.messages
+                .binary_search_by_key(&uid, |m| m.uid)
+                .ok()
+                .map(|i| md.messages[i].size)
+                .or_else(|| md.messages.iter().find(|m| m.uid == uid).map(|m| m.size))
+        };
+        let mut uids: Vec<u32> = Vec::new();
+        let mut bytes = 0u64;
+        let upcoming = self
+            .pending
+            .iter()
+            .filter_map(|l| self.session.peek_retr(l));
+        for (u, size) in size_of(uid).map(|s| (uid, s)).into_iter().chain(upcoming) {
+            if uids.len() >= max_n {
+                break;
+            }
+            if size <= per_message && bytes + size <= max_bytes && !uids.contains(&u) {
+                uids.push(u);
+                bytes += size;
+            }
+        }
+        if uids.len() < 2 {
+            return;
+        }
+        let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
+        match tokio::time::timeout(timeout, self.shared.backend.bodies(target, uids, max_bytes))
+            .await
+        {
+            // The previous batch goes: memory stays within one batch.
+            Ok(Ok(found)) => self.ahead = found.into_iter().collect(),
+            Ok(Err(f)) => tracing::debug!(error = %f, "reading pipelined RETRs ahead failed"),
+            Err(_) => tracing::debug!("reading pipelined RETRs ahead timed out"),
+        }
+    }
+
     /// RETR and TOP: the `+OK` line goes out only once the first chunk is in hand, so a
     /// store failure can still be answered with `-ERR`. A failure later leaves the reply
     /// without its terminating `.` and closes the connection: the client cannot mistake a
@@ -481,6 +562,20 @@ impl<B: Backend> Conn<B> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        if top.is_none()
+            && let Some(data) = self.ahead.remove(&uid)
+        {
+            reply.serialize(&mut self.out);
+            let mut enc = BodyEncoder::full();
+            enc.push(&data, &mut self.out);
+            enc.finish(&mut self.out);
+            metrics::counter("mailsuite_pop3_messages_sent_total", &[("command", "RETR")]).inc();
+            metrics::counter("mailsuite_pop3_messages_read_ahead_total", &[]).inc();
+            if self.out.len() >= WRITE_CHUNK && self.write(io).await.is_err() {
+                return Flow::Abort;
+            }
+            return Flow::Continue;
+        }
         let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
         let backend = &self.shared.backend;
         let open = async {

@@ -197,6 +197,19 @@ impl Session {
         self.auth_failures
     }
 
+    /// Without changing anything: the uid and size of the message that `line` would send if
+    /// it were executed now, when it is a RETR of an existing, undeleted message in the
+    /// TRANSACTION state. Lets the connection read pipelined RETRs ahead.
+    pub fn peek_retr(&self, line: &Result<Vec<u8>, LineError>) -> Option<(u32, u64)> {
+        let (State::Transaction(md), Ok(line)) = (&self.state, line) else {
+            return None;
+        };
+        match Command::parse(line) {
+            Ok(Command::Retr(i)) => md.get(i).ok().map(|m| (m.uid, m.size)),
+            _ => None,
+        }
+    }
+
     pub fn maildrop(&self) -> Option<&Maildrop> {
         match &self.state {
             State::Transaction(m) => Some(m),

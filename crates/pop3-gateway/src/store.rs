@@ -334,6 +334,69 @@ impl Backend for StoreBackend {
         )))
     }
 
+    async fn bodies(
+        &self,
+        target: Target,
+        uids: Vec<u32>,
+        max_bytes: u64,
+    ) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One FetchBody for all of them: the store reads small messages with their rows, a
+        // page of messages per statement.
+        let request = self.unary(FetchBodyRequest {
+            account_id: target.account_id,
+            mailbox_id: target.mailbox_id,
+            uids: Some(UidSet::from_uids(uids)),
+            sections: vec![Section::default()],
+        });
+        let read = async {
+            let mut stream = self
+                .mailbox
+                .clone()
+                .fetch_body(request)
+                .await
+                .map_err(|s| failure(s, "reading messages ahead"))?
+                .into_inner();
+            let mut out: Vec<(u32, Vec<u8>)> = Vec::new();
+            let mut current: Option<(u32, Vec<u8>)> = None;
+            let mut total = 0u64;
+            while let Some(c) = stream
+                .message()
+                .await
+                .map_err(|s| failure(s, "reading messages ahead"))?
+            {
+                if c.missing {
+                    current = None;
+                    continue;
+                }
+                total += c.data.len() as u64;
+                if total > max_bytes {
+                    // What is complete so far; the rest is read one RETR at a time.
+                    break;
+                }
+                let buf = match &mut current {
+                    Some((uid, buf)) if *uid == c.uid && !c.first => buf,
+                    _ => {
+                        &mut current
+                            .insert((c.uid, Vec::with_capacity(c.total.min(max_bytes) as usize)))
+                            .1
+                    }
+                };
+                buf.extend_from_slice(&c.data);
+                if c.last {
+                    out.extend(current.take());
+                }
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Temporary("mail store timed out".into())),
+        }
+    }
+
     async fn update(&self, target: Target, deleted: &[u32], seen: &[u32]) -> Result<(), Failure> {
         let mut mailbox = self.mailbox.clone();
         let flags = |uids: &[u32], flag: &str| StoreFlagsRequest {

@@ -32,6 +32,9 @@ struct State {
     logins: usize,
     fail_body: bool,
     updates: Vec<(Vec<u32>, Vec<u32>)>,
+    /// Every `body` call (one message each) and every `bodies` call (several at once).
+    body_calls: Vec<u32>,
+    bodies_calls: Vec<Vec<u32>>,
 }
 
 #[derive(Clone, Default)]
@@ -102,7 +105,8 @@ impl Backend for Mem {
     }
 
     async fn body(&self, _target: Target, uid: u32) -> Result<BodyStream, Failure> {
-        let s = self.state.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
+        s.body_calls.push(uid);
         if s.fail_body {
             return Err(Failure::Temporary("store down".into()));
         }
@@ -127,6 +131,22 @@ impl Backend for Mem {
         let chunks: Vec<Result<Vec<u8>, Failure>> =
             body.chunks(7).map(|c| Ok(c.to_vec())).collect();
         Ok(Box::pin(futures::stream::iter(chunks)))
+    }
+
+    async fn bodies(
+        &self,
+        _target: Target,
+        uids: Vec<u32>,
+        max_bytes: u64,
+    ) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
+        let mut s = self.state.lock().unwrap();
+        s.bodies_calls.push(uids.clone());
+        let found: Vec<(u32, Vec<u8>)> = uids
+            .iter()
+            .filter_map(|u| s.messages.get(u).map(|b| (*u, b.clone())))
+            .collect();
+        assert!(found.iter().map(|(_, b)| b.len() as u64).sum::<u64>() <= max_bytes);
+        Ok(found)
     }
 
     async fn update(&self, _target: Target, deleted: &[u32], seen: &[u32]) -> Result<(), Failure> {
@@ -823,4 +843,78 @@ async fn failed_logins_are_limited_per_address_across_connections() {
     // The open connection is refused too.
     a.cmd("USER alice").await;
     assert!(a.cmd("PASS secret").await.starts_with("-ERR [LOGIN-DELAY]"));
+}
+
+#[tokio::test]
+async fn pipelined_retrs_are_read_from_the_store_together() {
+    // Message 1 (uid 3, 57 octets) is over the per-message read-ahead bound.
+    let srv = Server::start(|c| {
+        c.auth.allow_plaintext_loopback = true;
+        c.limits.prefetch_message_bytes = 30;
+    })
+    .await;
+    srv.mem
+        .state
+        .lock()
+        .unwrap()
+        .messages
+        .insert(7, b"S: 3\r\n\r\n.dot\r\n".to_vec());
+    let mut c = srv.plain().await;
+    c.login().await;
+    // One write: every command is in the gateway's input when RETR 1 is executed.
+    c.send(
+        b"RETR 1\r\nRETR 2\r\nDELE 3\r\nRETR 3\r\nRETR 9\r\nRETR 2\r\nRSET\r\nRETR 3\r\nNOOP\r\n",
+    )
+    .await;
+    assert_eq!(c.line().await, "+OK 57 octets");
+    assert_eq!(
+        c.multi().await,
+        [
+            "From: a@b.test",
+            "Subject: one",
+            "",
+            "line 1",
+            "..dotted",
+            "line 3"
+        ]
+    );
+    assert_eq!(c.line().await, "+OK 23 octets");
+    assert_eq!(c.multi().await, ["Subject: two", "", "short"]);
+    assert_eq!(c.line().await, "+OK message 3 deleted");
+    // Read ahead or not, a deleted or unknown message is refused in order.
+    assert_eq!(c.line().await, "-ERR message 3 already deleted");
+    assert_eq!(c.line().await, "-ERR no such message");
+    assert_eq!(c.line().await, "+OK 23 octets");
+    assert_eq!(c.multi().await, ["Subject: two", "", "short"]);
+    assert!(
+        c.line().await.starts_with("+OK maildrop has 3 messages"),
+        "RSET"
+    );
+    assert_eq!(c.line().await, "+OK 14 octets");
+    assert_eq!(c.multi().await, ["S: 3", "", "..dot"]);
+    assert_eq!(c.line().await, "+OK");
+    let s = srv.mem.state.lock().unwrap();
+    // The two small pipelined messages in one store call; the big one, and the second RETR
+    // of message 2 (already sent from the batch), each on its own.
+    assert_eq!(s.bodies_calls, vec![vec![5, 7]]);
+    assert_eq!(s.body_calls, vec![3, 5]);
+}
+
+#[tokio::test]
+async fn read_ahead_can_be_turned_off() {
+    let srv = Server::start(|c| {
+        c.auth.allow_plaintext_loopback = true;
+        c.limits.prefetch_messages = 1;
+    })
+    .await;
+    let mut c = srv.plain().await;
+    c.login().await;
+    c.send(b"RETR 1\r\nRETR 2\r\n").await;
+    assert_eq!(c.line().await, "+OK 57 octets");
+    c.multi().await;
+    assert_eq!(c.line().await, "+OK 23 octets");
+    assert_eq!(c.multi().await, ["Subject: two", "", "short"]);
+    let s = srv.mem.state.lock().unwrap();
+    assert!(s.bodies_calls.is_empty());
+    assert_eq!(s.body_calls, vec![3, 5]);
 }
