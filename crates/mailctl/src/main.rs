@@ -31,6 +31,11 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// A file holding the services' internal gRPC token (`mailsuite up` writes
+    /// `<data-dir>/internal-token`). The environment variable MAILSUITE_INTERNAL_TOKEN gives
+    /// the token itself and wins; there is no flag for the token, to keep it out of `ps`.
+    #[arg(long, global = true, env = "MAILSUITE_INTERNAL_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,14 +64,46 @@ pub enum Command {
     Dkim(dkim::DkimCmd),
 }
 
+/// The internal token every gRPC call sends, resolved once in `main`.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn resolve_token(file: Option<&std::path::Path>) -> Result<String> {
+    if let Ok(t) = std::env::var("MAILSUITE_INTERNAL_TOKEN") {
+        return Ok(t.trim().to_string());
+    }
+    match file {
+        Some(f) => Ok(std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?
+            .trim()
+            .to_string()),
+        None => Ok(String::new()),
+    }
+}
+
+/// A channel to a service, authenticated with the internal token when one is set.
+pub fn channel(url: &str, what: &str) -> Result<GrpcChannel> {
+    let token = TOKEN.get().map(String::as_str).unwrap_or("");
+    mailsuite_runtime::grpc::connect_lazy_with_token(url, token)
+        .with_context(|| format!("bad {what} URL {url:?}"))
+}
+
 pub fn store_channel(url: &str) -> Result<GrpcChannel> {
-    mailsuite_runtime::grpc::connect_lazy(url).with_context(|| format!("bad store URL {url:?}"))
+    channel(url, "store")
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let out = Output { json: cli.json };
+    match resolve_token(cli.token_file.as_deref()) {
+        Ok(t) => {
+            let _ = TOKEN.set(t);
+        }
+        Err(e) => {
+            eprintln!("mailctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = run(cli, &out).await {
         eprintln!("mailctl: {e:#}");
         std::process::exit(1);

@@ -75,8 +75,7 @@ fn sender(m: &QueuedMessage) -> String {
 }
 
 pub async fn run(args: QueueArgs, out: &Output) -> Result<()> {
-    let channel = mailsuite_runtime::grpc::connect_lazy(&args.queue)
-        .with_context(|| format!("bad queue URL {:?}", args.queue))?;
+    let channel = crate::channel(&args.queue, "queue")?;
     let mut q = QueueClient::new(channel);
     match args.cmd {
         QueueCmd::List { domain, limit } => {
