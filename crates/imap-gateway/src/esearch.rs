@@ -43,10 +43,7 @@ pub fn responds(opts: &[ReturnOpt]) -> bool {
 /// (RFC 5182 §2.4), else every match.
 pub fn saved(opts: &[ReturnOpt], matches: &[u32]) -> Vec<u32> {
     let has = |o| opts.contains(&o);
-    if (has(ReturnOpt::Min) || has(ReturnOpt::Max))
-        && !has(ReturnOpt::All)
-        && !has(ReturnOpt::Count)
-    {
+    if modseq_of_min_max_only(opts) {
         let mut v = Vec::new();
         if has(ReturnOpt::Min) {
             v.extend(matches.first());
@@ -59,6 +56,13 @@ pub fn saved(opts: &[ReturnOpt], matches: &[u32]) -> Vec<u32> {
     } else {
         matches.to_vec()
     }
+}
+
+/// With CONDSTORE, is the MODSEQ item that of the MIN/MAX messages only (MIN and/or MAX
+/// without ALL or COUNT, RFC 4731 §3.2) rather than of every match?
+pub fn modseq_of_min_max_only(opts: &[ReturnOpt]) -> bool {
+    let has = |o| opts.contains(&o);
+    (has(ReturnOpt::Min) || has(ReturnOpt::Max)) && !has(ReturnOpt::All) && !has(ReturnOpt::Count)
 }
 
 /// A compact sequence set of ascending numbers: `1:3,5,7:9`.
@@ -217,6 +221,10 @@ mod tests {
         assert_eq!(saved(&[Save, Min, All], &m), m);
         assert_eq!(saved(&[Save, Max, Count], &m), m);
         assert_eq!(saved(&[Save, Min], &[]), Vec::<u32>::new());
+        assert!(modseq_of_min_max_only(&[Min, Save]));
+        assert!(modseq_of_min_max_only(&[Max]));
+        assert!(!modseq_of_min_max_only(&[Min, Count]));
+        assert!(!modseq_of_min_max_only(&[]));
         assert!(!responds(&[Save]));
         assert!(responds(&[Save, Count]));
         assert!(responds(&[]));

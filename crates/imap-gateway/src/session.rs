@@ -2328,6 +2328,18 @@ impl Session {
                 self.saved = esearch::saved(&opts, &uids);
             }
             if esearch::responds(&opts) {
+                let mut modseq = modseq;
+                if modseq.is_some() && esearch::modseq_of_min_max_only(&opts) {
+                    // RFC 4731 §3.2: MODSEQ is then that of the MIN/MAX messages only.
+                    let ends = esearch::saved(&opts, &uids);
+                    match self.highest_modseq_of(&ends).await {
+                        Ok(m) => modseq = Some(m),
+                        Err(e) => {
+                            self.fail(tag, &e, out);
+                            return Ok(());
+                        }
+                    }
+                }
                 let result = esearch::compute(&opts, &nums, modseq);
                 out.raw(&esearch::serialize(tag.as_ref(), uid, &result));
             }
@@ -2339,6 +2351,26 @@ impl Session {
         }
         out.tagged(tag, StatusKind::Ok, None, "SEARCH completed");
         Ok(())
+    }
+
+    /// The highest modseq among these UIDs of the selected mailbox (0 for none).
+    async fn highest_modseq_of(&self, uids: &[u32]) -> Res<u64> {
+        if uids.is_empty() {
+            return Ok(0);
+        }
+        let r = self
+            .store
+            .search(pb::SearchRequest {
+                account_id: self.account_id(),
+                mailbox_id: self.sel().mailbox_id,
+                key: Some(pb::SearchKey {
+                    key: Some(pb::search_key::Key::Uids(pb::UidSet::from_uids(
+                        uids.iter().copied(),
+                    ))),
+                }),
+            })
+            .await?;
+        Ok(r.highestmodseq)
     }
 
     /// Run a search: the matching UIDs still in the session's view (ascending) and, when a

@@ -87,6 +87,21 @@ async fn esearch_return_options() {
     assert!(es.len() == 1 && es[0].contains(" COUNT 4 MODSEQ "), "{r}");
     let r = c.cmd("SEARCH RETURN (COUNT) ALL").await;
     assert!(!r.contains("MODSEQ"), "{r}");
+    // MIN/MAX alone: MODSEQ of those messages, not of every match (RFC 4731 §3.2).
+    let modseq_of = |r: &str| -> u64 {
+        let i = r.find("MODSEQ (").unwrap_or_else(|| panic!("{r}")) + 8;
+        r[i..].split(')').next().unwrap().parse().unwrap()
+    };
+    let m1 = modseq_of(&c.cmd("FETCH 1 (MODSEQ)").await);
+    let m4 = modseq_of(&c.cmd("FETCH 4 (MODSEQ)").await);
+    assert!(m1 < m4, "message 4 was flagged after 1 arrived: {m1} {m4}");
+    let r = c.cmd("SEARCH RETURN (MIN) MODSEQ 1").await;
+    assert!(r.contains(&format!(" MIN 1 MODSEQ {m1}\r\n")), "{r}");
+    let r = c.cmd("SEARCH RETURN (MIN ALL) MODSEQ 1").await;
+    assert!(
+        r.contains(&format!(" MIN 1 ALL 1:4 MODSEQ {m4}\r\n")),
+        "{r}"
+    );
     // Bad RETURN syntax: BAD, the connection lives.
     for bad in [
         "SEARCH RETURN (BOGUS) ALL",
