@@ -3066,6 +3066,56 @@ mod tests {
         assert!(empty.resolve(&set("1"), false).is_err());
     }
 
+    #[tokio::test]
+    async fn the_saved_marker_resolves_to_saved_uids_still_present() {
+        let mut s = session();
+        s.force_state(StateKind::Selected, Some(selected()));
+        let marker =
+            SequenceSet::try_from(std::str::from_utf8(crate::preparse::SAVED_MARKER).unwrap())
+                .unwrap();
+        assert!(is_saved_marker(&marker));
+        assert!(!is_saved_marker(
+            &SequenceSet::try_from("4294967294:4294967295").unwrap()
+        ));
+        // UID 4 was expunged since it was saved: ignored.
+        s.saved = vec![3, 4, 9];
+        // Only a command that used `$` sees the marker as the saved result.
+        assert_eq!(s.resolve(&marker, true).unwrap(), vec![]);
+        s.uses_saved = true;
+        assert_eq!(s.resolve(&marker, true).unwrap(), vec![(1, 3), (4, 9)]);
+        assert_eq!(s.resolve(&marker, false).unwrap(), vec![(1, 3), (4, 9)]);
+        s.saved.clear();
+        assert_eq!(s.resolve(&marker, false).unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn enable_imap4rev2_changes_capabilities_flags_and_names() {
+        let mut s = session();
+        s.force_state(StateKind::Selected, Some(selected()));
+        assert!(s.sel().is_recent(9));
+        let caps = run(&mut s, "CAPABILITY").await;
+        for c in [
+            "IMAP4rev2",
+            "ESEARCH",
+            "SEARCHRES",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+        ] {
+            assert!(caps.contains(&format!(" {c}")), "{caps}");
+        }
+        let r = run(&mut s, "ENABLE IMAP4rev2").await;
+        assert!(r.starts_with("* ENABLED IMAP4rev2\r\n"), "{r}");
+        assert!(s.rev2 && s.utf8);
+        assert!(!s.sel().is_recent(9), "no \\Recent in rev2");
+        // Enabling twice lists nothing the second time (RFC 5161).
+        let r = run(&mut s, "ENABLE IMAP4rev2").await;
+        assert!(r.starts_with("* ENABLED\r\n"), "{r}");
+        assert_eq!(
+            s.name_out("Entwürfe"),
+            Mailbox::try_from("Entwürfe".to_string()).unwrap()
+        );
+    }
+
     #[test]
     fn list_patterns() {
         assert!(pattern_matches("*", "a/b/c"));
