@@ -103,12 +103,19 @@ struct Token {
     end: usize,
 }
 
+/// At most this many tokens are looked at; a longer command is left to imap-codec as it is
+/// (so memory stays a small multiple of the command, whatever its shape).
+const MAX_TOKENS: usize = 4096;
+
 /// Split a complete message into tokens. `None` when it is not tokenizable (left to
-/// imap-codec, which will reject it).
+/// imap-codec, which will reject it) or too long to bother.
 fn tokenize(msg: &[u8]) -> Option<Vec<Token>> {
     let mut toks = Vec::new();
     let mut i = 0;
     while i < msg.len() {
+        if toks.len() >= MAX_TOKENS {
+            return None;
+        }
         let start = i;
         let b = msg[i];
         let tok = match b {
@@ -300,6 +307,27 @@ impl Edits {
 
 /// Pre-parse one complete client message.
 pub fn preparse(msg: &[u8]) -> Pre {
+    // Only a few commands can hold these forms: look at the verb before tokenizing.
+    let mut words = msg.splitn(4, |b| *b == b' ' || *b == b'\r');
+    let _tag = words.next();
+    let mut verb = words.next().unwrap_or_default();
+    if verb.eq_ignore_ascii_case(b"UID") {
+        verb = words.next().unwrap_or_default();
+    }
+    let interesting = [
+        &b"FETCH"[..],
+        b"STORE",
+        b"COPY",
+        b"MOVE",
+        b"EXPUNGE",
+        b"SEARCH",
+        b"LIST",
+    ]
+    .iter()
+    .any(|v| verb.eq_ignore_ascii_case(v));
+    if !interesting {
+        return Pre::Unchanged;
+    }
     let Some(toks) = tokenize(msg) else {
         return Pre::Unchanged;
     };
@@ -764,6 +792,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn huge_commands_are_left_to_imap_codec() {
+        let mut m = b"a SEARCH RETURN (ALL)".to_vec();
+        for _ in 0..MAX_TOKENS {
+            m.extend_from_slice(b" ALL");
+        }
+        m.extend_from_slice(b"\r\n");
+        assert_eq!(preparse(&m), Pre::Unchanged);
+        assert_eq!(preparse(b"a APPEND INBOX {3+}\r\n$ $\r\n"), Pre::Unchanged);
     }
 
     #[test]
