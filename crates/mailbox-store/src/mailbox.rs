@@ -36,16 +36,39 @@ const PAGE: i64 = 500;
 /// holds at most `BODY_PAGE × INLINE` bytes of content.
 const BODY_PAGE: i64 = 50;
 
+/// The ownership condition of the first pages: `$n` is the account that must own mailbox $1.
+fn owned_by(n: usize) -> String {
+    format!("EXISTS (SELECT 1 FROM mailbox.mailboxes mb WHERE mb.id = $1 AND mb.account_id = ${n})")
+}
+
+/// The rows of one Fetch page: $1 mailbox, $2/$3 the UID ranges, $4 the last UID sent, $5/$6
+/// whether to read the envelope/structure, $7 CHANGEDSINCE, $8 the owning account.
+pub fn fetch_sql() -> String {
+    format!(
+        "SELECT m.uid, m.modseq, m.flags, m.recent, m.internal_date, m.date_offset, m.size,
+                m.blob_id, length(m.prefix) AS plen,
+                CASE WHEN $5 THEN b.envelope END AS envelope,
+                CASE WHEN $6 THEN b.body END AS body
+           FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
+          WHERE m.mailbox_id = $1 AND m.uid > $4 AND m.modseq > $7 AND {} AND {}
+          ORDER BY m.uid LIMIT {PAGE}",
+        store::uid_in_ranges("m.uid", 2, 3),
+        owned_by(8)
+    )
+}
+
 /// The rows of one FetchBody page: $1 mailbox, $2/$3 the UID ranges, $4 the last UID sent,
-/// $5 the largest blob read with the row (larger ones are read by range, per section).
+/// $5 the largest blob read with the row (larger ones are read by range, per section), $6 the
+/// owning account.
 pub fn fetch_body_sql() -> String {
     format!(
         "SELECT m.uid, m.size, m.blob_id, m.prefix, b.body,
                 CASE WHEN b.size <= $5 THEN b.data END AS data
            FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
-          WHERE m.mailbox_id = $1 AND m.uid > $4 AND {}
+          WHERE m.mailbox_id = $1 AND m.uid > $4 AND {} AND {}
           ORDER BY m.uid LIMIT {BODY_PAGE}",
-        store::uid_in_ranges("m.uid", 2, 3)
+        store::uid_in_ranges("m.uid", 2, 3),
+        owned_by(6)
     )
 }
 
@@ -793,38 +816,41 @@ impl Mailbox for MailboxSvc {
         let req = req.into_inner();
         let (s, e) = self.limit_uids(req.uids.as_ref()).map_err(st)?;
         let pool = self.0.pool.clone();
-        {
+        let since = req.changed_since.min(i64::MAX as u64) as i64;
+        let (mailbox_id, account_id, envelope, structure) = (
+            req.mailbox_id,
+            req.account_id,
+            req.envelope,
+            req.body_structure,
+        );
+        let page = move |last: i64| {
+            sqlx::query(sqlx::AssertSqlSafe(fetch_sql()))
+                .bind(mailbox_id)
+                .bind(s.clone())
+                .bind(e.clone())
+                .bind(last)
+                .bind(envelope)
+                .bind(structure)
+                .bind(since)
+                .bind(account_id)
+        };
+        // The first page is read before answering, with the ownership condition in the same
+        // statement; only an empty one needs the separate check (to tell "not yours / gone"
+        // from "no such messages").
+        let first = page(0).fetch_all(&pool).await.map_err(st)?;
+        if first.is_empty() {
             let mut conn = pool.acquire().await.map_err(st)?;
             owned(&mut conn, req.account_id, req.mailbox_id)
                 .await
                 .map_err(st)?;
         }
         let stream = async_stream::try_stream! {
-            let mut last: i64 = 0;
+            let mut rows = first;
             loop {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT m.uid, m.modseq, m.flags, m.recent, m.internal_date, m.date_offset, m.size,
-                            m.blob_id, length(m.prefix) AS plen,
-                            CASE WHEN $5 THEN b.envelope END AS envelope,
-                            CASE WHEN $6 THEN b.body END AS body
-                       FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
-                      WHERE m.mailbox_id = $1 AND m.uid > $4 AND m.modseq > $7 AND {}
-                      ORDER BY m.uid LIMIT {PAGE}",
-                    store::uid_in_ranges("m.uid", 2, 3)
-                )))
-                .bind(req.mailbox_id)
-                .bind(&s)
-                .bind(&e)
-                .bind(last)
-                .bind(req.envelope)
-                .bind(req.body_structure)
-                .bind(req.changed_since.min(i64::MAX as u64) as i64)
-                .fetch_all(&pool)
-                .await
-                .map_err(st)?;
                 if rows.is_empty() {
                     break;
                 }
+                let mut last: i64 = 0;
                 for r in &rows {
                     last = r.get("uid");
                     let date: chrono::DateTime<chrono::Utc> = r.get("internal_date");
@@ -844,6 +870,7 @@ impl Mailbox for MailboxSvc {
                 if (rows.len() as i64) < PAGE {
                     break;
                 }
+                rows = page(last).fetch_all(&pool).await.map_err(st)?;
             }
         };
         Ok(Response::new(Box::pin(stream)))
@@ -857,27 +884,32 @@ impl Mailbox for MailboxSvc {
     ) -> Result<Response<Self::FetchBodyStream>, Status> {
         let req = req.into_inner();
         let (s, e) = self.limit_uids(req.uids.as_ref()).map_err(st)?;
-        let pool = self.0.pool.clone();
-        // One connection for the ownership check and the reads.
-        let mut conn = pool.acquire().await.map_err(st)?;
-        owned(&mut conn, req.account_id, req.mailbox_id)
-            .await
-            .map_err(st)?;
+        // One connection for the pages and the range reads of large blobs.
+        let mut conn = self.0.pool.acquire().await.map_err(st)?;
+        let (mailbox_id, account_id) = (req.mailbox_id, req.account_id);
+        let page = move |last: i64| {
+            sqlx::query(sqlx::AssertSqlSafe(fetch_body_sql()))
+                .bind(mailbox_id)
+                .bind(s.clone())
+                .bind(e.clone())
+                .bind(last)
+                .bind(body::INLINE as i64)
+                .bind(account_id)
+        };
+        // As in fetch: the first page carries the ownership condition.
+        let first = page(0).fetch_all(&mut *conn).await.map_err(st)?;
+        if first.is_empty() {
+            owned(&mut conn, req.account_id, req.mailbox_id)
+                .await
+                .map_err(st)?;
+        }
         let stream = async_stream::try_stream! {
-            let mut last: i64 = 0;
+            let mut rows = first;
             loop {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(fetch_body_sql()))
-                    .bind(req.mailbox_id)
-                    .bind(&s)
-                    .bind(&e)
-                    .bind(last)
-                    .bind(body::INLINE as i64)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(st)?;
                 if rows.is_empty() {
                     break;
                 }
+                let mut last: i64 = 0;
                 for r in &rows {
                     last = r.get("uid");
                     let uid = last as u32;
@@ -920,6 +952,7 @@ impl Mailbox for MailboxSvc {
                 if (rows.len() as i64) < BODY_PAGE {
                     break;
                 }
+                rows = page(last).fetch_all(&mut *conn).await.map_err(st)?;
             }
         };
         Ok(Response::new(Box::pin(stream)))

@@ -33,6 +33,7 @@ fn rows_touched(plan: &serde_json::Value, relation: &str) -> f64 {
 async fn explain_fetch(
     db: &sqlx::PgPool,
     mode: &str,
+    account_id: i64,
     mailbox_id: i64,
     starts: &[i64],
     ends: &[i64],
@@ -51,6 +52,7 @@ async fn explain_fetch(
     .bind(ends)
     .bind(0i64)
     .bind(INLINE as i64)
+    .bind(account_id)
     .fetch_one(&mut *conn)
     .await
     .unwrap();
@@ -81,7 +83,7 @@ async fn fetching_one_message_reads_one_row_not_the_mailbox() {
         .unwrap();
     // Both the plan for these values and the generic plan a prepared statement ends up with.
     for mode in ["force_custom_plan", "force_generic_plan"] {
-        let plan = explain_fetch(&s.db.pool, mode, inbox, &[250], &[250]).await;
+        let plan = explain_fetch(&s.db.pool, mode, acc, inbox, &[250], &[250]).await;
         assert_eq!(
             plan["Actual Rows"].as_f64(),
             Some(1.0),
@@ -93,7 +95,7 @@ async fn fetching_one_message_reads_one_row_not_the_mailbox() {
             "{mode}: FETCH of one UID read {touched} message rows of 300: {plan:#}"
         );
         // A range reads what it names (plus nothing beyond it).
-        let plan = explain_fetch(&s.db.pool, mode, inbox, &[100, 120], &[104, 121]).await;
+        let plan = explain_fetch(&s.db.pool, mode, acc, inbox, &[100, 120], &[104, 121]).await;
         assert_eq!(plan["Actual Rows"].as_f64(), Some(7.0), "{mode}: {plan:#}");
         let touched = rows_touched(&plan, "messages");
         assert!(
@@ -249,5 +251,65 @@ async fn sections_are_the_same_whether_the_blob_comes_with_the_row_or_by_range()
         assert_eq!(got[&(uid, 7)], None, "uid {uid} has no part 7");
         assert!(plen > 0);
     }
+    s.shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_accounts_mailbox_is_refused_even_with_messages_in_it() {
+    let s = store().await;
+    let owner = s.account("owner@example.test").await;
+    let other = s.account("other@example.test").await;
+    let mut mb = s.mailbox().await;
+    append(&mut mb, owner, "INBOX", &[], 0, &message("mine", "private")).await;
+    let inbox = s.inbox(owner).await;
+    // The owner sees the message through both calls.
+    assert_eq!(
+        fetch_meta(&mut mb, owner, inbox, UidSet::from_uids([1]))
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        fetch_section(&mut mb, owner, inbox, 1, full())
+            .await
+            .is_some()
+    );
+    // Another account naming the same mailbox id gets an error, never the message.
+    let meta = mb
+        .fetch(FetchRequest {
+            account_id: other,
+            mailbox_id: inbox,
+            uids: Some(UidSet::from_uids([1])),
+            envelope: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(meta.err().map(|e| e.code()), Some(tonic::Code::NotFound));
+    let body = mb
+        .fetch_body(FetchBodyRequest {
+            account_id: other,
+            mailbox_id: inbox,
+            uids: Some(UidSet::from_uids([1])),
+            sections: vec![full()],
+        })
+        .await;
+    assert_eq!(body.err().map(|e| e.code()), Some(tonic::Code::NotFound));
+    // The owner asking for UIDs that do not exist gets an empty answer, not an error.
+    let mut none = mb
+        .fetch_body(FetchBodyRequest {
+            account_id: owner,
+            mailbox_id: inbox,
+            uids: Some(UidSet::from_uids([5])),
+            sections: vec![full()],
+        })
+        .await
+        .expect("owner's mailbox")
+        .into_inner();
+    assert!(none.message().await.expect("end of stream").is_none());
+    assert!(
+        fetch_meta(&mut mb, owner, inbox, UidSet::from_uids([5]))
+            .await
+            .is_empty()
+    );
     s.shutdown.trigger();
 }
