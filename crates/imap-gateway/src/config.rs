@@ -15,6 +15,8 @@ pub struct Config {
     pub listen_ops: String,
     /// The mailbox-store gRPC endpoint.
     pub store_url: String,
+    /// The services' shared gRPC secret, sent on every store call (empty = none).
+    pub internal_token: mailsuite_runtime::grpc::InternalToken,
     /// Announced in the greeting.
     pub hostname: String,
     pub tls: TlsConfig,
@@ -29,6 +31,7 @@ impl Default for Config {
             listen_imaps: "0.0.0.0:993".into(),
             listen_ops: "0.0.0.0:9143".into(),
             store_url: "http://127.0.0.1:50051".into(),
+            internal_token: Default::default(),
             hostname: "localhost".into(),
             tls: TlsConfig::default(),
             limits: Limits::default(),

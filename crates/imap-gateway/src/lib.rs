@@ -60,6 +60,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     }
     let store = store::Store::connect(
         &config.store_url,
+        config.internal_token.as_str(),
         Duration::from_secs(config.limits.store_timeout_secs.max(1)),
     )?;
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);

@@ -2803,7 +2803,7 @@ mod tests {
     use imap_codec::decode::Decoder as _;
 
     fn session() -> Session {
-        let store = Store::connect("http://127.0.0.1:1", Duration::from_secs(5)).unwrap();
+        let store = Store::connect("http://127.0.0.1:1", "", Duration::from_secs(5)).unwrap();
         Session::new(
             store,
             Hub::new(0),

@@ -27,10 +27,13 @@ const CHUNK: usize = 64 * 1024;
 impl Store {
     pub fn connect(
         url: &str,
+        token: &str,
         timeout: std::time::Duration,
     ) -> Result<Store, tonic::transport::Error> {
-        let channel =
-            tower::timeout::Timeout::new(mailsuite_runtime::grpc::connect_lazy(url)?, timeout);
+        let channel = tower::timeout::Timeout::new(
+            mailsuite_runtime::grpc::connect_lazy_with_token(url, token)?,
+            timeout,
+        );
         Ok(Store {
             mailbox: MailboxClient::new(channel.clone())
                 .max_decoding_message_size(128 * 1024 * 1024),

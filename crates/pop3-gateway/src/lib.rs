@@ -51,6 +51,7 @@ pub struct Started {
 pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
     let backend = StoreBackend::connect(
         &config.store_url,
+        config.internal_token.as_str(),
         Duration::from_secs(config.limits.store_timeout_secs.max(1)),
         config.limits.fetch_window_bytes,
     )?;

@@ -126,10 +126,11 @@ impl StoreBackend {
     /// windows of `window` octets.
     pub fn connect(
         url: &str,
+        token: &str,
         timeout: Duration,
         window: u64,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = mailsuite_runtime::grpc::connect_lazy(url)?;
+        let channel = mailsuite_runtime::grpc::connect_lazy_with_token(url, token)?;
         Ok(StoreBackend {
             directory: DirectoryClient::new(channel.clone()),
             mailbox: MailboxClient::new(channel.clone()),
