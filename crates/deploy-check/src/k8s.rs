@@ -12,7 +12,8 @@ use crate::{SERVICES, ServiceSpec};
 
 /// Secrets the manifests reference but do not contain: created by the operator (or
 /// cert-manager) in the namespace, as deploy/README.md explains.
-pub const EXTERNAL_SECRETS: &[&str] = &["mailsuite-database", "mailsuite-tls"];
+pub const EXTERNAL_SECRETS: &[&str] =
+    &["mailsuite-database", "mailsuite-tls", "mailsuite-internal"];
 
 /// Which workloads may call each gRPC backend.
 pub fn allowed_clients(backend: &str) -> &'static [&'static str] {

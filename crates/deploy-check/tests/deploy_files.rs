@@ -448,3 +448,17 @@ fn collector_and_dashboard_files_parse() {
     }
     assert!(seen > 0, "no dashboard in {}", dash_dir.display());
 }
+
+/// A Secret the manifests expect but do not contain is one the operator must create: the
+/// deployment guide names each one (with the command that creates it).
+#[test]
+fn external_secrets_are_documented() {
+    let guide = std::fs::read_to_string(repo_root().join("deploy/README.md")).unwrap();
+    for s in mailsuite_deploy_check::k8s::EXTERNAL_SECRETS {
+        assert!(
+            guide.contains(&format!("secret generic {s}"))
+                || guide.contains(&format!("secret tls {s}")),
+            "deploy/README.md does not show how to create Secret {s}"
+        );
+    }
+}
