@@ -13,6 +13,9 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Apply the embedded migrations at start-up (under sqlx's advisory lock).
     pub migrate_on_start: bool,
+    /// The services' shared gRPC secret, required of every caller but gRPC health.
+    /// Empty = no check (a single trusted host only).
+    pub internal_token: mailsuite_runtime::grpc::InternalToken,
     pub limits: Limits,
 }
 
@@ -72,6 +75,7 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
             db_max_connections: 32,
             migrate_on_start: true,
+            internal_token: Default::default(),
             limits: Limits::default(),
         }
     }

@@ -127,6 +127,9 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     let frame = config.limits.max_grpc_frame_bytes;
     let router = tonic::transport::Server::builder()
         .layer(mailsuite_runtime::grpc::ServerTraceLayer)
+        .layer(mailsuite_runtime::grpc::ServerAuthLayer::new(
+            config.internal_token.as_str(),
+        ))
         .add_service(health_service)
         .add_service(
             DirectoryServer::new(directory::DirectorySvc(ctx.clone()))

@@ -10,6 +10,8 @@ use mailsuite_testkit::TestDb;
 
 fn mailctl(store: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        .env_remove("MAILSUITE_INTERNAL_TOKEN")
+        .env_remove("MAILSUITE_INTERNAL_TOKEN_FILE")
         .arg("--store")
         .arg(store)
         .args(args)
@@ -207,6 +209,66 @@ async fn manage_domains_accounts_aliases() {
             )
         }
     })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    sd.drain(std::time::Duration::from_secs(5)).await;
+}
+
+/// A store that requires the internal token: mailctl without it is refused (and says so),
+/// with it from the environment or from a file it works.
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_token_is_required_and_sent() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let cfg = mailsuite_mailbox_store::Config {
+        listen_grpc: "127.0.0.1:0".into(),
+        listen_ops: String::new(),
+        database_url: db.url.clone(),
+        internal_token: mailsuite_runtime::grpc::InternalToken("t0ken-for-the-test".into()),
+        ..Default::default()
+    };
+    let started = mailsuite_mailbox_store::start(cfg, sd.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}", started.grpc);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "t0ken-for-the-test\n").unwrap();
+    let run = move |env: Vec<(&'static str, String)>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_mailctl"))
+                .env_remove("MAILSUITE_INTERNAL_TOKEN")
+                .env_remove("MAILSUITE_INTERNAL_TOKEN_FILE")
+                .envs(env)
+                .args(["--store", &url, "domain", "list"])
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (ok, err) = run(vec![]).await.unwrap();
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("token"), "{err}");
+    let (ok, _) = run(vec![("MAILSUITE_INTERNAL_TOKEN", "wrong".into())])
+        .await
+        .unwrap();
+    assert!(!ok);
+    let (ok, err) = run(vec![(
+        "MAILSUITE_INTERNAL_TOKEN",
+        "t0ken-for-the-test".into(),
+    )])
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let (ok, err) = run(vec![(
+        "MAILSUITE_INTERNAL_TOKEN_FILE",
+        file.display().to_string(),
+    )])
     .await
     .unwrap();
     assert!(ok, "{err}");
