@@ -47,10 +47,19 @@ async fn main() -> Result<()> {
             let cfg: up::UpConfig =
                 config::load(&args.sources()).context("loading configuration")?;
             let shutdown = Shutdown::new();
+            let mut cfg = cfg;
+            let token_file = if cfg.internal_token.is_empty() {
+                let (token, path) = up::token_file(&data_dir)?;
+                cfg.internal_token = token;
+                Some(path)
+            } else {
+                None
+            };
             let (database_url, cluster) = up::database(&cfg, &data_dir).await?;
             let grace = Duration::from_secs(cfg.grace_seconds);
             let result = async {
-                let running = up::start(cfg, &database_url, shutdown.clone()).await?;
+                let mut running = up::start(cfg, &database_url, shutdown.clone()).await?;
+                running.token_file = token_file;
                 println!("{}", running.table());
                 signals.recv().await;
                 eprintln!("shutting down (grace {grace:?}) ...");

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use mailsuite_runtime::grpc::{GrpcChannel, InternalToken};
 use mailsuite_runtime::{Shutdown, pg};
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, Executor};
@@ -17,6 +18,10 @@ pub struct UpConfig {
     pub database_url: String,
     /// How long sessions may take to finish after Ctrl-C before they are closed.
     pub grace_seconds: u64,
+    /// The services' shared gRPC secret, given to every section (their own
+    /// `internal_token` is overridden). Empty: the `mailsuite` binary reads or creates
+    /// `<data-dir>/internal-token`; a library caller that leaves it empty runs without one.
+    pub internal_token: InternalToken,
     pub store: mailsuite_mailbox_store::Config,
     pub queue: mailsuite_relay_queue::Config,
     pub smtp: mailsuite_smtp_ingress::Config,
@@ -29,6 +34,7 @@ impl Default for UpConfig {
         let mut c = UpConfig {
             database_url: String::new(),
             grace_seconds: 10,
+            internal_token: InternalToken::default(),
             store: Default::default(),
             queue: Default::default(),
             smtp: Default::default(),
@@ -55,9 +61,12 @@ impl Default for UpConfig {
 }
 
 impl UpConfig {
-    /// Every listener on 127.0.0.1 port 0 (tests).
+    /// Every listener on 127.0.0.1 port 0 and a fresh random internal token (tests).
     pub fn ephemeral() -> Self {
-        let mut c = UpConfig::default();
+        let mut c = UpConfig {
+            internal_token: InternalToken::random(),
+            ..Default::default()
+        };
         let any = "127.0.0.1:0".to_string();
         c.store.listen_grpc = any.clone();
         c.queue.listen_grpc = any.clone();
@@ -110,10 +119,37 @@ pub async fn database(
     Ok((url, cluster))
 }
 
+/// The token file of `mailsuite up`: read it, or create it (owner-only) with a random token.
+pub fn token_file(data_dir: &Path) -> Result<(InternalToken, std::path::PathBuf)> {
+    let path = data_dir.join("internal-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok((InternalToken(t.to_string()), path));
+        }
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let token = InternalToken::random();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{}\n", token.as_str()).as_bytes())?;
+    Ok((token, path))
+}
+
 /// Addresses of everything that was started.
 #[derive(Debug, Clone)]
 pub struct Running {
     pub database_url: String,
+    /// What every gRPC client of the store and the queue must send.
+    pub internal_token: InternalToken,
+    /// Where that token is kept for mailctl (set by the binary).
+    pub token_file: Option<std::path::PathBuf>,
     pub store: mailsuite_mailbox_store::Started,
     pub queue: mailsuite_relay_queue::Started,
     pub smtp: mailsuite_smtp_ingress::Started,
@@ -128,6 +164,25 @@ fn show(a: &Option<SocketAddr>) -> String {
 impl Running {
     pub fn store_url(&self) -> String {
         format!("http://{}", self.store.grpc)
+    }
+
+    /// A channel to the store that sends the internal token.
+    pub fn store_channel(&self) -> GrpcChannel {
+        mailsuite_runtime::grpc::connect_lazy_with_token(
+            &self.store_url(),
+            self.internal_token.as_str(),
+        )
+        .expect("the store URL is valid")
+    }
+
+    /// A channel to the queue that sends the internal token.
+    pub fn queue_channel(&self) -> Option<GrpcChannel> {
+        let addr = self.queue.grpc?;
+        mailsuite_runtime::grpc::connect_lazy_with_token(
+            &format!("http://{addr}"),
+            self.internal_token.as_str(),
+        )
+        .ok()
     }
 
     pub fn table(&self) -> String {
@@ -150,6 +205,13 @@ impl Running {
         }
         let _ = writeln!(t, "\n  database: {}", redact(&self.database_url));
         let store = self.store_url();
+        let store = match &self.token_file {
+            Some(f) => format!("{store} --token-file {}", f.display()),
+            None => store,
+        };
+        if let Some(f) = &self.token_file {
+            let _ = writeln!(t, "  internal gRPC token: {} (owner-only)", f.display());
+        }
         let _ = writeln!(
             t,
             "\nAdd a domain and a user (in another terminal):\n\n  \
@@ -178,6 +240,12 @@ fn redact(url: &str) -> String {
 
 /// Start every service; the gRPC clients point at the store and queue just bound.
 pub async fn start(mut cfg: UpConfig, database_url: &str, shutdown: Shutdown) -> Result<Running> {
+    let token = cfg.internal_token.clone();
+    cfg.store.internal_token = token.clone();
+    cfg.queue.internal_token = token.clone();
+    cfg.smtp.internal_token = token.clone();
+    cfg.pop3.internal_token = token.clone();
+    cfg.imap.internal_token = token.clone();
     cfg.store.database_url = database_url.to_string();
     let store = mailsuite_mailbox_store::start(cfg.store, shutdown.clone())
         .await
@@ -212,6 +280,8 @@ pub async fn start(mut cfg: UpConfig, database_url: &str, shutdown: Shutdown) ->
 
     Ok(Running {
         database_url: database_url.to_string(),
+        internal_token: token,
+        token_file: None,
         store,
         queue,
         smtp,

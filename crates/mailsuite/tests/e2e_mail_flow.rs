@@ -12,7 +12,7 @@ use mailsuite_testkit::TestSuite;
 async fn smtp_in_imap_and_pop3_out_submission_between_users() {
     let suite = TestSuite::start().await;
     let r = &suite.running;
-    let channel = mailsuite_runtime::grpc::connect_lazy(&r.store_url()).unwrap();
+    let channel = r.store_channel();
     let mut admin = AdminClient::new(channel);
     admin
         .add_domain(AddDomainRequest {

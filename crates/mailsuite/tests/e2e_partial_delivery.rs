@@ -19,7 +19,7 @@ use mailsuite_testkit::{TestSuite, eventually};
 async fn partial_local_delivery_is_handed_to_the_queue() {
     let suite = TestSuite::start().await;
     let r = &suite.running;
-    let store = mailsuite_runtime::grpc::connect_lazy(&r.store_url()).unwrap();
+    let store = r.store_channel();
     let mut admin = AdminClient::new(store.clone());
     admin
         .add_domain(AddDomainRequest {
@@ -124,8 +124,7 @@ async fn partial_local_delivery_is_handed_to_the_queue() {
     assert_eq!(st.messages, 1, "delivered exactly once");
 
     // tiny's copy is the queue's: deferred or failed (bounced), with the reason recorded.
-    let queue = mailsuite_runtime::grpc::connect_lazy(&format!("http://{}", r.queue.grpc.unwrap()))
-        .unwrap();
+    let queue = r.queue_channel().unwrap();
     let mut q = QueueClient::new(queue);
     let list = q
         .list_messages(ListMessagesRequest {

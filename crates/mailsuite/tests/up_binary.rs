@@ -18,9 +18,11 @@ fn greeting(addr: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_every_protocol_and_stops_on_sigint() {
     let db = TestDb::new().await;
+    let data = tempfile::tempdir().unwrap();
     let any = "127.0.0.1:0";
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailsuite"))
         .arg("up")
+        .args(["--data-dir", &data.path().display().to_string()])
         .args(["--set", &format!("store.listen_grpc={any}")])
         .args(["--set", &format!("queue.listen_grpc={any}")])
         .args(["--set", &format!("smtp.listen_smtp={any}")])
@@ -71,6 +73,44 @@ async fn up_serves_every_protocol_and_stops_on_sigint() {
     assert!(greeting(&smtp).starts_with("220 "), "SMTP greeting");
     assert!(greeting(&pop3).starts_with("+OK"), "POP3 greeting");
     assert!(greeting(&imap).starts_with("* OK"), "IMAP greeting");
+
+    // The internal gRPC token: created owner-only in the data directory, required by the
+    // store, and what the printed mailctl commands point at.
+    let token_path = data.path().join("internal-token");
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "a 32-byte random token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner-only");
+    }
+    assert!(
+        table
+            .iter()
+            .any(|l| l.contains(&format!("--token-file {}", token_path.display()))),
+        "{table:#?}"
+    );
+    let store = format!("http://{}", addr_of("gRPC mailbox-store"));
+    let list = |token: &str| {
+        let ch = mailsuite_runtime::grpc::connect_lazy_with_token(&store, token).unwrap();
+        async move {
+            mailsuite_proto::admin_client::AdminClient::new(ch)
+                .list_domains(mailsuite_proto::ListDomainsRequest::default())
+                .await
+        }
+    };
+    assert_eq!(
+        list("").await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        list("not-the-token").await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    list(token)
+        .await
+        .expect("the token from the file is accepted");
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -14,7 +14,7 @@ use serde_json::json;
 async fn smtp_in_pop3_dele_quit_gone_in_imap() {
     let suite = TestSuite::start().await;
     let r = &suite.running;
-    let channel = mailsuite_runtime::grpc::connect_lazy(&r.store_url()).unwrap();
+    let channel = r.store_channel();
     AdminClient::new(channel.clone())
         .add_domain(AddDomainRequest {
             name: "pop.flow.test".into(),

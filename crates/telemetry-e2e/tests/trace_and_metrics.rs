@@ -157,8 +157,7 @@ async fn delivered_message_is_one_trace_and_moves_the_metrics() {
     })
     .await;
     let r = &suite.running;
-    let mut admin =
-        AdminClient::new(mailsuite_runtime::grpc::connect_lazy(&r.store_url()).unwrap());
+    let mut admin = AdminClient::new(r.store_channel());
     admin
         .add_domain(AddDomainRequest {
             name: "obs.test".into(),
