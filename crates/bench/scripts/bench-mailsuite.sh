@@ -36,10 +36,11 @@ want() {
 # Per-event INFO logging would be measured as server CPU.
 export MAILSUITE_LOG=${MAILSUITE_LOG:-warn}
 
-STORE_GRPC=127.0.0.1:50151
-SMTP=127.0.0.1:2525
-IMAP=127.0.0.1:1143
-POP3=127.0.0.1:1110
+# Overridable, so two runs (or a run and another benchmark) can share the machine.
+STORE_GRPC=${STORE_GRPC:-127.0.0.1:50151}
+SMTP=${SMTP:-127.0.0.1:2525}
+IMAP=${IMAP:-127.0.0.1:1143}
+POP3=${POP3:-127.0.0.1:1110}
 
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
