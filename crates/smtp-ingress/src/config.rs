@@ -148,6 +148,21 @@ pub struct Policy {
     pub etrn: bool,
     /// Refuse an unauthenticated MAIL FROM in one of our own domains on the MX port.
     pub reject_unauthenticated_local_sender: bool,
+    /// What a failed iprev check (forward-confirmed reverse DNS, RFC 8601 §3) of an MX
+    /// client does at MAIL: `record` (default: only the Authentication-Results header),
+    /// `tempfail` (`450 4.7.25`, RFC 7372) or `reject` (`550 5.7.25`; a DNS temperror still
+    /// gets `450 4.7.25`). Needs `verify_inbound`; submission sessions are never checked.
+    pub iprev: IprevPolicy,
+}
+
+/// See `Policy::iprev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IprevPolicy {
+    #[default]
+    Record,
+    Tempfail,
+    Reject,
 }
 
 impl Default for Policy {
@@ -161,6 +176,7 @@ impl Default for Policy {
             terminal_commands: true,
             etrn: true,
             reject_unauthenticated_local_sender: true,
+            iprev: IprevPolicy::Record,
         }
     }
 }
@@ -168,7 +184,8 @@ impl Default for Policy {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// Name servers as `ip:port`; empty = the system configuration (/etc/resolv.conf).
+    /// Name servers as `ip` (port 53) or `ip:port` (`[v6]:port`), then the only source of
+    /// answers (no /etc/hosts); empty = the system configuration (/etc/resolv.conf).
     pub nameservers: Vec<String>,
     /// Per-query timeout.
     pub timeout_secs: u64,
@@ -198,12 +215,14 @@ mod tests {
         assert_eq!(c.listen_ops, "0.0.0.0:9025");
         assert!(!c.auth.allow_plaintext_loopback);
         assert_eq!(c.limits.command_timeout_secs, 300);
+        assert_eq!(c.policy.iprev, IprevPolicy::Record);
 
         let src = ConfigSources {
             overrides: vec![
                 "listen_submissions=".into(),
                 "limits.max_recipients=7".into(),
                 "policy.bare_line_end=normalize".into(),
+                "policy.iprev=reject".into(),
             ],
             env: [("MAILSUITE_HOSTNAME".to_string(), "mx.example".to_string())].into(),
             ..Default::default()
@@ -212,12 +231,15 @@ mod tests {
         assert_eq!(c.listen_submissions, "");
         assert_eq!(c.limits.max_recipients, 7);
         assert_eq!(c.policy.bare_line_end, BareLineEnd::Normalize);
+        assert_eq!(c.policy.iprev, IprevPolicy::Reject);
         assert_eq!(c.hostname, "mx.example");
 
-        let bad = ConfigSources {
-            overrides: vec!["limits.nope=1".into()],
-            ..Default::default()
-        };
-        assert!(load::<Config>(&bad).is_err());
+        for bad in ["limits.nope=1", "policy.iprev=maybe", "policy.iprev_nope=1"] {
+            let bad = ConfigSources {
+                overrides: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -18,9 +18,10 @@ use smtp_proto as sp;
 use crate::backend::Backend;
 use crate::codec::{BodyEnd, Command, CommandError, MailFrom, RcptTo, Terminal, xtext_encode};
 use crate::config::Config;
+use crate::config::IprevPolicy;
 use crate::limits::RateLimiter;
 use crate::reply::{Reply, lookup_error, service_error};
-use crate::verify::Verifier;
+use crate::verify::{Iprev, IprevStatus, Verifier};
 
 /// Which listener the connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,9 @@ pub struct Session<B> {
     tls: Option<TlsInfo>,
     helo: Option<(String, bool)>,
     auth: Option<Authenticated>,
+    /// The iprev check of the client, done at the first MAIL on the MX port and kept for
+    /// the connection (STARTTLS does not change the peer).
+    iprev: Option<Iprev>,
     tx: Option<Transaction>,
     auth_step: Option<AuthStep>,
     /// A BDAT chunk that will be refused once read.
@@ -151,6 +155,7 @@ impl<B: Backend> Session<B> {
             tls,
             helo: None,
             auth: None,
+            iprev: None,
             tx: None,
             auth_step: None,
             bdat_refusal: None,
@@ -569,6 +574,9 @@ impl<B: Backend> Session<B> {
         if self.is_submission() && self.auth.is_none() {
             return self.error(Reply::new(530, "5.7.0", "Authentication required"));
         }
+        if let Some(r) = self.check_iprev().await {
+            return Outcome::reply(r);
+        }
         let limits = &self.shared.config.limits;
         if self.messages >= limits.max_messages_per_session {
             return Outcome::then(
@@ -648,6 +656,42 @@ impl<B: Backend> Session<B> {
             bdat_total: 0,
         });
         Outcome::reply(Reply::new(250, "2.1.0", "Sender OK"))
+    }
+
+    /// iprev for an unauthenticated MX client, once per connection, and what the policy makes
+    /// of a failure (RFC 7372: `4.7.25` / `5.7.25`). `None`: go on.
+    async fn check_iprev(&mut self) -> Option<Reply> {
+        if self.port != Port::Mx || self.auth.is_some() {
+            return None;
+        }
+        let v = self.shared.verifier.as_ref()?;
+        if self.iprev.is_none() {
+            let iprev = v.iprev(self.peer.ip()).await;
+            tracing::debug!(peer = %self.peer.ip(), result = ?iprev.status(), name = ?iprev.name, "iprev");
+            self.iprev = Some(iprev);
+        }
+        let status = self.iprev.as_ref()?.status();
+        match (self.cfg().policy.iprev, status) {
+            (IprevPolicy::Record, _) | (_, IprevStatus::Pass) => None,
+            (IprevPolicy::Reject, IprevStatus::Fail | IprevStatus::PermError) => Some(Reply::new(
+                550,
+                "5.7.25",
+                format!("Reverse DNS validation failed for {}", self.peer.ip()),
+            )),
+            (_, IprevStatus::TempError) => Some(Reply::new(
+                450,
+                "4.7.25",
+                format!(
+                    "Reverse DNS validation of {} failed temporarily, try again later",
+                    self.peer.ip()
+                ),
+            )),
+            (IprevPolicy::Tempfail, _) => Some(Reply::new(
+                450,
+                "4.7.25",
+                format!("Reverse DNS validation failed for {}", self.peer.ip()),
+            )),
+        }
     }
 
     async fn rcpt(&mut self, to: RcptTo<String>) -> Outcome {
@@ -980,7 +1024,13 @@ impl<B: Backend> Session<B> {
             if let Some(v) = &self.shared.verifier {
                 let helo = self.helo.as_ref().map(|h| h.0.as_str()).unwrap_or("");
                 let out = v
-                    .verify(self.peer.ip(), helo, &tx.from.address, &body)
+                    .verify(
+                        self.peer.ip(),
+                        helo,
+                        &tx.from.address,
+                        &body,
+                        self.iprev.as_ref(),
+                    )
                     .await;
                 headers.push_str(&out.header);
                 dmarc_reject = out.dmarc_reject;
@@ -1162,10 +1212,14 @@ impl<B: Backend> Session<B> {
             .as_ref()
             .map(|h| h.0.as_str())
             .unwrap_or("unknown");
-        let ip = match self.peer.ip() {
+        let mut ip = match self.peer.ip() {
             IpAddr::V4(a) => format!("[{a}]"),
             IpAddr::V6(a) => format!("[IPv6:{a}]"),
         };
+        // RFC 5321 §4.4 TCP-info: the reverse name, only when iprev confirmed it.
+        if let Some(name) = self.iprev.as_ref().and_then(|i| i.name.as_deref()) {
+            ip = format!("{name} {ip}");
+        }
         let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
         let utf8 = tx.from.flags & sp::MAIL_SMTPUTF8 != 0;
         let mut with = String::from(match (esmtp, utf8) {

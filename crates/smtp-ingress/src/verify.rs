@@ -9,19 +9,22 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mail_auth::common::parse::TxtRecordParser;
 use mail_auth::common::resolver::ToFqdn;
 use mail_auth::dmarc::Dmarc;
 use mail_auth::dmarc::Policy;
-use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use mail_auth::hickory_resolver::config::{
+    NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
 use mail_auth::spf::Spf;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DmarcResult, MessageAuthenticator, Parameters,
-    ResolverCache, Txt, common::verify::DomainKey, dmarc::verify::DmarcParameters,
-    spf::verify::SpfParameters,
+    AuthenticatedMessage, AuthenticationResults, DmarcResult, DnsError, DnssecStatus, IprevOutput,
+    IprevResult, MessageAuthenticator, Parameters, RecordSet, ResolverCache, Txt,
+    common::verify::DomainKey, dmarc::verify::DmarcParameters, spf::verify::SpfParameters,
 };
 
 use crate::config::DnsConfig;
@@ -36,29 +39,42 @@ pub enum VerifyError {
     Record { name: String, message: String },
 }
 
-/// Pinned TXT records, consulted before DNS.
-#[derive(Default)]
-struct Pinned(HashMap<Box<str>, Txt>);
+/// Pinned records (TXT, PTR, A, AAAA), consulted before DNS.
+#[derive(Clone)]
+struct Pinned<K, V>(HashMap<K, V>);
 
-impl ResolverCache<Box<str>, Txt> for Pinned {
-    fn get<Q>(&self, name: &Q) -> Option<Txt>
+impl<K, V> Default for Pinned<K, V> {
+    fn default() -> Self {
+        Pinned(HashMap::new())
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Pinned<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
     where
-        Box<str>: Borrow<Q>,
+        K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         self.0.get(name).cloned()
     }
-    fn remove<Q>(&self, _: &Q) -> Option<Txt>
+    fn remove<Q>(&self, _: &Q) -> Option<V>
     where
-        Box<str>: Borrow<Q>,
+        K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         None
     }
-    fn insert(&self, _: Box<str>, _: Txt, _: std::time::Instant) {}
+    fn insert(&self, _: K, _: V, _: std::time::Instant) {}
 }
 
-/// The other caches stay empty.
+fn record_set<T>(v: Vec<T>) -> RecordSet<T> {
+    RecordSet {
+        rrset: v.into(),
+        dnssec_status: DnssecStatus::Indeterminate,
+    }
+}
+
+/// The MX cache stays empty.
 struct Empty;
 
 impl<K, V> ResolverCache<K, V> for Empty {
@@ -79,10 +95,20 @@ impl<K, V> ResolverCache<K, V> for Empty {
     fn insert(&self, _: K, _: V, _: std::time::Instant) {}
 }
 
+type PinnedTxt = Pinned<Box<str>, Txt>;
+type PinnedPtr = Pinned<IpAddr, RecordSet<Box<str>>>;
+type PinnedV4 = Pinned<Box<str>, RecordSet<Ipv4Addr>>;
+type PinnedV6 = Pinned<Box<str>, RecordSet<Ipv6Addr>>;
+
 pub struct Verifier {
     auth: MessageAuthenticator,
-    pinned: Arc<Pinned>,
+    pinned: Arc<PinnedTxt>,
+    ptr: PinnedPtr,
+    ipv4: PinnedV4,
+    ipv6: PinnedV6,
     hostname: String,
+    /// Bound on one iprev check (a PTR query and up to two forward queries).
+    iprev_timeout: Duration,
 }
 
 pub struct Verdict {
@@ -92,6 +118,78 @@ pub struct Verdict {
     pub dmarc_reject: bool,
 }
 
+/// The outcome of one iprev check (RFC 8601 §3): forward-confirmed reverse DNS of a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iprev {
+    pub ip: IpAddr,
+    pub result: IprevResult,
+    /// The reverse name whose forward lookup contains the IP; only when the result is `pass`.
+    pub name: Option<String>,
+}
+
+/// The iprev result in the four words of RFC 8601 §2.7.3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IprevStatus {
+    Pass,
+    /// PTR names exist but none resolves back to the IP.
+    Fail,
+    /// A DNS error that may go away (timeout, SERVFAIL).
+    TempError,
+    /// No PTR record (or a forward name that does not exist).
+    PermError,
+}
+
+impl Iprev {
+    pub fn status(&self) -> IprevStatus {
+        match &self.result {
+            IprevResult::Pass => IprevStatus::Pass,
+            IprevResult::Fail(_) => IprevStatus::Fail,
+            IprevResult::TempError(_) => IprevStatus::TempError,
+            IprevResult::PermError(_) | IprevResult::None => IprevStatus::PermError,
+        }
+    }
+
+    fn add_to<'a>(&self, ar: AuthenticationResults<'a>) -> String {
+        let out = IprevOutput {
+            result: self.result.clone(),
+            ptr: None,
+        };
+        let mut s = ar.with_iprev_result(&out, self.ip).to_string();
+        if let Some(name) = &self.name {
+            s.push_str(&format!(" ({name})"));
+        }
+        s
+    }
+}
+
+/// A DNS name as it may appear inside a header comment.
+fn comment_safe(name: &str) -> Option<String> {
+    let name = name.trim_end_matches('.');
+    (!name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'))
+    .then(|| name.to_ascii_lowercase())
+}
+
+fn parse_nameserver(s: &str) -> Result<NameServerConfig, VerifyError> {
+    let (ip, port) = match s.parse::<IpAddr>() {
+        Ok(ip) => (ip, None),
+        Err(_) => match s.parse::<SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => return Err(VerifyError::Nameserver(s.to_string())),
+        },
+    };
+    let mut ns = NameServerConfig::udp_and_tcp(ip);
+    if let Some(port) = port {
+        for c in &mut ns.connections {
+            c.port = port;
+        }
+    }
+    Ok(ns)
+}
+
 impl Verifier {
     pub fn new(dns: &DnsConfig, hostname: &str) -> Result<Verifier, VerifyError> {
         let auth = if dns.nameservers.is_empty() {
@@ -99,20 +197,26 @@ impl Verifier {
                 .or_else(|_| MessageAuthenticator::new_cloudflare())
                 .map_err(|e| VerifyError::Resolver(e.to_string()))?
         } else {
-            let mut servers = Vec::new();
-            for s in &dns.nameservers {
-                let ip: IpAddr = s.parse().map_err(|_| VerifyError::Nameserver(s.clone()))?;
-                servers.push(NameServerConfig::udp_and_tcp(ip));
-            }
+            let servers = dns
+                .nameservers
+                .iter()
+                .map(|s| parse_nameserver(s))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut opts = ResolverOpts::default();
-            opts.timeout = std::time::Duration::from_secs(dns.timeout_secs.max(1));
+            opts.timeout = Duration::from_secs(dns.timeout_secs.max(1));
+            // Configured name servers are the only source: no /etc/hosts answers.
+            opts.use_hosts_file = ResolveHosts::Never;
             MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
                 .map_err(|e| VerifyError::Resolver(e.to_string()))?
         };
         Ok(Verifier {
             auth,
             pinned: Arc::default(),
+            ptr: Pinned::default(),
+            ipv4: Pinned::default(),
+            ipv6: Pinned::default(),
             hostname: hostname.to_string(),
+            iprev_timeout: Duration::from_secs(dns.timeout_secs.max(1) * 3),
         })
     }
 
@@ -141,18 +245,121 @@ impl Verifier {
         Ok(self)
     }
 
-    fn params<P>(&self, p: P) -> Parameters<'_, P, Pinned, Empty, Empty, Empty, Empty> {
+    /// Serve this PTR record set for `ip` without asking DNS.
+    pub fn with_ptr(mut self, ip: IpAddr, names: &[&str]) -> Verifier {
+        let rrset: Vec<Box<str>> = names
+            .iter()
+            .map(|n| n.to_fqdn().into_owned().into_boxed_str())
+            .collect();
+        self.ptr.0.insert(ip, record_set(rrset));
+        self
+    }
+
+    /// Serve these A / AAAA records for `name` without asking DNS.
+    pub fn with_addresses(mut self, name: &str, ips: &[IpAddr]) -> Verifier {
+        let key = || name.to_fqdn().into_owned().into_boxed_str();
+        let v4: Vec<Ipv4Addr> = ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Ipv6Addr> = ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        self.ipv4.0.insert(key(), record_set(v4));
+        self.ipv6.0.insert(key(), record_set(v6));
+        self
+    }
+
+    fn params<P>(
+        &self,
+        p: P,
+    ) -> Parameters<'_, P, PinnedTxt, Empty, PinnedV4, PinnedV6, PinnedPtr> {
         Parameters {
             params: p,
             cache_txt: Some(&*self.pinned),
             cache_mx: None::<&Empty>,
-            cache_ptr: None::<&Empty>,
-            cache_ipv4: None::<&Empty>,
-            cache_ipv6: None::<&Empty>,
+            cache_ptr: Some(&self.ptr),
+            cache_ipv4: Some(&self.ipv4),
+            cache_ipv6: Some(&self.ipv6),
         }
     }
 
-    pub async fn verify(&self, ip: IpAddr, helo: &str, mail_from: &str, message: &[u8]) -> Verdict {
+    /// Forward-confirmed reverse DNS of `ip` with mail-auth's iprev: the PTR names (at most
+    /// two are tried) and their A/AAAA records. Bounded by three DNS timeouts in all; past
+    /// that the result is `temperror`.
+    pub async fn iprev(&self, ip: IpAddr) -> Iprev {
+        let check = async {
+            let out = self.auth.verify_iprev(self.params(ip)).await;
+            let name = match (&out.result, &out.ptr) {
+                (IprevResult::Pass, Some(ptr)) => self.confirmed_name(ip, ptr).await,
+                _ => None,
+            };
+            Iprev {
+                ip,
+                result: out.result,
+                name,
+            }
+        };
+        match tokio::time::timeout(self.iprev_timeout, check).await {
+            Ok(iprev) => iprev,
+            Err(_) => Iprev {
+                ip,
+                result: IprevResult::TempError(mail_auth::Error::Dns(DnsError::Resolver(
+                    "iprev timed out".into(),
+                ))),
+                name: None,
+            },
+        }
+    }
+
+    /// Which of the (at most two) PTR names mail-auth tried resolves back to `ip`. With one
+    /// name that is the one; with two, the first is asked again (answered from the resolver's
+    /// cache or the pinned records).
+    async fn confirmed_name(&self, ip: IpAddr, ptr: &[Box<str>]) -> Option<String> {
+        let tried = &ptr[..ptr.len().min(2)];
+        let name = match tried {
+            [] => return None,
+            [one] => one,
+            [first, second, ..] => {
+                let first_matches = match ip {
+                    IpAddr::V4(a) => self
+                        .auth
+                        .ipv4_lookup(first.as_ref(), Some(&self.ipv4))
+                        .await
+                        .is_ok_and(|r| r.rrset.contains(&a)),
+                    IpAddr::V6(a) => self
+                        .auth
+                        .ipv6_lookup(first.as_ref(), Some(&self.ipv6))
+                        .await
+                        .is_ok_and(|r| r.rrset.contains(&a)),
+                };
+                if first_matches { first } else { second }
+            }
+        };
+        comment_safe(name)
+    }
+
+    /// SPF, DKIM and DMARC for one message; `iprev`, the session's cached check, is added to
+    /// the same header.
+    pub async fn verify(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        mail_from: &str,
+        message: &[u8],
+        iprev: Option<&Iprev>,
+    ) -> Verdict {
+        let header = |ar: AuthenticationResults<'_>| match iprev {
+            Some(i) => format!("Authentication-Results: {}\r\n", i.add_to(ar)),
+            None => format!("Authentication-Results: {ar}\r\n"),
+        };
         let host = self.hostname.as_str();
         let helo_domain = if helo.is_empty() { "unknown" } else { helo };
         let spf = self
@@ -176,7 +383,7 @@ impl Verifier {
                 helo_domain,
             );
             return Verdict {
-                header: format!("Authentication-Results: {ar}\r\n"),
+                header: header(ar),
                 dmarc_reject: false,
             };
         };
@@ -196,7 +403,7 @@ impl Verifier {
             .with_dmarc_result(&dmarc);
         let failed = matches!(dmarc.result(), DmarcResult::Fail(_));
         Verdict {
-            header: format!("Authentication-Results: {ar}\r\n"),
+            header: header(ar),
             dmarc_reject: failed && dmarc.policy() == Policy::Reject,
         }
     }
@@ -230,6 +437,7 @@ mod tests {
                 "h.good.example",
                 "a@good.example",
                 MSG,
+                None,
             )
             .await;
         assert!(
@@ -250,6 +458,7 @@ mod tests {
                 "h.bad.example",
                 "a@good.example",
                 MSG,
+                None,
             )
             .await;
         assert!(v.header.contains("spf=fail"), "{}", v.header);
@@ -308,7 +517,9 @@ mod dkim_tests {
             ])
             .unwrap();
         let ip = "198.51.100.1".parse().unwrap();
-        let out = v.verify(ip, "h.example", "a@signed.example", &signed).await;
+        let out = v
+            .verify(ip, "h.example", "a@signed.example", &signed, None)
+            .await;
         assert!(out.header.contains("dkim=pass"), "{}", out.header);
         assert!(
             out.header.contains("header.d=signed.example"),
@@ -323,9 +534,166 @@ mod dkim_tests {
         let n = tampered.len();
         tampered[n - 3] = b'X';
         let out = v
-            .verify(ip, "h.example", "a@signed.example", &tampered)
+            .verify(ip, "h.example", "a@signed.example", &tampered, None)
             .await;
         assert!(!out.header.contains("dkim=pass"), "{}", out.header);
         assert!(out.dmarc_reject, "{}", out.header);
+    }
+}
+
+#[cfg(test)]
+#[path = "../tests/common/dns.rs"]
+mod test_dns;
+
+#[cfg(test)]
+mod iprev_tests {
+    use super::*;
+    use mail_auth::hickory_resolver::proto::op::ResponseCode;
+    use test_dns::TestDns;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A verifier whose unpinned questions go to the test name server `dns`.
+    fn verifier(dns: &TestDns) -> Verifier {
+        let dns = DnsConfig {
+            nameservers: vec![dns.nameserver()],
+            timeout_secs: 2,
+        };
+        Verifier::new(&dns, "mx.test")
+            .unwrap()
+            .with_records([("good.example", "v=spf1 ip4:192.0.2.0/24 -all")])
+            .unwrap()
+    }
+
+    /// A name server that knows nothing (NXDOMAIN), for the pinned-record tests.
+    async fn empty_dns() -> TestDns {
+        TestDns::new().start().await
+    }
+
+    async fn header(v: &Verifier, iprev: &Iprev) -> String {
+        v.verify(
+            iprev.ip,
+            "h.good.example",
+            "a@good.example",
+            b"From: a@good.example\r\n\r\nx\r\n",
+            Some(iprev),
+        )
+        .await
+        .header
+    }
+
+    #[tokio::test]
+    async fn pinned_ptr_confirmed_by_a_is_a_pass_with_the_name() {
+        let v = verifier(&empty_dns().await)
+            .with_ptr(ip("192.0.2.7"), &["Mail.Good.Example."])
+            .with_addresses("mail.good.example", &[ip("192.0.2.1"), ip("192.0.2.7")]);
+        let i = v.iprev(ip("192.0.2.7")).await;
+        assert_eq!(i.status(), IprevStatus::Pass, "{i:?}");
+        assert_eq!(i.name.as_deref(), Some("mail.good.example"));
+        let h = header(&v, &i).await;
+        assert!(
+            h.contains("iprev=pass policy.iprev=192.0.2.7 (mail.good.example)"),
+            "{h}"
+        );
+        assert!(h.contains("spf=pass"), "{h}");
+        assert!(
+            h.ends_with("\r\n") && !h[..h.len() - 2].contains("\r\n\r\n"),
+            "{h}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_pass_and_the_second_ptr_name_is_the_confirmed_one() {
+        let v = verifier(&empty_dns().await)
+            .with_ptr(ip("2001:db8::25"), &["stale.example", "mx6.good.example"])
+            .with_addresses("stale.example", &[ip("2001:db8::99")])
+            .with_addresses("mx6.good.example", &[ip("2001:db8::25")]);
+        let i = v.iprev(ip("2001:db8::25")).await;
+        assert_eq!(i.status(), IprevStatus::Pass, "{i:?}");
+        assert_eq!(i.name.as_deref(), Some("mx6.good.example"));
+        let h = header(&v, &i).await;
+        assert!(
+            h.contains("iprev=pass policy.iprev=\"2001:db8::25\" (mx6.good.example)"),
+            "{h}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ptr_without_a_matching_a_record_is_a_fail() {
+        let v = verifier(&empty_dns().await)
+            .with_ptr(ip("198.51.100.9"), &["liar.example"])
+            .with_addresses("liar.example", &[ip("203.0.113.5")]);
+        let i = v.iprev(ip("198.51.100.9")).await;
+        assert_eq!(i.status(), IprevStatus::Fail, "{i:?}");
+        assert_eq!(i.name, None);
+        let h = header(&v, &i).await;
+        assert!(h.contains("iprev=fail"), "{h}");
+        assert!(h.contains("policy.iprev=198.51.100.9"), "{h}");
+        assert!(!h.contains("liar.example"), "{h}");
+    }
+
+    #[tokio::test]
+    async fn over_real_dns_pass_fail_and_no_ptr() {
+        let dns = TestDns::new()
+            .ptr(ip("192.0.2.7"), "mail.good.example")
+            .addr("mail.good.example", ip("192.0.2.7"))
+            .ptr(ip("192.0.2.8"), "liar.example")
+            .addr("liar.example", ip("203.0.113.5"))
+            .start()
+            .await;
+        let v = verifier(&dns);
+
+        let pass = v.iprev(ip("192.0.2.7")).await;
+        assert_eq!(pass.status(), IprevStatus::Pass, "{pass:?}");
+        assert_eq!(pass.name.as_deref(), Some("mail.good.example"));
+
+        let fail = v.iprev(ip("192.0.2.8")).await;
+        assert_eq!(fail.status(), IprevStatus::Fail, "{fail:?}");
+
+        // NXDOMAIN for the PTR: permerror (RFC 8601 §2.7.3).
+        let none = v.iprev(ip("192.0.2.9")).await;
+        assert_eq!(none.status(), IprevStatus::PermError, "{none:?}");
+        assert_eq!(none.name, None);
+        let h = header(&v, &none).await;
+        assert!(h.contains("iprev=permerror"), "{h}");
+        assert!(h.contains("policy.iprev=192.0.2.9"), "{h}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_name_server_is_a_temperror() {
+        let dns = TestDns::new()
+            .otherwise(ResponseCode::ServFail)
+            .start()
+            .await;
+        let v = verifier(&dns);
+        let i = v.iprev(ip("192.0.2.10")).await;
+        assert_eq!(i.status(), IprevStatus::TempError, "{i:?}");
+        assert!(header(&v, &i).await.contains("iprev=temperror"));
+    }
+
+    #[test]
+    fn nameservers_take_an_optional_port() {
+        for ok in ["127.0.0.1", "127.0.0.1:5353", "::1", "[::1]:5353"] {
+            assert!(parse_nameserver(ok).is_ok(), "{ok}");
+        }
+        let ns = parse_nameserver("127.0.0.1:5353").unwrap();
+        assert!(ns.connections.iter().all(|c| c.port == 5353));
+        assert!(matches!(
+            parse_nameserver("dns.example:53"),
+            Err(VerifyError::Nameserver(_))
+        ));
+    }
+
+    #[test]
+    fn only_plain_names_go_into_the_comment() {
+        assert_eq!(
+            comment_safe("Mail.Example.").as_deref(),
+            Some("mail.example")
+        );
+        assert_eq!(comment_safe("a(b).example"), None);
+        assert_eq!(comment_safe("a\\010b.example"), None);
+        assert_eq!(comment_safe(""), None);
     }
 }

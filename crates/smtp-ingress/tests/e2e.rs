@@ -55,7 +55,12 @@ async fn mx_delivery_with_trace_and_authentication_results() {
     assert_eq!(inbox.len(), 1);
     let m = &inbox[0];
     assert!(m.contains("Return-Path: <someone@remote.example>"), "{m}");
-    assert!(m.contains("Received: from client.remote.example ([127.0.0.1])\r\n\tby mx.local.test (mailsuite) with ESMTP id "), "{m}");
+    // The reverse name iprev confirmed is in the TCP-info part (RFC 5321 §4.4).
+    assert!(m.contains("Received: from client.remote.example (client.remote.example [127.0.0.1])\r\n\tby mx.local.test (mailsuite) with ESMTP id "), "{m}");
+    assert!(
+        m.contains("iprev=pass policy.iprev=127.0.0.1 (client.remote.example)"),
+        "{m}"
+    );
     assert!(m.contains("for <alice@local.test>;"), "{m}");
     assert!(m.contains("Authentication-Results: mx.local.test;"), "{m}");
     assert!(m.contains("spf=pass"), "{m}");
@@ -64,6 +69,136 @@ async fn mx_delivery_with_trace_and_authentication_results() {
         m.contains("\r\n.leading dot line\r\n"),
         "dot-unstuffed once: {m}"
     );
+    e.stop().await;
+}
+
+/// 127.0.0.1's PTR (pinned) names a host whose A record (in DNS) is elsewhere: iprev fails.
+const LIAR: &str = "liar.remote.example";
+fn liar_dns() -> dns::TestDns {
+    dns::TestDns::new().addr(LIAR, [192, 0, 2, 99].into())
+}
+
+fn mx_send(e: &Env) -> serde_json::Value {
+    let port = e.smtp.smtp.unwrap().port().to_string();
+    json(&python(
+        "smtp_client.py",
+        &args(&[
+            "--port",
+            &port,
+            "--sender",
+            "someone@remote.example",
+            "--to",
+            "alice@local.test",
+        ]),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn iprev_failure_is_only_recorded_by_default() {
+    let e = env_dns(|_| {}, liar_dns(), LIAR).await;
+    let v = mx_send(&e);
+    assert_eq!(v["ok"], true, "{v}");
+    let inbox = e.inbox_text(e.alice_id).await;
+    assert_eq!(inbox.len(), 1);
+    let m = &inbox[0];
+    assert!(m.contains("iprev=fail"), "{m}");
+    assert!(m.contains("policy.iprev=127.0.0.1"), "{m}");
+    assert!(!m.contains("liar.remote.example"), "{m}");
+    // No verified name: the TCP-info part is the address alone.
+    assert!(
+        m.contains("Received: from client.remote.example ([127.0.0.1])\r\n"),
+        "{m}"
+    );
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn iprev_tempfail_policy_answers_450_at_mail() {
+    let e = env_dns(
+        |c| c.policy.iprev = mailsuite_smtp_ingress::config::IprevPolicy::Tempfail,
+        liar_dns(),
+        LIAR,
+    )
+    .await;
+    let v = mx_send(&e);
+    assert_eq!(
+        (v["ok"].clone(), v["code"].clone()),
+        (false.into(), 450.into()),
+        "{v}"
+    );
+    assert!(v["text"].as_str().unwrap().starts_with("4.7.25"), "{v}");
+
+    // Cached for the session: a second MAIL gets the same answer; RCPT has no transaction.
+    let mut c = connect(e.smtp.smtp.unwrap()).await;
+    c.expect("EHLO client.remote.example", 250).await;
+    let t = c.expect("MAIL FROM:<someone@remote.example>", 450).await;
+    assert!(t.starts_with("4.7.25"), "{t}");
+    c.expect("RCPT TO:<alice@local.test>", 503).await;
+    c.expect("MAIL FROM:<someone@remote.example>", 450).await;
+    c.expect("QUIT", 221).await;
+    assert!(e.inbox(e.alice_id).await.is_empty());
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn iprev_reject_policy_answers_550_but_never_to_submission() {
+    use mailsuite_smtp_ingress::config::IprevPolicy;
+    // The PTR names a host that does not exist (NXDOMAIN for its A): permerror, refused.
+    let e = env_dns(
+        |c| c.policy.iprev = IprevPolicy::Reject,
+        dns::TestDns::new(),
+        "ghost.remote.example",
+    )
+    .await;
+    let v = mx_send(&e);
+    assert_eq!(
+        (v["ok"].clone(), v["code"].clone()),
+        (false.into(), 550.into()),
+        "{v}"
+    );
+    assert!(v["text"].as_str().unwrap().starts_with("5.7.25"), "{v}");
+    assert!(e.inbox(e.alice_id).await.is_empty());
+
+    // The same client authenticated on submission is not subject to it.
+    let ca = e.certs.ca_pem.display().to_string();
+    let sub = e.smtp.submission.unwrap().port().to_string();
+    let out = python(
+        "smtp_client.py",
+        &args(&[
+            "--port",
+            &sub,
+            "--mode",
+            "starttls",
+            "--ca",
+            &ca,
+            "--user",
+            "alice@local.test",
+            "--password",
+            PASSWORD,
+            "--sender",
+            "alice@local.test",
+            "--to",
+            "bob@local.test",
+        ]),
+    );
+    assert_eq!(json(&out)["ok"], true, "{out}");
+    let inbox = e.inbox_text(e.bob_id).await;
+    assert_eq!(inbox.len(), 1);
+    assert!(!inbox[0].contains("iprev="), "{}", inbox[0]);
+    e.stop().await;
+
+    // A name server that fails (SERVFAIL for the forward lookup) is a temperror:
+    // `450 4.7.25` even under `reject`.
+    let dns = dns::TestDns::new()
+        .otherwise(mail_auth::hickory_resolver::proto::op::ResponseCode::ServFail);
+    let e = env_dns(|c| c.policy.iprev = IprevPolicy::Reject, dns, CLIENT_PTR).await;
+    let v = mx_send(&e);
+    assert_eq!(
+        (v["ok"].clone(), v["code"].clone()),
+        (false.into(), 450.into()),
+        "{v}"
+    );
+    assert!(v["text"].as_str().unwrap().starts_with("4.7.25"), "{v}");
     e.stop().await;
 }
 

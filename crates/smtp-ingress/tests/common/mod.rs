@@ -3,6 +3,8 @@
 //! with CA-signed test certificates. Plus a raw SMTP client for pipelined conversations.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,7 +109,28 @@ pub async fn env() -> Env {
     env_with(|_| {}).await
 }
 
+/// The reverse name of the test client (127.0.0.1) in the default test DNS.
+pub const CLIENT_PTR: &str = "client.remote.example";
+
+/// The default test DNS: `CLIENT_PTR` has an A record of 127.0.0.1, so iprev of the test
+/// client passes; every other question gets NXDOMAIN.
+pub fn test_dns() -> dns::TestDns {
+    dns::TestDns::new().addr(CLIENT_PTR, std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
 pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
+    env_dns(tweak, test_dns(), CLIENT_PTR).await
+}
+
+/// `env_with` answering DNS questions from `dns`, with `loopback_ptr` pinned as the PTR of
+/// 127.0.0.1 (hickory answers `localhost` for 127/8 itself, RFC 6761, so a test name server
+/// is never asked for it); its A/AAAA records come from `dns`.
+pub async fn env_dns(
+    tweak: impl FnOnce(&mut Config),
+    dns: dns::TestDns,
+    loopback_ptr: &str,
+) -> Env {
+    let dns = dns.start().await;
     let db = TestDb::new().await;
     let store_shutdown = Shutdown::new();
     let sc = mailsuite_mailbox_store::Config {
@@ -173,8 +196,8 @@ pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
         tls: certs.tls_config(),
         ..Config::default()
     };
-    // Unpinned lookups fail at once instead of waiting on the network.
-    config.dns.nameservers = vec!["127.0.0.1".into()];
+    // Only the in-test name server is asked: no test depends on the machine's resolver.
+    config.dns.nameservers = vec![dns.nameserver()];
     config.dns.timeout_secs = 1;
     tweak(&mut config);
     let verifier = if config.policy.verify_inbound {
@@ -182,7 +205,8 @@ pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
             Verifier::new(&config.dns, &config.hostname)
                 .unwrap()
                 .with_records(RECORDS.iter().copied())
-                .unwrap(),
+                .unwrap()
+                .with_ptr([127, 0, 0, 1].into(), &[loopback_ptr]),
         )
     } else {
         None
