@@ -953,3 +953,148 @@ async fn bdat_text_bodies_follow_the_bare_line_end_policy() {
             .ends_with(b"hi\r\n.\nMAIL FROM:<a@b>\r\n")
     );
 }
+
+mod iprev {
+    use super::*;
+    use crate::config::{DnsConfig, IprevPolicy};
+    use crate::verify::test_dns::TestDns;
+    use mail_auth::hickory_resolver::proto::op::ResponseCode;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Dns {
+        /// PTR mail.good.example, whose A is the client: pass.
+        Pass,
+        /// PTR liar.example, whose A is elsewhere: fail.
+        Fail,
+        /// No PTR (NXDOMAIN): permerror.
+        NoPtr,
+        /// SERVFAIL: temperror.
+        Broken,
+    }
+
+    const CLIENT: &str = "192.0.2.9";
+
+    async fn verifier(dns: Dns) -> Verifier {
+        let server = match dns {
+            Dns::Broken => TestDns::new().otherwise(ResponseCode::ServFail),
+            _ => TestDns::new(),
+        }
+        .start()
+        .await;
+        let cfg = DnsConfig {
+            nameservers: vec![server.nameserver()],
+            timeout_secs: 2,
+        };
+        let ip: IpAddr = CLIENT.parse().unwrap();
+        let v = Verifier::new(&cfg, "mx.local.test").unwrap();
+        match dns {
+            Dns::Pass => v
+                .with_ptr(ip, &["mail.good.example"])
+                .with_addresses("mail.good.example", &[ip]),
+            Dns::Fail => v
+                .with_ptr(ip, &["liar.example"])
+                .with_addresses("liar.example", &["203.0.113.5".parse().unwrap()]),
+            Dns::NoPtr | Dns::Broken => v,
+        }
+    }
+
+    async fn session(port: Port, policy: IprevPolicy, dns: Dns) -> Session<Fake> {
+        let mut cfg = config();
+        cfg.policy.iprev = policy;
+        let shared = Arc::new(Shared {
+            config: cfg,
+            backend: fake(),
+            rates: RateLimiter::default(),
+            verifier: Some(verifier(dns).await),
+            tls_available: true,
+        });
+        let tls = (port != Port::Mx).then(|| TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        });
+        Session::new(shared, port, format!("{CLIENT}:4000").parse().unwrap(), tls)
+    }
+
+    #[tokio::test]
+    async fn policy_table_at_mail() {
+        use IprevPolicy::*;
+        let table = [
+            (Record, [250, 250, 250, 250]),
+            (Tempfail, [250, 450, 450, 450]),
+            (Reject, [250, 550, 550, 450]),
+        ];
+        for (policy, codes) in table {
+            for (dns, want) in [Dns::Pass, Dns::Fail, Dns::NoPtr, Dns::Broken]
+                .into_iter()
+                .zip(codes)
+            {
+                let mut s = session(Port::Mx, policy, dns).await;
+                code(&mut s, "EHLO client.example").await;
+                let (c, o) = line(&mut s, "MAIL FROM:<x@remote.example>").await;
+                assert_eq!(c, want, "{policy:?} {dns:?}: {o:?}");
+                if c != 250 {
+                    let r = o.reply.unwrap();
+                    assert_eq!(
+                        r.lines[0].split(' ').next(),
+                        Some(if c == 450 { "4.7.25" } else { "5.7.25" }),
+                        "{r:?}"
+                    );
+                    // No transaction was opened, and the answer is the same the next time.
+                    assert_eq!(code(&mut s, "RCPT TO:<alice@local.test>").await, 503);
+                    assert_eq!(code(&mut s, "MAIL FROM:<x@remote.example>").await, want);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn submission_is_never_checked() {
+        let mut s = session(Port::Submission, IprevPolicy::Reject, Dns::Fail).await;
+        code(&mut s, "EHLO client.example").await;
+        assert_eq!(
+            code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await,
+            235
+        );
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@local.test>").await, 250);
+        assert!(s.iprev.is_none(), "no lookup at all on submission");
+    }
+
+    async fn deliver_one(s: &mut Session<Fake>) -> String {
+        code(s, "EHLO client.example").await;
+        assert_eq!(code(s, "MAIL FROM:<x@remote.example>").await, 250);
+        assert_eq!(code(s, "RCPT TO:<alice@local.test>").await, 250);
+        assert_eq!(code(s, "DATA").await, 354);
+        let o = send_body(
+            s,
+            b"From: x@remote.example\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
+        )
+        .await;
+        assert_eq!(o.reply.unwrap().code, 250);
+        let d = s.shared.backend.delivered.lock().unwrap();
+        String::from_utf8_lossy(&d[0].1).into_owned()
+    }
+
+    #[tokio::test]
+    async fn received_and_authentication_results_carry_the_confirmed_name() {
+        let mut s = session(Port::Mx, IprevPolicy::Record, Dns::Pass).await;
+        let text = deliver_one(&mut s).await;
+        assert!(
+            text.starts_with("Received: from client.example (mail.good.example [192.0.2.9])\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iprev=pass policy.iprev=192.0.2.9 (mail.good.example)"),
+            "{text}"
+        );
+
+        // A name that does not resolve back is never shown as the client's.
+        let mut s = session(Port::Mx, IprevPolicy::Record, Dns::Fail).await;
+        let text = deliver_one(&mut s).await;
+        assert!(
+            text.starts_with("Received: from client.example ([192.0.2.9])\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("iprev=fail"), "{text}");
+        assert!(!text.contains("liar.example"), "{text}");
+    }
+}

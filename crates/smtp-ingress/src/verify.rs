@@ -543,7 +543,7 @@ mod dkim_tests {
 
 #[cfg(test)]
 #[path = "../tests/common/dns.rs"]
-mod test_dns;
+pub(crate) mod test_dns;
 
 #[cfg(test)]
 mod iprev_tests {
