@@ -667,6 +667,17 @@ impl<B: Backend> Session<B> {
         let v = self.shared.verifier.as_ref()?;
         if self.iprev.is_none() {
             let iprev = v.iprev(self.peer.ip()).await;
+            let result = match iprev.status() {
+                IprevStatus::Pass => "pass",
+                IprevStatus::Fail => "fail",
+                IprevStatus::TempError => "temperror",
+                IprevStatus::PermError => "permerror",
+            };
+            mailsuite_runtime::metrics::counter(
+                "mailsuite_smtp_iprev_total",
+                &[("result", result)],
+            )
+            .inc();
             tracing::debug!(peer = %self.peer.ip(), result = ?iprev.status(), name = ?iprev.name, "iprev");
             self.iprev = Some(iprev);
         }

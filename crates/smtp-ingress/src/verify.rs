@@ -673,6 +673,22 @@ mod iprev_tests {
         assert!(header(&v, &i).await.contains("iprev=temperror"));
     }
 
+    #[tokio::test]
+    async fn a_silent_name_server_is_a_temperror_not_a_hang() {
+        let dns = TestDns::new().silent().start().await;
+        let cfg = DnsConfig {
+            nameservers: vec![dns.nameserver()],
+            timeout_secs: 1,
+        };
+        let v = Verifier::new(&cfg, "mx.test").unwrap();
+        // The test harness' own bound: far beyond the three DNS timeouts iprev may use.
+        let i = tokio::time::timeout(Duration::from_secs(60), v.iprev(ip("192.0.2.11")))
+            .await
+            .expect("iprev is bounded by the DNS timeouts");
+        assert_eq!(i.status(), IprevStatus::TempError, "{i:?}");
+        assert_eq!(i.name, None);
+    }
+
     #[test]
     fn nameservers_take_an_optional_port() {
         for ok in ["127.0.0.1", "127.0.0.1:5353", "::1", "[::1]:5353"] {

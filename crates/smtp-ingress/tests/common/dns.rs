@@ -17,6 +17,7 @@ pub struct TestDns {
     pub addr: SocketAddr,
     records: Vec<Record>,
     otherwise: ResponseCode,
+    silent: bool,
 }
 
 impl TestDns {
@@ -26,12 +27,19 @@ impl TestDns {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             records: Vec::new(),
             otherwise: ResponseCode::NXDomain,
+            silent: false,
         }
     }
 
     /// Questions without a record get this code instead of NXDOMAIN.
     pub fn otherwise(mut self, code: ResponseCode) -> TestDns {
         self.otherwise = code;
+        self
+    }
+
+    /// Read questions and never answer (a name server that is down or filtered).
+    pub fn silent(mut self) -> TestDns {
+        self.silent = true;
         self
     }
 
@@ -61,12 +69,16 @@ impl TestDns {
         self.addr = sock.local_addr().unwrap();
         let records = self.records.clone();
         let otherwise = self.otherwise;
+        let silent = self.silent;
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                     return;
                 };
+                if silent {
+                    continue;
+                }
                 let Ok(req) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
