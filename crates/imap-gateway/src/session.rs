@@ -2006,9 +2006,31 @@ impl Session {
                 _ => {}
             }
         }
+        // The metadata call is needed only for items the body stream cannot answer: a
+        // command asking for body sections and UIDs alone (e.g. `FETCH n BODY.PEEK[]`) is
+        // one FetchBody call per chunk; a message absent from that stream is expunged.
+        let need_meta = changed_since > 0
+            || sections.is_empty()
+            || names.iter().any(|n| {
+                !matches!(
+                    n,
+                    MessageDataItemName::Uid
+                        | MessageDataItemName::BodyExt { .. }
+                        | MessageDataItemName::Binary { .. }
+                        | MessageDataItemName::BinarySize { .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Header
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
         let account_id = self.account_id();
         let mailbox_id = self.sel().mailbox_id;
         let batch = self.limits.fetch_batch.max(1) as usize;
+        // The body stream comes in ascending UID order; so do the targets (sequence numbers
+        // and UIDs grow together), which the loop below relies on.
+        let mut targets = targets;
+        targets.sort_unstable();
+        targets.dedup();
         for chunk in targets.chunks(batch) {
             let uids: Vec<u32> = chunk.iter().map(|(_, u)| *u).collect();
             if sets_seen {
@@ -2031,48 +2053,102 @@ impl Session {
                     }
                 }
             }
-            let metas = match self
-                .store
-                .fetch(pb::FetchRequest {
+            let meta_req = pb::FetchRequest {
+                account_id,
+                mailbox_id,
+                uids: Some(pb::UidSet::from_uids(uids.iter().copied())),
+                envelope: want_env,
+                body_structure: want_bs,
+                changed_since,
+            };
+            let max_bytes = self.limits.max_fetch_bytes;
+            let open_bodies = |uids: &[u32]| {
+                self.store.fetch_bodies(
                     account_id,
                     mailbox_id,
-                    uids: Some(pb::UidSet::from_uids(uids.iter().copied())),
-                    envelope: want_env,
-                    body_structure: want_bs,
-                    changed_since,
-                })
-                .await
-            {
+                    pb::UidSet::from_uids(uids.iter().copied()),
+                    sections.clone(),
+                    max_bytes,
+                )
+            };
+            let (metas, body_stream) = if !need_meta {
+                (None, Some(open_bodies(&uids).await))
+            } else if sections.is_empty() {
+                (Some(self.store.fetch(meta_req).await), None)
+            } else if changed_since > 0 {
+                // Bodies only of the messages CHANGEDSINCE leaves in.
+                let metas = self.store.fetch(meta_req).await;
+                let wanted: Vec<u32> = match &metas {
+                    Ok(m) => m.iter().map(|m| m.uid).collect(),
+                    Err(_) => vec![],
+                };
+                let bodies = if wanted.is_empty() {
+                    None
+                } else {
+                    Some(open_bodies(&wanted).await)
+                };
+                (Some(metas), bodies)
+            } else {
+                let (m, b) = tokio::join!(self.store.fetch(meta_req), open_bodies(&uids));
+                (Some(m), Some(b))
+            };
+            let metas = match metas.transpose() {
                 Ok(m) => m,
                 Err(e) => {
                     self.fail(tag, &e, out);
                     return Ok(());
                 }
             };
-            let by_uid: HashMap<u32, &pb::MessageMeta> = metas.iter().map(|m| (m.uid, m)).collect();
+            let mut body_stream = match body_stream.transpose() {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail(tag, &e, out);
+                    return Ok(());
+                }
+            };
+            let by_uid: Option<HashMap<u32, &pb::MessageMeta>> = metas
+                .as_ref()
+                .map(|v| v.iter().map(|m| (m.uid, m)).collect());
+            // The body stream's message read ahead of the target it belongs to.
+            let mut next: Option<crate::store::MessageBody> = None;
+            let mut ended = false;
             for (seq, uid) in chunk {
-                let Some(meta) = by_uid.get(uid) else {
-                    // Expunged meanwhile, or unchanged since CHANGEDSINCE.
-                    continue;
+                let bare;
+                let meta = match &by_uid {
+                    Some(map) => match map.get(uid) {
+                        Some(m) => *m,
+                        // Expunged meanwhile, or unchanged since CHANGEDSINCE.
+                        None => continue,
+                    },
+                    None => {
+                        bare = pb::MessageMeta {
+                            uid: *uid,
+                            ..Default::default()
+                        };
+                        &bare
+                    }
                 };
-                let bodies = if sections.is_empty() {
-                    vec![]
-                } else {
-                    match self
-                        .store
-                        .fetch_body(
-                            account_id,
-                            mailbox_id,
-                            *uid,
-                            sections.clone(),
-                            self.limits.max_fetch_bytes,
-                        )
-                        .await
-                    {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.fail(tag, &e, out);
-                            return Ok(());
+                let bodies = match body_stream.as_mut() {
+                    None => vec![],
+                    Some(stream) => {
+                        while !ended && next.as_ref().is_none_or(|(u, _)| u < uid) {
+                            match stream.next_message().await {
+                                Ok(Some(m)) => next = Some(m),
+                                Ok(None) => {
+                                    ended = true;
+                                    next = None;
+                                }
+                                Err(e) => {
+                                    self.fail(tag, &e, out);
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        match next.take_if(|(u, _)| u == uid) {
+                            Some((_, b)) => b,
+                            // Expunged meanwhile: without metadata there is nothing to say.
+                            None if by_uid.is_none() => continue,
+                            None => vec![None; sections.len()],
                         }
                     }
                 };

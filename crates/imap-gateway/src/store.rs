@@ -171,49 +171,35 @@ impl Store {
         Ok(out)
     }
 
-    /// The sections of one message, in request order; `None` for a missing section.
-    pub async fn fetch_body(
+    /// One FetchBody call for every message of `uids`: the returned stream yields each
+    /// message's sections as soon as that message has arrived, in ascending UID order (the
+    /// store's contract: for each uid, for each section, its chunks). A message that no
+    /// longer exists is simply absent. `max_total` bounds the bytes held for one message.
+    pub async fn fetch_bodies(
         &self,
         account_id: i64,
         mailbox_id: i64,
-        uid: u32,
+        uids: pb::UidSet,
         sections: Vec<pb::Section>,
         max_total: u64,
-    ) -> StoreResult<Vec<Option<Vec<u8>>>> {
+    ) -> StoreResult<BodyStream> {
         let n = sections.len();
-        let mut stream = self
+        let stream = self
             .mailbox()
             .fetch_body(pb::FetchBodyRequest {
                 account_id,
                 mailbox_id,
-                uids: Some(pb::UidSet::from_uids([uid])),
+                uids: Some(uids),
                 sections,
             })
             .await?
             .into_inner();
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; n];
-        let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if chunk.uid != uid {
-                continue;
-            }
-            let Some(slot) = out.get_mut(chunk.section as usize) else {
-                continue;
-            };
-            if chunk.missing {
-                *slot = None;
-                continue;
-            }
-            total += chunk.data.len() as u64;
-            if total > max_total {
-                return Err(ServiceError::TooLarge("fetched sections too large".into()));
-            }
-            let buf =
-                slot.get_or_insert_with(|| Vec::with_capacity(chunk.total.min(max_total) as usize));
-            buf.extend_from_slice(&chunk.data);
-        }
-        Ok(out)
+        Ok(BodyStream {
+            stream,
+            sections: n,
+            max_total,
+            pending: None,
+        })
     }
 
     pub async fn store_flags(
@@ -278,5 +264,63 @@ impl Store {
             .get_quota(pb::GetQuotaRequest { account_id })
             .await?
             .into_inner())
+    }
+}
+
+/// The messages of one FetchBody stream, one at a time (see [`Store::fetch_bodies`]).
+pub struct BodyStream {
+    stream: tonic::Streaming<pb::BodyChunk>,
+    sections: usize,
+    max_total: u64,
+    /// The first chunk of the next message, read while finishing the previous one.
+    pending: Option<pb::BodyChunk>,
+}
+
+/// One message of a [`BodyStream`]: its UID and its sections in request order, `None` for a
+/// section the message does not have.
+pub type MessageBody = (u32, Vec<Option<Vec<u8>>>);
+
+impl BodyStream {
+    /// The next message, or `None` at the end of the stream.
+    pub async fn next_message(&mut self) -> StoreResult<Option<MessageBody>> {
+        let first = match self.pending.take() {
+            Some(c) => c,
+            None => match self.stream.next().await {
+                Some(c) => c?,
+                None => return Ok(None),
+            },
+        };
+        let uid = first.uid;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; self.sections];
+        let mut total = 0u64;
+        let mut chunk = first;
+        loop {
+            if let Some(slot) = out.get_mut(chunk.section as usize) {
+                if chunk.missing {
+                    *slot = None;
+                } else {
+                    total += chunk.data.len() as u64;
+                    if total > self.max_total {
+                        return Err(ServiceError::TooLarge("fetched sections too large".into()));
+                    }
+                    let buf = slot.get_or_insert_with(|| {
+                        Vec::with_capacity(chunk.total.min(self.max_total) as usize)
+                    });
+                    buf.extend_from_slice(&chunk.data);
+                }
+            }
+            match self.stream.next().await {
+                None => break,
+                Some(c) => {
+                    let c = c?;
+                    if c.uid != uid {
+                        self.pending = Some(c);
+                        break;
+                    }
+                    chunk = c;
+                }
+            }
+        }
+        Ok(Some((uid, out)))
     }
 }

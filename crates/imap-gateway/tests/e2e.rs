@@ -1050,3 +1050,94 @@ async fn recent_belongs_to_the_first_session_that_selects() {
     assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
     env.stop().await;
 }
+
+/// A FETCH of many messages (one batched body stream per chunk, read alongside the metadata)
+/// writes exactly what FETCHes of each message alone write: literal sizes, item order,
+/// partial ranges, BINARY, several sections, sections a message does not have.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_message_fetch_is_byte_identical_to_single_fetches() {
+    let env = env_with(|c| c.limits.fetch_batch = 2).await;
+    env.account("bob@example.test").await;
+    let msgs = [
+        nested(),
+        SIMPLE.to_vec(),
+        nested(),
+        SIMPLE.to_vec(),
+        nested(),
+    ];
+    for m in &msgs {
+        env.deliver("bob@example.test", m).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("EXAMINE INBOX").await;
+    assert!(r.contains("* 5 EXISTS"), "{r}");
+    for items in [
+        "(UID BODY.PEEK[1] BODY.PEEK[3]<1.3> BINARY.PEEK[3] BINARY.SIZE[3] BODY.PEEK[7])",
+        "(BODY.PEEK[TEXT]<2.10> RFC822.SIZE BODY.PEEK[2.HEADER] FLAGS)",
+        "(ENVELOPE BODY.PEEK[] BODYSTRUCTURE)",
+        "(RFC822.HEADER BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])",
+        "BODY.PEEK[9.1]",
+        "BINARY.PEEK[]",
+    ] {
+        let all = c.cmd_bytes(format!("FETCH 1:5 {items}").as_bytes()).await;
+        let mut singles = Vec::new();
+        for n in 1..=5 {
+            let one = c.cmd_bytes(format!("FETCH {n} {items}").as_bytes()).await;
+            let tagged_at = one.len() - tagged(&String::from_utf8_lossy(&one)).len() - 2;
+            assert!(
+                one.starts_with(format!("* {n} FETCH (").as_bytes()),
+                "{items}: {}",
+                String::from_utf8_lossy(&one)
+            );
+            singles.extend_from_slice(&one[..tagged_at]);
+        }
+        let untagged = &all[..all.len() - tagged(&String::from_utf8_lossy(&all)).len() - 2];
+        assert_eq!(
+            String::from_utf8_lossy(untagged),
+            String::from_utf8_lossy(&singles),
+            "{items}"
+        );
+    }
+    // Sizes announced are sizes sent: the whole message of each, in order.
+    let r = c.cmd_bytes(b"FETCH 1:5 BINARY.PEEK[]").await;
+    let mut want = Vec::new();
+    for (k, m) in msgs.iter().enumerate() {
+        want.extend_from_slice(
+            format!("* {} FETCH (BINARY[] ~{{{}}}\r\n", k + 1, m.len()).as_bytes(),
+        );
+        want.extend_from_slice(m);
+        want.extend_from_slice(b")\r\n");
+    }
+    assert_eq!(&r[..want.len()], &want[..]);
+    env.stop().await;
+}
+
+/// CHANGEDSINCE with body sections: only the changed messages, each with its own body.
+#[tokio::test(flavor = "multi_thread")]
+async fn changedsince_with_body_sections_returns_changed_messages_only() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    env.deliver("bob@example.test", &nested()).await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("ENABLE CONDSTORE").await;
+    let r = c.cmd("SELECT INBOX").await;
+    let hms: u64 = r
+        .split("[HIGHESTMODSEQ ")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("HIGHESTMODSEQ: {r}"));
+    let r = c.cmd("STORE 2 +FLAGS.SILENT (\\Flagged)").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let r = c
+        .cmd(&format!("FETCH 1:* (BODY.PEEK[1]) (CHANGEDSINCE {hms})"))
+        .await;
+    assert!(
+        r.starts_with("* 2 FETCH (BODY[1] {10}\r\nfirst part MODSEQ ("),
+        "{r}"
+    );
+    assert!(!r.contains("* 1 FETCH") && !r.contains("* 3 FETCH"), "{r}");
+    env.stop().await;
+}

@@ -22,6 +22,8 @@ pub const PASSWORD: &str = "secret password";
 pub struct Env {
     pub db: TestDb,
     pub store_addr: SocketAddr,
+    /// The store's ops listener (`/metrics`).
+    pub store_ops: SocketAddr,
     pub store_shutdown: Shutdown,
     pub gw: Started,
     pub gw_shutdown: Shutdown,
@@ -37,7 +39,7 @@ pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     let store_shutdown = Shutdown::new();
     let sc = mailsuite_mailbox_store::Config {
         listen_grpc: "127.0.0.1:0".into(),
-        listen_ops: String::new(),
+        listen_ops: "127.0.0.1:0".into(),
         database_url: db.url.clone(),
         db_max_connections: 20,
         ..Default::default()
@@ -64,6 +66,7 @@ pub async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     Env {
         db,
         store_addr: store.grpc,
+        store_ops: store.ops.expect("store ops listener"),
         store_shutdown,
         gw,
         gw_shutdown,

@@ -1,0 +1,156 @@
+//! How many store calls a FETCH makes, counted on the store's own ops page
+//! (`mailsuite_grpc_server_duration_seconds_count` per gRPC method). The metrics registry is
+//! per process, so this file holds a single test: nothing else in this binary calls the store.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Messages per FETCH chunk in this test: 20 messages are 3 chunks.
+const BATCH: u32 = 8;
+
+/// Completed calls of `method` on the store's Mailbox service, from its `/metrics` page.
+async fn calls(ops: SocketAddr, method: &str) -> u64 {
+    let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: store\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_string(&mut page))
+        .await
+        .expect("metrics page in time")
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let label = format!("rpc_method=\"{method}\"");
+    page.lines()
+        .filter(|l| l.starts_with("mailsuite_grpc_server_duration_seconds_count{"))
+        .filter(|l| l.contains(&label) && l.contains("rpc_service=\"mailsuite.v1.Mailbox\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// (Fetch, FetchBody, StoreFlags) calls so far.
+async fn counts(ops: SocketAddr) -> (u64, u64, u64) {
+    (
+        calls(ops, "Fetch").await,
+        calls(ops, "FetchBody").await,
+        calls(ops, "StoreFlags").await,
+    )
+}
+
+async fn delta(ops: SocketAddr, before: (u64, u64, u64)) -> (u64, u64, u64) {
+    let now = counts(ops).await;
+    (now.0 - before.0, now.1 - before.1, now.2 - before.2)
+}
+
+fn message(i: usize) -> Vec<u8> {
+    // Sizes differ so that a body written under the wrong message number would show.
+    format!(
+        "From: a@remote.test\r\nTo: bob@example.test\r\nSubject: number {i}\r\n\
+         Message-ID: <{i}@remote.test>\r\n\r\nbody of message {i}\r\n{}\r\n",
+        "x".repeat(i * 37)
+    )
+    .into_bytes()
+}
+
+/// The exact bytes of `* seq FETCH (<prefix>BODY[] {n}\r\n<msg>)\r\n` for every message.
+fn expected_bodies(msgs: &[Vec<u8>], prefix: impl Fn(usize) -> String) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (k, m) in msgs.iter().enumerate() {
+        v.extend_from_slice(
+            format!("* {} FETCH ({}BODY[] {{{}}}\r\n", k + 1, prefix(k), m.len()).as_bytes(),
+        );
+        v.extend_from_slice(m);
+        v.extend_from_slice(b")\r\n");
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_makes_one_body_call_per_chunk_and_skips_metadata_it_does_not_need() {
+    let env = env_with(|c| c.limits.fetch_batch = BATCH).await;
+    let ops = env.store_ops;
+    env.account("bob@example.test").await;
+    let msgs: Vec<Vec<u8>> = (1..=20).map(message).collect();
+    for m in &msgs {
+        env.deliver("bob@example.test", m).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 20 EXISTS"), "{r}");
+
+    // Bodies only: one FetchBody per chunk of 8, no metadata call, bytes exact and in order.
+    let before = counts(ops).await;
+    let r = c.cmd_bytes(b"FETCH 1:20 BODY.PEEK[]").await;
+    let want = expected_bodies(&msgs, |_| String::new());
+    assert_eq!(
+        String::from_utf8_lossy(&r[..want.len().min(r.len())]),
+        String::from_utf8_lossy(&want)
+    );
+    let rest = String::from_utf8_lossy(&r[want.len()..]);
+    assert!(
+        rest.starts_with('t') && rest.contains(" OK FETCH"),
+        "{rest}"
+    );
+    assert_eq!(
+        delta(ops, before).await,
+        (0, 3, 0),
+        "Fetch, FetchBody, StoreFlags"
+    );
+
+    // One message: one call.
+    let before = counts(ops).await;
+    let r = c.cmd("FETCH 7 BODY.PEEK[]").await;
+    assert!(
+        r.starts_with(&format!("* 7 FETCH (BODY[] {{{}}}\r\n", msgs[6].len())),
+        "{r}"
+    );
+    assert_eq!(delta(ops, before).await, (0, 1, 0));
+
+    // UID FETCH: the UID comes from the body stream too.
+    let before = counts(ops).await;
+    let r = c.cmd_bytes(b"UID FETCH 1:* BODY.PEEK[]").await;
+    let want = expected_bodies(&msgs, |k| format!("UID {} ", k + 1));
+    assert_eq!(
+        String::from_utf8_lossy(&r[..want.len().min(r.len())]),
+        String::from_utf8_lossy(&want)
+    );
+    assert_eq!(delta(ops, before).await, (0, 3, 0));
+
+    // Items only the metadata has: both calls, once per chunk.
+    let before = counts(ops).await;
+    let r = c
+        .cmd("FETCH 1:20 (RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        .await;
+    for (k, m) in msgs.iter().enumerate() {
+        let subject = format!("Subject: number {}\r\n\r\n", k + 1);
+        let line = format!(
+            "* {} FETCH (RFC822.SIZE {} BODY[HEADER.FIELDS (SUBJECT)] {{{}}}\r\n{subject})\r\n",
+            k + 1,
+            m.len(),
+            subject.len()
+        );
+        assert!(r.contains(&line), "{line:?} in {r}");
+    }
+    assert_eq!(delta(ops, before).await, (3, 3, 0));
+
+    // Not PEEK: \Seen is stored first, then FLAGS are read with the bodies.
+    let before = counts(ops).await;
+    let r = c.cmd_bytes(b"FETCH 1:20 BODY[]").await;
+    let want = expected_bodies(&msgs, |_| String::new());
+    let s = String::from_utf8_lossy(&r);
+    // (\Recent too: this session is the first to see them.)
+    assert_eq!(
+        s.matches(" FLAGS (\\Seen \\Recent))\r\n").count(),
+        20,
+        "{s}"
+    );
+    // The same bodies, each with the FLAGS item after it.
+    let plain = s.replace(" FLAGS (\\Seen \\Recent))", ")");
+    assert_eq!(&plain[..want.len()], String::from_utf8_lossy(&want));
+    assert_eq!(delta(ops, before).await, (3, 3, 3));
+    env.stop().await;
+}
