@@ -2,11 +2,14 @@
 //! slow), and an unknown user is verified against a fixed dummy hash so that the answer takes
 //! as long as for a real one.
 //!
-//! Every argon2 run holds ~19 MiB and a blocking thread, so runs are capped by a semaphore:
-//! an AUTH flood then gets prompt UNAVAILABLE answers (a temporary failure at the gateways)
-//! instead of growing the process by gigabytes.
+//! Every argon2 run holds ~19 MiB, so runs are capped by a semaphore: an AUTH flood then gets
+//! prompt UNAVAILABLE answers (a temporary failure at the gateways) instead of growing the
+//! process by gigabytes. They run on a fixed set of threads of their own, not on tokio's
+//! blocking pool: every thread that ever ran one keeps a malloc arena holding its ~19 MiB, and
+//! the blocking pool cycles through many threads (10,000 IMAP logins left the store at
+//! ~900 MiB RSS); a fixed set bounds that to one arena per slot.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -19,6 +22,65 @@ pub struct Hasher {
     dummy: Arc<String>,
     slots: Arc<Semaphore>,
     wait: Duration,
+    pool: Pool,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// `n` threads running jobs one at a time; they end when the last `Pool` clone is dropped.
+#[derive(Clone)]
+struct Pool {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Pool {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..n.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            // A panicking job must not shrink the pool; its caller sees the
+                            // dropped reply as an Internal error.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-check thread");
+            }
+        }
+        Pool { tx }
+    }
+
+    /// Run `f` on a pool thread. The caller holds a semaphore slot, so jobs never queue up
+    /// beyond the number of slots.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = done.send(f());
+            }))
+            .map_err(|_| ServiceError::Internal("password-check threads are gone".into()))?;
+        result
+            .await
+            .map_err(|_| ServiceError::Internal("a password check did not finish".into()))
+    }
 }
 
 impl Hasher {
@@ -30,6 +92,7 @@ impl Hasher {
             dummy: Arc::new(dummy),
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
             wait,
+            pool: Pool::new(max_concurrent.max(1)),
         }
     }
 
@@ -55,12 +118,12 @@ impl Hasher {
         }
         let permit = self.slot().await?;
         let pw = password.to_string();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            hash_blocking(&pw)
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?
+        self.pool
+            .run(move || {
+                let _permit = permit;
+                hash_blocking(&pw)
+            })
+            .await?
     }
 
     /// `hash` None: the user does not exist; the dummy hash is checked to spend the same time.
@@ -72,16 +135,18 @@ impl Hasher {
         };
         let permit = self.slot().await?;
         let pw = password.to_string();
-        // The permit moves into the blocking task: if the caller is cancelled, the argon2 run
-        // still holds its slot (and its memory) until it really ends.
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            Argon2::default()
-                .verify_password(pw.as_bytes(), h.as_str())
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        // The permit moves into the job: if the caller is cancelled, the argon2 run still
+        // holds its slot (and its memory) until it really ends.
+        let ok = self
+            .pool
+            .run(move || {
+                let _permit = permit;
+                Argon2::default()
+                    .verify_password(pw.as_bytes(), h.as_str())
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
         Ok(ok && real)
     }
 }
@@ -96,6 +161,27 @@ fn hash_blocking(password: &str) -> Result<String, ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many checks run, they run on the pool's own threads and no others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checks_run_on_a_fixed_set_of_threads() {
+        let pool = Pool::new(3);
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let p = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                p.run(|| std::thread::current().name().unwrap_or("").to_string())
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for t in tasks {
+            names.insert(t.await.unwrap());
+        }
+        assert!(names.len() <= 3, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("argon2-")), "{names:?}");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn saturated_checks_are_refused_not_queued() {
