@@ -14,8 +14,8 @@ use mailsuite_runtime::{Shutdown, shutdown, telemetry};
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Log lines as JSON.
-    #[arg(long, env = "MAILSUITE_LOG_JSON")]
+    /// Log lines as JSON (`--json-logs` is the old spelling).
+    #[arg(long = "log-json", alias = "json-logs", env = "MAILSUITE_LOG_JSON")]
     json_logs: bool,
     /// Seconds to let open calls finish after SIGTERM.
     #[arg(long, default_value_t = 10)]

@@ -27,8 +27,8 @@ enum Command {
         /// Where a private PostgreSQL cluster lives when no server is reachable.
         #[arg(long, default_value = "./var")]
         data_dir: PathBuf,
-        /// Log lines as JSON.
-        #[arg(long)]
+        /// Log lines as JSON (`--json-logs` is the old spelling).
+        #[arg(long = "log-json", alias = "json-logs", env = "MAILSUITE_LOG_JSON")]
         json_logs: bool,
     },
 }

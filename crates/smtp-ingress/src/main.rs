@@ -8,8 +8,8 @@ use mailsuite_runtime::{Shutdown, shutdown, telemetry};
 struct Args {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Log as JSON lines.
-    #[arg(long, env = "MAILSUITE_LOG_JSON")]
+    /// Log as JSON lines (`--json-logs` is the old spelling).
+    #[arg(long = "log-json", alias = "json-logs", env = "MAILSUITE_LOG_JSON")]
     json_logs: bool,
 }
 
