@@ -90,6 +90,12 @@ pub struct Limits {
     pub max_sessions_per_account: usize,
     /// Messages per FETCH round trip to the store (bounds memory per command).
     pub fetch_batch: u32,
+    /// Body bytes of a FETCH read ahead from the store before they are written to the
+    /// client. The store's stream is always read to this bound (or its end) without waiting
+    /// for the client, so a slow reader never holds the shared gRPC connection's flow-control
+    /// window; the rest of the messages is asked for again afterwards. A message larger than
+    /// this is still read whole. Default 1 MiB.
+    pub fetch_buffer_bytes: u64,
     /// Seconds to wait for the store to answer a call.
     pub store_timeout_secs: u64,
 }
@@ -113,6 +119,7 @@ impl Default for Limits {
             commands_per_second: 200,
             max_sessions_per_account: 100,
             fetch_batch: 256,
+            fetch_buffer_bytes: 1024 * 1024,
             store_timeout_secs: 60,
         }
     }

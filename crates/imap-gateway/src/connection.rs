@@ -43,6 +43,7 @@ impl Shared {
             max_auth_failures: l.max_auth_failures.max(1),
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
             fetch_batch: l.fetch_batch,
+            fetch_buffer_bytes: l.fetch_buffer_bytes,
             max_fetch_bytes: (l.max_append as u64).max(64 * 1024 * 1024) * 2,
         }
     }

@@ -280,6 +280,7 @@ pub struct SessionLimits {
     pub max_auth_failures: u32,
     pub auth_failure_delay: Duration,
     pub fetch_batch: u32,
+    pub fetch_buffer_bytes: u64,
     pub max_fetch_bytes: u64,
 }
 
@@ -2062,35 +2063,51 @@ impl Session {
                 changed_since,
             };
             let max_bytes = self.limits.max_fetch_bytes;
-            let open_bodies = |uids: &[u32]| {
-                self.store.fetch_bodies(
-                    account_id,
-                    mailbox_id,
-                    pb::UidSet::from_uids(uids.iter().copied()),
-                    sections.clone(),
-                    max_bytes,
-                )
+            let budget = self.limits.fetch_buffer_bytes.max(1);
+            // One FetchBody call for the messages from `from` on, read ahead to the budget.
+            let read_bodies = |uids: Vec<u32>| {
+                let store = &self.store;
+                let sections = sections.clone();
+                async move {
+                    store
+                        .fetch_bodies(
+                            account_id,
+                            mailbox_id,
+                            pb::UidSet::from_uids(uids),
+                            sections,
+                            max_bytes,
+                        )
+                        .await?
+                        .read_ahead(budget)
+                        .await
+                }
             };
-            let (metas, body_stream) = if !need_meta {
-                (None, Some(open_bodies(&uids).await))
-            } else if sections.is_empty() {
-                (Some(self.store.fetch(meta_req).await), None)
-            } else if changed_since > 0 {
-                // Bodies only of the messages CHANGEDSINCE leaves in.
-                let metas = self.store.fetch(meta_req).await;
-                let wanted: Vec<u32> = match &metas {
-                    Ok(m) => m.iter().map(|m| m.uid).collect(),
-                    Err(_) => vec![],
-                };
-                let bodies = if wanted.is_empty() {
-                    None
-                } else {
-                    Some(open_bodies(&wanted).await)
-                };
-                (Some(metas), bodies)
+            // Bodies read so far, in UID order; every UID up to `covered` that the store has
+            // is among them (or was already written), unless `complete`.
+            let mut buffered: std::collections::VecDeque<crate::store::MessageBody> =
+                Default::default();
+            let mut covered = 0u32;
+            let mut complete = sections.is_empty();
+            let metas = if !need_meta {
+                None
+            } else if sections.is_empty() || changed_since > 0 {
+                // (With CHANGEDSINCE, bodies only of the messages it leaves in: read below.)
+                Some(self.store.fetch(meta_req).await)
             } else {
-                let (m, b) = tokio::join!(self.store.fetch(meta_req), open_bodies(&uids));
-                (Some(m), Some(b))
+                // Both calls at once; the body stream is read while the metadata arrives.
+                let (m, b) = tokio::join!(self.store.fetch(meta_req), read_bodies(uids.clone()));
+                match b {
+                    Ok((msgs, done)) => {
+                        covered = msgs.last().map_or(0, |(u, _)| *u);
+                        buffered.extend(msgs);
+                        complete = done;
+                    }
+                    Err(e) => {
+                        self.fail(tag, &e, out);
+                        return Ok(());
+                    }
+                }
+                Some(m)
             };
             let metas = match metas.transpose() {
                 Ok(m) => m,
@@ -2099,19 +2116,14 @@ impl Session {
                     return Ok(());
                 }
             };
-            let mut body_stream = match body_stream.transpose() {
-                Ok(b) => b,
-                Err(e) => {
-                    self.fail(tag, &e, out);
-                    return Ok(());
-                }
-            };
             let by_uid: Option<HashMap<u32, &pb::MessageMeta>> = metas
                 .as_ref()
                 .map(|v| v.iter().map(|m| (m.uid, m)).collect());
-            // The body stream's message read ahead of the target it belongs to.
-            let mut next: Option<crate::store::MessageBody> = None;
-            let mut ended = false;
+            // The messages whose bodies are wanted, in UID order.
+            let body_uids: Vec<u32> = match &metas {
+                Some(m) if changed_since > 0 => m.iter().map(|m| m.uid).collect(),
+                _ => uids.clone(),
+            };
             for (seq, uid) in chunk {
                 let bare;
                 let meta = match &by_uid {
@@ -2128,28 +2140,34 @@ impl Session {
                         &bare
                     }
                 };
-                let bodies = match body_stream.as_mut() {
-                    None => vec![],
-                    Some(stream) => {
-                        while !ended && next.as_ref().is_none_or(|(u, _)| u < uid) {
-                            match stream.next_message().await {
-                                Ok(Some(m)) => next = Some(m),
-                                Ok(None) => {
-                                    ended = true;
-                                    next = None;
-                                }
-                                Err(e) => {
-                                    self.fail(tag, &e, out);
-                                    return Ok(());
-                                }
+                let bodies = if sections.is_empty() {
+                    vec![]
+                } else {
+                    if !complete && *uid > covered {
+                        // Nothing is read ahead for this one yet: the next call, for it and
+                        // the rest of the chunk.
+                        let rest: Vec<u32> =
+                            body_uids.iter().copied().filter(|u| u >= uid).collect();
+                        match read_bodies(rest).await {
+                            Ok((msgs, done)) => {
+                                covered = msgs.last().map_or(covered, |(u, _)| *u);
+                                buffered.extend(msgs);
+                                complete = done;
+                            }
+                            Err(e) => {
+                                self.fail(tag, &e, out);
+                                return Ok(());
                             }
                         }
-                        match next.take_if(|(u, _)| u == uid) {
-                            Some((_, b)) => b,
-                            // Expunged meanwhile: without metadata there is nothing to say.
-                            None if by_uid.is_none() => continue,
-                            None => vec![None; sections.len()],
-                        }
+                    }
+                    while buffered.front().is_some_and(|(u, _)| u < uid) {
+                        buffered.pop_front();
+                    }
+                    match buffered.pop_front_if(|(u, _)| *u == *uid) {
+                        Some((_, b)) => b,
+                        // Expunged meanwhile: without metadata there is nothing to say.
+                        None if by_uid.is_none() => continue,
+                        None => vec![None; sections.len()],
                     }
                 };
                 let recent = self.sel().is_recent(*uid);
@@ -2887,6 +2905,7 @@ mod tests {
                 max_auth_failures: 3,
                 auth_failure_delay: Duration::from_millis(1),
                 fetch_batch: 10,
+                fetch_buffer_bytes: 1 << 20,
                 max_fetch_bytes: 1 << 20,
             },
         )

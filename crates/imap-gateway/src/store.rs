@@ -281,6 +281,23 @@ pub struct BodyStream {
 pub type MessageBody = (u32, Vec<Option<Vec<u8>>>);
 
 impl BodyStream {
+    /// Read messages until the stream ends (`true`) or at least `budget` bytes of them have
+    /// been read (`false`: the call is cancelled when `self` is dropped, and the messages
+    /// after the last one returned must be asked for again). Never waits for anything but
+    /// the store, so the data in flight on the shared connection is consumed promptly.
+    pub async fn read_ahead(mut self, budget: u64) -> StoreResult<(Vec<MessageBody>, bool)> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(m) = self.next_message().await? {
+            bytes += m.1.iter().flatten().map(|b| b.len() as u64).sum::<u64>();
+            out.push(m);
+            if bytes >= budget {
+                return Ok((out, false));
+            }
+        }
+        Ok((out, true))
+    }
+
     /// The next message, or `None` at the end of the stream.
     pub async fn next_message(&mut self) -> StoreResult<Option<MessageBody>> {
         let first = match self.pending.take() {

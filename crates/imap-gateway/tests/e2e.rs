@@ -1141,3 +1141,42 @@ async fn changedsince_with_body_sections_returns_changed_messages_only() {
     assert!(!r.contains("* 1 FETCH") && !r.contains("* 3 FETCH"), "{r}");
     env.stop().await;
 }
+
+/// Clients that ask for many large bodies and then stop reading must not stall everyone
+/// else: the gateway reads each store stream ahead to a bound without waiting for its client,
+/// so the flow-control window of the gRPC connection all sessions share is never left full.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_stop_reading_do_not_stall_other_sessions() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let line = format!("{}\r\n", "abcdefghij".repeat(7));
+    let big = format!(
+        "From: a@remote.test\r\nTo: bob@example.test\r\nSubject: big\r\n\r\n{}",
+        line.repeat(400 * 1024 / line.len())
+    );
+    for _ in 0..40 {
+        env.deliver("bob@example.test", big.as_bytes()).await;
+    }
+    // Three sessions each ask for 16 MB and read none of it.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut c = env.login("bob@example.test").await;
+        let r = c.cmd("EXAMINE INBOX").await;
+        assert!(r.contains("* 40 EXISTS"), "{r}");
+        c.send(b"s1 FETCH 1:* BODY.PEEK[]\r\n").await;
+        stalled.push(c);
+    }
+    // Another session is served, whole mailbox and all, while they sit there.
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("EXAMINE INBOX").await;
+    for _ in 0..2 {
+        let r = c.cmd_bytes(b"FETCH 1:* BODY.PEEK[]").await;
+        let s = String::from_utf8_lossy(&r);
+        assert_eq!(s.matches(" FETCH (BODY[] {").count(), 40);
+        assert!(tagged(&s).contains("OK"), "{}", tagged(&s));
+        let r = c.cmd("FETCH 7 BODY.PEEK[HEADER.FIELDS (SUBJECT)]").await;
+        assert!(r.contains("Subject: big"), "{r}");
+    }
+    drop(stalled);
+    env.stop().await;
+}

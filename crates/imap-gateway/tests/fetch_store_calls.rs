@@ -153,4 +153,41 @@ async fn fetch_makes_one_body_call_per_chunk_and_skips_metadata_it_does_not_need
     assert_eq!(&plain[..want.len()], String::from_utf8_lossy(&want));
     assert_eq!(delta(ops, before).await, (3, 3, 3));
     env.stop().await;
+
+    // Read-ahead bounded to ~3 messages: a call ends once that much has been read, and the
+    // rest of the chunk is asked for again; the output is the same.
+    const BUDGET: u64 = 1500;
+    let env = env_with(|c| {
+        c.limits.fetch_batch = BATCH;
+        c.limits.fetch_buffer_bytes = BUDGET;
+    })
+    .await;
+    let ops = env.store_ops;
+    env.account("bob@example.test").await;
+    for m in &msgs {
+        env.deliver("bob@example.test", m).await;
+    }
+    let mut c = env.login("bob@example.test").await;
+    c.cmd("EXAMINE INBOX").await;
+    let mut expected_calls = 0;
+    for chunk in msgs.chunks(BATCH as usize) {
+        let mut read = 0u64;
+        for (k, m) in chunk.iter().enumerate() {
+            if k == 0 || read >= BUDGET {
+                expected_calls += 1;
+                read = 0;
+            }
+            read += m.len() as u64;
+        }
+    }
+    assert!(expected_calls > 6, "{expected_calls}");
+    let before = counts(ops).await;
+    let r = c.cmd_bytes(b"FETCH 1:20 BODY.PEEK[]").await;
+    let want = expected_bodies(&msgs, |_| String::new());
+    assert_eq!(
+        String::from_utf8_lossy(&r[..want.len().min(r.len())]),
+        String::from_utf8_lossy(&want)
+    );
+    assert_eq!(delta(ops, before).await, (0, expected_calls, 0));
+    env.stop().await;
 }
