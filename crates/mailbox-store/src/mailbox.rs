@@ -127,6 +127,27 @@ async fn info_by_name(
 }
 
 /// The mailbox must belong to the account; returns its name.
+/// Changes in one statement: $1 mailbox, $2 owning account, $3 since. The first row (`head`)
+/// holds the mailbox's state (a = highestmodseq, b = uidnext, n = entries, log_floor, the
+/// expunged UIDs); the others are the entries changed since (a = uid, b = modseq, flags,
+/// recent), by UID. No head row: not this account's mailbox. The entry count is the one kept
+/// on the mailbox row (migration 20261128010002), not a count of the entries.
+const CHANGES_SQL: &str = "
+    WITH mb AS (
+        SELECT highestmodseq, uidnext, message_count, log_floor,
+               ARRAY(SELECT DISTINCT c.uid FROM mailbox.changelog c
+                      WHERE c.mailbox_id = $1 AND c.kind = 3 AND c.modseq > $3
+                      ORDER BY c.uid) AS expunged
+          FROM mailbox.mailboxes WHERE id = $1 AND account_id = $2)
+    SELECT true AS head, highestmodseq AS a, uidnext AS b, message_count AS n, log_floor,
+           expunged, NULL::text[] AS flags, false AS recent
+      FROM mb
+    UNION ALL
+    SELECT false, m.uid, m.modseq, 0, 0, NULL, m.flags, m.recent
+      FROM mailbox.messages m
+     WHERE m.mailbox_id = $1 AND m.modseq > $3 AND EXISTS (SELECT 1 FROM mb)
+     ORDER BY head DESC, a";
+
 async fn owned(
     conn: &mut PgConnection,
     account_id: i64,
@@ -1040,51 +1061,35 @@ impl Mailbox for MailboxSvc {
     ) -> Result<Response<ChangesResponse>, Status> {
         let req = req.into_inner();
         let since = req.since_modseq.min(i64::MAX as u64) as i64;
-        let mut tx = self.0.pool.begin().await.map_err(st)?;
-        owned(&mut tx, req.account_id, req.mailbox_id)
+        // One statement, so one snapshot for all of it, and one round trip.
+        let rows = sqlx::query(CHANGES_SQL)
+            .bind(req.mailbox_id)
+            .bind(req.account_id)
+            .bind(since)
+            .fetch_all(&self.0.pool)
             .await
             .map_err(st)?;
-        let mb = sqlx::query(
-            "SELECT highestmodseq, uidnext, log_floor,
-                    (SELECT count(*) FROM mailbox.messages WHERE mailbox_id = $1) AS n
-               FROM mailbox.mailboxes WHERE id = $1",
-        )
-        .bind(req.mailbox_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(st)?;
-        let changed = sqlx::query(
-            "SELECT uid, modseq, flags, recent FROM mailbox.messages
-              WHERE mailbox_id = $1 AND modseq > $2 ORDER BY uid",
-        )
-        .bind(req.mailbox_id)
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(st)?;
-        let expunged: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT uid FROM mailbox.changelog WHERE mailbox_id = $1 AND kind = 3 AND modseq > $2 ORDER BY uid",
-        )
-        .bind(req.mailbox_id)
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(st)?;
-        tx.commit().await.map_err(st)?;
+        let Some(head) = rows.first().filter(|r| r.get::<bool, _>("head")) else {
+            return Err(st(ServiceError::NotFound(format!(
+                "mailbox {}",
+                req.mailbox_id
+            ))));
+        };
+        let expunged: Vec<i64> = head.get("expunged");
         Ok(Response::new(ChangesResponse {
-            changed: changed
+            changed: rows[1..]
                 .iter()
                 .map(|r| MessageFlags {
-                    uid: r.get::<i64, _>("uid") as u32,
+                    uid: r.get::<i64, _>("a") as u32,
                     flags: flags_of(r),
-                    modseq: r.get::<i64, _>("modseq") as u64,
+                    modseq: r.get::<i64, _>("b") as u64,
                 })
                 .collect(),
             expunged: expunged.iter().map(|&u| u as u32).collect(),
-            highestmodseq: mb.get::<i64, _>(0) as u64,
-            uidnext: mb.get::<i64, _>(1) as u32,
-            messages: mb.get::<i64, _>(3) as u32,
-            truncated: since < mb.get::<i64, _>(2),
+            highestmodseq: head.get::<i64, _>("a") as u64,
+            uidnext: head.get::<i64, _>("b") as u32,
+            messages: head.get::<i64, _>("n") as u32,
+            truncated: since < head.get::<i64, _>("log_floor"),
         }))
     }
 
