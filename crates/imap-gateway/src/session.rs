@@ -2064,7 +2064,7 @@ impl Session {
             };
             let max_bytes = self.limits.max_fetch_bytes;
             let budget = self.limits.fetch_buffer_bytes.max(1);
-            // One FetchBody call for the messages from `from` on, read ahead to the budget.
+            // One FetchBody call for `uids`, read ahead to the budget.
             let read_bodies = |uids: Vec<u32>| {
                 let store = &self.store;
                 let sections = sections.clone();
