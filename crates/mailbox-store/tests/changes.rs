@@ -358,3 +358,58 @@ async fn changes_of_a_mailbox_not_owned_is_not_found() {
         assert_eq!(e.code(), tonic::Code::NotFound, "{acc} {id}");
     }
 }
+
+/// The migration counts the entries already stored: undo it on a fresh database, store
+/// entries the way the previous release did (no count kept), and apply it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn migration_counts_existing_entries() {
+    let s = store().await;
+    let acc = s.account("old@example.test").await;
+    let mut mb = s.mailbox().await;
+    mb.create_mailbox(CreateMailboxRequest {
+        account_id: acc,
+        name: "Empty".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "DROP TRIGGER messages_count_insert ON mailbox.messages;
+         DROP TRIGGER messages_count_delete ON mailbox.messages;
+         DROP TRIGGER messages_count_move ON mailbox.messages;
+         DROP FUNCTION mailbox.message_count_insert(), mailbox.message_count_delete(),
+                       mailbox.message_count_move();
+         ALTER TABLE mailbox.mailboxes DROP COLUMN message_count;",
+    )
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let pool = &s.db.pool;
+    let mut d = s.delivery().await;
+    for i in 0..4 {
+        deliver(
+            &mut d,
+            &format!("old{i}"),
+            &["old@example.test"],
+            &message("o", &format!("{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(include_str!(
+        "../../../migrations/20261128010002_mailbox_message_count.sql"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, message_count FROM mailbox.mailboxes WHERE account_id = $1 ORDER BY name",
+    )
+    .bind(acc)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(counts.contains(&("INBOX".to_string(), 4)), "{counts:?}");
+    assert!(counts.contains(&("Empty".to_string(), 0)), "{counts:?}");
+    assert_counts_kept(&s).await;
+}
