@@ -337,8 +337,12 @@ where
                             out.continuation("idling");
                             decoder.set_mode(Mode::IdleDone);
                             pending = Some(tag);
-                            // Report anything that happened before IDLE began.
-                            session.sync(&mut out, true, true).await?;
+                            // Report what is already known to have happened before IDLE
+                            // began. No forced poll: every change reaches this session as a
+                            // hub event (a lost event turns into a resync event), so a change
+                            // not yet announced is reported during IDLE when it is. Polling
+                            // here made every re-IDLE of every session a store call.
+                            session.sync(&mut out, true, false).await?;
                         }
                     }
                     let _ = tag;
