@@ -10,7 +10,8 @@
 //! server must run on this host) and of this process (store and gRPC client together). When
 //! the server has pg_stat_statements (a private cluster: see crates/bench/scripts/
 //! bench-body-fetch.sh; point DATABASE_URL at it), the statements of the concurrent run are
-//! listed too.
+//! listed too. BENCH_DIRECT=1 adds the statement alone on a pool of its own, with and
+//! without sqlx's ping before each pool acquire (`test_before_acquire`).
 
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,56 @@ async fn run(
         lat.extend(t.await.unwrap());
     }
     (start.elapsed(), lat)
+}
+
+/// The Changes statement alone, `calls` times from `callers` tasks on a pool of its own, with
+/// or without sqlx's liveness ping before each acquire: PostgreSQL CPU per call.
+async fn direct(
+    url: &str,
+    db: &str,
+    watch: &PgPool,
+    req: ChangesRequest,
+    ping: bool,
+    callers: usize,
+    calls: usize,
+) -> f64 {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(callers as u32)
+        .min_connections(callers as u32)
+        .test_before_acquire(ping)
+        .connect(url)
+        .await
+        .unwrap();
+    let once = move |pool: PgPool| async move {
+        let rows = sqlx::query(mailsuite_mailbox_store::mailbox::CHANGES_SQL)
+            .bind(req.mailbox_id)
+            .bind(req.account_id)
+            .bind(req.since_modseq as i64)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+    };
+    for _ in 0..(callers * 20) {
+        once(pool.clone()).await;
+    }
+    let per = calls / callers;
+    let pg0 = backends_cpu(watch, db).await;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                once(pool.clone()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let pg1 = backends_cpu(watch, db).await;
+    pool.close().await;
+    (pg1 - pg0) * 1000.0 / (per * callers) as f64
 }
 
 fn pct(lat: &mut [Duration], p: f64) -> Duration {
@@ -321,6 +372,13 @@ async fn main() {
             (pg1 - pg0) * 1000.0 / n,
             (me1 - me0) * 1000.0 / n,
         );
+        if std::env::var("BENCH_DIRECT").is_ok_and(|v| v == "1") {
+            let with = direct(&db.url, &db.name, &db.pool, req, true, callers, calls).await;
+            let without = direct(&db.url, &db.name, &db.pool, req, false, callers, calls).await;
+            println!(
+                "changes statement alone, {size:>6} messages, {callers} callers: PostgreSQL CPU per call {with:.3} ms with sqlx's ping before each acquire, {without:.3} ms without"
+            );
+        }
         if let Some(p) = &pgss {
             let rows = sqlx::query(
                 "SELECT calls, total_exec_time, shared_blks_hit + shared_blks_read AS blks,

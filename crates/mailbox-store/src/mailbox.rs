@@ -126,28 +126,15 @@ async fn info_by_name(
     Ok(info_from(&row, true))
 }
 
-/// The mailbox must belong to the account; returns its name.
-/// Changes in one statement: $1 mailbox, $2 owning account, $3 since. The first row (`head`)
-/// holds the mailbox's state (a = highestmodseq, b = uidnext, n = entries, log_floor, the
-/// expunged UIDs); the others are the entries changed since (a = uid, b = modseq, flags,
-/// recent), by UID. No head row: not this account's mailbox. The entry count is the one kept
-/// on the mailbox row (migration 20261128010002), not a count of the entries.
-const CHANGES_SQL: &str = "
-    WITH mb AS (
-        SELECT highestmodseq, uidnext, message_count, log_floor,
-               ARRAY(SELECT DISTINCT c.uid FROM mailbox.changelog c
-                      WHERE c.mailbox_id = $1 AND c.kind = 3 AND c.modseq > $3
-                      ORDER BY c.uid) AS expunged
-          FROM mailbox.mailboxes WHERE id = $1 AND account_id = $2)
-    SELECT true AS head, highestmodseq AS a, uidnext AS b, message_count AS n, log_floor,
-           expunged, NULL::text[] AS flags, false AS recent
-      FROM mb
-    UNION ALL
-    SELECT false, m.uid, m.modseq, 0, 0, NULL, m.flags, m.recent
-      FROM mailbox.messages m
-     WHERE m.mailbox_id = $1 AND m.modseq > $3 AND EXISTS (SELECT 1 FROM mb)
-     ORDER BY head DESC, a";
+/// Changes in one statement (one snapshot, one round trip): the function of migration
+/// 20261128010003 ($1 mailbox, $2 owning account, $3 since), which keeps one generic plan. The
+/// first row (`head`) holds the mailbox's state (a = highestmodseq, b = uidnext, n = entries
+/// as kept on the mailbox row, log_floor, the expunged UIDs); the others are the entries
+/// changed since (a = uid, b = modseq, flags, recent), by UID. No head row: not this
+/// account's mailbox.
+pub const CHANGES_SQL: &str = "SELECT * FROM mailbox.changes($1, $2, $3)";
 
+/// The mailbox must belong to the account; returns its name.
 async fn owned(
     conn: &mut PgConnection,
     account_id: i64,
