@@ -7,37 +7,16 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Messages per FETCH chunk in this test: 20 messages are 3 chunks.
 const BATCH: u32 = 8;
 
-/// Completed calls of `method` on the store's Mailbox service, from its `/metrics` page.
-async fn calls(ops: SocketAddr, method: &str) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: store\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_string(&mut page))
-        .await
-        .expect("metrics page in time")
-        .unwrap();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    let label = format!("rpc_method=\"{method}\"");
-    page.lines()
-        .filter(|l| l.starts_with("mailsuite_grpc_server_duration_seconds_count{"))
-        .filter(|l| l.contains(&label) && l.contains("rpc_service=\"mailsuite.v1.Mailbox\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
-
 /// (Fetch, FetchBody, StoreFlags) calls so far.
 async fn counts(ops: SocketAddr) -> (u64, u64, u64) {
     (
-        calls(ops, "Fetch").await,
-        calls(ops, "FetchBody").await,
-        calls(ops, "StoreFlags").await,
+        store_calls(ops, "Fetch").await,
+        store_calls(ops, "FetchBody").await,
+        store_calls(ops, "StoreFlags").await,
     )
 }
 

@@ -5,31 +5,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn changes_calls(ops: SocketAddr) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: store\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_string(&mut page))
-        .await
-        .expect("metrics page in time")
-        .unwrap();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    page.lines()
-        .filter(|l| l.starts_with("mailsuite_grpc_server_duration_seconds_count{"))
-        .filter(|l| {
-            l.contains("rpc_method=\"Changes\"")
-                && l.contains("rpc_service=\"mailsuite.v1.Mailbox\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
 
 const MSG: &[u8] = b"From: a@remote.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n";
 
@@ -56,18 +32,18 @@ async fn idle_polls_the_store_only_when_something_changed() {
     env.until_watched("bob@example.test").await;
 
     // Nothing changes: entering and leaving IDLE five times asks the store nothing.
-    let before = changes_calls(ops).await;
+    let before = store_calls(ops, "Changes").await;
     for _ in 0..5 {
         idle_and_done(&mut c).await;
     }
     assert_eq!(
-        changes_calls(ops).await - before,
+        store_calls(ops, "Changes").await - before,
         0,
         "re-IDLE without a change"
     );
 
     // A delivery during IDLE is reported at once, through one Changes call.
-    let before = changes_calls(ops).await;
+    let before = store_calls(ops, "Changes").await;
     let tag = c.next_tag();
     c.send(format!("{tag} IDLE\r\n").as_bytes()).await;
     let l = c.line().await;
@@ -78,14 +54,14 @@ async fn idle_polls_the_store_only_when_something_changed() {
     c.send(b"DONE\r\n").await;
     let l = c.line().await;
     assert!(l.starts_with(&format!("{tag} OK")), "{l}");
-    let calls = changes_calls(ops).await - before;
+    let calls = store_calls(ops, "Changes").await - before;
     assert!(
         (1..=2).contains(&calls),
         "{calls} Changes calls for one delivery"
     );
     // And the next IDLE does not ask again.
-    let before = changes_calls(ops).await;
+    let before = store_calls(ops, "Changes").await;
     idle_and_done(&mut c).await;
-    assert_eq!(changes_calls(ops).await - before, 0);
+    assert_eq!(store_calls(ops, "Changes").await - before, 0);
     env.stop().await;
 }

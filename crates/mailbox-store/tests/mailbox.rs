@@ -789,17 +789,7 @@ async fn size_limit_and_ops_metrics() {
     .unwrap();
 
     let ops = s.started.ops.unwrap();
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(ops).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let body = mailsuite_testkit::http_get(ops, "/metrics").await;
     assert!(body.contains("mailsuite_store_deliveries_total"), "{body}");
     // The shared registry: gRPC and database latency of the calls above.
     assert!(

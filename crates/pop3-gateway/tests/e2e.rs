@@ -335,13 +335,7 @@ async fn bad_credentials_get_auth_code_and_ops_endpoint_counts_them() {
         "-ERR [AUTH] authentication failed"
     );
     let ops = env.pops[0].ops.unwrap();
-    let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
+    let body = mailsuite_testkit::http_get(ops, "/metrics").await;
     assert!(
         body.contains("mailsuite_pop3_logins_total"),
         "metrics exported: {body}"
@@ -349,14 +343,8 @@ async fn bad_credentials_get_auth_code_and_ops_endpoint_counts_them() {
 }
 
 async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.split_whitespace().nth(1).unwrap().parse().unwrap()
+    let response = mailsuite_testkit::http_get(addr, path).await;
+    response.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// `/readyz` follows the store: ready while it serves, not ready once it is gone (the

@@ -14,7 +14,7 @@ use mailsuite_runtime::metrics;
 use mailsuite_testkit::{TestSuite, eventually};
 use opentelemetry::trace::{SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -106,16 +106,6 @@ where
             "{line:?} got {reply:?}"
         );
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 fn attr_text(s: &SpanData) -> String {
@@ -371,7 +361,7 @@ async fn delivered_message_is_one_trace_and_moves_the_metrics() {
     assert_eq!(sessions() - before.2, 1.0);
     assert_eq!(deliver_rpcs() - before.3, 1.0);
     for ops in [r.smtp.ops, r.store.ops] {
-        let page = http_get(ops.expect("ops listener"), "/metrics").await;
+        let page = mailsuite_testkit::http_get(ops.expect("ops listener"), "/metrics").await;
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(
             page.contains("mailsuite_smtp_messages_received_total{result=\"accepted\"}"),

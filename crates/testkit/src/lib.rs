@@ -27,6 +27,26 @@ where
     }
 }
 
+/// GET `path` from an HTTP endpoint (a service's ops page): the whole response, status line,
+/// headers and body. Panics if it cannot connect or the answer takes over 10 s.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer from http://{addr}{path} within 10 s"))
+}
+
 #[cfg(feature = "suite")]
 pub mod suite;
 #[cfg(feature = "suite")]

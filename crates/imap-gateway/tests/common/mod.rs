@@ -340,3 +340,17 @@ pub fn tagged(resp: &str) -> &str {
 pub fn client_config(certs: &TestCerts) -> Arc<rustls::ClientConfig> {
     certs.client_config()
 }
+
+/// Completed calls of `method` on the store's Mailbox service so far, from the store's ops
+/// `/metrics` page (`mailsuite_grpc_server_duration_seconds_count`, summed over status codes).
+/// The registry is per process: a test counting calls must be alone in its binary.
+pub async fn store_calls(ops: SocketAddr, method: &str) -> u64 {
+    let page = mailsuite_testkit::http_get(ops, "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let label = format!("rpc_method=\"{method}\"");
+    page.lines()
+        .filter(|l| l.starts_with("mailsuite_grpc_server_duration_seconds_count{"))
+        .filter(|l| l.contains(&label) && l.contains("rpc_service=\"mailsuite.v1.Mailbox\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
