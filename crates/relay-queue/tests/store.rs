@@ -55,10 +55,9 @@ async fn inbox(mb: &mut MailboxClient<Channel>, account_id: i64) -> Vec<Vec<u8>>
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_real_store_keys_local_delivery_and_bounce_to_inbox() {
-    let db = TestDb::new().await;
-    let sd = Shutdown::new();
+/// The real mailbox-store on `db`, with the hosted domain and the accounts alice and dave:
+/// its URL, a channel to it, and the two account ids.
+async fn real_store(db: &TestDb, sd: &Shutdown) -> (String, Channel, Vec<i64>) {
     let store = mailsuite_mailbox_store::start(
         mailsuite_mailbox_store::Config {
             listen_grpc: "127.0.0.1:0".into(),
@@ -97,6 +96,15 @@ async fn with_the_real_store_keys_local_delivery_and_bounce_to_inbox() {
             .into_inner();
         ids.push(acc.id);
     }
+    (store_url, ch, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_real_store_keys_local_delivery_and_bounce_to_inbox() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (store_url, ch, ids) = real_store(&db, &sd).await;
+    let mut admin = AdminClient::new(ch.clone());
     let ed = mail_auth::common::crypto::Ed25519Key::generate_pkcs8().unwrap();
     let public = mail_auth::common::crypto::Ed25519Key::from_pkcs8_der(&ed)
         .unwrap()
@@ -211,44 +219,7 @@ async fn with_the_real_store_keys_local_delivery_and_bounce_to_inbox() {
 async fn a_reclaim_in_a_different_grouping_does_not_deliver_twice() {
     let db = TestDb::new().await;
     let sd = Shutdown::new();
-    let store = mailsuite_mailbox_store::start(
-        mailsuite_mailbox_store::Config {
-            listen_grpc: "127.0.0.1:0".into(),
-            listen_ops: String::new(),
-            database_url: db.url.clone(),
-            ..Default::default()
-        },
-        sd.clone(),
-    )
-    .await
-    .unwrap();
-    let store_url = format!("http://{}", store.grpc);
-    let ch = Channel::from_shared(store_url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut admin = AdminClient::new(ch.clone());
-    admin
-        .add_domain(AddDomainRequest {
-            name: HOSTED.into(),
-            catch_all: String::new(),
-        })
-        .await
-        .unwrap();
-    let mut ids = Vec::new();
-    for a in ["alice@local.test", "dave@local.test"] {
-        let acc = admin
-            .add_account(AddAccountRequest {
-                address: a.into(),
-                password: "a long enough password".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(acc.id);
-    }
+    let (store_url, ch, ids) = real_store(&db, &sd).await;
     let started = mailsuite_relay_queue::start(config(&db.url, &store_url), sd.clone())
         .await
         .unwrap();
