@@ -16,6 +16,9 @@ pub struct Config {
     /// The services' shared gRPC secret, required of every caller but gRPC health.
     /// Empty = no check (a single trusted host only).
     pub internal_token: mailsuite_runtime::grpc::InternalToken,
+    /// Serve gRPC without an internal token on a non-loopback address. Off: such a
+    /// configuration refuses to start (every caller would be trusted).
+    pub allow_unauthenticated_grpc: bool,
     pub limits: Limits,
 }
 
@@ -76,6 +79,7 @@ impl Default for Config {
             db_max_connections: 32,
             migrate_on_start: true,
             internal_token: Default::default(),
+            allow_unauthenticated_grpc: false,
             limits: Limits::default(),
         }
     }

@@ -102,6 +102,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     notify::spawn_maintenance(ctx.clone());
 
     let (listener, grpc_addr) = mailsuite_runtime::grpc::bind(&config.listen_grpc).await?;
+    mailsuite_runtime::grpc::check_exposure(
+        "mailbox-store",
+        grpc_addr,
+        &config.internal_token,
+        config.allow_unauthenticated_grpc,
+    )
+    .map_err(Error::Config)?;
     let ops_addr = if config.listen_ops.is_empty() {
         None
     } else {

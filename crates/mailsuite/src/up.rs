@@ -125,6 +125,20 @@ pub fn token_file(data_dir: &Path) -> Result<(InternalToken, std::path::PathBuf)
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim();
         if !t.is_empty() {
+            // A token others could read may already be known to them: refuse it, as ssh
+            // refuses a private key with loose permissions, instead of using it silently.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    anyhow::bail!(
+                        "{} is readable or writable by others (mode {mode:o}): \
+                         `chmod 600` it, or delete it to have a new token made",
+                        path.display()
+                    );
+                }
+            }
             return Ok((InternalToken(t.to_string()), path));
         }
     }
@@ -224,18 +238,32 @@ impl Running {
     }
 }
 
+/// The URL with its secrets hidden: the password in the authority
+/// (`postgres://user:***@host`) and any `password=` query parameter (libpq accepts one).
 fn redact(url: &str) -> String {
-    // postgres://user:secret@host → postgres://user:***@host
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match base[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{}:***{}", &base[..s + 3], user, &base[at..]),
+            None => base.to_string(),
+        },
+        _ => base.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// Start every service; the gRPC clients point at the store and queue just bound.
@@ -301,6 +329,30 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=secret"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("postgres://u:p@ss@h/db?PASSWORD=x"),
+            "postgres://u:***@h/db?PASSWORD=***"
+        );
+    }
+
+    /// L9: a token file others can read is refused, not silently reused.
+    #[cfg(unix)]
+    #[test]
+    fn l9_token_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (made, path) = token_file(dir.path()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (again, _) = token_file(dir.path()).unwrap();
+        assert_eq!(made, again, "an owner-only file is reused");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = token_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]

@@ -14,21 +14,12 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use mailsuite_runtime::listener::client_key;
+
 #[derive(Clone, Copy)]
 struct Entry {
     start: Instant,
     failures: u32,
-}
-
-/// The key a client is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by /64.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
-        },
-    }
 }
 
 pub struct AuthLimiter {

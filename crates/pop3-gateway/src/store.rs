@@ -13,7 +13,7 @@ use mailsuite_proto::{
 };
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::GrpcChannel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Status, Streaming};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -183,7 +183,11 @@ impl StoreBackend {
 /// A store error as a login outcome. The client sees a short generic text; the details go
 /// to the log.
 fn login_error(status: Status, during: &str) -> LoginError {
-    if status.code() == Code::Unauthenticated {
+    // Only the store's own "authentication failed" is the user's bad password; a refused
+    // internal token (also UNAUTHENTICATED on the wire) is this gateway's misconfiguration,
+    // which must not count against the client's auth-failure limit (ServiceError tells them
+    // apart by the reason metadata).
+    if ServiceError::from(status.clone()) == ServiceError::Unauthenticated {
         return LoginError::BadCredentials;
     }
     match failure(status, during) {

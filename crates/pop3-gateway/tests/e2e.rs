@@ -437,3 +437,68 @@ async fn unreachable_store_is_a_temporary_error() {
     );
     assert!(sd.drain(Duration::from_secs(10)).await);
 }
+
+/// L11: a gateway whose internal token the store refuses is misconfigured; its users get a
+/// temporary error, not "[AUTH] authentication failed" (which would also count against
+/// their address in the auth-failure limits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l11_refused_internal_token_is_a_temporary_error_not_bad_credentials() {
+    let db = TestDb::new().await;
+    let certs = TestCerts::new();
+    let store_sd = Shutdown::new();
+    let store = mailsuite_mailbox_store::start(
+        mailsuite_mailbox_store::Config {
+            listen_grpc: "127.0.0.1:0".into(),
+            listen_ops: String::new(),
+            database_url: db.url.clone(),
+            db_max_connections: 4,
+            internal_token: mailsuite_runtime::grpc::InternalToken("the-right-one".into()),
+            ..Default::default()
+        },
+        store_sd.clone(),
+    )
+    .await
+    .expect("store starts");
+    let sd = Shutdown::new();
+    let started = mailsuite_pop3_gateway::start(
+        mailsuite_pop3_gateway::Config {
+            listen_pop3: "127.0.0.1:0".into(),
+            listen_pop3s: String::new(),
+            listen_ops: String::new(),
+            store_url: format!("http://{}", store.grpc),
+            internal_token: mailsuite_runtime::grpc::InternalToken("a-wrong-one".into()),
+            tls: certs.tls_config(),
+            auth: mailsuite_pop3_gateway::config::AuthConfig {
+                allow_plaintext_loopback: true,
+            },
+            ..Default::default()
+        },
+        sd.clone(),
+    )
+    .await
+    .unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let s = tokio::net::TcpStream::connect(started.pop3.unwrap())
+        .await
+        .unwrap();
+    let mut s = BufReader::new(s);
+    let mut line = String::new();
+    s.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("+OK"), "{line}");
+    s.get_mut()
+        .write_all(b"USER alice@example.test\r\nPASS pw\r\n")
+        .await
+        .unwrap();
+    let mut replies = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !replies.contains("-ERR") {
+            s.read_line(&mut replies).await.unwrap();
+        }
+    })
+    .await
+    .expect("an answer, not a hang");
+    let last = replies.lines().last().unwrap_or_default();
+    assert!(last.starts_with("-ERR [SYS/TEMP]"), "{replies}");
+    assert!(sd.drain(Duration::from_secs(10)).await);
+    assert!(store_sd.drain(Duration::from_secs(10)).await);
+}

@@ -18,6 +18,9 @@ pub struct Config {
     /// The services' shared gRPC secret: required of callers of `Queue`, sent to the store.
     /// Empty = none (a single host or a trusted network only).
     pub internal_token: mailsuite_runtime::grpc::InternalToken,
+    /// Serve gRPC without an internal token on a non-loopback address. Off: such a
+    /// configuration refuses to start (every caller would be trusted).
+    pub allow_unauthenticated_grpc: bool,
     /// Our name in EHLO, Received: and DSNs.
     pub hostname: String,
     /// Apply the migrations at start-up (under sqlx's advisory lock).
@@ -138,6 +141,7 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
             store_url: "http://127.0.0.1:50051".into(),
             internal_token: Default::default(),
+            allow_unauthenticated_grpc: false,
             hostname: "localhost".into(),
             migrate_on_start: true,
             shutdown_grace_secs: 10,

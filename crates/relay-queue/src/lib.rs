@@ -98,7 +98,15 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     let grpc_listener = if config.listen_grpc.is_empty() {
         None
     } else {
-        Some(grpc::bind(&config.listen_grpc).await?)
+        let (l, addr) = grpc::bind(&config.listen_grpc).await?;
+        grpc::check_exposure(
+            "relay-queue",
+            addr,
+            &config.internal_token,
+            config.allow_unauthenticated_grpc,
+        )
+        .map_err(Error::Config)?;
+        Some((l, addr))
     };
     let ops_listener = if config.listen_ops.is_empty() {
         None

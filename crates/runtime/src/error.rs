@@ -6,6 +6,21 @@ use tonic::{Code, Status};
 
 const REASON_KEY: &str = "x-mailsuite-reason";
 
+/// The reason a server's internal-token check gives: a misconfigured *service*, which
+/// callers must not mistake for a user's bad credentials (that would count against the
+/// user's client in the auth-failure limits and tell them their password is wrong).
+const INTERNAL_TOKEN_REASON: &str = "internal-token";
+
+/// The status the internal-token check answers a call without the right token with.
+pub fn internal_token_refused() -> Status {
+    let mut status = Status::unauthenticated("missing or wrong internal token");
+    status.metadata_mut().insert(
+        REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(INTERNAL_TOKEN_REASON),
+    );
+    status
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("not found: {0}")]
@@ -122,6 +137,10 @@ impl From<Status> for ServiceError {
             .unwrap_or("");
         let m = s.message().to_string();
         match (reason, s.code()) {
+            (INTERNAL_TOKEN_REASON, _) => ServiceError::Internal(format!(
+                "the called service refused this service's internal token \
+                 (internal_token must be the same in every service): {m}"
+            )),
             ("over-quota-permanent", _) => ServiceError::OverQuota {
                 message: m,
                 permanent: true,
@@ -177,6 +196,21 @@ impl From<sqlx::Error> for ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_internal_token_is_not_a_users_bad_credentials() {
+        let e = ServiceError::from(internal_token_refused());
+        assert!(
+            matches!(e, ServiceError::Internal(ref m) if m.contains("internal token")),
+            "{e:?}"
+        );
+        assert!(e.is_temporary());
+        // A user's wrong password still reads as Unauthenticated.
+        assert_eq!(
+            ServiceError::from(Status::from(ServiceError::Unauthenticated)),
+            ServiceError::Unauthenticated
+        );
+    }
 
     #[test]
     fn round_trips_through_status() {

@@ -365,8 +365,7 @@ where
                 .unwrap_or_default();
             if !open && !same_secret(given, expected) {
                 crate::metrics::counter("mailsuite_grpc_unauthenticated_total", &[]).inc();
-                let res = tonic::Status::unauthenticated("missing or wrong internal token")
-                    .into_http::<RB>();
+                let res = crate::error::internal_token_refused().into_http::<RB>();
                 return Box::pin(async move { Ok(res) });
             }
         }
@@ -387,6 +386,43 @@ pub fn incoming(
             let _ = s.set_nodelay(true);
         })
     })
+}
+
+/// Whether a gRPC server may serve on `bound` with `token`: refused when the token is empty
+/// and the address is reachable from other hosts, unless `allow_unauthenticated` says the
+/// operator wants exactly that. Without a token every caller is trusted, so an exposed
+/// store would hand out every mailbox and DKIM key (review finding H4): fail closed, and
+/// say loudly when an operator opts out.
+pub fn check_exposure(
+    service: &str,
+    bound: SocketAddr,
+    token: &InternalToken,
+    allow_unauthenticated: bool,
+) -> Result<(), String> {
+    if !token.is_empty() {
+        tracing::info!(%service, %bound, "gRPC calls require the internal token");
+        return Ok(());
+    }
+    if bound.ip().is_loopback() {
+        tracing::info!(
+            %service, %bound,
+            "gRPC without an internal token: allowed because the listener is loopback only"
+        );
+        return Ok(());
+    }
+    if allow_unauthenticated {
+        tracing::warn!(
+            %service, %bound,
+            "gRPC WITHOUT AUTHENTICATION on a non-loopback address \
+             (allow_unauthenticated_grpc = true): anyone who can reach it can read all mail"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "{service}: refusing to serve gRPC on {bound} without an internal token: set \
+         internal_token (MAILSUITE_INTERNAL_TOKEN) to the secret every service shares, listen \
+         on a loopback address, or set allow_unauthenticated_grpc = true on a trusted network"
+    ))
 }
 
 /// Bind a gRPC listener, naming the address in the error.
@@ -447,6 +483,27 @@ mod tests {
         // An empty token switches the check off.
         let off = super::ServerAuthLayer::new("");
         assert_eq!(call(off, rpc, None).await, handled);
+    }
+
+    #[test]
+    fn h4_no_token_is_refused_off_loopback() {
+        use super::{InternalToken, check_exposure};
+        let none = InternalToken::default();
+        let some = InternalToken("t".into());
+        let any: std::net::SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let lan: std::net::SocketAddr = "[2001:db8::1]:50051".parse().unwrap();
+        let lo4: std::net::SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let lo6: std::net::SocketAddr = "[::1]:50051".parse().unwrap();
+        let e = check_exposure("mailbox-store", any, &none, false).unwrap_err();
+        assert!(e.contains("internal_token"), "{e}");
+        assert!(check_exposure("s", lan, &none, false).is_err());
+        assert!(check_exposure("s", lo4, &none, false).is_ok());
+        assert!(check_exposure("s", lo6, &none, false).is_ok());
+        assert!(check_exposure("s", any, &some, false).is_ok());
+        assert!(
+            check_exposure("s", any, &none, true).is_ok(),
+            "explicit opt-out"
+        );
     }
 
     #[test]

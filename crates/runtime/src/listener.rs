@@ -27,6 +27,19 @@ impl Default for ConnLimits {
     }
 }
 
+/// The key per-client limits count under: an IPv4 address as it is, an IPv6 address by its
+/// /64 (one subscriber or host usually holds a whole /64, so per-address counting would let
+/// it take every slot), an IPv4-mapped IPv6 address as the IPv4 address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
     TooManyConnections,
@@ -106,33 +119,37 @@ impl LimitedListener {
     pub async fn accept(&self) -> std::io::Result<Admission> {
         let (stream, peer) = self.inner.accept().await?;
         let _ = stream.set_nodelay(true);
-        let ip = peer.ip();
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if self.limits.max_connections > 0 && c.total >= self.limits.max_connections {
-            return Ok(Admission::Refused {
+        Ok(match self.admit(peer.ip()) {
+            Ok(guard) => Admission::Accepted {
                 stream,
                 peer,
-                reason: RefuseReason::TooManyConnections,
-            });
+                guard,
+            },
+            Err(reason) => Admission::Refused {
+                stream,
+                peer,
+                reason,
+            },
+        })
+    }
+
+    /// Take a slot for a connection from `ip` (counted under its `client_key`), or say which
+    /// limit it is over.
+    fn admit(&self, ip: IpAddr) -> Result<ConnGuard, RefuseReason> {
+        let ip = client_key(ip);
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if self.limits.max_connections > 0 && c.total >= self.limits.max_connections {
+            return Err(RefuseReason::TooManyConnections);
         }
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         if self.limits.max_per_ip > 0 && from_ip >= self.limits.max_per_ip {
-            return Ok(Admission::Refused {
-                stream,
-                peer,
-                reason: RefuseReason::TooManyFromIp,
-            });
+            return Err(RefuseReason::TooManyFromIp);
         }
         c.total += 1;
         *c.per_ip.entry(ip).or_insert(0) += 1;
-        drop(c);
-        Ok(Admission::Accepted {
-            stream,
-            peer,
-            guard: ConnGuard {
-                counts: self.counts.clone(),
-                ip,
-            },
+        Ok(ConnGuard {
+            counts: self.counts.clone(),
+            ip,
         })
     }
 }
@@ -269,5 +286,51 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn client_key_groups_ipv6_by_64_and_unmaps_ipv4() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("192.0.2.7"), k("192.0.2.7"));
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(
+            k("2001:db8:1:2::1"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
+    }
+
+    /// M4: one host holding a /64 must not get a fresh per-IP allowance for every address in
+    /// it; the per-IP limit applies to the whole /64, and a slot is released to the /64.
+    #[tokio::test]
+    async fn m4_ipv6_per_ip_limit_counts_the_whole_64() {
+        let l = LimitedListener::bind(
+            "127.0.0.1:0",
+            ConnLimits {
+                max_connections: 100,
+                max_per_ip: 2,
+            },
+        )
+        .await
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let g1 = l.admit(ip("2001:db8:0:1::1")).expect("first address");
+        let _g2 = l.admit(ip("2001:db8:0:1::2")).expect("second address");
+        assert_eq!(
+            l.admit(ip("2001:db8:0:1:dead:beef:0:3")).err(),
+            Some(RefuseReason::TooManyFromIp),
+            "a third address of the same /64 is over the per-IP limit"
+        );
+        assert!(
+            l.admit(ip("2001:db8:0:2::1")).is_ok(),
+            "another /64 has its own allowance"
+        );
+        drop(g1);
+        assert!(
+            l.admit(ip("2001:db8:0:1::9")).is_ok(),
+            "the released slot belongs to the /64"
+        );
     }
 }

@@ -85,6 +85,13 @@ pub fn self_signed(
 pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     install_crypto_provider();
     let (certs, key) = if cfg.cert.is_empty() {
+        // Clients cannot verify this certificate, so an attacker in the path could present
+        // their own: fine for a laptop or a test, not for users. Say so every time.
+        tracing::warn!(
+            names = ?cfg.self_signed_names,
+            "tls.cert is not set: serving a SELF-SIGNED certificate that clients cannot \
+             verify; set tls.cert and tls.key for production"
+        );
         self_signed(&cfg.self_signed_names)?
     } else {
         let key_path = if cfg.key.is_empty() {
