@@ -977,10 +977,9 @@ impl<B: Backend> Session<B> {
             return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
         if tx.over_budget {
-            // The rest of the chunks are refused the same way; the last one ends it.
-            if last {
-                self.tx = None;
-            }
+            // Like the size limit above: the transaction is over (RFC 3030 §3: no more BDAT
+            // after a failed chunk; pipelined ones are read and discarded with a 503).
+            self.tx = None;
             return Outcome::reply(insufficient_storage());
         }
         if !last {

@@ -81,6 +81,16 @@ async fn l4_body_budget_refuses_with_452_and_gives_the_bytes_back() {
     assert_eq!(code, 452, "{t}");
     assert!(t.starts_with("4.3.1"), "{t}");
     b.expect("NOOP", 250).await;
+    // A failed chunk ends the transaction (RFC 3030 §3); a chunk already pipelined after
+    // it is read and discarded, and a new transaction can start.
+    b.expect("MAIL FROM:<p@remote.example>", 250).await;
+    b.expect("RCPT TO:<alice@local.test>", 250).await;
+    b.send(&format!("BDAT {}\r\n{big}BDAT 5 LAST\r\nhello", big.len()))
+        .await;
+    assert_eq!(b.reply().await.0, 452);
+    assert_eq!(b.reply().await.0, 503);
+    b.expect("MAIL FROM:<p@remote.example>", 250).await;
+    b.expect("RSET", 250).await;
     assert_eq!(in_flight(), held_by_a);
 
     // A finishes: accepted, and its bytes come back.
