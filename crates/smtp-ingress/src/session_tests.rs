@@ -937,6 +937,55 @@ async fn null_sender_allowed_for_authenticated_submission() {
     assert_eq!(q[0].0.submitter, "alice@local.test");
 }
 
+/// H2: the header From:/Sender: of an authenticated submission, field by field.
+#[tokio::test]
+async fn h2_header_senders_table() {
+    let mut cfg = config();
+    cfg.limits.max_header_sender_addresses = 3;
+    let cases: &[(&str, u16)] = &[
+        ("From: Alice <alice@local.test>\r\n", 250),
+        ("Subject: no from at all\r\n", 250),
+        (
+            "From: alice@local.test\r\nSender: Alice <alice@local.test>\r\n",
+            250,
+        ),
+        // Folded over two lines, still parsed as one field.
+        ("From: \"CEO\"\r\n <ceo@tenant-b.test>\r\n", 550),
+        ("FROM: ceo@tenant-b.test\r\n", 550),
+        ("From: alice@local.test, ceo@tenant-b.test\r\n", 550),
+        ("From: alice@local.test\r\nFrom: bob@local.test\r\n", 550),
+        ("From: alice@local.test\r\nSender: bob@local.test\r\n", 550),
+        ("From: friends: alice@local.test, bob@local.test;\r\n", 550),
+        ("From: undisclosed:;\r\n", 550),
+        ("From:\r\n", 550),
+        ("From: Just A Name\r\n", 550),
+        ("From: a@x.test, b@x.test, c@x.test, d@x.test\r\n", 550),
+    ];
+    for (headers, want) in cases {
+        let mut s = session_with(Port::Submissions, true, cfg.clone(), fake());
+        code(&mut s, "EHLO c").await;
+        code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await;
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@local.test>").await, 250);
+        assert_eq!(code(&mut s, "RCPT TO:<bob@local.test>").await, 250);
+        code(&mut s, "DATA").await;
+        let body = format!("{headers}Subject: x\r\n\r\nbody\r\n.\r\n");
+        let r = send_body(&mut s, body.as_bytes()).await.reply.unwrap();
+        assert_eq!(r.code, *want, "{headers:?}: {r:?}");
+        if *want == 550 {
+            assert!(r.lines[0].starts_with("5.7.1"), "{r:?}");
+            assert!(s.shared.backend.delivered.lock().unwrap().is_empty());
+        }
+    }
+    // The MX port has no authenticated user: header From: is not its business here.
+    let mut s = in_state(State::Rcpt).await;
+    code(&mut s, "DATA").await;
+    let r = send_body(&mut s, b"From: ceo@tenant-b.test\r\n\r\nx\r\n.\r\n")
+        .await
+        .reply
+        .unwrap();
+    assert_eq!(r.code, 250);
+}
+
 async fn bdat_text(policy: BareLineEnd, mail: &str, chunks: &[&[u8]]) -> (Outcome, Session<Fake>) {
     let mut cfg = config();
     cfg.policy.bare_line_end = policy;

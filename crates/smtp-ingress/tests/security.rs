@@ -263,6 +263,11 @@ async fn command_line_over_512_octets_is_500_on_every_port() {
     assert!(t.starts_with("5.7.8"), "{t}");
     assert_eq!(c.cmd("AUTH PLAIN").await.0, 334);
     c.expect(&b64, 535).await;
+    // Past RFC 4954's 12288 octets: 500 5.5.6, the exchange is over, the session goes on.
+    assert_eq!(c.cmd("AUTH PLAIN").await.0, 334);
+    let t = c.expect(&"QUFB".repeat(4000), 500).await;
+    assert!(t.starts_with("5.5.6"), "{t}");
+    c.expect("NOOP", 250).await;
     c.expect(ALICE_PLAIN, 235).await;
     e.stop().await;
 }
