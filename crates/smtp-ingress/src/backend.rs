@@ -101,15 +101,12 @@ impl GrpcBackend {
     }
 }
 
-fn chunks<T>(body: &Bytes, wrap: impl Fn(Bytes) -> T) -> Vec<T> {
-    let mut out = Vec::with_capacity(body.len() / CHUNK + 1);
-    let mut at = 0;
-    while at < body.len() {
-        let end = (at + CHUNK).min(body.len());
-        out.push(wrap(body.slice(at..end)));
-        at = end;
-    }
-    out
+/// The body as a lazy sequence of chunk messages: each chunk is copied into its message only
+/// when the stream is polled, so a hand-off never holds a second whole copy of the body.
+fn chunks<T>(body: Bytes, wrap: impl Fn(Bytes) -> T) -> impl Iterator<Item = T> {
+    (0..body.len())
+        .step_by(CHUNK)
+        .map(move |at| wrap(body.slice(at..(at + CHUNK).min(body.len()))))
 }
 
 impl Backend for GrpcBackend {
@@ -159,10 +156,10 @@ impl Backend for GrpcBackend {
     }
 
     async fn deliver(&self, header: DeliverHeader, body: Bytes) -> BResult<DeliverResponse> {
-        let mut msgs = vec![DeliverChunk {
+        let header = DeliverChunk {
             part: Some(deliver_chunk::Part::Header(header)),
-        }];
-        msgs.extend(chunks(&body, |b| DeliverChunk {
+        };
+        let msgs = std::iter::once(header).chain(chunks(body, |b| DeliverChunk {
             part: Some(deliver_chunk::Part::Data(b.to_vec())),
         }));
         self.bounded(self.delivery.clone().deliver(tokio_stream::iter(msgs)))
@@ -170,10 +167,10 @@ impl Backend for GrpcBackend {
     }
 
     async fn enqueue(&self, header: EnqueueHeader, body: Bytes) -> BResult<EnqueueResponse> {
-        let mut msgs = vec![EnqueueChunk {
+        let header = EnqueueChunk {
             part: Some(enqueue_chunk::Part::Header(header)),
-        }];
-        msgs.extend(chunks(&body, |b| EnqueueChunk {
+        };
+        let msgs = std::iter::once(header).chain(chunks(body, |b| EnqueueChunk {
             part: Some(enqueue_chunk::Part::Data(b.to_vec())),
         }));
         self.bounded(self.queue.clone().enqueue(tokio_stream::iter(msgs)))
@@ -219,8 +216,8 @@ mod tests {
     #[test]
     fn bodies_are_chunked_under_64k() {
         let body = Bytes::from(vec![7u8; CHUNK * 2 + 5]);
-        let c = chunks(&body, |b| b.len());
+        let c: Vec<usize> = chunks(body, |b| b.len()).collect();
         assert_eq!(c, vec![CHUNK, CHUNK, 5]);
-        assert!(chunks(&Bytes::new(), |b| b.len()).is_empty());
+        assert_eq!(chunks(Bytes::new(), |b| b.len()).count(), 0);
     }
 }

@@ -60,8 +60,10 @@ pub enum CommandError {
     BadRecipient,
     /// 555 5.5.4: a MAIL/RCPT parameter we do not support.
     UnsupportedParameter(String),
-    /// 500 5.5.6: longer than the line limit (RFC 5321 §4.5.3.1.4).
+    /// 500 5.5.2: longer than the line limit (RFC 5321 §4.5.3.1.4).
     LineTooLong,
+    /// 500 5.5.6: an AUTH line longer than the AUTH limit (RFC 4954 §6).
+    AuthLineTooLong,
 }
 
 /// Parse one command line (with or without its trailing CRLF).
@@ -99,7 +101,30 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     let mut buf = Vec::with_capacity(line.len() + 2);
     buf.extend_from_slice(line);
     buf.extend_from_slice(b"\r\n");
-    parse_proto(&buf)
+    let mut cmd = parse_proto(&buf)?;
+    if let Command::Rcpt(to) = &mut cmd
+        && to.address.is_empty()
+    {
+        // smtp-proto reads both `<>` and `<Postmaster>` as an empty path. Only the second is
+        // a forward-path (RFC 5321 §4.1.1.3), and it must be accepted (§4.5.1); the session
+        // decides whose mailbox it is.
+        if !is_postmaster_path(line) {
+            return Err(CommandError::BadRecipient);
+        }
+        to.address = "postmaster".into();
+    }
+    Ok(cmd)
+}
+
+/// The path of a RCPT line is `<postmaster>`, in any case.
+fn is_postmaster_path(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|b| *b == b'<') else {
+        return false;
+    };
+    let rest = &line[open + 1..];
+    rest.iter()
+        .position(|b| *b == b'>')
+        .is_some_and(|close| rest[..close].eq_ignore_ascii_case(b"postmaster"))
 }
 
 fn trim_eol(line: &[u8]) -> &[u8] {
@@ -154,13 +179,52 @@ fn parse_proto(buf: &[u8]) -> Result<Command, CommandError> {
     })
 }
 
-/// Frames CRLF-terminated lines out of a byte stream, holding at most `max` bytes of one line.
+/// Line limits in octets, each counting the line end as RFC 5321 §4.5.3.1.4 does (512 for a
+/// command line "including the command word and the <CRLF>").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineLimits {
+    /// Any command line.
+    pub command: usize,
+    /// MAIL and RCPT lines: their extension parameters may make them longer (RFC 5321
+    /// §4.5.3.1.4 "SMTP extensions may be used to increase this limit"; RFC 1869 lets
+    /// parameters add up to 2000 octets).
+    pub mail_rcpt: usize,
+    /// An AUTH line with its initial response, and each answer to a 334 challenge: RFC 4954
+    /// §4 wants the largest response of a supported mechanism handled (12288 octets).
+    pub auth: usize,
+}
+
+impl LineLimits {
+    /// The RFC values: 512, 512 + 2000 and 12288.
+    pub const RFC: LineLimits = LineLimits {
+        command: 512,
+        mail_rcpt: 2512,
+        auth: 12288,
+    };
+
+    /// No limit below 8 octets (a verb and its CRLF), and the longer kinds never shorter than
+    /// a plain command.
+    fn sane(self) -> Self {
+        let command = self.command.max(8);
+        LineLimits {
+            command,
+            mail_rcpt: self.mail_rcpt.max(command),
+            auth: self.auth.max(command),
+        }
+    }
+}
+
+/// Frames CRLF-terminated lines out of a byte stream, holding at most the limit of the line's
+/// kind (known from its first five octets): the rest of an over-long line is skipped up to its
+/// LF without being kept.
 #[derive(Debug)]
 pub struct LineReader {
     buf: Vec<u8>,
-    max: usize,
-    /// Discarding the rest of an over-long line.
-    overflow: bool,
+    limits: LineLimits,
+    /// The next lines answer an AUTH challenge: all base64, under the AUTH limit.
+    auth_response: bool,
+    /// Discarding the rest of an over-long line; `true` when it was an AUTH exchange line.
+    overflow: Option<bool>,
 }
 
 /// What `LineReader::next_line` found.
@@ -168,16 +232,40 @@ pub struct LineReader {
 pub enum Line {
     /// A whole line, without its line end.
     Complete(Vec<u8>),
-    /// A line longer than the limit was discarded up to its end.
+    /// A command line longer than its limit was discarded up to its end.
     TooLong,
+    /// An AUTH command or challenge answer longer than the AUTH limit was discarded.
+    AuthTooLong,
 }
 
 impl LineReader {
-    pub fn new(max: usize) -> Self {
+    pub fn new(limits: LineLimits) -> Self {
         LineReader {
             buf: Vec::new(),
-            max: max.max(8),
-            overflow: false,
+            limits: limits.sane(),
+            auth_response: false,
+            overflow: None,
+        }
+    }
+
+    /// Switch to (or back from) reading answers to AUTH challenges.
+    pub fn expect_auth_response(&mut self, on: bool) {
+        self.auth_response = on;
+    }
+
+    /// The limit of the line whose first octets are `head` (at most five), and whether it
+    /// is an AUTH exchange line.
+    fn limit(&self, head: &[u8]) -> (usize, bool) {
+        if self.auth_response {
+            return (self.limits.auth, true);
+        }
+        let is = |verb: &[u8]| head.len() == 5 && head.eq_ignore_ascii_case(verb);
+        if is(b"MAIL ") || is(b"RCPT ") {
+            (self.limits.mail_rcpt, false)
+        } else if is(b"AUTH ") {
+            (self.limits.auth, true)
+        } else {
+            (self.limits.command, false)
         }
     }
 
@@ -188,9 +276,15 @@ impl LineReader {
             Some(i) => (&input[..=i], true),
             None => (input, false),
         };
-        if !self.overflow {
-            if self.buf.len() + chunk.len() > self.max + 2 {
-                self.overflow = true;
+        if self.overflow.is_none() {
+            let mut head = [0u8; 5];
+            let held = self.buf.len().min(5);
+            head[..held].copy_from_slice(&self.buf[..held]);
+            let more = (5 - held).min(chunk.len());
+            head[held..held + more].copy_from_slice(&chunk[..more]);
+            let (limit, auth) = self.limit(&head[..held + more]);
+            if self.buf.len() + chunk.len() > limit {
+                self.overflow = Some(auth);
                 self.buf = Vec::new();
             } else {
                 self.buf.extend_from_slice(chunk);
@@ -199,17 +293,18 @@ impl LineReader {
         if !done {
             return (chunk.len(), None);
         }
-        if self.overflow {
-            self.overflow = false;
-            return (chunk.len(), Some(Line::TooLong));
+        if let Some(auth) = self.overflow.take() {
+            let l = if auth {
+                Line::AuthTooLong
+            } else {
+                Line::TooLong
+            };
+            return (chunk.len(), Some(l));
         }
         let mut line = std::mem::take(&mut self.buf);
         line.pop();
         if line.last() == Some(&b'\r') {
             line.pop();
-        }
-        if line.len() > self.max {
-            return (chunk.len(), Some(Line::TooLong));
         }
         (chunk.len(), Some(Line::Complete(line)))
     }
@@ -260,6 +355,9 @@ pub struct DataReader {
     max: u64,
     policy: BareLineEnd,
     bare: bool,
+    /// False once the caller gave up keeping the body (the memory budget ran out): the
+    /// reader still finds the end of data and counts the size.
+    keep: bool,
 }
 
 impl DataReader {
@@ -271,12 +369,24 @@ impl DataReader {
             max,
             policy,
             bare: false,
+            keep: true,
         }
+    }
+
+    /// Octets of body kept so far.
+    pub fn kept(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Drop what was kept and keep nothing more; the end of data is still found.
+    pub fn stop_keeping(&mut self) {
+        self.keep = false;
+        self.body = Vec::new();
     }
 
     fn emit(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
-        if self.size <= self.max {
+        if self.keep && self.size <= self.max {
             self.body.extend_from_slice(bytes);
         }
     }
@@ -465,7 +575,7 @@ mod tests {
     fn lines_are_framed_the_same_in_any_chunking() {
         let input = b"EHLO a\r\nMAIL FROM:<x@y>\r\n\r\nNOOP\n";
         for step in STEPS {
-            let mut r = LineReader::new(512);
+            let mut r = LineReader::new(LineLimits::RFC);
             let lines = chunked(input, step, |c| r.feed(c));
             assert_eq!(
                 lines,
@@ -481,13 +591,107 @@ mod tests {
         }
     }
 
+    fn line_of(prefix: &str, total: usize, end: &str) -> Vec<u8> {
+        let mut l = prefix.as_bytes().to_vec();
+        l.resize(total - end.len(), b'x');
+        l.extend_from_slice(end.as_bytes());
+        l
+    }
+
+    /// RFC 5321 §4.5.3.1.4: 512 octets with the CRLF for a command line; MAIL/RCPT may carry
+    /// 2000 more for parameters; AUTH lines follow RFC 4954 (12288). Whatever the chunking,
+    /// the same lines come out, an over-long line is one `TooLong` and never held whole.
+    #[test]
+    fn command_line_over_512_octets_is_too_long_in_any_chunking() {
+        let ok = |l: &[u8]| {
+            let s = String::from_utf8_lossy(l);
+            Line::Complete(s.trim_end_matches(['\r', '\n']).as_bytes().to_vec())
+        };
+        let cases: Vec<(Vec<u8>, Line)> = vec![
+            (
+                line_of("NOOP ", 512, "\r\n"),
+                ok(&line_of("NOOP ", 512, "\r\n")),
+            ),
+            (line_of("NOOP ", 513, "\r\n"), Line::TooLong),
+            (line_of("NOOP ", 2000, "\r\n"), Line::TooLong),
+            (
+                line_of("noop ", 512, "\n"),
+                ok(&line_of("noop ", 512, "\n")),
+            ),
+            (line_of("NOOP ", 513, "\n"), Line::TooLong),
+            (line_of("EHLO ", 100_000, "\r\n"), Line::TooLong),
+            // MAIL and RCPT get the parameter allowance, any case.
+            (
+                line_of("MAIL ", 2512, "\r\n"),
+                ok(&line_of("MAIL ", 2512, "\r\n")),
+            ),
+            (
+                line_of("rcpt ", 2000, "\r\n"),
+                ok(&line_of("rcpt ", 2000, "\r\n")),
+            ),
+            (line_of("RCPT ", 2513, "\r\n"), Line::TooLong),
+            // "MAILX" is not MAIL.
+            (line_of("MAILX", 600, "\r\n"), Line::TooLong),
+            // AUTH with a long initial response.
+            (
+                line_of("AUTH ", 12288, "\r\n"),
+                ok(&line_of("AUTH ", 12288, "\r\n")),
+            ),
+            (line_of("AUTH ", 12289, "\r\n"), Line::AuthTooLong),
+        ];
+        let mut input = Vec::new();
+        let mut want = Vec::new();
+        for (line, result) in cases {
+            input.extend_from_slice(&line);
+            want.push(result);
+            // After every line, a short one: the session stays in sync.
+            input.extend_from_slice(b"NOOP\r\n");
+            want.push(Line::Complete(b"NOOP".to_vec()));
+        }
+        for step in [1, 2, 4, 8, 16, 64, 511, 512, 513, 4096, 1 << 20] {
+            let mut r = LineReader::new(LineLimits::RFC);
+            let mut peak = 0;
+            let lines = chunked(&input, step, |c| {
+                let x = r.feed(c);
+                peak = peak.max(r.pending());
+                x
+            });
+            assert_eq!(lines.len(), want.len(), "step {step}");
+            for (i, (got, want)) in lines.iter().zip(&want).enumerate() {
+                assert_eq!(got, want, "step {step}, line {i}");
+            }
+            assert!(peak <= 12288, "step {step}: held {peak} bytes");
+            assert_eq!(r.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn auth_challenge_answers_use_the_auth_limit() {
+        let mut r = LineReader::new(LineLimits::RFC);
+        r.expect_auth_response(true);
+        let long = line_of("", 5000, "\r\n");
+        let (n, l) = r.feed(&long);
+        assert_eq!(n, long.len());
+        assert_eq!(l, Some(Line::Complete(long[..4998].to_vec())));
+        let (_, l) = r.feed(&line_of("", 12289, "\r\n"));
+        assert_eq!(l, Some(Line::AuthTooLong));
+        r.expect_auth_response(false);
+        let (_, l) = r.feed(&long);
+        assert_eq!(l, Some(Line::TooLong));
+    }
+
     #[test]
     fn overlong_line_is_discarded_with_bounded_memory() {
         let mut input = b"NOOP ".to_vec();
         input.extend(std::iter::repeat_n(b'x', 10_000));
         input.extend_from_slice(b"\r\nQUIT\r\n");
+        let limits = LineLimits {
+            command: 100,
+            mail_rcpt: 100,
+            auth: 100,
+        };
         for step in STEPS {
-            let mut r = LineReader::new(100);
+            let mut r = LineReader::new(limits);
             let mut peak = 0;
             let lines = chunked(&input, step, |c| {
                 let x = r.feed(c);
@@ -495,7 +699,7 @@ mod tests {
                 x
             });
             assert_eq!(lines, vec![Line::TooLong, Line::Complete(b"QUIT".to_vec())]);
-            assert!(peak <= 102, "held {peak} bytes");
+            assert!(peak <= 100, "held {peak} bytes");
         }
     }
 
@@ -531,6 +735,7 @@ mod tests {
                 }),
             ),
             (b"FOO", Err(CommandError::Unknown)),
+            (b"RCPT TO:<>", Err(CommandError::BadRecipient)),
             (b"LHLO x", Err(CommandError::Unknown)),
             (b"EHLO", Err(CommandError::Syntax("EHLO domain"))),
             (
@@ -588,6 +793,18 @@ mod tests {
             Err(CommandError::UnsupportedParameter("NOPE=1".into()))
         );
         assert!(parse_command(b"RCPT TO:").is_err());
+
+        // L11: the unqualified postmaster (RFC 5321 §4.5.1), any case, with parameters.
+        for l in [
+            &b"RCPT TO:<postmaster>"[..],
+            b"rcpt to:<PostMaster> NOTIFY=NEVER",
+        ] {
+            let r = parse_command(l);
+            assert!(
+                matches!(&r, Ok(Command::Rcpt(t)) if t.address == "postmaster"),
+                "{r:?}"
+            );
+        }
     }
 
     fn read_data(

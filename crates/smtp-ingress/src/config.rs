@@ -1,6 +1,9 @@
 //! smtp-ingress configuration. Every limit is here with its default; an empty listen address
 //! disables that listener.
 
+use std::net::IpAddr;
+use std::str::FromStr;
+
 use mailsuite_runtime::listener::ConnLimits;
 use mailsuite_runtime::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
@@ -54,8 +57,16 @@ impl Default for Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Longest command line accepted, without CRLF (RFC 5321 §4.5.3.1.4 asks for at least 510).
+    /// Longest command line, counting its CRLF (RFC 5321 §4.5.3.1.4: 512). A longer line is
+    /// skipped up to its end, never kept, and answered `500 5.5.2 Line too long`.
     pub max_line_length: usize,
+    /// Longest MAIL or RCPT line, counting its CRLF: the 512 of a command line plus the 2000
+    /// octets RFC 1869 lets extension parameters add (DSN's ORCPT alone may be 500 octets of
+    /// xtext, ENVID 100, RFC 3461 §4).
+    pub max_mail_rcpt_line_length: usize,
+    /// Longest AUTH line (with its initial response) and answer to a 334 challenge, counting
+    /// its CRLF: RFC 4954 §4 asks for 12288; longer is `500 5.5.6`.
+    pub max_auth_line_length: usize,
     /// Largest message (SIZE, enforced during DATA/BDAT too).
     pub max_message_size: u64,
     /// Recipients per message (RFC 5321 §4.5.3.1.8: at least 100).
@@ -87,12 +98,29 @@ pub struct Limits {
     pub write_timeout_secs: u64,
     /// Clients (IPv4 addresses, IPv6 /64s) whose per-minute rates are tracked at once.
     pub max_tracked_clients: usize,
+    /// ETRN commands one client (IPv4 address, IPv6 /64) may give per minute (0 = unlimited);
+    /// then `458 4.7.0`. Each one makes the queue retry a whole domain at once.
+    pub max_etrn_per_ip_per_minute: u32,
+    /// Message body bytes all sessions of this process may hold in memory at once (DATA and
+    /// BDAT, from the first octet to the hand-off). A transaction that would go past it is
+    /// answered `452 4.3.1` (RFC 3463: insufficient system storage; the client retries) and
+    /// gives its bytes back; the others go on. The default, 512 MiB, holds ten messages of
+    /// the largest size at once, or thousands of ordinary ones; the process needs somewhat
+    /// more than this (the hand-off copies one chunk at a time). Keep it at least
+    /// `max_message_size`, or a message of that size can never be accepted.
+    pub max_body_bytes_in_flight: u64,
+    /// Addresses in the header `From:` and `Sender:` of one authenticated submission, each
+    /// checked against the account like MAIL FROM; a message with more is refused with
+    /// `550 5.7.1`.
+    pub max_header_sender_addresses: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_line_length: 2048,
+            max_line_length: 512,
+            max_mail_rcpt_line_length: 2512,
+            max_auth_line_length: 12288,
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 100,
             max_messages_per_session: 100,
@@ -109,6 +137,9 @@ impl Default for Limits {
             rpc_timeout_secs: 60,
             write_timeout_secs: 60,
             max_tracked_clients: crate::limits::DEFAULT_CAPACITY,
+            max_etrn_per_ip_per_minute: 10,
+            max_body_bytes_in_flight: 512 * 1024 * 1024,
+            max_header_sender_addresses: 20,
         }
     }
 }
@@ -144,8 +175,16 @@ pub struct Policy {
     pub expn: bool,
     /// SEND/SOML/SAML for authenticated submission sessions (else `502`).
     pub terminal_commands: bool,
-    /// ETRN (RFC 1985).
+    /// ETRN (RFC 1985), for authenticated sessions and `etrn_allowed_clients` only.
     pub etrn: bool,
+    /// Clients (addresses or networks: `192.0.2.7`, `192.0.2.0/24`, `2001:db8::/48`) that may
+    /// use ETRN without authenticating, e.g. the MX hosts this server is a backup for.
+    /// Anyone else gets `459 4.7.1`.
+    pub etrn_allowed_clients: Vec<ClientNet>,
+    /// Where `RCPT TO:<postmaster>` (no domain, RFC 5321 §4.5.1) goes. Empty: the first of
+    /// `postmaster@<hostname>`, `postmaster@<hostname's parent domain>` ... (down to two
+    /// labels) that is a local address.
+    pub postmaster: String,
     /// Refuse an unauthenticated MAIL FROM in one of our own domains on the MX port.
     pub reject_unauthenticated_local_sender: bool,
     /// What a failed iprev check (forward-confirmed reverse DNS, RFC 8601 §3) of an MX
@@ -175,9 +214,55 @@ impl Default for Policy {
             expn: true,
             terminal_commands: true,
             etrn: true,
+            etrn_allowed_clients: Vec::new(),
+            postmaster: String::new(),
             reject_unauthenticated_local_sender: true,
             iprev: IprevPolicy::Record,
         }
+    }
+}
+
+/// An IP address or network in CIDR notation, as written in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClientNet(ipnet::IpNet);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is neither an IP address nor a network (192.0.2.0/24, 2001:db8::/48)")]
+pub struct BadClientNet(String);
+
+impl ClientNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A v4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.contains(&ip)
+    }
+}
+
+impl FromStr for ClientNet {
+    type Err = BadClientNet;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map(ClientNet)
+            .map_err(|_| BadClientNet(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for ClientNet {
+    type Error = BadClientNet;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ClientNet> for String {
+    fn from(n: ClientNet) -> String {
+        n.0.to_string()
     }
 }
 
@@ -233,6 +318,32 @@ mod tests {
         assert_eq!(c.policy.bare_line_end, BareLineEnd::Normalize);
         assert_eq!(c.policy.iprev, IprevPolicy::Reject);
         assert_eq!(c.hostname, "mx.example");
+
+        assert_eq!(c.limits.max_line_length, 512);
+        assert_eq!(c.limits.max_mail_rcpt_line_length, 2512);
+        assert_eq!(c.limits.max_auth_line_length, 12288);
+        assert_eq!(c.limits.max_etrn_per_ip_per_minute, 10);
+        assert_eq!(c.limits.max_body_bytes_in_flight, 512 << 20);
+
+        let toml = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            toml.path(),
+            "[policy]\netrn_allowed_clients = [\"192.0.2.0/24\", \"2001:db8::1\"]\n",
+        )
+        .unwrap();
+        let src = ConfigSources {
+            file: Some(toml.path().to_path_buf()),
+            ..Default::default()
+        };
+        let c: Config = load(&src).unwrap();
+        let nets = &c.policy.etrn_allowed_clients;
+        assert!(nets[0].contains("192.0.2.77".parse().unwrap()));
+        assert!(nets[0].contains("::ffff:192.0.2.77".parse().unwrap()));
+        assert!(!nets[0].contains("192.0.3.1".parse().unwrap()));
+        assert!(nets[1].contains("2001:db8::1".parse().unwrap()));
+        assert!(!nets[1].contains("2001:db8::2".parse().unwrap()));
+        assert!("192.0.2.0/33".parse::<ClientNet>().is_err());
+        assert!("mx.example".parse::<ClientNet>().is_err());
 
         for bad in ["limits.nope=1", "policy.iprev=maybe", "policy.iprev_nope=1"] {
             let bad = ConfigSources {

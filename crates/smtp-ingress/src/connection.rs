@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
 
 use crate::backend::Backend;
-use crate::codec::{BdatReader, DataReader, Line, LineReader, parse_command};
+use crate::codec::{BdatReader, DataReader, Line, LineLimits, LineReader, parse_command};
 use crate::reply::Reply;
 use crate::session::{Next, Outcome, Session, TlsInfo};
 
@@ -67,7 +67,7 @@ struct Driver<B: Backend> {
     data_timeout: Duration,
     data_total: Duration,
     write_timeout: Duration,
-    max_line: usize,
+    lines: LineLimits,
     bare: crate::codec::BareLineEnd,
 }
 
@@ -163,6 +163,11 @@ impl<B: Backend> Driver<B> {
             if !self.input.is_empty() {
                 let (n, end) = reader.feed(&self.input);
                 self.input.drain(..n);
+                // What the reader keeps is reserved from the process-wide budget as it
+                // grows; past the budget it keeps nothing more and the message gets a 452.
+                if !self.session.reserve_body(reader.kept() as u64) {
+                    reader.stop_keeping();
+                }
                 if let Some(end) = end {
                     return Ok((reader.take_body(), end));
                 }
@@ -192,6 +197,10 @@ impl<B: Backend> Driver<B> {
                 }
             };
             self.input.drain(..n);
+            if let Some(kept) = self.session.bdat_sink().map(|b| b.len() as u64) {
+                // A false answer makes the session drop the body and the sink.
+                self.session.reserve_body(kept);
+            }
         }
         Ok(())
     }
@@ -203,12 +212,15 @@ impl<B: Backend> Driver<B> {
     ) -> Result<(), Stop> {
         let greeting = self.session.greeting();
         self.queue(&greeting);
-        let mut lines = LineReader::new(self.max_line);
+        let mut lines = LineReader::new(self.lines);
         loop {
             let outcome = match self.next_line(&mut lines).await? {
                 Line::TooLong => self
                     .session
                     .bad_command(crate::codec::CommandError::LineTooLong),
+                Line::AuthTooLong => self
+                    .session
+                    .bad_command(crate::codec::CommandError::AuthLineTooLong),
                 Line::Complete(l) => match parse_command(&l) {
                     Ok(cmd) => Self::step(&self.shutdown, self.session.command(cmd)).await?,
                     Err(e) => self.session.bad_command(e),
@@ -251,7 +263,7 @@ impl<B: Backend> Driver<B> {
                         // Anything pipelined after STARTTLS was sent in plaintext and could
                         // have been injected (CVE-2011-0411): it is dropped, never executed.
                         self.input.clear();
-                        lines = LineReader::new(self.max_line);
+                        lines = LineReader::new(self.lines);
                         let Some(acceptor) = tls else {
                             return Err(Stop::Gone);
                         };
@@ -266,11 +278,15 @@ impl<B: Backend> Driver<B> {
                         if let Some(r) = reply {
                             self.queue(&r);
                         }
-                        let line = match self.next_line(&mut lines).await? {
-                            Line::Complete(l) => l,
-                            Line::TooLong => b"*".to_vec(),
+                        lines.expect_auth_response(true);
+                        let line = self.next_line(&mut lines).await;
+                        lines.expect_auth_response(false);
+                        outcome = match line? {
+                            Line::Complete(l) => {
+                                Self::step(&self.shutdown, self.session.auth_line(&l)).await?
+                            }
+                            Line::TooLong | Line::AuthTooLong => self.session.auth_line_too_long(),
                         };
-                        outcome = Self::step(&self.shutdown, self.session.auth_line(&line)).await?;
                     }
                     Next::Data => {
                         if let Some(r) = reply {
@@ -341,7 +357,11 @@ pub async fn serve<B: Backend>(
         data_timeout: Duration::from_secs(l.data_timeout_secs.max(1)),
         data_total: Duration::from_secs(l.data_total_timeout_secs.max(1)),
         write_timeout: Duration::from_secs(l.write_timeout_secs.max(1)),
-        max_line: l.max_line_length,
+        lines: LineLimits {
+            command: l.max_line_length,
+            mail_rcpt: l.max_mail_rcpt_line_length,
+            auth: l.max_auth_line_length,
+        },
         bare: config.policy.bare_line_end,
     };
     let result = d.run(tls.as_ref(), &mut metric).await;

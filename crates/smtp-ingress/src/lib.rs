@@ -6,6 +6,7 @@
 //! `connection` (I/O, TLS, timeouts, shutdown); `reply` maps service errors to SMTP replies.
 
 pub mod backend;
+pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -97,12 +98,23 @@ pub async fn start_with<B: Backend>(
         ops: ops.as_ref().map(|o| o.1),
     };
     let rates = limits::RateLimiter::new(config.limits.max_tracked_clients);
+    let l = &config.limits;
+    if l.max_body_bytes_in_flight < l.max_message_size {
+        tracing::warn!(
+            max_body_bytes_in_flight = l.max_body_bytes_in_flight,
+            max_message_size = l.max_message_size,
+            "limits.max_body_bytes_in_flight is below limits.max_message_size: \
+             messages near the size limit will always get 452"
+        );
+    }
+    let body_budget = budget::BodyBudget::new(l.max_body_bytes_in_flight);
     let shared = Arc::new(Shared {
         config,
         backend,
         rates,
         verifier,
         tls_available: true,
+        body_budget,
     });
     for (listener, port) in [
         (smtp, Port::Mx),

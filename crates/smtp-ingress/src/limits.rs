@@ -1,5 +1,5 @@
-//! Per-client rates shared by all connections of this process: messages per minute and AUTH
-//! failures per minute (fixed one-minute windows).
+//! Per-client rates shared by all connections of this process: messages, AUTH failures and
+//! ETRN commands per minute (fixed one-minute windows).
 //!
 //! A client is an IPv4 address or an IPv6 /64: one host usually owns a whole /64, so keying by
 //! the full IPv6 address would let it start afresh with every source address it picks.
@@ -24,6 +24,7 @@ struct Window {
     start: Option<Instant>,
     messages: u32,
     auth_failures: u32,
+    etrn: u32,
 }
 
 impl Window {
@@ -42,7 +43,7 @@ impl Window {
     }
 
     fn activity(&self) -> u64 {
-        u64::from(self.messages) + u64::from(self.auth_failures)
+        u64::from(self.messages) + u64::from(self.auth_failures) + u64::from(self.etrn)
     }
 }
 
@@ -115,6 +116,21 @@ impl RateLimiter {
         })
     }
 
+    /// Count one ETRN from `ip`; false when over `max` this minute (0 = unlimited).
+    pub fn etrn_allowed(&self, ip: IpAddr, max: u32) -> bool {
+        if max == 0 {
+            return true;
+        }
+        self.with(ip, |w| {
+            if w.etrn >= max {
+                false
+            } else {
+                w.etrn += 1;
+                true
+            }
+        })
+    }
+
     /// Record an AUTH failure; returns the failures of this IP in the current minute.
     pub fn auth_failed(&self, ip: IpAddr) -> u32 {
         self.with(ip, |w| {
@@ -182,8 +198,10 @@ mod tests {
         );
     }
 
+    /// M4: every counter of this limiter keys an IPv6 client by its /64 (one host usually
+    /// owns a whole /64 and picks source addresses from it at will).
     #[test]
-    fn ipv6_is_counted_per_64() {
+    fn m4_ipv6_clients_are_keyed_by_64() {
         let r = RateLimiter::default();
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff:1234:5678:9abc".parse().unwrap();
@@ -195,6 +213,14 @@ mod tests {
         r.auth_failed(a);
         r.auth_failed(b);
         assert!(r.auth_blocked("2001:db8:1:2::99".parse().unwrap(), 1));
+
+        assert!(r.etrn_allowed(a, 1));
+        assert!(!r.etrn_allowed(b, 1), "ETRN too");
+        assert!(r.etrn_allowed(other, 1));
+        assert_eq!(
+            client_key("2001:db8:1:2:ffff::1".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
 
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(client_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());

@@ -16,6 +16,7 @@ use mailsuite_proto::{
 use smtp_proto as sp;
 
 use crate::backend::Backend;
+use crate::budget::{BodyBudget, Reservation};
 use crate::codec::{BodyEnd, Command, CommandError, MailFrom, RcptTo, Terminal, xtext_encode};
 use crate::config::Config;
 use crate::config::IprevPolicy;
@@ -48,6 +49,8 @@ pub struct Shared<B> {
     pub rates: RateLimiter,
     pub verifier: Option<Verifier>,
     pub tls_available: bool,
+    /// Body bytes all sessions may hold at once (`limits.max_body_bytes_in_flight`).
+    pub body_budget: BodyBudget,
 }
 
 /// What the connection does after sending the reply (if any).
@@ -106,7 +109,7 @@ struct Recipient {
     remote: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Transaction {
     from: MailFrom<String>,
     terminal: Option<Terminal>,
@@ -114,6 +117,10 @@ struct Transaction {
     /// BDAT chunks received so far.
     bdat: Option<Vec<u8>>,
     bdat_total: u64,
+    /// The body bytes held from the process-wide budget, until the transaction ends.
+    reservation: Reservation,
+    /// The budget ran out during this body: nothing more is kept, and it ends with `452`.
+    over_budget: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -227,9 +234,19 @@ impl<B: Backend> Session<B> {
             CommandError::UnsupportedParameter(p) => {
                 Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
             }
-            CommandError::LineTooLong => Reply::new(500, "5.5.6", "Line too long"),
+            CommandError::LineTooLong => Reply::new(500, "5.5.2", "Line too long"),
+            CommandError::AuthLineTooLong => {
+                Reply::new(500, "5.5.6", "Authentication Exchange line is too long")
+            }
         };
         self.error(r)
+    }
+
+    /// The answer to a 334 challenge was longer than the AUTH line limit: the exchange is
+    /// over (RFC 4954 §6, `500 5.5.6`).
+    pub fn auth_line_too_long(&mut self) -> Outcome {
+        self.auth_step = None;
+        self.bad_command(CommandError::AuthLineTooLong)
     }
 
     /// The goodbye for a server shutting down.
@@ -264,7 +281,7 @@ impl<B: Backend> Session<B> {
             "DSN".into(),
             "HELP".into(),
         ];
-        if self.cfg().policy.etrn {
+        if self.cfg().policy.etrn && self.etrn_permitted() {
             lines.push("ETRN".into());
         }
         if self.cfg().policy.vrfy {
@@ -654,6 +671,8 @@ impl<B: Backend> Session<B> {
             rcpts: Vec::new(),
             bdat: None,
             bdat_total: 0,
+            reservation: Reservation::default(),
+            over_budget: false,
         });
         Outcome::reply(Reply::new(250, "2.1.0", "Sender OK"))
     }
@@ -726,6 +745,20 @@ impl<B: Backend> Session<B> {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
         if !esmtp && (to.flags != 0 || to.orcpt.is_some()) {
             return self.error(Reply::new(555, "5.5.4", "Parameters require EHLO"));
+        }
+        let mut to = to;
+        if to.address == "postmaster" {
+            match self.postmaster().await {
+                Ok(Some(a)) => to.address = a,
+                Ok(None) => {
+                    tracing::warn!(
+                        hostname = %self.cfg().hostname,
+                        "RCPT TO:<postmaster> but no postmaster address: set policy.postmaster"
+                    );
+                    return Outcome::reply(Reply::new(550, "5.1.1", "<postmaster>: no such user"));
+                }
+                Err(e) => return Outcome::reply(lookup_error(&e)),
+            }
         }
         let r = match self.shared.backend.resolve(&to.address).await {
             Ok(r) => r,
@@ -825,6 +858,29 @@ impl<B: Backend> Session<B> {
         Outcome::reply(reply)
     }
 
+    /// Whose mailbox `RCPT TO:<postmaster>` is (RFC 5321 §4.5.1): `policy.postmaster`, else
+    /// the first local `postmaster@` of the hostname and its parent domains (mx.example.org,
+    /// then example.org), the way the store resolves any address.
+    async fn postmaster(&self) -> Result<Option<String>, mailsuite_runtime::ServiceError> {
+        let configured = &self.cfg().policy.postmaster;
+        if !configured.is_empty() {
+            return Ok(Some(configured.clone()));
+        }
+        let mut domain = self.cfg().hostname.trim_end_matches('.');
+        while domain.contains('.') {
+            let candidate = format!("postmaster@{domain}");
+            let r = self.shared.backend.resolve(&candidate).await?;
+            if !matches!(
+                r.kind(),
+                AddressKind::Remote | AddressKind::Unknown | AddressKind::Unspecified
+            ) {
+                return Ok(Some(candidate));
+            }
+            domain = domain.split_once('.').map_or("", |(_, parent)| parent);
+        }
+        Ok(None)
+    }
+
     fn data(&mut self) -> Outcome {
         let Some(tx) = &self.tx else {
             return self.bad_sequence("Need MAIL before DATA");
@@ -870,7 +926,39 @@ impl<B: Backend> Session<B> {
         if self.bdat_refusal.is_some() {
             return None;
         }
-        self.tx.as_mut().and_then(|t| t.bdat.as_mut())
+        self.tx
+            .as_mut()
+            .filter(|t| !t.over_budget)
+            .and_then(|t| t.bdat.as_mut())
+    }
+
+    /// The transaction now keeps `kept` body octets (the DATA reader's body, or the BDAT
+    /// body so far): reserve them from the process-wide budget. False when the budget is
+    /// exhausted: the transaction gives back what it held, keeps nothing more (the caller
+    /// drops what it read), and ends with `452 4.3.1`; other sessions are unaffected.
+    pub fn reserve_body(&mut self, kept: u64) -> bool {
+        let budget = &self.shared.body_budget;
+        let Some(tx) = self.tx.as_mut() else {
+            return true;
+        };
+        if tx.over_budget {
+            return false;
+        }
+        if tx.reservation.cover(budget, kept) {
+            return true;
+        }
+        tx.over_budget = true;
+        tx.reservation.release();
+        if let Some(b) = &mut tx.bdat {
+            *b = Vec::new();
+        }
+        mailsuite_runtime::metrics::counter("mailsuite_smtp_body_budget_exhausted_total", &[])
+            .inc();
+        tracing::warn!(
+            peer = %self.peer.ip(),
+            "message body budget (limits.max_body_bytes_in_flight) exhausted; answering 452"
+        );
+        false
     }
 
     /// A BDAT chunk of `size` octets has been read.
@@ -887,6 +975,12 @@ impl<B: Backend> Session<B> {
         if tx.bdat_total > max {
             self.tx = None;
             return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        if tx.over_budget {
+            // Like the size limit above: the transaction is over (RFC 3030 §3: no more BDAT
+            // after a failed chunk; pipelined ones are read and discarded with a 503).
+            self.tx = None;
+            return Outcome::reply(insufficient_storage());
         }
         if !last {
             return Outcome::reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
@@ -1018,12 +1112,20 @@ impl<B: Backend> Session<B> {
         if end.too_large {
             return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
+        if tx.over_budget {
+            return Outcome::reply(insufficient_storage());
+        }
         if end.bare_line_end {
             return Outcome::reply(Reply::new(
                 550,
                 "5.6.0",
                 "Bare CR or LF not allowed in message; use CRLF line endings",
             ));
+        }
+        if let Some(a) = &self.auth
+            && let Err(r) = self.check_header_senders(a.id, &body).await
+        {
+            return Outcome::reply(r);
         }
         self.messages += 1;
         self.queue_seq += 1;
@@ -1060,15 +1162,23 @@ impl<B: Backend> Session<B> {
                 "Message rejected by the sender domain's DMARC policy",
             ));
         }
-        let received = self.received(&tx, &queue_id);
-        let body = strip_our_auth_results(&body, &self.cfg().hostname);
-        let mut msg = Vec::with_capacity(received.len() + headers.len() + body.len());
-        msg.extend_from_slice(received.as_bytes());
-        msg.extend_from_slice(headers.as_bytes());
-        msg.extend_from_slice(&body);
+        // One buffer for the whole message, up to the hand-off: the trace fields are put in
+        // front of the body in place instead of copying the body into a new buffer, and the
+        // hand-off streams slices of it.
+        let mut prefix = self.received(&tx, &queue_id).into_bytes();
+        prefix.extend_from_slice(headers.as_bytes());
+        let stripped = match strip_our_auth_results(&body, &self.cfg().hostname) {
+            std::borrow::Cow::Owned(b) => Some(b),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        let mut msg = stripped.unwrap_or(body);
+        let prefix_len = prefix.len();
+        msg.reserve_exact(prefix_len);
+        msg.splice(0..0, prefix);
         let msg = Bytes::from(msg);
 
         if let Some(t) = tx.terminal {
+            let body = msg.slice(prefix_len..);
             return self.terminal(t, &tx, &body, msg, &queue_id).await;
         }
         let any_remote = tx.rcpts.iter().any(|r| r.remote);
@@ -1082,6 +1192,58 @@ impl<B: Backend> Session<B> {
             Ok(()) => Outcome::reply(Reply::new(250, "2.0.0", format!("OK queued as {queue_id}"))),
             Err(r) => Outcome::reply(r),
         }
+    }
+
+    /// H2: receivers show the header `From:` (and `Sender:`), and relay-queue signs with the
+    /// DKIM key of the From: domain, so on an authenticated submission every address in
+    /// every `From:` and `Sender:` field must pass the same ownership check as MAIL FROM
+    /// (own addresses and aliases, +detail and case allowed). A field without any usable
+    /// address cannot be attributed, so it is refused too. No From: at all is let through
+    /// as before: there is nothing to show or sign.
+    async fn check_header_senders(&self, account: i64, body: &[u8]) -> Result<(), Reply> {
+        let refuse = |text: String| Err(Reply::new(550, "5.7.1", text));
+        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(body) else {
+            return Ok(());
+        };
+        let mut addresses: Vec<String> = Vec::new();
+        for (field, name) in [
+            (mail_parser::HeaderName::From, "From"),
+            (mail_parser::HeaderName::Sender, "Sender"),
+        ] {
+            for value in parsed.header_values(field) {
+                let list: Vec<Option<&str>> = value
+                    .as_address()
+                    .map(|a| a.iter().map(|x| x.address()).collect())
+                    .unwrap_or_default();
+                if list.is_empty() || list.iter().any(Option::is_none) {
+                    return refuse(format!("Header {name}: must name your address"));
+                }
+                addresses.extend(list.into_iter().flatten().map(str::to_string));
+            }
+        }
+        addresses.sort_by_key(|a| a.to_lowercase());
+        addresses.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+        if addresses.len() > self.cfg().limits.max_header_sender_addresses {
+            return refuse("Too many header From:/Sender: addresses".into());
+        }
+        for a in &addresses {
+            match self.shared.backend.check_sender(account, a).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(
+                        account,
+                        peer = %self.peer.ip(),
+                        header_address = %a,
+                        "authenticated submission refused: header From:/Sender: not owned"
+                    );
+                    return refuse(format!(
+                        "Header From:/Sender: address <{a}> not owned by you"
+                    ));
+                }
+                Err(e) => return Err(lookup_error(&e)),
+            }
+        }
+        Ok(())
     }
 
     async fn deliver(
@@ -1339,6 +1501,18 @@ impl<B: Backend> Session<B> {
         }
     }
 
+    /// ETRN for authenticated sessions and the configured client networks only.
+    fn etrn_permitted(&self) -> bool {
+        let ip = self.peer.ip();
+        self.auth.is_some()
+            || self
+                .cfg()
+                .policy
+                .etrn_allowed_clients
+                .iter()
+                .any(|n| n.contains(ip))
+    }
+
     async fn etrn(&mut self, arg: &str) -> Outcome {
         if !self.cfg().policy.etrn {
             return self.error(Reply::new(502, "5.5.1", "ETRN not available"));
@@ -1349,6 +1523,17 @@ impl<B: Backend> Session<B> {
         if self.tx.is_some() {
             return self.bad_sequence("ETRN not allowed in a mail transaction");
         }
+        // L2: ETRN makes the queue retry every deferred recipient of a domain at once, which
+        // defeats the retry schedule and can be aimed at a third party's MX. RFC 1985 has one
+        // code for refusing it by policy, 459 ("node not allowed: reason"); it is a 4yz, so
+        // a legitimate poller that was just not yet configured retries later.
+        if !self.etrn_permitted() {
+            return self.error(Reply::new(
+                459,
+                "4.7.1",
+                format!("{arg}: node not allowed: ETRN requires authentication"),
+            ));
+        }
         // Options '@' (subdomains) and '#' (queue names) of RFC 1985 are not offered.
         let valid = !arg.is_empty()
             && arg.len() <= 255
@@ -1357,6 +1542,14 @@ impl<B: Backend> Session<B> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
         if !valid {
             return Outcome::reply(Reply::new(459, "4.7.1", format!("{arg}: node not allowed")));
+        }
+        let max = self.cfg().limits.max_etrn_per_ip_per_minute;
+        if !self.shared.rates.etrn_allowed(self.peer.ip(), max) {
+            return Outcome::reply(Reply::new(
+                458,
+                "4.7.0",
+                format!("Unable to queue messages for node {arg}: too many ETRN, try later"),
+            ));
         }
         match self.shared.backend.flush(arg).await {
             Ok(n) => Outcome::reply(Reply::new(
@@ -1416,6 +1609,11 @@ fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::
     } else {
         std::borrow::Cow::Borrowed(msg)
     }
+}
+
+/// L4: the process-wide body budget is exhausted (RFC 3463 X.3.1, a temporary condition).
+fn insufficient_storage() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
 }
 
 fn sanitize(s: &str) -> String {

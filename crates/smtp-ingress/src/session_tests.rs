@@ -158,6 +158,7 @@ fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
+        body_budget: crate::budget::BodyBudget::new(1 << 30),
     });
     let tls = tls.then(|| TlsInfo {
         version: "TLSv1.3".into(),
@@ -233,8 +234,8 @@ async fn command_by_state_table() {
         ("VRFY alice@local.test", [252, 252, 252, 252]),
         ("EXPN staff@local.test", [550, 550, 550, 550]),
         ("TURN", [502, 502, 502, 502]),
-        ("ETRN remote.example", [503, 250, 503, 503]),
-        ("ETRN down.example", [503, 458, 503, 503]),
+        // Unauthenticated and not allow-listed (L2).
+        ("ETRN remote.example", [503, 459, 503, 503]),
         ("ETRN #queue", [503, 459, 503, 503]),
         ("STARTTLS", [220, 220, 503, 503]),
         (
@@ -256,6 +257,43 @@ async fn command_by_state_table() {
             assert_eq!(got, *want, "{cmd:?} in {st:?}");
         }
     }
+}
+
+/// L2: ETRN for allow-listed clients (the session's peer is 192.0.2.9) and authenticated
+/// sessions only, at `limits.max_etrn_per_ip_per_minute`.
+#[tokio::test]
+async fn l2_etrn_allow_list_and_rate() {
+    let mut c = config();
+    c.policy.etrn_allowed_clients = vec!["192.0.2.0/28".parse().unwrap()];
+    c.limits.max_etrn_per_ip_per_minute = 3;
+    let mut s = session_with(Port::Mx, false, c, fake());
+    let (_, o) = line(&mut s, "EHLO client.example").await;
+    assert!(o.reply.unwrap().lines.iter().any(|l| l == "ETRN"));
+    assert_eq!(code(&mut s, "ETRN remote.example").await, 250);
+    assert_eq!(code(&mut s, "ETRN down.example").await, 458);
+    assert_eq!(code(&mut s, "ETRN #queue").await, 459);
+    assert_eq!(code(&mut s, "ETRN remote.example").await, 250);
+    let (c, o) = line(&mut s, "ETRN remote.example").await;
+    assert_eq!(c, 458, "rate limited");
+    assert!(o.reply.unwrap().lines[0].starts_with("4.7.0"));
+
+    let mut c = config();
+    c.policy.etrn_allowed_clients = vec!["192.0.2.16/28".parse().unwrap()];
+    let mut s = session_with(Port::Mx, false, c, fake());
+    let (_, o) = line(&mut s, "EHLO client.example").await;
+    assert!(!o.reply.unwrap().lines.iter().any(|l| l == "ETRN"));
+    let (c, o) = line(&mut s, "ETRN remote.example").await;
+    assert_eq!(c, 459);
+    assert!(o.reply.unwrap().lines[0].starts_with("4.7.1"));
+
+    let mut s = session(Port::Submission, true);
+    assert_eq!(code(&mut s, "EHLO client.example").await, 250);
+    assert_eq!(code(&mut s, "ETRN remote.example").await, 459);
+    assert_eq!(
+        code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await,
+        235
+    );
+    assert_eq!(code(&mut s, "ETRN remote.example").await, 250);
 }
 
 #[tokio::test]
@@ -399,6 +437,7 @@ async fn plaintext_auth_on_loopback_only_when_allowed() {
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
+        body_budget: crate::budget::BodyBudget::new(1 << 30),
     });
     let mut s = Session::new(
         shared.clone(),
@@ -785,7 +824,12 @@ async fn errors_and_messages_per_session_limits() {
 async fn line_too_long_is_500() {
     let mut s = session(Port::Mx, false);
     let o = s.bad_command(crate::codec::CommandError::LineTooLong);
-    assert_eq!(o.reply.unwrap().serialize(), b"500 5.5.6 Line too long\r\n");
+    assert_eq!(o.reply.unwrap().serialize(), b"500 5.5.2 Line too long\r\n");
+    let o = s.bad_command(crate::codec::CommandError::AuthLineTooLong);
+    assert_eq!(
+        o.reply.unwrap().serialize(),
+        b"500 5.5.6 Authentication Exchange line is too long\r\n"
+    );
     assert_eq!(s.shutdown_reply().code, 421);
     assert!(s.shutdown_reply().lines[0].starts_with("4.3.2"));
 }
@@ -865,6 +909,7 @@ async fn no_auth_and_no_relay_on_the_mx_port() {
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
+        body_budget: crate::budget::BodyBudget::new(1 << 30),
     });
     let mut s = Session::new(shared, Port::Mx, "127.0.0.1:4000".parse().unwrap(), None);
     code(&mut s, "EHLO c.example").await;
@@ -890,6 +935,55 @@ async fn null_sender_allowed_for_authenticated_submission() {
     let q = s.shared.backend.enqueued.lock().unwrap();
     assert_eq!(q[0].0.return_path, "", "null reverse-path kept");
     assert_eq!(q[0].0.submitter, "alice@local.test");
+}
+
+/// H2: the header From:/Sender: of an authenticated submission, field by field.
+#[tokio::test]
+async fn h2_header_senders_table() {
+    let mut cfg = config();
+    cfg.limits.max_header_sender_addresses = 3;
+    let cases: &[(&str, u16)] = &[
+        ("From: Alice <alice@local.test>\r\n", 250),
+        ("Subject: no from at all\r\n", 250),
+        (
+            "From: alice@local.test\r\nSender: Alice <alice@local.test>\r\n",
+            250,
+        ),
+        // Folded over two lines, still parsed as one field.
+        ("From: \"CEO\"\r\n <ceo@tenant-b.test>\r\n", 550),
+        ("FROM: ceo@tenant-b.test\r\n", 550),
+        ("From: alice@local.test, ceo@tenant-b.test\r\n", 550),
+        ("From: alice@local.test\r\nFrom: bob@local.test\r\n", 550),
+        ("From: alice@local.test\r\nSender: bob@local.test\r\n", 550),
+        ("From: friends: alice@local.test, bob@local.test;\r\n", 550),
+        ("From: undisclosed:;\r\n", 550),
+        ("From:\r\n", 550),
+        ("From: Just A Name\r\n", 550),
+        ("From: a@x.test, b@x.test, c@x.test, d@x.test\r\n", 550),
+    ];
+    for (headers, want) in cases {
+        let mut s = session_with(Port::Submissions, true, cfg.clone(), fake());
+        code(&mut s, "EHLO c").await;
+        code(&mut s, "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAc2VjcmV0").await;
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@local.test>").await, 250);
+        assert_eq!(code(&mut s, "RCPT TO:<bob@local.test>").await, 250);
+        code(&mut s, "DATA").await;
+        let body = format!("{headers}Subject: x\r\n\r\nbody\r\n.\r\n");
+        let r = send_body(&mut s, body.as_bytes()).await.reply.unwrap();
+        assert_eq!(r.code, *want, "{headers:?}: {r:?}");
+        if *want == 550 {
+            assert!(r.lines[0].starts_with("5.7.1"), "{r:?}");
+            assert!(s.shared.backend.delivered.lock().unwrap().is_empty());
+        }
+    }
+    // The MX port has no authenticated user: header From: is not its business here.
+    let mut s = in_state(State::Rcpt).await;
+    code(&mut s, "DATA").await;
+    let r = send_body(&mut s, b"From: ceo@tenant-b.test\r\n\r\nx\r\n.\r\n")
+        .await
+        .reply
+        .unwrap();
+    assert_eq!(r.code, 250);
 }
 
 async fn bdat_text(policy: BareLineEnd, mail: &str, chunks: &[&[u8]]) -> (Outcome, Session<Fake>) {
@@ -1007,6 +1101,7 @@ mod iprev {
             rates: RateLimiter::default(),
             verifier: Some(verifier(dns).await),
             tls_available: true,
+            body_budget: crate::budget::BodyBudget::new(1 << 30),
         });
         let tls = (port != Port::Mx).then(|| TlsInfo {
             version: "TLSv1.3".into(),

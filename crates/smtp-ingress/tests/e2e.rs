@@ -699,10 +699,9 @@ async fn vrfy_expn_etrn_turn_help() {
     c.expect("TURN", 502).await;
     let t = c.expect("HELP", 214).await;
     assert!(t.contains("EHLO"));
-    let t = c.expect("ETRN remote.example", 250).await;
-    assert!(t.contains("remote.example"));
-    assert_eq!(*e.queue.flushed.lock().unwrap(), ["remote.example"]);
-    c.expect("ETRN #queue", 459).await;
+    // Unauthenticated ETRN is refused (L2; tests/security.rs has the rest).
+    c.expect("ETRN remote.example", 459).await;
+    assert!(e.queue.flushed.lock().unwrap().is_empty());
     c.expect("QUIT", 221).await;
 
     let tcp = tokio::net::TcpStream::connect(e.smtp.submissions.unwrap())
@@ -722,6 +721,10 @@ async fn vrfy_expn_etrn_turn_help() {
     .await;
     let t = c.expect("VRFY alice@local.test", 250).await;
     assert_eq!(t, "2.1.5 Alice Liddell <alice@local.test>");
+    let t = c.expect("ETRN remote.example", 250).await;
+    assert!(t.contains("remote.example"));
+    assert_eq!(*e.queue.flushed.lock().unwrap(), ["remote.example"]);
+    c.expect("ETRN #queue", 459).await;
     let mut admin = mailsuite_proto::admin_client::AdminClient::new(channel(e.store.grpc).await);
     admin
         .add_alias(AddAliasRequest {

@@ -1,7 +1,8 @@
 //! Fuzz the DATA and BDAT readers. Invariants: no panic; the kept body never exceeds the
 //! limit; the reader never consumes past the end-of-data marker; under `Normalize` the kept
 //! body has no bare CR or LF; a DATA body is the same whatever the chunking; the BDAT bare
-//! CR/LF check agrees with its normalisation.
+//! CR/LF check agrees with its normalisation; giving up keeping the body midway (the memory
+//! budget ran out) changes nothing but the kept body.
 #![no_main]
 
 #[path = "../../src/codec.rs"]
@@ -53,6 +54,21 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // Stop keeping after the first piece: same end and consumption, nothing kept.
+    let (_, end_all, used_all) = read(input, step, BareLineEnd::Reject);
+    let mut r = DataReader::new(MAX, BareLineEnd::Reject);
+    let mut used = 0;
+    let mut end = None;
+    while used < input.len() && end.is_none() {
+        let stop = (used + step).min(input.len());
+        let (n, e) = r.feed(&input[used..stop]);
+        used += n;
+        end = e;
+        r.stop_keeping();
+        assert_eq!(r.kept(), 0);
+    }
+    assert_eq!((end, used), (end_all, used_all), "stop_keeping changed the result");
+    assert!(r.take_body().is_empty());
     // BDAT: exactly `size` octets are taken, at most MAX kept.
     let size = input.len() as u64 / 2;
     let mut r = BdatReader::new(size);

@@ -25,6 +25,7 @@ def main():
     p.add_argument("--to", action="append", required=True)
     p.add_argument("--subject", default="hello from smtplib")
     p.add_argument("--header-from")
+    p.add_argument("--header-sender")
     a = p.parse_args()
 
     ctx = None
@@ -50,6 +51,8 @@ def main():
         m = EmailMessage()
         m["From"] = a.header_from or a.sender
         m["To"] = ", ".join(a.to)
+        if a.header_sender:
+            m["Sender"] = a.header_sender
         m["Subject"] = a.subject
         m["Message-ID"] = "<smtplib-test@remote.example>"
         m.set_content("Hello,\n.leading dot line\nbye\n")
