@@ -214,20 +214,35 @@ mod tests {
             },
         ]);
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(ring.sign(b"From: x@a.test\r\n\r\nhi\r\n", "a.test").is_empty());
+        assert!(
+            ring.sign(b"From: x@a.test\r\n\r\nhi\r\n", "a.test")
+                .is_empty()
+        );
     }
 
     #[test]
     fn h2_signing_domain_only_for_the_submitters_own_from_domain() {
         let m = |from: &str| format!("{from}Subject: x\r\n\r\nbody\r\n").into_bytes();
         let cases: &[(&str, &str, Option<&str>)] = &[
-            ("From: Alice <alice@A.test>\r\n", "alice@a.test", Some("a.test")),
+            (
+                "From: Alice <alice@A.test>\r\n",
+                "alice@a.test",
+                Some("a.test"),
+            ),
             ("From: bob@a.test\r\n", "alice@a.test", Some("a.test")),
             ("From: CEO <ceo@tenant-b.test>\r\n", "alice@a.test", None),
             ("From: ceo@tenant-b.test\r\n", "", None),
             ("From: alice@a.test\r\n", "", None),
-            ("From: alice@a.test, ceo@tenant-b.test\r\n", "alice@a.test", None),
-            ("From: alice@a.test\r\nFrom: ceo@tenant-b.test\r\n", "alice@a.test", None),
+            (
+                "From: alice@a.test, ceo@tenant-b.test\r\n",
+                "alice@a.test",
+                None,
+            ),
+            (
+                "From: alice@a.test\r\nFrom: ceo@tenant-b.test\r\n",
+                "alice@a.test",
+                None,
+            ),
             ("From: alice@sub.a.test\r\n", "alice@a.test", None),
             ("", "alice@a.test", None),
             ("From: not an address\r\n", "alice@a.test", None),

@@ -275,12 +275,22 @@ mod tests {
         for a in private {
             assert!(!is_public(a.parse().unwrap()), "{a} must not be public");
         }
-        for a in ["192.0.2.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:db8::1", "2a00:1450::1"] {
+        for a in [
+            "192.0.2.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2001:db8::1",
+            "2a00:1450::1",
+        ] {
             assert!(is_public(a.parse().unwrap()), "{a} is public");
         }
         let t = |name: &str, addrs: &[&str]| Target {
             name: name.into(),
-            addrs: addrs.iter().map(|a| SocketAddr::new(a.parse().unwrap(), 25)).collect(),
+            addrs: addrs
+                .iter()
+                .map(|a| SocketAddr::new(a.parse().unwrap(), 25))
+                .collect(),
         };
         let kept = public_only(
             "d.test",

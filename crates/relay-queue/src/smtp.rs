@@ -800,17 +800,22 @@ pub fn smtp_path(addr: &str) -> Result<String, PathError> {
 
 /// RFC 5322 dot-atom, with RFC 6531's UTF-8 in atext (only sent with SMTPUTF8 anyway).
 fn is_dot_atom(s: &str) -> bool {
-    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
     !s.is_empty() && s.split('.').all(|a| !a.is_empty() && a.chars().all(atext))
 }
 
 /// A host name (letters, digits, `-`, `_`, `.`, UTF-8 labels) or an address literal `[...]`.
 fn valid_domain(d: &str) -> bool {
     if let Some(lit) = d.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return !lit.is_empty() && lit.chars().all(|c| c.is_ascii_alphanumeric() || ".:".contains(c));
+        return !lit.is_empty()
+            && lit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:".contains(c));
     }
     !d.is_empty()
-        && d.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || !c.is_ascii())
+        && d.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || !c.is_ascii())
 }
 
 fn secs(s: u64) -> Duration {
@@ -883,7 +888,10 @@ mod tests {
             ("", ""),
             ("bob@remote.test", "bob@remote.test"),
             ("first.last+tag@remote.test", "first.last+tag@remote.test"),
-            ("j\u{fc}rgen@b\u{fc}cher.test", "j\u{fc}rgen@b\u{fc}cher.test"),
+            (
+                "j\u{fc}rgen@b\u{fc}cher.test",
+                "j\u{fc}rgen@b\u{fc}cher.test",
+            ),
             ("john doe@x.test", "\"john doe\"@x.test"),
             ("a@b@c.test", "\"a@b\"@c.test"),
             ("a>b@x.test", "\"a>b\"@x.test"),

@@ -620,7 +620,15 @@ impl Engine {
             return refused;
         }
         let mut results = self
-            .deliver_smtp_paths(msg, domain, targets, smarthost, &return_path, addrs, sendable)
+            .deliver_smtp_paths(
+                msg,
+                domain,
+                targets,
+                smarthost,
+                &return_path,
+                addrs,
+                sendable,
+            )
             .await;
         results.extend(refused);
         results
@@ -693,8 +701,7 @@ impl Engine {
                     max_reply: self.config.limits.max_reply_bytes,
                     auth: auth.clone(),
                     smarthost,
-                    implicit_tls: smarthost
-                        && self.config.smarthost_tls == SmarthostTls::Implicit,
+                    implicit_tls: smarthost && self.config.smarthost_tls == SmarthostTls::Implicit,
                     insecure_tls: smarthost && self.config.smarthost_tls_insecure_skip_verify,
                 };
                 last_host = format!("{} ({})", t.name, addr);

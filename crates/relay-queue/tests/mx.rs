@@ -171,8 +171,17 @@ mx.mixed.test.      60 IN AAAA ::1
     let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
     let r = enqueue(
         started.grpc.unwrap(),
-        header("ssrf", "alice@local.test", &["bob@ssrf.test", "eve@mixed.test"]),
-        &message("alice@local.test", "bob@ssrf.test", "ssrf", "ssrf@local.test"),
+        header(
+            "ssrf",
+            "alice@local.test",
+            &["bob@ssrf.test", "eve@mixed.test"],
+        ),
+        &message(
+            "alice@local.test",
+            "bob@ssrf.test",
+            "ssrf",
+            "ssrf@local.test",
+        ),
     )
     .await;
     let st = eventually(T, "both attempts recorded", || async {

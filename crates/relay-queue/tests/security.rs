@@ -163,7 +163,9 @@ async fn h3_smarthost_with_unverifiable_certificate_never_sees_auth() {
     assert!(reply.contains("TLS"), "{reply}");
     let cmds = mitm.commands();
     assert!(
-        !cmds.iter().any(|l| l.to_ascii_uppercase().starts_with("AUTH")),
+        !cmds
+            .iter()
+            .any(|l| l.to_ascii_uppercase().starts_with("AUTH")),
         "credentials sent to an unverified server: {cmds:?}"
     );
     assert!(
@@ -222,7 +224,8 @@ async fn h3_trusted_smarthost_gets_auth_over_starttls_and_implicit_tls() {
             SmarthostTls::Starttls => ScriptedTls::Starttls(ca_signed_server(&certs)),
             SmarthostTls::Implicit => ScriptedTls::Implicit(ca_signed_server(&certs)),
         };
-        let relay = Scripted::start_with(Some(&["PIPELINING", "STARTTLS", "AUTH PLAIN"]), tls).await;
+        let relay =
+            Scripted::start_with(Some(&["PIPELINING", "STARTTLS", "AUTH PLAIN"]), tls).await;
         let mut c = config(&db.url, &store_url);
         c.smarthost = relay.route();
         c.smarthost_tls = mode;
@@ -235,7 +238,12 @@ async fn h3_trusted_smarthost_gets_auth_over_starttls_and_implicit_tls() {
         let r = enqueue(
             started.grpc.unwrap(),
             header(&format!("h3-ok-{i}"), "alice@local.test", &[to.as_str()]),
-            &message("alice@local.test", &to, "via smarthost", &format!("h3ok{i}@x")),
+            &message(
+                "alice@local.test",
+                &to,
+                "via smarthost",
+                &format!("h3ok{i}@x"),
+            ),
         )
         .await;
         eventually(T, "delivered through the smarthost", || async {
@@ -277,17 +285,14 @@ async fn l5_binarymime_is_relayed_byte_exact_or_bounced_5_6_3() {
     let db = TestDb::new().await;
     let sd = Shutdown::new();
     let (store, store_url) = FakeStore::start(&["alice@local.test"], &sd).await;
-    let binary_mx = Scripted::start(Some(&[
-        "PIPELINING",
-        "8BITMIME",
-        "BINARYMIME",
-        "CHUNKING",
-    ]))
-    .await;
+    let binary_mx =
+        Scripted::start(Some(&["PIPELINING", "8BITMIME", "BINARYMIME", "CHUNKING"])).await;
     let text_mx = Scripted::start(Some(&["PIPELINING", "8BITMIME"])).await;
     let mut c = config(&db.url, &store_url);
-    c.transports
-        .insert("binary.test".into(), format!("127.0.0.1:{}", binary_mx.port));
+    c.transports.insert(
+        "binary.test".into(),
+        format!("127.0.0.1:{}", binary_mx.port),
+    );
     c.transports
         .insert("text.test".into(), format!("127.0.0.1:{}", text_mx.port));
     let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
@@ -307,7 +312,11 @@ async fn l5_binarymime_is_relayed_byte_exact_or_bounced_5_6_3() {
     })
     .await;
     assert_eq!(got.len(), 1);
-    assert!(got[0] == body, "altered in transit: {:?}", String::from_utf8_lossy(&got[0]));
+    assert!(
+        got[0] == body,
+        "altered in transit: {:?}",
+        String::from_utf8_lossy(&got[0])
+    );
     let cmds = binary_mx.commands();
     let mail = cmds.iter().find(|l| l.starts_with("MAIL FROM:")).unwrap();
     assert!(mail.contains("BODY=BINARYMIME"), "{mail}");
@@ -343,7 +352,8 @@ async fn l5_binarymime_is_relayed_byte_exact_or_bounced_5_6_3() {
     );
     let tc = text_mx.commands();
     assert!(
-        !tc.iter().any(|l| l.starts_with("MAIL") || l == "DATA" || l.starts_with("BDAT")),
+        !tc.iter()
+            .any(|l| l.starts_with("MAIL") || l == "DATA" || l.starts_with("BDAT")),
         "nothing sent to the server without BINARYMIME: {tc:?}"
     );
     assert!(text_mx.messages.lock().unwrap().is_empty());
@@ -385,9 +395,7 @@ async fn l6_forwarded_mx_mail_gets_no_success_or_delay_dsn_and_no_reflected_body
         r.notify = vec!["SUCCESS".into(), "FAILURE".into(), "DELAY".into()];
     }
     let payload = "REFLECTED-PAYLOAD: buy cheap pills at spam.example";
-    let body = format!(
-        "From: someone@evil.example\r\nSubject: reflect\r\n\r\n{payload}\r\n"
-    );
+    let body = format!("From: someone@evil.example\r\nSubject: reflect\r\n\r\n{payload}\r\n");
     let r = enqueue(started.grpc.unwrap(), h, body.as_bytes()).await;
     eventually(T, "delivered, failed and delay-warned", || async {
         let ok = recipient(&db.pool, &r.queue_id, "ok@dsn.test").await.0 == "delivered";
@@ -415,7 +423,10 @@ async fn l6_forwarded_mx_mail_gets_no_success_or_delay_dsn_and_no_reflected_body
             .collect::<Vec<_>>()
     );
     let text = String::from_utf8_lossy(&dsns[0]);
-    assert!(text.contains("Final-Recipient: rfc822; x@remote.test"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; x@remote.test"),
+        "{text}"
+    );
     assert!(text.contains("Action: failed"), "{text}");
     assert!(text.contains("text/rfc822-headers"), "{text}");
     assert!(!text.contains("message/rfc822"), "{text}");
@@ -423,7 +434,10 @@ async fn l6_forwarded_mx_mail_gets_no_success_or_delay_dsn_and_no_reflected_body
 
     let cmds = dsn_mx.commands();
     let mail = cmds.iter().find(|l| l.starts_with("MAIL FROM:")).unwrap();
-    assert!(mail.contains("RET=HDRS") && !mail.contains("RET=FULL"), "{mail}");
+    assert!(
+        mail.contains("RET=HDRS") && !mail.contains("RET=FULL"),
+        "{mail}"
+    );
     let rcpt = cmds.iter().find(|l| l.starts_with("RCPT TO:")).unwrap();
     assert_eq!(rcpt, "RCPT TO:<ok@dsn.test> NOTIFY=FAILURE");
     sd.drain(Duration::from_secs(10)).await;
@@ -460,7 +474,11 @@ async fn l8_quoted_local_parts_are_requoted_and_control_characters_bounce() {
     let evil_addr = format!("{evil}@x.test");
     let (injected, _) = queue
         .enqueue(
-            &mx_header("l8-ctl", "alice@local.test", &[evil_addr.as_str(), "ok@x.test"]),
+            &mx_header(
+                "l8-ctl",
+                "alice@local.test",
+                &[evil_addr.as_str(), "ok@x.test"],
+            ),
             b"From: x@local.test\r\nSubject: control\r\n\r\nhi\r\n",
         )
         .await

@@ -498,7 +498,10 @@ impl ScriptedState {
                 }
                 bdat.extend_from_slice(&chunk);
                 if last {
-                    self.messages.lock().unwrap().push(std::mem::take(&mut bdat));
+                    self.messages
+                        .lock()
+                        .unwrap()
+                        .push(std::mem::take(&mut bdat));
                     "250 2.0.0 accepted\r\n".into()
                 } else {
                     "250 2.0.0 chunk ok\r\n".into()
