@@ -299,4 +299,39 @@ mod tests {
         assert_eq!(c.retry.schedule_secs, vec![1, 2]);
         assert_eq!(c.workers, WorkerConfig::default());
     }
+
+    #[test]
+    fn security_keys_default_safe_and_load_from_file() {
+        let d = Config::default();
+        assert_eq!(d.smarthost_tls, SmarthostTls::Starttls);
+        assert!(!d.smarthost_tls_insecure_skip_verify);
+        assert!(!d.allow_private_mx_addresses);
+        assert!(d.smarthost_ca_file.is_empty());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            "smarthost = \"relay.test\"\nsmarthost_tls = \"implicit\"\n\
+             smarthost_ca_file = \"/etc/ca.pem\"\nallow_private_mx_addresses = true\n",
+        )
+        .unwrap();
+        let c: Config =
+            mailsuite_runtime::config::load(&mailsuite_runtime::config::ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.smarthost_tls, SmarthostTls::Implicit);
+        assert_eq!(c.smarthost_tls.default_port(), 465);
+        assert_eq!(c.smarthost_ca_file, "/etc/ca.pem");
+        assert!(c.allow_private_mx_addresses);
+        std::fs::write(f.path(), "smarthost_tls = \"tls\"\n").unwrap();
+        assert!(
+            mailsuite_runtime::config::load::<Config>(&mailsuite_runtime::config::ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .is_err(),
+            "an unknown TLS mode is refused, not defaulted"
+        );
+    }
 }
