@@ -619,32 +619,31 @@ impl Engine {
         if sendable.is_empty() {
             return refused;
         }
+        let envelope = Envelope {
+            return_path,
+            paths: addrs,
+            rcpts: sendable,
+        };
         let mut results = self
-            .deliver_smtp_paths(
-                msg,
-                domain,
-                targets,
-                smarthost,
-                &return_path,
-                addrs,
-                sendable,
-            )
+            .deliver_envelope(msg, domain, targets, smarthost, envelope)
             .await;
         results.extend(refused);
         results
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn deliver_smtp_paths(
+    async fn deliver_envelope(
         &self,
         msg: &MessageRow,
         domain: &str,
         targets: &[Target],
         smarthost: bool,
-        return_path: &str,
-        addrs: Vec<String>,
-        rcpts: Vec<Claimed>,
+        envelope: Envelope,
     ) -> Vec<Result1> {
+        let Envelope {
+            return_path,
+            paths: addrs,
+            rcpts,
+        } = envelope;
         // A binary body is relayed octet for octet (BDAT); any other is sent with CRLF line
         // ends, and the signature must cover exactly the bytes sent.
         let body: std::borrow::Cow<'_, [u8]> = if msg.binarymime {
@@ -664,7 +663,7 @@ impl Engine {
             .collect();
         let envid = xtext(&msg.envid);
         let tx = Transaction {
-            return_path,
+            return_path: &return_path,
             recipients: &addrs,
             rcpt_params: &params,
             message: &signed,
@@ -753,6 +752,14 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// The SMTP envelope of one transaction, every address already checked and quoted for the
+/// wire (`smtp::smtp_path`); `paths` is parallel to `rcpts`.
+struct Envelope {
+    return_path: String,
+    paths: Vec<String>,
+    rcpts: Vec<Claimed>,
 }
 
 /// RFC 3461 NOTIFY/ORCPT parameters to pass on. For unauthenticated (forwarded MX) mail the

@@ -176,6 +176,54 @@ async fn h3_smarthost_with_unverifiable_certificate_never_sees_auth() {
     sd.drain(Duration::from_secs(10)).await;
 }
 
+/// The loudly named opt-out does what it says, and only that: TLS is still required, the
+/// certificate is not checked, AUTH goes over it, and the attempt is recorded as unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_insecure_skip_verify_opt_out_still_requires_tls() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (_store, store_url) = FakeStore::start(&[], &sd).await;
+    let lab = Scripted::start_with(
+        Some(&["PIPELINING", "STARTTLS", "AUTH PLAIN"]),
+        ScriptedTls::Starttls(self_signed_server()),
+    )
+    .await;
+    let mut c = config(&db.url, &store_url);
+    c.smarthost = lab.route();
+    c.smarthost_user = "relayuser".into();
+    c.smarthost_password = "lab".into();
+    c.smarthost_tls_insecure_skip_verify = true;
+    let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
+    let r = enqueue(
+        started.grpc.unwrap(),
+        header("h3-lab", "alice@local.test", &["bob@anywhere.test"]),
+        &message("alice@local.test", "bob@anywhere.test", "lab", "h3lab@x"),
+    )
+    .await;
+    eventually(T, "delivered to the lab smarthost", || async {
+        let r = recipient(&db.pool, &r.queue_id, "bob@anywhere.test").await;
+        (r.0 == "delivered").then_some(())
+    })
+    .await;
+    let cmds = lab.commands();
+    let tls_at = cmds.iter().position(|l| l == "<TLS>").expect("TLS session");
+    let auth_at = cmds
+        .iter()
+        .position(|l| l.starts_with("AUTH PLAIN "))
+        .unwrap();
+    assert!(tls_at < auth_at, "{cmds:?}");
+    let verified: bool = sqlx::query_scalar(
+        "SELECT a.tls_verified FROM relay.attempts a JOIN relay.recipients r
+         ON r.id = a.recipient_id WHERE r.message_id = $1::uuid",
+    )
+    .bind(&r.queue_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!verified, "recorded as unverified");
+    sd.drain(Duration::from_secs(10)).await;
+}
+
 /// A smarthost that does not offer STARTTLS gets nothing, credentials or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h3_smarthost_without_starttls_gets_nothing() {
