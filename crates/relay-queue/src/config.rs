@@ -31,11 +31,24 @@ pub struct Config {
     /// Per-domain routes, `domain = "host:port"`, checked before MX lookup. A leading `[`
     /// is not needed: the host is used as is, without MX lookup.
     pub transports: BTreeMap<String, String>,
-    /// Relay every remote message through this `host:port` instead of MX lookup.
+    /// Relay every remote message through this `host:port` instead of MX lookup. The port
+    /// defaults to 25 with `smarthost_tls = "starttls"` and to 465 with `"implicit"`.
     pub smarthost: String,
-    /// AUTH PLAIN credentials for the smarthost (sent only over TLS).
+    /// AUTH PLAIN credentials for the smarthost, sent only over TLS whose certificate verified
+    /// for the smarthost's name (see `smarthost_tls_insecure_skip_verify`).
     pub smarthost_user: String,
     pub smarthost_password: String,
+    /// How the smarthost connection is encrypted: `"starttls"` (STARTTLS required; a server
+    /// that does not offer it gets nothing) or `"implicit"` (TLS from the first byte, RFC 8314,
+    /// usually port 465). Either way the certificate must verify, and mail waits otherwise.
+    pub smarthost_tls: SmarthostTls,
+    /// Extra PEM roots trusted for the smarthost's certificate (in addition to the system
+    /// roots and `tls_extra_roots`), e.g. a private CA. Empty = none.
+    pub smarthost_ca_file: String,
+    /// DANGEROUS: accept any smarthost certificate (still TLS, still required, but anyone on
+    /// the network path can pose as the smarthost and read the credentials and all mail).
+    /// Logged as a warning at start-up. Only for a lab smarthost with a throw-away certificate.
+    pub smarthost_tls_insecure_skip_verify: bool,
     /// DNS servers (`ip:port`) for MX and address lookups; empty = the system's resolv.conf.
     pub dns_servers: Vec<String>,
     /// The SMTP port of MX hosts (25; other values only make sense in a lab).
@@ -44,9 +57,16 @@ pub struct Config {
     pub require_tls_domains: Vec<String>,
     /// Extra PEM roots trusted for STARTTLS verification (in addition to the webpki roots).
     pub tls_extra_roots: String,
-    /// Opportunistic STARTTLS with an unverifiable certificate: go on in TLS (true, like
-    /// most MTAs; the result is recorded) or refuse and defer (false).
+    /// Opportunistic STARTTLS to MX hosts with an unverifiable certificate: go on in TLS
+    /// (true, like most MTAs; the result is recorded) or refuse and defer (false). Never
+    /// applies to the smarthost, whose certificate must always verify.
     pub tls_allow_invalid_opportunistic: bool,
+    /// Connect to MX hosts whose addresses are loopback, private (RFC 1918), shared (RFC 6598),
+    /// link-local, unique-local (fc00::/7), unspecified, multicast or broadcast. Off, such
+    /// addresses are skipped and a domain with no other address is deferred: otherwise anyone
+    /// can make the relay open SMTP connections into our own network by publishing an MX
+    /// record. `transports` and `smarthost` are the operator's own choice and always allowed.
+    pub allow_private_mx_addresses: bool,
     /// DKIM keys from configuration (in addition to the store's Admin.ListDkimKeys).
     pub dkim: Vec<DkimKeyConfig>,
     /// Ask the store for DKIM keys (Admin.ListDkimKeys) every `dkim_refresh_secs`.
@@ -56,6 +76,27 @@ pub struct Config {
     pub workers: WorkerConfig,
     pub timeouts: TimeoutConfig,
     pub limits: Limits,
+}
+
+/// How the connection to the smarthost is encrypted.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmarthostTls {
+    /// Plain TCP, then STARTTLS, which must be offered and must succeed.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (RFC 8314 "submissions", port 465).
+    Implicit,
+}
+
+impl SmarthostTls {
+    /// The port used when `smarthost` names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmarthostTls::Starttls => 25,
+            SmarthostTls::Implicit => 465,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -149,11 +190,15 @@ impl Default for Config {
             smarthost: String::new(),
             smarthost_user: String::new(),
             smarthost_password: String::new(),
+            smarthost_tls: SmarthostTls::Starttls,
+            smarthost_ca_file: String::new(),
+            smarthost_tls_insecure_skip_verify: false,
             require_tls_domains: Vec::new(),
             dns_servers: Vec::new(),
             mx_port: 25,
             tls_extra_roots: String::new(),
             tls_allow_invalid_opportunistic: true,
+            allow_private_mx_addresses: false,
             dkim: Vec::new(),
             dkim_from_store: true,
             dkim_refresh_secs: 300,
@@ -257,5 +302,40 @@ mod tests {
         assert_eq!(c.transports["remote.test"], "127.0.0.1:2525");
         assert_eq!(c.retry.schedule_secs, vec![1, 2]);
         assert_eq!(c.workers, WorkerConfig::default());
+    }
+
+    #[test]
+    fn security_keys_default_safe_and_load_from_file() {
+        let d = Config::default();
+        assert_eq!(d.smarthost_tls, SmarthostTls::Starttls);
+        assert!(!d.smarthost_tls_insecure_skip_verify);
+        assert!(!d.allow_private_mx_addresses);
+        assert!(d.smarthost_ca_file.is_empty());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            "smarthost = \"relay.test\"\nsmarthost_tls = \"implicit\"\n\
+             smarthost_ca_file = \"/etc/ca.pem\"\nallow_private_mx_addresses = true\n",
+        )
+        .unwrap();
+        let c: Config =
+            mailsuite_runtime::config::load(&mailsuite_runtime::config::ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.smarthost_tls, SmarthostTls::Implicit);
+        assert_eq!(c.smarthost_tls.default_port(), 465);
+        assert_eq!(c.smarthost_ca_file, "/etc/ca.pem");
+        assert!(c.allow_private_mx_addresses);
+        std::fs::write(f.path(), "smarthost_tls = \"tls\"\n").unwrap();
+        assert!(
+            mailsuite_runtime::config::load::<Config>(&mailsuite_runtime::config::ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .is_err(),
+            "an unknown TLS mode is refused, not defaulted"
+        );
     }
 }

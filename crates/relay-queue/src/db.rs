@@ -40,10 +40,44 @@ pub struct MessageRow {
     pub envid: String,
     pub ret: i32,
     pub body_8bit: bool,
+    pub binarymime: bool,
     pub smtputf8: bool,
+    /// The authenticated account that submitted it; empty for mail that came in on the MX
+    /// port (forwarded through an alias), whose envelope sender nobody vouches for.
+    pub submitter: String,
     pub traceparent: String,
     pub raw: Vec<u8>,
     pub created: DateTime<Utc>,
+}
+
+impl MessageRow {
+    /// Forwarded MX mail: its sender may be forged, so reports to it are kept to what a
+    /// bounce needs (failures, headers only) — otherwise anyone could have us mail arbitrary
+    /// content to a third party (backscatter, reflection).
+    pub fn unauthenticated(&self) -> bool {
+        self.submitter.is_empty()
+    }
+
+    /// Does this recipient's NOTIFY ask for `action`, as far as we honour it for this message?
+    pub fn wants_report(&self, notify: &str, action: Action) -> bool {
+        dsn::wants(notify, action) && (action == Action::Failed || !self.unauthenticated())
+    }
+
+    /// RFC 3461 RET asked of the next hop: never the whole message back to a sender nobody
+    /// vouched for.
+    pub fn report_ret_onward(&self) -> i32 {
+        if self.unauthenticated() { 2 } else { self.ret }
+    }
+
+    /// RFC 3461 RET for our DSNs: the whole message only when the sender is authenticated and
+    /// the body is text (a binary one cannot travel inside a text report).
+    pub fn report_ret(&self) -> i32 {
+        if self.unauthenticated() || self.binarymime {
+            2
+        } else {
+            self.ret
+        }
+    }
 }
 
 /// One recipient's result, for `record`.
@@ -229,7 +263,7 @@ impl Db {
             let mut reports = Vec::new();
             for r in &rows {
                 let notify: String = r.try_get("notify")?;
-                if dsn::wants(&notify, Action::Failed) {
+                if msg.wants_report(&notify, Action::Failed) {
                     reports.push(RecipientReport {
                         address: r.try_get("address")?,
                         orcpt: r.try_get("orcpt")?,
@@ -315,7 +349,8 @@ impl Db {
     pub async fn load_message(&self, id: Uuid) -> Result<Option<MessageRow>, ServiceError> {
         let mut conn = self.pool.acquire().await?;
         let row = sqlx::query(
-            "SELECT id, return_path, envid, ret, body_8bit, smtputf8, traceparent, raw, created
+            "SELECT id, return_path, envid, ret, body_8bit, binarymime, smtputf8, submitter,
+                    traceparent, raw, created
              FROM relay.messages WHERE id = $1",
         )
         .bind(id)
@@ -431,7 +466,7 @@ impl Db {
                 None => None,
             };
             if let Some(action) = action
-                && dsn::wants(&r.rcpt.notify, action)
+                && msg.wants_report(&r.rcpt.notify, action)
             {
                 let idx = match action {
                     Action::Failed => 0,
@@ -495,8 +530,8 @@ async fn insert_message(
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO relay.messages
             (id, idempotency_key, return_path, envid, ret, submitter, traceparent, body_8bit,
-             smtputf8, size, raw)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             smtputf8, size, raw, binarymime)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id",
     )
@@ -511,6 +546,7 @@ async fn insert_message(
     .bind(h.smtputf8)
     .bind(raw.len() as i64)
     .bind(raw)
+    .bind(h.binarymime)
     .fetch_optional(&mut **tx)
     .await?;
     let Some(id) = inserted else {
@@ -561,7 +597,7 @@ async fn queue_dsn(
             reporting_mta: policy.hostname,
             return_path: &msg.return_path,
             envid: &msg.envid,
-            ret: msg.ret,
+            ret: msg.report_ret(),
             arrival: msg.created,
             original: &msg.raw,
             recipients: reports,
@@ -579,6 +615,9 @@ async fn queue_dsn(
         }],
         body_8bit: msg.body_8bit,
         smtputf8: msg.smtputf8,
+        // The report is ours: its From: is MAILER-DAEMON@hostname, so it may be signed with
+        // the hostname's own key (dkim::signing_domain), and nothing else.
+        submitter: format!("MAILER-DAEMON@{}", policy.hostname),
         traceparent: mailsuite_runtime::telemetry::current_traceparent(),
         ..Default::default()
     };
@@ -596,10 +635,12 @@ async fn load_message_tx(
     lock: bool,
 ) -> Result<Option<MessageRow>, ServiceError> {
     let sql = if lock {
-        "SELECT id, return_path, envid, ret, body_8bit, smtputf8, traceparent, raw, created
+        "SELECT id, return_path, envid, ret, body_8bit, binarymime, smtputf8, submitter,
+                traceparent, raw, created
          FROM relay.messages WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT id, return_path, envid, ret, body_8bit, smtputf8, traceparent, raw, created
+        "SELECT id, return_path, envid, ret, body_8bit, binarymime, smtputf8, submitter,
+                traceparent, raw, created
          FROM relay.messages WHERE id = $1"
     };
     let row = sqlx::query(sql).bind(id).fetch_optional(&mut **tx).await?;
@@ -613,7 +654,9 @@ fn message_row(r: &sqlx::postgres::PgRow) -> Result<MessageRow, sqlx::Error> {
         envid: r.try_get("envid")?,
         ret: r.try_get::<i16, _>("ret")? as i32,
         body_8bit: r.try_get("body_8bit")?,
+        binarymime: r.try_get("binarymime")?,
         smtputf8: r.try_get("smtputf8")?,
+        submitter: r.try_get("submitter")?,
         traceparent: r.try_get("traceparent")?,
         raw: r.try_get("raw")?,
         created: r.try_get("created")?,

@@ -1,6 +1,8 @@
 //! DKIM signing (RFC 6376; ed25519-sha256 per RFC 8463) with mail-auth. Keys come from the
-//! configuration and from the store (Admin.ListDkimKeys); the signing domain is the one of
-//! the From: header, so that the signature aligns for DMARC.
+//! configuration and from the store (Admin.ListDkimKeys). The signing domain is the one of the
+//! From: header, so that the signature aligns for DMARC, but only when that domain is the
+//! domain of the authenticated submitter (`signing_domain`): a signature is our word that the
+//! domain's owner sent the message, so it must never be given for text someone else chose.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -128,9 +130,10 @@ impl Keyring {
     }
 
     /// DKIM-Signature header fields (each ending in CRLF) to prepend to `message`, one per
-    /// key of the From: domain; empty when there is no key for it.
-    pub fn sign(&self, message: &[u8], fallback_domain: &str) -> Vec<u8> {
-        let domain = from_domain(message).unwrap_or_else(|| fallback_domain.to_ascii_lowercase());
+    /// key of `domain`; empty when there is no key for it. The caller decides the domain with
+    /// `signing_domain`.
+    pub fn sign(&self, message: &[u8], domain: &str) -> Vec<u8> {
+        let domain = domain.to_ascii_lowercase();
         let signers = {
             let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
             g.by_domain.get(&domain).cloned().unwrap_or_default()
@@ -148,6 +151,36 @@ impl Keyring {
         }
         out
     }
+}
+
+/// The domain whose keys may sign `message` submitted by `submitter` (the authenticated
+/// account, empty for mail that arrived on the MX port and is being forwarded), or `None`.
+///
+/// Signs only when the message has exactly one From: field, every address in it is in the
+/// submitter's own domain, and there is a submitter at all. Forwarded MX mail is left unsigned:
+/// its From: is whatever the unauthenticated sender wrote, and the forwarding alias is not
+/// recorded per recipient, so there is no domain we could honestly vouch for.
+pub fn signing_domain(message: &[u8], submitter: &str) -> Option<String> {
+    let (_, own) = submitter.rsplit_once('@')?;
+    let own = own.trim_end_matches('.').to_ascii_lowercase();
+    if own.is_empty() {
+        return None;
+    }
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    let mut froms = parsed.header_values(mail_parser::HeaderName::From);
+    let from = froms.next()?.as_address()?;
+    if froms.next().is_some() {
+        return None;
+    }
+    let mut any = false;
+    for a in from.iter() {
+        let d = a.address()?.rsplit_once('@')?.1;
+        if !d.trim_end_matches('.').eq_ignore_ascii_case(&own) {
+            return None;
+        }
+        any = true;
+    }
+    any.then_some(own)
 }
 
 /// The lower-cased domain of the first address in From:.
@@ -181,7 +214,46 @@ mod tests {
             },
         ]);
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(ring.sign(b"From: x@a.test\r\n\r\nhi\r\n", "").is_empty());
+        assert!(
+            ring.sign(b"From: x@a.test\r\n\r\nhi\r\n", "a.test")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn h2_signing_domain_only_for_the_submitters_own_from_domain() {
+        let m = |from: &str| format!("{from}Subject: x\r\n\r\nbody\r\n").into_bytes();
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            (
+                "From: Alice <alice@A.test>\r\n",
+                "alice@a.test",
+                Some("a.test"),
+            ),
+            ("From: bob@a.test\r\n", "alice@a.test", Some("a.test")),
+            ("From: CEO <ceo@tenant-b.test>\r\n", "alice@a.test", None),
+            ("From: ceo@tenant-b.test\r\n", "", None),
+            ("From: alice@a.test\r\n", "", None),
+            (
+                "From: alice@a.test, ceo@tenant-b.test\r\n",
+                "alice@a.test",
+                None,
+            ),
+            (
+                "From: alice@a.test\r\nFrom: ceo@tenant-b.test\r\n",
+                "alice@a.test",
+                None,
+            ),
+            ("From: alice@sub.a.test\r\n", "alice@a.test", None),
+            ("", "alice@a.test", None),
+            ("From: not an address\r\n", "alice@a.test", None),
+        ];
+        for (from, submitter, want) in cases {
+            assert_eq!(
+                signing_domain(&m(from), submitter).as_deref(),
+                *want,
+                "From {from:?} submitter {submitter:?}"
+            );
+        }
     }
 
     #[test]

@@ -127,7 +127,9 @@ pub fn build(r: &Report<'_>, message_id: &str) -> Vec<u8> {
         "From: Mail Delivery System <MAILER-DAEMON@{}>\r\n",
         r.reporting_mta
     ));
-    m.push_str(&format!("To: <{}>\r\n", one_line(r.return_path)));
+    // Quoted like on the wire (`"john doe"@x`), so the field stays one valid address.
+    let to = crate::smtp::smtp_path(r.return_path).unwrap_or_else(|_| one_line(r.return_path));
+    m.push_str(&format!("To: <{to}>\r\n"));
     m.push_str(&format!("Subject: {subject}\r\n"));
     m.push_str(&format!("Date: {}\r\n", now.to_rfc2822()));
     m.push_str(&format!("Message-ID: <{message_id}>\r\n"));

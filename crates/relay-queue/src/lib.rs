@@ -92,7 +92,19 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         return Err(Error::Config(e.to_string()));
     }
     let store = grpc::connect_lazy_with_token(&config.store_url, config.internal_token.as_str())?;
-    let tls = smtp::TlsClients::new(&config.tls_extra_roots).map_err(Error::Config)?;
+    let tls = smtp::TlsClients::new(&config.tls_extra_roots, &config.smarthost_ca_file)
+        .map_err(Error::Config)?;
+    if config.smarthost_tls_insecure_skip_verify && !config.smarthost.is_empty() {
+        tracing::warn!(
+            smarthost = %config.smarthost,
+            "smarthost_tls_insecure_skip_verify is on: the smarthost's certificate is NOT \
+             verified, so anyone on the network path can pose as it and read the smarthost \
+             credentials and every relayed message"
+        );
+    }
+    if !config.allow_private_mx_addresses {
+        tracing::debug!("MX hosts with loopback/private addresses are refused");
+    }
 
     // Bind everything before spawning anything.
     let grpc_listener = if config.listen_grpc.is_empty() {

@@ -34,10 +34,16 @@ fn validate(h: &EnqueueHeader, max_recipients: usize) -> Result<(), ServiceError
             h.recipients.len()
         )));
     }
+    // The local part may hold anything a quoted-string can (a space, `<`, `>`, `@`, `"`):
+    // smtp::smtp_path quotes it again on the way out. Control characters never (CR LF would
+    // end an SMTP command), nor specials in the domain.
     let bad_addr = |a: &str| {
+        let domain = a.rsplit_once('@').map(|(_, d)| d).unwrap_or(a);
         a.len() > 512
-            || a.bytes()
-                .any(|b| b.is_ascii_control() || b == b' ' || b == b'<' || b == b'>')
+            || a.chars().any(char::is_control)
+            || domain
+                .bytes()
+                .any(|b| b == b' ' || b == b'<' || b == b'>' || b == b'"' || b == b'\\')
     };
     if bad_addr(&h.return_path) {
         return Err(ServiceError::InvalidArgument("bad return path".into()));
@@ -241,6 +247,24 @@ mod tests {
             validate(&injected, 10).is_err(),
             "no SMTP command injection"
         );
+        let quoted = EnqueueHeader {
+            recipients: vec![rcpt("john doe@y.test"), rcpt("a@b@y.test")],
+            ..ok.clone()
+        };
+        assert!(
+            validate(&quoted, 10).is_ok(),
+            "unquoted forms of quoted local parts (smtp::smtp_path quotes them again)"
+        );
+        let nul = EnqueueHeader {
+            recipients: vec![rcpt("a\0b@y.test")],
+            ..ok.clone()
+        };
+        assert!(validate(&nul, 10).is_err());
+        let domain = EnqueueHeader {
+            recipients: vec![rcpt("a@y.test> NOTIFY=NEVER")],
+            ..ok.clone()
+        };
+        assert!(validate(&domain, 10).is_err());
         let notify = EnqueueHeader {
             recipients: vec![EnvelopeRecipient {
                 address: "b@y.test".into(),

@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+    EXT_8BIT_MIME, EXT_BINARY_MIME, EXT_CHUNKING, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
+    EXT_START_TLS, EhloResponse,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -189,13 +190,18 @@ pub fn parse_reply(raw: &[u8]) -> Result<Reply, SessionError> {
 
 /// The message and envelope of one transaction.
 pub struct Transaction<'a> {
+    /// The reverse-path as it goes between `<` and `>` (already through `smtp_path`).
     pub return_path: &'a str,
+    /// Forward-paths as they go between `<` and `>` (already through `smtp_path`).
     pub recipients: &'a [String],
     /// RFC 3461 per-recipient parameters, parallel to `recipients` (used when DSN is offered).
     pub rcpt_params: &'a [String],
-    /// Message bytes, CRLF line endings, already signed.
+    /// Message bytes, already signed; CRLF line endings unless `binarymime`.
     pub message: &'a [u8],
     pub body_8bit: bool,
+    /// RFC 3030 BODY=BINARYMIME: opaque octets (bare CR, LF, NUL) that only BDAT can carry
+    /// unchanged; a server without BINARYMIME and CHUNKING gets nothing (5.6.3).
+    pub binarymime: bool,
     pub smtputf8: bool,
     pub envid: &'a str,
     pub ret: i32,
@@ -212,8 +218,15 @@ pub struct SessionParams {
     pub tls: TlsClients,
     pub timeouts: TimeoutConfig,
     pub max_reply: usize,
-    /// AUTH PLAIN (only over TLS).
+    /// AUTH PLAIN, sent only over TLS whose certificate verified (or with `insecure_tls`).
     pub auth: Option<(String, String)>,
+    /// The smarthost: TLS is required and verified against `TlsClients::smarthost`.
+    pub smarthost: bool,
+    /// TLS from the first byte instead of STARTTLS (RFC 8314).
+    pub implicit_tls: bool,
+    /// The operator's explicit opt-out (`smarthost_tls_insecure_skip_verify`): any certificate
+    /// is accepted, and AUTH goes over that unverified TLS.
+    pub insecure_tls: bool,
 }
 
 /// Verified and lenient client configurations, built once.
@@ -222,24 +235,33 @@ pub struct TlsClients {
     pub strict: Arc<rustls::ClientConfig>,
     pub lenient: Arc<rustls::ClientConfig>,
     pub verifier: Arc<dyn ServerCertVerifier>,
+    /// The smarthost's: the strict roots plus `smarthost_ca_file`.
+    pub smarthost: Arc<rustls::ClientConfig>,
 }
 
 impl TlsClients {
-    /// System roots plus an optional PEM bundle.
-    pub fn new(extra_roots_pem: &str) -> Result<TlsClients, String> {
+    /// System roots plus an optional PEM bundle; the smarthost also trusts `smarthost_ca_pem`.
+    pub fn new(extra_roots_pem: &str, smarthost_ca_pem: &str) -> Result<TlsClients, String> {
         mailsuite_runtime::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for c in native.certs {
             let _ = roots.add(c);
         }
-        if !extra_roots_pem.is_empty() {
-            for c in mailsuite_runtime::tls::load_certs(std::path::Path::new(extra_roots_pem))
+        let add = |roots: &mut rustls::RootCertStore, pem: &str| -> Result<(), String> {
+            if pem.is_empty() {
+                return Ok(());
+            }
+            for c in mailsuite_runtime::tls::load_certs(std::path::Path::new(pem))
                 .map_err(|e| e.to_string())?
             {
                 roots.add(c).map_err(|e| e.to_string())?;
             }
-        }
+            Ok(())
+        };
+        add(&mut roots, extra_roots_pem)?;
+        let mut smarthost_roots = roots.clone();
+        add(&mut smarthost_roots, smarthost_ca_pem)?;
         let verifier: Arc<dyn ServerCertVerifier> =
             rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
                 .build()
@@ -252,10 +274,14 @@ impl TlsClients {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAny(verifier.clone())))
             .with_no_client_auth();
+        let smarthost = rustls::ClientConfig::builder()
+            .with_root_certificates(smarthost_roots)
+            .with_no_client_auth();
         Ok(TlsClients {
             strict: Arc::new(strict),
             lenient: Arc::new(lenient),
             verifier,
+            smarthost: Arc::new(smarthost),
         })
     }
 }
@@ -317,11 +343,16 @@ pub async fn deliver(
         .await
         .map_err(|_| SessionError::Timeout("connect"))??;
     let _ = tcp.set_nodelay(true);
-    let mut conn = Conn::new(tcp, params.max_reply);
-    let greeting = conn.read_reply(secs(t.greeting), "greeting").await?;
-    if greeting.code != 220 {
-        return Err(SessionError::Refused(greeting));
+    if params.implicit_tls {
+        let (tls, verified) = upgrade(tcp, params).await?;
+        let mut conn = Conn::new(tls, params.max_reply);
+        greet(&mut conn, params).await?;
+        let ehlo = say_ehlo(&mut conn, params).await?;
+        let level = if verified { "verified" } else { "unverified" };
+        return transact(&mut conn, params, ehlo.as_ref(), tx, level).await;
     }
+    let mut conn = Conn::new(tcp, params.max_reply);
+    greet(&mut conn, params).await?;
     let ehlo = say_ehlo(&mut conn, params).await?;
     let offers_tls = ehlo
         .as_ref()
@@ -349,16 +380,32 @@ pub async fn deliver(
     transact(&mut conn, params, ehlo.as_ref(), tx, "none").await
 }
 
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    params: &SessionParams,
+) -> Result<(), SessionError> {
+    let greeting = conn
+        .read_reply(secs(params.timeouts.greeting), "greeting")
+        .await?;
+    if greeting.code != 220 {
+        return Err(SessionError::Refused(greeting));
+    }
+    Ok(())
+}
+
 async fn upgrade(
     tcp: TcpStream,
     params: &SessionParams,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, bool), SessionError> {
     let name = ServerName::try_from(params.tls_name.clone())
         .map_err(|e| SessionError::Tls(format!("bad TLS name {}: {e}", params.tls_name)))?;
-    let config = if params.require_tls {
-        params.tls.strict.clone()
+    // A configuration that verifies makes a completed handshake proof of the right server.
+    let (config, verifies) = if params.smarthost && !params.insecure_tls {
+        (params.tls.smarthost.clone(), true)
+    } else if params.require_tls && !params.insecure_tls {
+        (params.tls.strict.clone(), true)
     } else {
-        params.tls.lenient.clone()
+        (params.tls.lenient.clone(), false)
     };
     let stream = tokio::time::timeout(
         secs(params.timeouts.starttls),
@@ -367,7 +414,7 @@ async fn upgrade(
     .await
     .map_err(|_| SessionError::Timeout("TLS handshake"))?
     .map_err(|e| SessionError::Tls(e.to_string()))?;
-    let verified = params.require_tls || {
+    let verified = verifies || {
         let (_, session) = stream.get_ref();
         match session.peer_certificates() {
             Some([end, rest @ ..]) => params
@@ -378,7 +425,7 @@ async fn upgrade(
             _ => false,
         }
     };
-    if !verified && !params.allow_invalid_opportunistic {
+    if !verified && !params.allow_invalid_opportunistic && !params.insecure_tls {
         return Err(SessionError::Tls(format!(
             "certificate of {} not verified",
             params.tls_name
@@ -440,7 +487,16 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
             "5.6.7 the destination does not support SMTPUTF8, required by this message".into(),
         ));
     }
-    if tx.body_8bit && !has(EXT_8BIT_MIME) {
+    if tx.binarymime && !(has(EXT_BINARY_MIME) && has(EXT_CHUNKING)) {
+        // RFC 3030 §3: binary content may not be altered to fit; without a conversion we
+        // can do losslessly, the message is returned instead of corrupted.
+        return Err(SessionError::Unsupported(
+            "5.6.3 conversion required but not supported: the destination does not offer \
+             BINARYMIME and CHUNKING, required by this binary message"
+                .into(),
+        ));
+    }
+    if !tx.binarymime && tx.body_8bit && !has(EXT_8BIT_MIME) {
         return Err(SessionError::Unsupported(
             "5.6.3 the destination does not support 8BITMIME, required by this message".into(),
         ));
@@ -457,8 +513,14 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
         )));
     }
     if let Some((user, pass)) = &params.auth {
-        if tls == "none" {
-            return Err(SessionError::Tls("refusing AUTH without TLS".into()));
+        // Credentials over TLS to a server we could not authenticate go to whoever sits on
+        // the path: only a verified certificate (or the operator's explicit opt-out) will do.
+        let acceptable = tls == "verified" || (params.insecure_tls && tls != "none");
+        if !acceptable {
+            let _ = quit(conn, params).await;
+            return Err(SessionError::Tls(format!(
+                "refusing AUTH: TLS is {tls}, credentials are sent only over verified TLS"
+            )));
         }
         use base64::Engine;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
@@ -479,7 +541,9 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
     if has(EXT_SIZE) {
         mail.push_str(&format!(" SIZE={}", tx.message.len()));
     }
-    if tx.body_8bit {
+    if tx.binarymime {
+        mail.push_str(" BODY=BINARYMIME");
+    } else if tx.body_8bit {
         mail.push_str(" BODY=8BITMIME");
     }
     if tx.smtputf8 {
@@ -554,16 +618,29 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(SessionReport { outcomes, tls });
     }
 
-    conn.send(b"DATA\r\n", secs(t.data_init), "DATA").await?;
-    let r = conn.read_reply(secs(t.data_init), "DATA").await?;
-    if r.code != 354 {
-        settle_accepted(&mut outcomes, &r);
-        let _ = quit(conn, params).await;
-        return Ok(SessionReport { outcomes, tls });
-    }
-    let stuffed = dot_stuff(tx.message);
-    for block in stuffed.chunks(64 * 1024) {
-        conn.send(block, secs(t.data_block), "DATA block").await?;
+    if tx.binarymime {
+        // One chunk: the octets exactly as received, no dot-stuffing, no line-end changes.
+        conn.send(
+            format!("BDAT {} LAST\r\n", tx.message.len()).as_bytes(),
+            secs(t.data_init),
+            "BDAT",
+        )
+        .await?;
+        for block in tx.message.chunks(64 * 1024) {
+            conn.send(block, secs(t.data_block), "BDAT block").await?;
+        }
+    } else {
+        conn.send(b"DATA\r\n", secs(t.data_init), "DATA").await?;
+        let r = conn.read_reply(secs(t.data_init), "DATA").await?;
+        if r.code != 354 {
+            settle_accepted(&mut outcomes, &r);
+            let _ = quit(conn, params).await;
+            return Ok(SessionReport { outcomes, tls });
+        }
+        let stuffed = dot_stuff(tx.message);
+        for block in stuffed.chunks(64 * 1024) {
+            conn.send(block, secs(t.data_block), "DATA block").await?;
+        }
     }
     let r = conn.read_reply(secs(t.data_term), "end of data").await?;
     if r.code == 250 {
@@ -671,6 +748,76 @@ pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Why an address cannot be written into MAIL FROM or RCPT TO.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("control character (CR, LF, NUL ...) in the address")]
+    Control,
+    #[error("no domain in the address")]
+    NoDomain,
+    #[error("bad character in the domain")]
+    Domain,
+}
+
+/// An address as it goes between `<` and `>` in MAIL FROM / RCPT TO (RFC 5321 §4.1.2).
+///
+/// Addresses are stored unquoted (smtp-proto removes the quotes of `"john doe"@x`), so a local
+/// part that is not a dot-atom is quoted again here; sent bare, `"a@b"@c` would become the
+/// different address `a@b@c`, and `>` or a space could end the path early. Control characters
+/// cannot be quoted safely (CR LF would end the command), so such an address is refused. The
+/// empty string is the null reverse-path.
+pub fn smtp_path(addr: &str) -> Result<String, PathError> {
+    if addr.is_empty() {
+        return Ok(String::new());
+    }
+    if addr.chars().any(char::is_control) {
+        return Err(PathError::Control);
+    }
+    let (local, domain) = addr.rsplit_once('@').ok_or(PathError::NoDomain)?;
+    if !valid_domain(domain) {
+        return Err(if domain.is_empty() {
+            PathError::NoDomain
+        } else {
+            PathError::Domain
+        });
+    }
+    if is_dot_atom(local) {
+        return Ok(addr.to_string());
+    }
+    let mut out = String::with_capacity(addr.len() + 4);
+    out.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out.push('@');
+    out.push_str(domain);
+    Ok(out)
+}
+
+/// RFC 5322 dot-atom, with RFC 6531's UTF-8 in atext (only sent with SMTPUTF8 anyway).
+fn is_dot_atom(s: &str) -> bool {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    !s.is_empty() && s.split('.').all(|a| !a.is_empty() && a.chars().all(atext))
+}
+
+/// A host name (letters, digits, `-`, `_`, `.`, UTF-8 labels) or an address literal `[...]`.
+fn valid_domain(d: &str) -> bool {
+    if let Some(lit) = d.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return !lit.is_empty()
+            && lit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:".contains(c));
+    }
+    !d.is_empty()
+        && d.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || !c.is_ascii())
+}
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s.max(1))
 }
@@ -732,6 +879,48 @@ mod tests {
                 wire.windows(5).any(|w| w == b"\r\n..\r"),
                 "the smuggled dot is stuffed for {p:?}"
             );
+        }
+    }
+
+    #[test]
+    fn l8_local_parts_are_requoted_and_control_characters_refused() {
+        let ok: &[(&str, &str)] = &[
+            ("", ""),
+            ("bob@remote.test", "bob@remote.test"),
+            ("first.last+tag@remote.test", "first.last+tag@remote.test"),
+            (
+                "j\u{fc}rgen@b\u{fc}cher.test",
+                "j\u{fc}rgen@b\u{fc}cher.test",
+            ),
+            ("john doe@x.test", "\"john doe\"@x.test"),
+            ("a@b@c.test", "\"a@b\"@c.test"),
+            ("a>b@x.test", "\"a>b\"@x.test"),
+            ("x> NOTIFY=NEVER@y.test", "\"x> NOTIFY=NEVER\"@y.test"),
+            ("say \"hi\"@x.test", "\"say \\\"hi\\\"\"@x.test"),
+            ("back\\slash@x.test", "\"back\\\\slash\"@x.test"),
+            (".lead@x.test", "\".lead\"@x.test"),
+            ("two..dots@x.test", "\"two..dots\"@x.test"),
+            ("trail.@x.test", "\"trail.\"@x.test"),
+            ("@x.test", "\"\"@x.test"),
+            ("a@[192.0.2.1]", "a@[192.0.2.1]"),
+            ("a@[IPv6:2001:db8::1]", "a@[IPv6:2001:db8::1]"),
+        ];
+        for (addr, want) in ok {
+            assert_eq!(smtp_path(addr).as_deref(), Ok(*want), "{addr:?}");
+        }
+        let bad: &[(&str, PathError)] = &[
+            ("a\r\nRSET@x.test", PathError::Control),
+            ("a@x.test\r\nDATA", PathError::Control),
+            ("nul\0@x.test", PathError::Control),
+            ("tab\t@x.test", PathError::Control),
+            ("del\u{7f}@x.test", PathError::Control),
+            ("postmaster", PathError::NoDomain),
+            ("a@", PathError::NoDomain),
+            ("a@x.test> NOTIFY=NEVER", PathError::Domain),
+            ("a@x y.test", PathError::Domain),
+        ];
+        for (addr, want) in bad {
+            assert_eq!(smtp_path(addr).as_ref(), Err(want), "{addr:?}");
         }
     }
 

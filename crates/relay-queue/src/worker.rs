@@ -17,9 +17,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Config, SmarthostTls};
 use crate::db::{Claimed, Db, MessageRow, Policy, Result1};
-use crate::dkim::Keyring;
+use crate::dkim::{self, Keyring};
 use crate::route::{self, RouteError, Target};
 use crate::smtp::{self, Outcome, SessionError, SessionParams, TlsClients, Transaction};
 
@@ -345,7 +345,9 @@ impl Engine {
         }
         // A configured route wins; otherwise ask the store whether we host the domain.
         if let Some(route) = self.config.transports.get(domain) {
-            return self.deliver_remote_static(msg, domain, route, rcpts).await;
+            return self
+                .deliver_remote_static(msg, domain, route, false, rcpts)
+                .await;
         }
         match self.is_local(&rcpts[0].address).await {
             Ok(true) => return self.deliver_local(msg, rcpts).await,
@@ -360,7 +362,9 @@ impl Engine {
         }
         if !self.config.smarthost.is_empty() {
             let route = self.config.smarthost.clone();
-            return self.deliver_remote_static(msg, domain, &route, rcpts).await;
+            return self
+                .deliver_remote_static(msg, domain, &route, true, rcpts)
+                .await;
         }
         let resolver = match self.resolver() {
             Ok(r) => r,
@@ -380,7 +384,14 @@ impl Engine {
         )
         .await
         {
-            Ok(Ok(t)) => t,
+            Ok(Ok(t)) if self.config.allow_private_mx_addresses => t,
+            Ok(Ok(t)) => match route::public_only(domain, t) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%domain, "MX refused: {e}");
+                    return all(Outcome::Deferred(e), "", rcpts);
+                }
+            },
             Ok(Err(RouteError::Permanent(e))) => return all(Outcome::Failed(e), "", rcpts),
             Ok(Err(RouteError::Temporary(e))) => return all(Outcome::Deferred(e), "", rcpts),
             Err(_) => {
@@ -399,10 +410,15 @@ impl Engine {
         msg: &MessageRow,
         domain: &str,
         route: &str,
+        is_smarthost: bool,
         rcpts: Vec<Claimed>,
     ) -> Vec<Result1> {
-        let is_smarthost = route == self.config.smarthost;
-        match route::static_target(route).await {
+        let default_port = if is_smarthost {
+            self.config.smarthost_tls.default_port()
+        } else {
+            25
+        };
+        match route::static_target(route, default_port).await {
             Ok(t) => {
                 self.deliver_smtp(msg, domain, &[t], is_smarthost, rcpts)
                     .await
@@ -567,28 +583,103 @@ impl Engine {
             domain.to_string()
         };
         let _slot = self.destination_slot(&dest).acquire_owned().await;
-        let raw = smtp::crlf_normalised(&msg.raw);
-        let signature = self.keyring.sign(&raw, domain_part(&msg.return_path));
-        let mut signed = signature;
-        signed.extend_from_slice(&raw);
-        let addrs: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
-        let params: Vec<String> = rcpts.iter().map(rcpt_params).collect();
+        let fail_all = |rcpts: Vec<Claimed>, text: String| -> Vec<Result1> {
+            rcpts
+                .into_iter()
+                .map(|rcpt| Result1 {
+                    rcpt,
+                    outcome: Outcome::Failed(text.clone()),
+                    host: String::new(),
+                    tls: "none",
+                })
+                .collect()
+        };
+        let return_path = match smtp::smtp_path(&msg.return_path) {
+            Ok(p) => p,
+            Err(e) => return fail_all(rcpts, format!("5.1.7 bad sender address: {e}")),
+        };
+        // An address that cannot be written safely fails alone; the others go on.
+        let mut refused = Vec::new();
+        let mut sendable = Vec::with_capacity(rcpts.len());
+        let mut addrs = Vec::with_capacity(rcpts.len());
+        for r in rcpts {
+            match smtp::smtp_path(&r.address) {
+                Ok(p) => {
+                    addrs.push(p);
+                    sendable.push(r);
+                }
+                Err(e) => refused.push(Result1 {
+                    rcpt: r,
+                    outcome: Outcome::Failed(format!("5.1.3 bad recipient address: {e}")),
+                    host: String::new(),
+                    tls: "none",
+                }),
+            }
+        }
+        if sendable.is_empty() {
+            return refused;
+        }
+        let envelope = Envelope {
+            return_path,
+            paths: addrs,
+            rcpts: sendable,
+        };
+        let mut results = self
+            .deliver_envelope(msg, domain, targets, smarthost, envelope)
+            .await;
+        results.extend(refused);
+        results
+    }
+
+    async fn deliver_envelope(
+        &self,
+        msg: &MessageRow,
+        domain: &str,
+        targets: &[Target],
+        smarthost: bool,
+        envelope: Envelope,
+    ) -> Vec<Result1> {
+        let Envelope {
+            return_path,
+            paths: addrs,
+            rcpts,
+        } = envelope;
+        // A binary body is relayed octet for octet (BDAT); any other is sent with CRLF line
+        // ends, and the signature must cover exactly the bytes sent.
+        let body: std::borrow::Cow<'_, [u8]> = if msg.binarymime {
+            std::borrow::Cow::Borrowed(&msg.raw)
+        } else {
+            smtp::crlf_normalised(&msg.raw)
+        };
+        let mut signed = match dkim::signing_domain(&body, &msg.submitter) {
+            Some(d) => self.keyring.sign(&body, &d),
+            None => Vec::new(),
+        };
+        signed.extend_from_slice(&body);
+        let unauthenticated = msg.unauthenticated();
+        let params: Vec<String> = rcpts
+            .iter()
+            .map(|r| rcpt_params(r, unauthenticated))
+            .collect();
         let envid = xtext(&msg.envid);
         let tx = Transaction {
-            return_path: &msg.return_path,
+            return_path: &return_path,
             recipients: &addrs,
             rcpt_params: &params,
             message: &signed,
             body_8bit: msg.body_8bit,
+            binarymime: msg.binarymime,
             smtputf8: msg.smtputf8,
             envid: &envid,
-            ret: msg.ret,
+            ret: msg.report_ret_onward(),
         };
-        let require_tls = self
-            .config
-            .require_tls_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain));
+        // The smarthost gets our credentials and all our mail: TLS always, verified always.
+        let require_tls = smarthost
+            || self
+                .config
+                .require_tls_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain));
         let auth = (smarthost && !self.config.smarthost_user.is_empty()).then(|| {
             (
                 self.config.smarthost_user.clone(),
@@ -608,6 +699,9 @@ impl Engine {
                     timeouts: self.config.timeouts.clone(),
                     max_reply: self.config.limits.max_reply_bytes,
                     auth: auth.clone(),
+                    smarthost,
+                    implicit_tls: smarthost && self.config.smarthost_tls == SmarthostTls::Implicit,
+                    insecure_tls: smarthost && self.config.smarthost_tls_insecure_skip_verify,
                 };
                 last_host = format!("{} ({})", t.name, addr);
                 match smtp::deliver(*addr, &p, &tx).await {
@@ -660,20 +754,48 @@ impl Engine {
     }
 }
 
-fn domain_part(addr: &str) -> &str {
-    addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+/// The SMTP envelope of one transaction, every address already checked and quoted for the
+/// wire (`smtp::smtp_path`); `paths` is parallel to `rcpts`.
+struct Envelope {
+    return_path: String,
+    paths: Vec<String>,
+    rcpts: Vec<Claimed>,
 }
 
-/// RFC 3461 NOTIFY/ORCPT parameters to pass on.
-fn rcpt_params(r: &Claimed) -> String {
+/// RFC 3461 NOTIFY/ORCPT parameters to pass on. For unauthenticated (forwarded MX) mail the
+/// next hop is not asked for SUCCESS or DELAY reports either: they would go to a sender
+/// nobody vouched for, just as ours would.
+fn rcpt_params(r: &Claimed, unauthenticated: bool) -> String {
     let mut p = Vec::new();
-    if !r.notify.is_empty() {
-        p.push(format!("NOTIFY={}", r.notify));
+    let notify = if unauthenticated {
+        onward_notify_unauthenticated(&r.notify)
+    } else {
+        r.notify.clone()
+    };
+    if !notify.is_empty() {
+        p.push(format!("NOTIFY={notify}"));
     }
     if !r.orcpt.is_empty() {
         p.push(format!("ORCPT={}", r.orcpt));
     }
     p.join(" ")
+}
+
+/// NOTIFY without SUCCESS and DELAY; what asked only for those now asks for nothing (NEVER).
+fn onward_notify_unauthenticated(notify: &str) -> String {
+    if notify.is_empty() {
+        return String::new();
+    }
+    let kept: Vec<&str> = notify
+        .split(',')
+        .map(str::trim)
+        .filter(|w| w.eq_ignore_ascii_case("FAILURE") || w.eq_ignore_ascii_case("NEVER"))
+        .collect();
+    if kept.is_empty() {
+        "NEVER".into()
+    } else {
+        kept.join(",")
+    }
 }
 
 /// RFC 3461 §4 xtext for ENVID.
@@ -724,6 +846,18 @@ mod tests {
         let m =
             b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: body\r\n";
         assert_eq!(count_received(m), 2);
+    }
+
+    #[test]
+    fn l6_onward_notify_of_unauthenticated_mail_keeps_only_failure() {
+        assert_eq!(onward_notify_unauthenticated(""), "");
+        assert_eq!(onward_notify_unauthenticated("SUCCESS"), "NEVER");
+        assert_eq!(onward_notify_unauthenticated("SUCCESS,DELAY"), "NEVER");
+        assert_eq!(
+            onward_notify_unauthenticated("SUCCESS,FAILURE,DELAY"),
+            "FAILURE"
+        );
+        assert_eq!(onward_notify_unauthenticated("NEVER"), "NEVER");
     }
 
     #[test]

@@ -60,6 +60,8 @@ nullmx.test.        60 IN MX 0 .
     let mut c = config(&db.url, &store_url);
     c.dns_servers = vec![format!("127.0.0.1:{}", server.port)];
     c.mx_port = sink.port;
+    // The lab's MX hosts are on loopback, which production refuses (see l11_ below).
+    c.allow_private_mx_addresses = true;
     let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
     let r = enqueue(
         started.grpc.unwrap(),
@@ -142,5 +144,72 @@ nullmx.test.        60 IN MX 0 .
     .await
     .unwrap();
     assert_eq!(mx_host, "backup.mx.test", "fell back to the second MX");
+    sd.drain(Duration::from_secs(10)).await;
+}
+
+/// An MX record pointing into our own network (loopback here; private ranges alike) is not
+/// followed by default: nothing connects, the recipient is deferred with a clear reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l11_mx_on_loopback_is_not_contacted_by_default() {
+    let db = TestDb::new().await;
+    let sd = Shutdown::new();
+    let (_store, store_url) = FakeStore::start(&["alice@local.test"], &sd).await;
+    let internal = Scripted::start(Some(&["PIPELINING"])).await;
+    let server = dns("
+ssrf.test.          60 IN MX 10 mx.ssrf.test.
+mx.ssrf.test.       60 IN A 127.0.0.1
+mixed.test.         60 IN MX 10 mx.mixed.test.
+mx.mixed.test.      60 IN A 10.0.0.1
+mx.mixed.test.      60 IN AAAA ::1
+")
+    .await;
+    let mut c = config(&db.url, &store_url);
+    c.dns_servers = vec![format!("127.0.0.1:{}", server.port)];
+    c.mx_port = internal.port;
+    c.retry.schedule_secs = vec![3600];
+    assert!(!c.allow_private_mx_addresses, "off by default");
+    let started = mailsuite_relay_queue::start(c, sd.clone()).await.unwrap();
+    let r = enqueue(
+        started.grpc.unwrap(),
+        header(
+            "ssrf",
+            "alice@local.test",
+            &["bob@ssrf.test", "eve@mixed.test"],
+        ),
+        &message(
+            "alice@local.test",
+            "bob@ssrf.test",
+            "ssrf",
+            "ssrf@local.test",
+        ),
+    )
+    .await;
+    let st = eventually(T, "both attempts recorded", || async {
+        let s: Vec<(String, String, i32, String)> = sqlx::query_as(
+            "SELECT address, state, attempts, last_reply FROM relay.recipients
+             WHERE message_id = $1::uuid ORDER BY id",
+        )
+        .bind(&r.queue_id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        s.iter().all(|x| x.2 >= 1).then_some(s)
+    })
+    .await;
+    for (addr, state, _, reply) in &st {
+        assert_eq!(state, "deferred", "{addr}: {reply}");
+        assert!(
+            reply.starts_with("4.4.4") && reply.contains("allow_private_mx_addresses"),
+            "{addr}: {reply}"
+        );
+    }
+    assert!(st[0].3.contains("127.0.0.1"), "{}", st[0].3);
+    assert_eq!(
+        internal
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the internal server was never contacted"
+    );
     sd.drain(Duration::from_secs(10)).await;
 }

@@ -1319,6 +1319,7 @@ impl<B: Backend> Session<B> {
                 .map(|a| a.address.clone())
                 .unwrap_or_default(),
             body_8bit: f.flags & (sp::MAIL_BODY_8BITMIME | sp::MAIL_BODY_BINARYMIME) != 0,
+            binarymime: f.flags & sp::MAIL_BODY_BINARYMIME != 0,
             smtputf8: f.flags & sp::MAIL_SMTPUTF8 != 0,
             size_hint: msg.len() as u64,
             traceparent: mailsuite_runtime::telemetry::current_traceparent(),

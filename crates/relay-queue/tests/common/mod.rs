@@ -304,13 +304,57 @@ pub fn rcpt(a: &str) -> EnvelopeRecipient {
     }
 }
 
+/// An authenticated submission by `from` (smtp-ingress sets `submitter` to the account for
+/// mail submitted on 587/465; the only way to relay to remote domains). Forwarded MX mail has
+/// no submitter: see `mx_header`.
 pub fn header(key: &str, from: &str, to: &[&str]) -> EnqueueHeader {
     EnqueueHeader {
         idempotency_key: key.into(),
         return_path: from.into(),
         recipients: to.iter().map(|a| rcpt(a)).collect(),
+        submitter: from.into(),
         ..Default::default()
     }
+}
+
+/// Mail that arrived on the MX port (unauthenticated) and is forwarded through an alias.
+pub fn mx_header(key: &str, from: &str, to: &[&str]) -> EnqueueHeader {
+    EnqueueHeader {
+        submitter: String::new(),
+        ..header(key, from, to)
+    }
+}
+
+/// An ed25519 DKIM key for `domain` and the `selector=TXT` argument of dkim_verify.py.
+pub fn dkim_key(
+    domain: &str,
+    selector: &str,
+) -> (mailsuite_relay_queue::config::DkimKeyConfig, String) {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let der = mail_auth::common::crypto::Ed25519Key::generate_pkcs8().unwrap();
+    let public = mail_auth::common::crypto::Ed25519Key::from_pkcs8_der(&der)
+        .unwrap()
+        .public_key();
+    let body = b64(&der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    (
+        mailsuite_relay_queue::config::DkimKeyConfig {
+            domain: domain.into(),
+            selector: selector.into(),
+            algorithm: "ed25519-sha256".into(),
+            private_key_pem: format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                lines.join("\n")
+            ),
+            private_key_file: String::new(),
+        },
+        format!("{selector}=v=DKIM1; k=ed25519; p={}", b64(&public)),
+    )
 }
 
 pub async fn enqueue(addr: SocketAddr, h: EnqueueHeader, body: &[u8]) -> EnqueueResponse {
@@ -364,87 +408,206 @@ pub async fn states(pool: &sqlx::PgPool, queue_id: &str) -> Vec<(String, String,
     .unwrap()
 }
 
+/// TLS of a `Scripted` server.
+#[derive(Clone)]
+pub enum ScriptedTls {
+    None,
+    /// STARTTLS with this certificate (add "STARTTLS" to the EHLO capabilities to offer it).
+    Starttls(Arc<rustls::ServerConfig>),
+    /// TLS from the first byte.
+    Implicit(Arc<rustls::ServerConfig>),
+}
+
 /// A scripted SMTP server in the test: answers EHLO with `ehlo` (multi-line, CRLF-joined
 /// capability lines after the greeting line; `None` refuses EHLO with 502 so the client must
-/// fall back to HELO), accepts everything else, and records each command line and message.
+/// fall back to HELO), accepts everything else (AUTH, DATA, BDAT), and records each command
+/// line ("<TLS>" when a TLS session starts), each message and each connection.
 pub struct Scripted {
     pub port: u16,
     pub commands: Arc<Mutex<Vec<String>>>,
     pub messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct ScriptedState {
+    ehlo: Option<Vec<String>>,
+    commands: Arc<Mutex<Vec<String>>>,
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// What one pass over a stream ended with.
+enum Served<S> {
+    Closed,
+    /// The client asked for STARTTLS and got 220: continue on TLS over this stream.
+    Upgrade(S),
+}
+
+impl ScriptedState {
+    fn ehlo_reply(&self, tls: bool) -> String {
+        let Some(caps) = &self.ehlo else {
+            return "502 5.5.1 EHLO not implemented\r\n".into();
+        };
+        let mut lines = vec!["scripted.test".to_string()];
+        lines.extend(
+            caps.iter()
+                .filter(|c| !(tls && c.eq_ignore_ascii_case("STARTTLS")))
+                .cloned(),
+        );
+        let n = lines.len();
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("250{}{l}\r\n", if i + 1 == n { ' ' } else { '-' }))
+            .collect()
+    }
+
+    async fn serve<S>(&self, s: S, tls: bool) -> Served<S>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let mut bdat = Vec::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return Served::Closed;
+            }
+            self.commands
+                .lock()
+                .unwrap()
+                .push(line.trim_end().to_string());
+            let up = line.to_ascii_uppercase();
+            let reply = if up.starts_with("EHLO") {
+                self.ehlo_reply(tls)
+            } else if up.starts_with("STARTTLS") && !tls {
+                if r.write_all(b"220 2.0.0 go ahead\r\n").await.is_err() {
+                    return Served::Closed;
+                }
+                return Served::Upgrade(r.into_inner());
+            } else if up.starts_with("AUTH") {
+                "235 2.7.0 authenticated\r\n".into()
+            } else if up.starts_with("BDAT") {
+                let mut words = up.split_whitespace().skip(1);
+                let n: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let last = words.next() == Some("LAST");
+                let mut chunk = vec![0u8; n];
+                if r.read_exact(&mut chunk).await.is_err() {
+                    return Served::Closed;
+                }
+                bdat.extend_from_slice(&chunk);
+                if last {
+                    self.messages
+                        .lock()
+                        .unwrap()
+                        .push(std::mem::take(&mut bdat));
+                    "250 2.0.0 accepted\r\n".into()
+                } else {
+                    "250 2.0.0 chunk ok\r\n".into()
+                }
+            } else if up.starts_with("DATA") {
+                if r.write_all(b"354 go on\r\n").await.is_err() {
+                    return Served::Closed;
+                }
+                let mut body = Vec::new();
+                loop {
+                    let mut l = Vec::new();
+                    if r.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+                        return Served::Closed;
+                    }
+                    if l == b".\r\n" {
+                        break;
+                    }
+                    body.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
+                }
+                self.messages.lock().unwrap().push(body);
+                "250 2.0.0 accepted\r\n".into()
+            } else if up.starts_with("QUIT") {
+                let _ = r.write_all(b"221 2.0.0 bye\r\n").await;
+                return Served::Closed;
+            } else {
+                "250 2.0.0 ok\r\n".into()
+            };
+            if r.write_all(reply.as_bytes()).await.is_err() {
+                return Served::Closed;
+            }
+        }
+    }
 }
 
 impl Scripted {
     pub async fn start(ehlo: Option<&[&str]>) -> Scripted {
+        Scripted::start_with(ehlo, ScriptedTls::None).await
+    }
+
+    pub async fn start_with(ehlo: Option<&[&str]>, tls: ScriptedTls) -> Scripted {
         use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let commands = Arc::new(Mutex::new(Vec::new()));
-        let messages = Arc::new(Mutex::new(Vec::new()));
-        let ehlo_reply = ehlo.map(|caps| {
-            let mut lines = vec!["scripted.test".to_string()];
-            lines.extend(caps.iter().map(|c| c.to_string()));
-            let n = lines.len();
-            lines
-                .iter()
-                .enumerate()
-                .map(|(i, l)| format!("250{}{l}\r\n", if i + 1 == n { ' ' } else { '-' }))
-                .collect::<String>()
+        let state = Arc::new(ScriptedState {
+            ehlo: ehlo.map(|caps| caps.iter().map(|c| c.to_string()).collect()),
+            commands: Arc::new(Mutex::new(Vec::new())),
+            messages: Arc::new(Mutex::new(Vec::new())),
         });
-        let (cmds, msgs) = (commands.clone(), messages.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, conns) = (state.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let (cmds, msgs, ehlo_reply) = (cmds.clone(), msgs.clone(), ehlo_reply.clone());
+                conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (st, tls) = (st.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let (r, mut w) = s.into_split();
-                    let mut r = BufReader::new(r);
-                    w.write_all(b"220 scripted.test ESMTP\r\n").await.unwrap();
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        cmds.lock().unwrap().push(line.trim_end().to_string());
-                        let up = line.to_ascii_uppercase();
-                        let reply = if up.starts_with("EHLO") {
-                            ehlo_reply
-                                .clone()
-                                .unwrap_or_else(|| "502 5.5.1 EHLO not implemented\r\n".into())
-                        } else if up.starts_with("DATA") {
-                            w.write_all(b"354 go on\r\n").await.unwrap();
-                            let mut body = Vec::new();
-                            loop {
-                                let mut l = Vec::new();
-                                if r.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                if l == b".\r\n" {
-                                    break;
-                                }
-                                body.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
+                    let tls_start = |config: Arc<rustls::ServerConfig>, s| async move {
+                        tokio_rustls::TlsAcceptor::from(config).accept(s).await.ok()
+                    };
+                    match tls {
+                        ScriptedTls::Implicit(config) => {
+                            let Some(mut s) = tls_start(config, s).await else {
+                                return;
+                            };
+                            st.commands.lock().unwrap().push("<TLS>".into());
+                            if s.write_all(b"220 scripted.test ESMTP\r\n").await.is_ok() {
+                                st.serve(s, true).await;
                             }
-                            msgs.lock().unwrap().push(body);
-                            "250 2.0.0 accepted\r\n".into()
-                        } else if up.starts_with("QUIT") {
-                            let _ = w.write_all(b"221 2.0.0 bye\r\n").await;
-                            return;
-                        } else {
-                            "250 2.0.0 ok\r\n".into()
-                        };
-                        w.write_all(reply.as_bytes()).await.unwrap();
+                        }
+                        ScriptedTls::Starttls(config) => {
+                            let mut s = s;
+                            if s.write_all(b"220 scripted.test ESMTP\r\n").await.is_err() {
+                                return;
+                            }
+                            if let Served::Upgrade(s) = st.serve(s, false).await
+                                && let Some(s) = tls_start(config, s).await
+                            {
+                                st.commands.lock().unwrap().push("<TLS>".into());
+                                st.serve(s, true).await;
+                            }
+                        }
+                        ScriptedTls::None => {
+                            let mut s = s;
+                            if s.write_all(b"220 scripted.test ESMTP\r\n").await.is_ok() {
+                                st.serve(s, false).await;
+                            }
+                        }
                     }
                 });
             }
         });
         Scripted {
             port,
-            commands,
-            messages,
+            commands: state.commands.clone(),
+            messages: state.messages.clone(),
+            connections,
         }
     }
 
     pub fn commands(&self) -> Vec<String> {
         self.commands.lock().unwrap().clone()
+    }
+
+    /// `127.0.0.1:port`: TestCerts certificates carry that address, and `localhost` may
+    /// also resolve to ::1, where nothing listens.
+    pub fn route(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 }
 
