@@ -1,22 +1,36 @@
-//! Failed logins per client address, shared by all connections of the gateway: a guesser
-//! that reconnects after each connection's failure limit is still slowed down. IPv6 clients
-//! are keyed by their /64 (one host usually owns the whole prefix).
+//! Failed logins per client address and per user name, shared by all connections of the
+//! gateway: a guesser that reconnects after each connection's failure limit is still slowed
+//! down, and so is one spread over many addresses. IPv6 clients are keyed by their /64 (one
+//! host usually owns the whole prefix).
+//!
+//! An attempt is counted as a failure *before* the password is checked (`begin`) and given
+//! back if it was not one (`Attempt::release`): checking first and counting afterwards let
+//! every one of 50 parallel connections get a guess in before the first failure was
+//! recorded.
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct AuthLimiter {
+    by_ip: Limit<IpAddr>,
+    /// Keyed by a keyed hash of the lower-cased user name: bounded size whatever is sent.
+    by_account: Limit<u64>,
+    hasher: RandomState,
+}
+
+struct Limit<K> {
     max_failures: u32,
     window: Duration,
     capacity: usize,
-    table: Mutex<Table>,
+    table: Mutex<Table<K>>,
 }
 
-#[derive(Default)]
-struct Table {
-    entries: HashMap<IpAddr, Entry>,
+struct Table<K> {
+    entries: HashMap<K, Entry>,
     /// Recency order of failures (an Instant can repeat on coarse clocks).
     tick: u64,
 }
@@ -38,41 +52,82 @@ pub fn key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl AuthLimiter {
-    /// `max_failures` 0 disables the limiter.
-    pub fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
-        AuthLimiter {
-            max_failures,
-            window,
-            capacity: capacity.max(1),
-            table: Mutex::new(Table::default()),
+/// A login attempt counted as a failure in advance. Dropping it (or `fail`) keeps it
+/// counted; `release` gives it back.
+#[must_use = "an attempt is a failure unless released"]
+pub struct Attempt<'a> {
+    limiter: &'a AuthLimiter,
+    ip: Option<(IpAddr, Instant)>,
+    account: Option<(u64, Instant)>,
+}
+
+impl Attempt<'_> {
+    /// The attempt was not a failed guess (it succeeded, or the store could not tell).
+    pub fn release(self) {
+        if let Some((k, since)) = self.ip {
+            self.limiter.by_ip.release(&k, since);
+        }
+        if let Some((k, since)) = self.account {
+            self.limiter.by_account.release(&k, since);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+    /// The attempt failed: it stays counted.
+    pub fn fail(self) {}
+}
+
+/// Why an attempt was refused without checking the password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    Address,
+    Account,
+}
+
+impl<K: Hash + Eq + Copy> Limit<K> {
+    fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
+        Limit {
+            max_failures,
+            window,
+            capacity: capacity.max(1),
+            table: Mutex::new(Table {
+                entries: HashMap::new(),
+                tick: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<K>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether logins from `ip` are refused for now.
-    pub fn blocked(&self, ip: IpAddr) -> bool {
+    fn blocked(&self, k: &K) -> bool {
         if self.max_failures == 0 {
             return false;
         }
         let now = Instant::now();
-        self.lock().entries.get(&key(ip)).is_some_and(|e| {
+        self.lock().entries.get(k).is_some_and(|e| {
             now.duration_since(e.since) < self.window && e.failures >= self.max_failures
         })
     }
 
-    pub fn record_failure(&self, ip: IpAddr) {
+    /// Count one failure for `k` unless it is at its limit already; returns the window the
+    /// failure was counted in (to release it later), `Err` when blocked, `Ok(None)` when
+    /// this limit is off.
+    fn reserve(&self, k: K, enforce: bool) -> Result<Option<Instant>, ()> {
         if self.max_failures == 0 {
-            return;
+            return Ok(None);
         }
         let now = Instant::now();
-        let k = key(ip);
         let mut guard = self.lock();
         guard.tick += 1;
         let tick = guard.tick;
+        if let Some(e) = guard.entries.get(&k)
+            && enforce
+            && now.duration_since(e.since) < self.window
+            && e.failures >= self.max_failures
+        {
+            return Err(());
+        }
         let t = &mut guard.entries;
         if !t.contains_key(&k) && t.len() >= self.capacity {
             // Full: drop expired entries; if none, the least recently active one. Never the
@@ -95,11 +150,82 @@ impl AuthLimiter {
         }
         e.failures = e.failures.saturating_add(1);
         e.last = tick;
+        Ok(Some(e.since))
+    }
+
+    fn release(&self, k: &K, since: Instant) {
+        let mut guard = self.lock();
+        // Only within the window it was counted in: a newer window holds newer failures.
+        if let Some(e) = guard.entries.get_mut(k)
+            && e.since == since
+        {
+            e.failures = e.failures.saturating_sub(1);
+        }
+    }
+}
+
+impl AuthLimiter {
+    /// Per address: at most `max_failures` failed logins per `window` (0 disables).
+    pub fn new(max_failures: u32, window: Duration, capacity: usize) -> Self {
+        AuthLimiter {
+            by_ip: Limit::new(max_failures, window, capacity),
+            by_account: Limit::new(0, window, capacity),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Also at most `max_failures` failed logins per user name per `window` (0 disables).
+    pub fn with_account_limit(mut self, max_failures: u32, window: Duration) -> Self {
+        let capacity = self.by_ip.capacity;
+        self.by_account = Limit::new(max_failures, window, capacity);
+        self
+    }
+
+    fn account_key(&self, user: &str) -> u64 {
+        self.hasher.hash_one(user.trim().to_lowercase())
+    }
+
+    /// Whether logins from `ip` are refused for now.
+    pub fn blocked(&self, ip: IpAddr) -> bool {
+        self.by_ip.blocked(&key(ip))
+    }
+
+    /// Start a login attempt by `user` from `ip`: refused if either is at its limit,
+    /// otherwise counted as a failure until released.
+    pub fn begin(&self, ip: IpAddr, user: &str) -> Result<Attempt<'_>, Blocked> {
+        let ip_key = key(ip);
+        let ip = self
+            .by_ip
+            .reserve(ip_key, true)
+            .map_err(|()| Blocked::Address)?
+            .map(|since| (ip_key, since));
+        let account_key = self.account_key(user);
+        let account = match self.by_account.reserve(account_key, true) {
+            Ok(since) => since.map(|s| (account_key, s)),
+            Err(()) => {
+                // This attempt never reaches the store: it is not a guess at the password,
+                // so the address is not charged for it.
+                if let Some((k, since)) = ip {
+                    self.by_ip.release(&k, since);
+                }
+                return Err(Blocked::Account);
+            }
+        };
+        Ok(Attempt {
+            limiter: self,
+            ip,
+            account,
+        })
+    }
+
+    /// Count a failure from `ip` without an attempt (e.g. a malformed exchange).
+    pub fn record_failure(&self, ip: IpAddr) {
+        let _ = self.by_ip.reserve(key(ip), false);
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.by_ip.lock().entries.len()
     }
 }
 

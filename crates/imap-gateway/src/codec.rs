@@ -44,6 +44,13 @@ pub enum Input {
     /// A line longer than `max_line`: its end cannot be found without buffering it, so the
     /// connection must end.
     LineTooLong,
+    /// APPEND before login, refused before any literal byte is asked for or buffered
+    /// (answer BAD, as for any command in the wrong state; the connection lives on).
+    NotAuthenticated { tag: Option<Tag<'static>> },
+    /// A non-synchronizing literal over the pre-login limit: the client sends it without
+    /// waiting, and skipping it would mean reading all of it for someone not logged in, so
+    /// the connection must end (RFC 7888 §4 allows closing it).
+    PreauthLiteralTooBig { tag: Option<Tag<'static>> },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +58,8 @@ pub struct DecoderLimits {
     pub max_line: u32,
     pub max_command: u32,
     pub max_append: u32,
+    /// Largest command with literals before login (`Decoder::set_authenticated`).
+    pub max_preauth_literal: u32,
 }
 
 pub struct Decoder {
@@ -62,6 +71,12 @@ pub struct Decoder {
     in_literal: bool,
     /// The current message announced an over-limit literal.
     too_big: Option<bool>,
+    /// The current message is an APPEND before login (its non-synchronizing literals are
+    /// consumed within the pre-login limit, then the command is refused).
+    refused: bool,
+    /// Whether the session is logged in: before, literals are held to `max_preauth_literal`
+    /// and APPEND is refused.
+    authenticated: bool,
 }
 
 impl Decoder {
@@ -79,7 +94,14 @@ impl Decoder {
             fragment_start: 0,
             in_literal: false,
             too_big: None,
+            refused: false,
+            authenticated: false,
         }
+    }
+
+    /// Tell the decoder the session's state; it applies to literals announced from now on.
+    pub fn set_authenticated(&mut self, yes: bool) {
+        self.authenticated = yes;
     }
 
     pub fn set_mode(&mut self, mode: Mode) {
@@ -128,13 +150,40 @@ impl Decoder {
                             continue;
                         }
                         let append = self.is_append();
-                        let limit = if append {
+                        let limit = if !self.authenticated {
+                            self.limits.max_preauth_literal
+                        } else if append {
                             self.limits.max_append
                         } else {
                             self.limits.max_command
                         };
                         let total = self.frag.message_bytes().len() as u64 + a.length as u64;
-                        if total > limit as u64 {
+                        let over = total > limit as u64;
+                        if !self.authenticated && (append || over) {
+                            let tag = || self.frag.decode_tag().map(|t| t.into_static());
+                            let refuse = |tag| match append {
+                                true => Input::NotAuthenticated { tag },
+                                false => Input::TooBig { tag, append },
+                            };
+                            match a.mode {
+                                LiteralMode::Sync => {
+                                    // No "+": the client does not send the literal.
+                                    let tag = tag();
+                                    self.frag.skip_message();
+                                    self.reset_message();
+                                    return Some(refuse(tag));
+                                }
+                                LiteralMode::NonSync if over => {
+                                    return Some(Input::PreauthLiteralTooBig { tag: tag() });
+                                }
+                                LiteralMode::NonSync => {
+                                    self.refused = true;
+                                    self.frag.poison_message();
+                                    continue;
+                                }
+                            }
+                        }
+                        if over {
                             match a.mode {
                                 LiteralMode::Sync => {
                                     // The client waits for our "+": refusing means it will not
@@ -151,7 +200,7 @@ impl Decoder {
                                 }
                             }
                         }
-                        if a.mode == LiteralMode::Sync && self.too_big.is_none() {
+                        if a.mode == LiteralMode::Sync && self.too_big.is_none() && !self.refused {
                             return Some(Input::ContinueLiteral);
                         }
                         continue;
@@ -175,6 +224,7 @@ impl Decoder {
         self.fragment_start = 0;
         self.in_literal = false;
         self.too_big = None;
+        self.refused = false;
     }
 
     fn is_append(&self) -> bool {
@@ -204,6 +254,10 @@ impl Decoder {
     }
 
     fn decode(&mut self) -> Input {
+        if self.refused {
+            let tag = self.frag.decode_tag().map(|t| t.into_static());
+            return Input::NotAuthenticated { tag };
+        }
         if let Some(append) = self.too_big {
             let tag = self.frag.decode_tag().map(|t| t.into_static());
             return Input::TooBig { tag, append };

@@ -90,6 +90,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         config.limits.max_auth_failures_per_ip,
         std::time::Duration::from_secs(config.limits.auth_failure_window_secs),
         config.limits.auth_failure_table,
+    )
+    .with_account_limit(
+        config.limits.max_auth_failures_per_account,
+        std::time::Duration::from_secs(config.limits.account_auth_failure_window_secs),
     ));
     let shared = Arc::new(Shared {
         auth_limiter,
