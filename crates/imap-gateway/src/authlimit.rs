@@ -279,4 +279,98 @@ mod tests {
             assert!(l.blocked(ip(a)), "{a} kept");
         }
     }
+    #[test]
+    fn m4_ipv6_clients_are_keyed_by_their_64() {
+        assert_eq!(key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(key(ip("2001:db8:1:3::1")), key(ip("2001:db8:1:2::1")));
+        assert_eq!(key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(key(ip("192.0.2.7")), ip("192.0.2.7"));
+        // A whole /64 shares one budget of attempts.
+        let l = AuthLimiter::new(2, Duration::from_secs(60), 100);
+        l.begin(ip("2001:db8:1:2::1"), "a").unwrap().fail();
+        l.begin(ip("2001:db8:1:2:ffff::2"), "b").unwrap().fail();
+        assert_eq!(
+            l.begin(ip("2001:db8:1:2:1234::3"), "c").err(),
+            Some(Blocked::Address)
+        );
+        assert!(l.begin(ip("2001:db8:1:3::1"), "c").is_ok(), "other /64");
+    }
+
+    #[test]
+    fn l7_parallel_attempts_are_counted_before_the_check_completes() {
+        let l = std::sync::Arc::new(AuthLimiter::new(5, Duration::from_secs(60), 100));
+        // 50 attempts in flight at once, none finished: only 5 may proceed.
+        let held: Vec<Attempt<'_>> = (0..50)
+            .filter_map(|_| l.begin(ip("192.0.2.1"), "bob").ok())
+            .collect();
+        assert_eq!(held.len(), 5);
+        for a in held {
+            a.fail();
+        }
+        assert!(l.blocked(ip("192.0.2.1")));
+        // The same from 50 threads.
+        let l = std::sync::Arc::new(AuthLimiter::new(5, Duration::from_secs(60), 100));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(50));
+        let got: usize = (0..50)
+            .map(|_| {
+                let (l, barrier) = (l.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let a = l.begin(ip("192.0.2.1"), "bob");
+                    let ok = a.is_ok();
+                    // Keep it counted (a failed guess).
+                    if let Ok(a) = a {
+                        a.fail();
+                    }
+                    ok as usize
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn l7_a_released_attempt_is_not_a_failure() {
+        let l = AuthLimiter::new(2, Duration::from_secs(60), 100);
+        for _ in 0..10 {
+            l.begin(ip("192.0.2.1"), "bob").unwrap().release();
+        }
+        assert!(!l.blocked(ip("192.0.2.1")));
+        l.begin(ip("192.0.2.1"), "bob").unwrap().fail();
+        l.begin(ip("192.0.2.1"), "bob").unwrap().fail();
+        assert!(l.blocked(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn l7_failures_per_account_are_limited_across_addresses() {
+        let l = AuthLimiter::new(0, Duration::from_secs(60), 100)
+            .with_account_limit(3, Duration::from_secs(60));
+        for i in 1..=3 {
+            l.begin(ip(&format!("192.0.2.{i}")), "Bob@Example.test")
+                .unwrap()
+                .fail();
+        }
+        assert_eq!(
+            l.begin(ip("198.51.100.1"), " bob@example.TEST").err(),
+            Some(Blocked::Account),
+            "user names compare case-insensitively"
+        );
+        assert!(l.begin(ip("198.51.100.1"), "alice@example.test").is_ok());
+        // A refusal for the account does not charge the address.
+        let l = AuthLimiter::new(1, Duration::from_secs(60), 100)
+            .with_account_limit(1, Duration::from_secs(60));
+        l.begin(ip("192.0.2.1"), "bob").unwrap().fail();
+        assert_eq!(
+            l.begin(ip("192.0.2.2"), "bob").err(),
+            Some(Blocked::Account)
+        );
+        assert!(!l.blocked(ip("192.0.2.2")));
+    }
 }

@@ -46,11 +46,15 @@ pub enum Input {
     LineTooLong,
     /// APPEND before login, refused before any literal byte is asked for or buffered
     /// (answer BAD, as for any command in the wrong state; the connection lives on).
-    NotAuthenticated { tag: Option<Tag<'static>> },
+    NotAuthenticated {
+        tag: Option<Tag<'static>>,
+    },
     /// A non-synchronizing literal over the pre-login limit: the client sends it without
     /// waiting, and skipping it would mean reading all of it for someone not logged in, so
     /// the connection must end (RFC 7888 §4 allows closing it).
-    PreauthLiteralTooBig { tag: Option<Tag<'static>> },
+    PreauthLiteralTooBig {
+        tag: Option<Tag<'static>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -309,12 +313,19 @@ mod tests {
             max_line: 200,
             max_command: 1000,
             max_append: 5000,
+            max_preauth_literal: 300,
         }
     }
 
     /// Feed `input` in chunks of `chunk` bytes, collecting every decision.
-    fn run(input: &[u8], chunk: usize, modes: &[(usize, Mode)]) -> Vec<Input> {
+    fn run_as(
+        authenticated: bool,
+        input: &[u8],
+        chunk: usize,
+        modes: &[(usize, Mode)],
+    ) -> Vec<Input> {
         let mut d = Decoder::new(limits());
+        d.set_authenticated(authenticated);
         let mut out = Vec::new();
         for piece in input.chunks(chunk) {
             d.feed(piece);
@@ -329,11 +340,81 @@ mod tests {
     }
 
     fn same_in_all_chunkings(input: &[u8], modes: &[(usize, Mode)]) -> Vec<Input> {
-        let whole = run(input, input.len().max(1), modes);
+        same_in_all_chunkings_as(true, input, modes)
+    }
+
+    fn same_in_all_chunkings_as(
+        authenticated: bool,
+        input: &[u8],
+        modes: &[(usize, Mode)],
+    ) -> Vec<Input> {
+        let whole = run_as(authenticated, input, input.len().max(1), modes);
         for chunk in [1, 2, 3, 4, 7, 8, 16, 64] {
-            assert_eq!(run(input, chunk, modes), whole, "chunk size {chunk}");
+            assert_eq!(
+                run_as(authenticated, input, chunk, modes),
+                whole,
+                "chunk size {chunk}"
+            );
         }
         whole
+    }
+
+    #[test]
+    fn m1_append_before_login_is_refused_without_continuation() {
+        let login = |out: &Input| matches!(out, Input::Command(c, _) if c.name() == "LOGIN");
+        let noop = |out: &Input| matches!(out, Input::Command(c, _) if c.name() == "NOOP");
+        // Synchronizing: refused at once, no "+", the next command decodes.
+        let out =
+            same_in_all_chunkings_as(false, b"a1 APPEND INBOX {62914560}\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out[0], Input::NotAuthenticated { tag: tag("a1") });
+        assert!(noop(&out[1]), "{out:?}");
+        assert_eq!(out.len(), 2);
+        let out = same_in_all_chunkings_as(false, b"a1 UID APPEND INBOX {5}\r\n", &[]);
+        assert_eq!(out, vec![Input::NotAuthenticated { tag: tag("a1") }]);
+        // Non-synchronizing and small: consumed (bounded), then refused.
+        let out =
+            same_in_all_chunkings_as(false, b"a1 APPEND INBOX {5+}\r\nhello\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out[0], Input::NotAuthenticated { tag: tag("a1") });
+        assert!(noop(&out[1]), "{out:?}");
+        // Non-synchronizing and large: the connection must end, nothing is buffered.
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 APPEND INBOX {62914560+}\r\n");
+        d.feed(&[b'x'; 4096]);
+        assert_eq!(
+            d.next_input(),
+            Some(Input::PreauthLiteralTooBig { tag: tag("a1") })
+        );
+        assert!(d.frag.message_bytes().len() < 100);
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 LOGIN {400+}\r\n");
+        assert_eq!(
+            d.next_input(),
+            Some(Input::PreauthLiteralTooBig { tag: tag("a1") })
+        );
+        // LOGIN with literals within the pre-login limit works; beyond it is TOOBIG.
+        let out = same_in_all_chunkings_as(false, b"a1 LOGIN {5}\r\nalice {3}\r\npw1\r\n", &[]);
+        assert_eq!(out[0], Input::ContinueLiteral);
+        assert_eq!(out[1], Input::ContinueLiteral);
+        assert!(login(&out[2]), "{out:?}");
+        let out = same_in_all_chunkings_as(false, b"a1 LOGIN alice {400}\r\na2 NOOP\r\n", &[]);
+        assert_eq!(
+            out[0],
+            Input::TooBig {
+                tag: tag("a1"),
+                append: false
+            }
+        );
+        assert!(noop(&out[1]), "{out:?}");
+        // Logged in, the APPEND limit applies again.
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 APPEND INBOX {62914560}\r\n");
+        assert_eq!(
+            d.next_input(),
+            Some(Input::NotAuthenticated { tag: tag("a1") })
+        );
+        d.set_authenticated(true);
+        d.feed(b"a2 APPEND INBOX {4000}\r\n");
+        assert_eq!(d.next_input(), Some(Input::ContinueLiteral));
     }
 
     fn tag(t: &str) -> Option<Tag<'static>> {

@@ -414,7 +414,12 @@ where
                 }
                 Input::NotAuthenticated { tag } => {
                     let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));
-                    out.tagged(&tag, StatusKind::Bad, None, "APPEND requires authentication");
+                    out.tagged(
+                        &tag,
+                        StatusKind::Bad,
+                        None,
+                        "APPEND requires authentication",
+                    );
                 }
                 Input::PreauthLiteralTooBig { tag } => {
                     let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));

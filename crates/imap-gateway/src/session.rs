@@ -470,8 +470,9 @@ impl ListPattern {
                 let to = match toks[j] {
                     PatTok::Star => Some(j),
                     PatTok::Pct => (c != DELIMITER).then_some(j),
-                    PatTok::Lit(p) => (p == c || (fold && p.to_ascii_uppercase() == c))
-                        .then_some(j + 1),
+                    PatTok::Lit(p) => {
+                        (p == c || (fold && p.to_ascii_uppercase() == c)).then_some(j + 1)
+                    }
                 };
                 if let Some(to) = to {
                     next[to] = true;
@@ -1577,7 +1578,12 @@ impl Session {
         }
         // All patterns together: each name is matched against every one of them.
         if patterns.iter().map(String::len).sum::<usize>() > self.limits.max_list_pattern {
-            out.tagged(tag, StatusKind::Bad, Some(Code::TooBig), "Patterns too long");
+            out.tagged(
+                tag,
+                StatusKind::Bad,
+                Some(Code::TooBig),
+                "Patterns too long",
+            );
             return Ok(());
         }
         let patterns: Vec<ListPattern> = patterns.iter().map(|p| ListPattern::new(p)).collect();
@@ -3334,8 +3340,142 @@ mod tests {
         assert!(!pattern_matches("inbox", "Inbox2"));
         assert!(pattern_matches("S%t", "Sent"));
         assert!(!pattern_matches("x", "xy"));
-        // Pathological patterns are cut off instead of backtracking for ever.
-        assert!(!pattern_matches("*a*a*a*a*a*a*a*a*a*b", &"a".repeat(200)));
+    }
+
+    #[test]
+    fn h1_list_wildcard_matcher_semantics() {
+        // (pattern, name, matches)
+        let table: &[(&str, &str, bool)] = &[
+            ("", "", true),
+            ("", "a", false),
+            ("*", "", true),
+            ("%", "", true),
+            ("*", "a/b/c", true),
+            ("%", "a", true),
+            ("%", "a/b", false),
+            ("%/%", "a/b", true),
+            ("%/%", "a/b/c", false),
+            ("a/%", "a/b", true),
+            ("a/%", "a/", true),
+            ("a/%", "a/b/c", false),
+            ("a/*", "a/b/c", true),
+            ("a*", "a", true),
+            ("a*c", "abc/xyzc", true),
+            ("a%c", "abc/xyzc", false),
+            ("a%c", "abxc", true),
+            ("%c", "c", true),
+            ("a%%c", "abxc", true),
+            ("a%*c", "ab/xc", true),
+            ("a*%c", "ab/xc", true),
+            ("*/", "a/b/", true),
+            ("%/", "a/b/", false),
+            ("S%t", "Sent", true),
+            ("S%t", "Sen/t", false),
+            ("x", "xy", false),
+            ("xy", "x", false),
+            ("*x", "yyy", false),
+            // INBOX is case-insensitive, other names are not.
+            ("inbox", "INBOX", true),
+            ("iNbO%", "INBOX", true),
+            ("inbox", "Inbox2", false),
+            ("inbox/%", "INBOX/a", false),
+            ("sent", "Sent", false),
+            // Non-ASCII names compare by character.
+            ("Entw%rfe", "Entwürfe", true),
+            ("Entw?rfe", "Entwürfe", false),
+            ("*a*a*a*a*a*a*a*ab", &"a".repeat(200), false),
+            (
+                "*a*a*a*a*a*a*a*a*a*b",
+                &format!("{}b", "a".repeat(200)),
+                true,
+            ),
+        ];
+        for (p, n, want) in table {
+            assert_eq!(pattern_matches(p, n), *want, "{p:?} vs {n:?}");
+        }
+    }
+
+    #[test]
+    fn h1_list_wildcard_matcher_work_is_bounded_by_name_times_pattern() {
+        let pattern = "*a*a*a*a*a*a*a*ab";
+        let m = pattern.chars().count() as u64;
+        let p = ListPattern::new(pattern);
+        for name in [
+            "a".repeat(1000),
+            format!("{}b", "a".repeat(999)),
+            format!("{}b", "a/".repeat(499)),
+            "ab".repeat(500),
+        ] {
+            let n = name.chars().count() as u64;
+            let (matched, steps) = p.matches_counting(&name);
+            assert_eq!(matched, name.ends_with("ab"), "{name}");
+            assert!(
+                steps <= 2 * (n + 1) * (m + 1),
+                "{steps} steps for n={n} m={m}"
+            );
+        }
+        // A literal prefix that does not fit ends the work at once.
+        let (matched, steps) = ListPattern::new("Archive/*").matches_counting(&"x".repeat(1000));
+        assert!(!matched);
+        assert!(steps <= 4 * 11, "{steps}");
+    }
+
+    #[test]
+    fn m2_sequence_set_merge_holds_only_the_intervals() {
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        let many = vec!["1:*"; 16_000].join(",");
+        assert_eq!(merged_intervals(&set(&many), 3000), vec![(1, 3000)]);
+        assert_eq!(
+            merged_intervals(&set("9,1:3,4,7:6,20:*,2"), 30),
+            vec![(1, 4), (6, 7), (9, 9), (20, 30)]
+        );
+        assert_eq!(
+            merged_intervals(&set("4294967295,1:4294967295"), 5),
+            vec![(1, u32::MAX)]
+        );
+    }
+
+    #[tokio::test]
+    async fn m2_sequence_sets_resolve_each_message_once_and_are_capped() {
+        let mut s = session();
+        s.limits.max_sequence_set = 20_000;
+        let mut sel = selected();
+        let uids: Vec<u32> = (1..=3000).map(|u| u * 2).collect();
+        sel.seq = SeqMap::from_uids(&uids);
+        s.force_state(StateKind::Selected, Some(sel));
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        let many = vec!["1:*"; 16_000].join(",");
+        for uid in [false, true] {
+            let r = s.resolve(&set(&many), uid).unwrap();
+            assert_eq!(r.len(), 3000, "each message once");
+            assert_eq!(r.first(), Some(&(1, 2)));
+            assert_eq!(r.last(), Some(&(3000, 6000)));
+            assert_eq!(s.resolve_lenient(&set(&many), uid).unwrap().len(), 3000);
+        }
+        // SEARCH is lenient about numbers beyond the mailbox, FETCH is not.
+        assert_eq!(
+            s.resolve_lenient(&set("2999:5000"), false).unwrap(),
+            vec![(2999, 5998), (3000, 6000)]
+        );
+        assert!(s.resolve(&set("2999:5000"), false).is_err());
+        s.limits.max_sequence_set = 10;
+        let eleven = vec!["1"; 11].join(",");
+        assert!(s.resolve(&set(&eleven), false).is_err());
+        assert!(s.resolve_lenient(&set(&eleven), true).is_err());
+        let r = run(&mut s, &format!("FETCH {eleven} (UID)")).await;
+        assert!(r.starts_with("t BAD"), "{r}");
+        let r = run(&mut s, &format!("SEARCH UID {eleven}")).await;
+        assert!(r.starts_with("t BAD") || r.starts_with("t NO"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn l1_non_ascii_mailbox_name_with_a_multibyte_char_at_byte_six() {
+        let s = session();
+        // "abcdeé" in modified UTF-7: byte 6 falls inside "é".
+        let m = Mailbox::try_from("abcde&AOk-".to_string()).unwrap();
+        assert_eq!(s.name_in(&m).as_deref(), Some("abcdeé"));
+        let m = Mailbox::try_from("inbox/x".to_string()).unwrap();
+        assert_eq!(s.name_in(&m).as_deref(), Some("INBOX/x"));
     }
 
     #[test]
