@@ -165,9 +165,12 @@ impl Decoder {
                         let over = total > limit as u64;
                         if !self.authenticated && (append || over) {
                             let tag = || self.frag.decode_tag().map(|t| t.into_static());
-                            let refuse = |tag| match append {
-                                true => Input::NotAuthenticated { tag },
-                                false => Input::TooBig { tag, append },
+                            let refuse = |tag| {
+                                if append {
+                                    Input::NotAuthenticated { tag }
+                                } else {
+                                    Input::TooBig { tag, append }
+                                }
                             };
                             match a.mode {
                                 LiteralMode::Sync => {

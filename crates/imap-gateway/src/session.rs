@@ -522,6 +522,17 @@ pub fn merged_intervals(set: &SequenceSet, star: u32) -> Vec<(u32, u32)> {
     merged
 }
 
+/// Sequence set elements in a search key, nested keys included.
+fn set_elements(k: &SearchKey<'_>) -> usize {
+    match k {
+        SearchKey::SequenceSet(s) | SearchKey::Uid(s) => s.0.as_ref().len(),
+        SearchKey::And(v) => v.as_ref().iter().map(set_elements).sum(),
+        SearchKey::Or(a, b) => set_elements(a) + set_elements(b),
+        SearchKey::Not(a) => set_elements(a),
+        _ => 0,
+    }
+}
+
 /// The parents of a hierarchical name, nearest first: `a/b/c` gives `a/b`, then `a`.
 fn ancestors(name: &str) -> impl Iterator<Item = &str> {
     let mut n = name;
@@ -2628,6 +2639,18 @@ impl Session {
                 return None;
             }
         }
+        // The cap on sequence set elements holds for the whole command: each set is
+        // resolved on its own, so many `1:*` keys would each expand the mailbox.
+        let elements: usize = criteria.as_ref().iter().map(set_elements).sum();
+        if elements > self.limits.max_sequence_set {
+            out.tagged(
+                tag,
+                StatusKind::Bad,
+                None,
+                "Too many elements in the sequence set",
+            );
+            return None;
+        }
         let mut uses_modseq = false;
         let keys: Result<Vec<pb::SearchKey>, &'static str> = criteria
             .as_ref()
@@ -3459,7 +3482,7 @@ mod tests {
         );
         assert!(s.resolve(&set("2999:5000"), false).is_err());
         s.limits.max_sequence_set = 10;
-        let eleven = vec!["1"; 11].join(",");
+        let eleven = ["1"; 11].join(",");
         assert!(s.resolve(&set(&eleven), false).is_err());
         assert!(s.resolve_lenient(&set(&eleven), true).is_err());
         let r = run(&mut s, &format!("FETCH {eleven} (UID)")).await;

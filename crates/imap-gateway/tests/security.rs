@@ -142,6 +142,13 @@ async fn m2_repeated_sequence_set_elements_fetch_each_message_once() {
     );
     let r = c.cmd(&format!("SEARCH {set}")).await;
     assert!(tagged(&r).contains(" BAD "), "{r}");
+    // The cap is per command: many small sets in one SEARCH count together.
+    let keys = vec!["1:*"; 12_000].join(" ");
+    let r = c.cmd(&format!("SEARCH {keys}")).await;
+    assert!(
+        tagged(&r).contains(" BAD Too many elements in the sequence set"),
+        "{r}"
+    );
     let r = c.cmd("FETCH 30 (UID)").await;
     assert!(tagged(&r).contains(" OK "), "{r}");
     env.stop().await;
