@@ -131,7 +131,10 @@ impl Decoder {
             let Some(fragment) = self.frag.progress() else {
                 if !self.in_literal {
                     let partial = self.frag.message_bytes().len() - self.fragment_start;
-                    if partial > self.limits.max_line as usize {
+                    // The same bound as for a complete line (`max_line` plus CRLF): without
+                    // its LF a line is at least one byte longer than what has arrived. A
+                    // tighter bound here made the verdict depend on how input was split.
+                    if partial > self.limits.max_line as usize + 1 {
                         return Some(Input::LineTooLong);
                     }
                 }
@@ -333,7 +336,12 @@ mod tests {
         for piece in input.chunks(chunk) {
             d.feed(piece);
             while let Some(i) = d.next_input() {
+                // These end the connection: nothing after them is ever decoded.
+                let end = matches!(i, Input::LineTooLong | Input::PreauthLiteralTooBig { .. });
                 out.push(i);
+                if end {
+                    return out;
+                }
                 if let Some((_, m)) = modes.iter().find(|(n, _)| *n == out.len()) {
                     d.set_mode(*m);
                 }
@@ -518,6 +526,18 @@ mod tests {
         );
         assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_judged_alike_in_any_chunking() {
+        // max_line 200: 200 bytes plus CRLF is allowed, one more is not.
+        for (len, too_long) in [(200, false), (201, true)] {
+            let mut input = b"a1 LOGIN x ".to_vec();
+            input.resize(len, b'y');
+            input.extend(b"\r\na2 NOOP\r\n");
+            let out = same_in_all_chunkings(&input, &[]);
+            assert_eq!(out[0] == Input::LineTooLong, too_long, "{len}: {out:?}");
+        }
     }
 
     #[test]
