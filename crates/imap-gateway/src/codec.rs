@@ -44,6 +44,17 @@ pub enum Input {
     /// A line longer than `max_line`: its end cannot be found without buffering it, so the
     /// connection must end.
     LineTooLong,
+    /// APPEND before login, refused before any literal byte is asked for or buffered
+    /// (answer BAD, as for any command in the wrong state; the connection lives on).
+    NotAuthenticated {
+        tag: Option<Tag<'static>>,
+    },
+    /// A non-synchronizing literal over the pre-login limit: the client sends it without
+    /// waiting, and skipping it would mean reading all of it for someone not logged in, so
+    /// the connection must end (RFC 7888 §4 allows closing it).
+    PreauthLiteralTooBig {
+        tag: Option<Tag<'static>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +62,8 @@ pub struct DecoderLimits {
     pub max_line: u32,
     pub max_command: u32,
     pub max_append: u32,
+    /// Largest command with literals before login (`Decoder::set_authenticated`).
+    pub max_preauth_literal: u32,
 }
 
 pub struct Decoder {
@@ -62,6 +75,12 @@ pub struct Decoder {
     in_literal: bool,
     /// The current message announced an over-limit literal.
     too_big: Option<bool>,
+    /// The current message is an APPEND before login (its non-synchronizing literals are
+    /// consumed within the pre-login limit, then the command is refused).
+    refused: bool,
+    /// Whether the session is logged in: before, literals are held to `max_preauth_literal`
+    /// and APPEND is refused.
+    authenticated: bool,
 }
 
 impl Decoder {
@@ -79,7 +98,14 @@ impl Decoder {
             fragment_start: 0,
             in_literal: false,
             too_big: None,
+            refused: false,
+            authenticated: false,
         }
+    }
+
+    /// Tell the decoder the session's state; it applies to literals announced from now on.
+    pub fn set_authenticated(&mut self, yes: bool) {
+        self.authenticated = yes;
     }
 
     pub fn set_mode(&mut self, mode: Mode) {
@@ -105,7 +131,10 @@ impl Decoder {
             let Some(fragment) = self.frag.progress() else {
                 if !self.in_literal {
                     let partial = self.frag.message_bytes().len() - self.fragment_start;
-                    if partial > self.limits.max_line as usize {
+                    // The same bound as for a complete line (`max_line` plus CRLF): without
+                    // its LF a line is at least one byte longer than what has arrived. A
+                    // tighter bound here made the verdict depend on how input was split.
+                    if partial > self.limits.max_line as usize + 1 {
                         return Some(Input::LineTooLong);
                     }
                 }
@@ -128,13 +157,43 @@ impl Decoder {
                             continue;
                         }
                         let append = self.is_append();
-                        let limit = if append {
+                        let limit = if !self.authenticated {
+                            self.limits.max_preauth_literal
+                        } else if append {
                             self.limits.max_append
                         } else {
                             self.limits.max_command
                         };
                         let total = self.frag.message_bytes().len() as u64 + a.length as u64;
-                        if total > limit as u64 {
+                        let over = total > limit as u64;
+                        if !self.authenticated && (append || over) {
+                            let tag = || self.frag.decode_tag().map(|t| t.into_static());
+                            let refuse = |tag| {
+                                if append {
+                                    Input::NotAuthenticated { tag }
+                                } else {
+                                    Input::TooBig { tag, append }
+                                }
+                            };
+                            match a.mode {
+                                LiteralMode::Sync => {
+                                    // No "+": the client does not send the literal.
+                                    let tag = tag();
+                                    self.frag.skip_message();
+                                    self.reset_message();
+                                    return Some(refuse(tag));
+                                }
+                                LiteralMode::NonSync if over => {
+                                    return Some(Input::PreauthLiteralTooBig { tag: tag() });
+                                }
+                                LiteralMode::NonSync => {
+                                    self.refused = true;
+                                    self.frag.poison_message();
+                                    continue;
+                                }
+                            }
+                        }
+                        if over {
                             match a.mode {
                                 LiteralMode::Sync => {
                                     // The client waits for our "+": refusing means it will not
@@ -151,7 +210,7 @@ impl Decoder {
                                 }
                             }
                         }
-                        if a.mode == LiteralMode::Sync && self.too_big.is_none() {
+                        if a.mode == LiteralMode::Sync && self.too_big.is_none() && !self.refused {
                             return Some(Input::ContinueLiteral);
                         }
                         continue;
@@ -175,6 +234,7 @@ impl Decoder {
         self.fragment_start = 0;
         self.in_literal = false;
         self.too_big = None;
+        self.refused = false;
     }
 
     fn is_append(&self) -> bool {
@@ -204,6 +264,10 @@ impl Decoder {
     }
 
     fn decode(&mut self) -> Input {
+        if self.refused {
+            let tag = self.frag.decode_tag().map(|t| t.into_static());
+            return Input::NotAuthenticated { tag };
+        }
         if let Some(append) = self.too_big {
             let tag = self.frag.decode_tag().map(|t| t.into_static());
             return Input::TooBig { tag, append };
@@ -255,17 +319,29 @@ mod tests {
             max_line: 200,
             max_command: 1000,
             max_append: 5000,
+            max_preauth_literal: 300,
         }
     }
 
     /// Feed `input` in chunks of `chunk` bytes, collecting every decision.
-    fn run(input: &[u8], chunk: usize, modes: &[(usize, Mode)]) -> Vec<Input> {
+    fn run_as(
+        authenticated: bool,
+        input: &[u8],
+        chunk: usize,
+        modes: &[(usize, Mode)],
+    ) -> Vec<Input> {
         let mut d = Decoder::new(limits());
+        d.set_authenticated(authenticated);
         let mut out = Vec::new();
         for piece in input.chunks(chunk) {
             d.feed(piece);
             while let Some(i) = d.next_input() {
+                // These end the connection: nothing after them is ever decoded.
+                let end = matches!(i, Input::LineTooLong | Input::PreauthLiteralTooBig { .. });
                 out.push(i);
+                if end {
+                    return out;
+                }
                 if let Some((_, m)) = modes.iter().find(|(n, _)| *n == out.len()) {
                     d.set_mode(*m);
                 }
@@ -275,11 +351,81 @@ mod tests {
     }
 
     fn same_in_all_chunkings(input: &[u8], modes: &[(usize, Mode)]) -> Vec<Input> {
-        let whole = run(input, input.len().max(1), modes);
+        same_in_all_chunkings_as(true, input, modes)
+    }
+
+    fn same_in_all_chunkings_as(
+        authenticated: bool,
+        input: &[u8],
+        modes: &[(usize, Mode)],
+    ) -> Vec<Input> {
+        let whole = run_as(authenticated, input, input.len().max(1), modes);
         for chunk in [1, 2, 3, 4, 7, 8, 16, 64] {
-            assert_eq!(run(input, chunk, modes), whole, "chunk size {chunk}");
+            assert_eq!(
+                run_as(authenticated, input, chunk, modes),
+                whole,
+                "chunk size {chunk}"
+            );
         }
         whole
+    }
+
+    #[test]
+    fn m1_append_before_login_is_refused_without_continuation() {
+        let login = |out: &Input| matches!(out, Input::Command(c, _) if c.name() == "LOGIN");
+        let noop = |out: &Input| matches!(out, Input::Command(c, _) if c.name() == "NOOP");
+        // Synchronizing: refused at once, no "+", the next command decodes.
+        let out =
+            same_in_all_chunkings_as(false, b"a1 APPEND INBOX {62914560}\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out[0], Input::NotAuthenticated { tag: tag("a1") });
+        assert!(noop(&out[1]), "{out:?}");
+        assert_eq!(out.len(), 2);
+        let out = same_in_all_chunkings_as(false, b"a1 UID APPEND INBOX {5}\r\n", &[]);
+        assert_eq!(out, vec![Input::NotAuthenticated { tag: tag("a1") }]);
+        // Non-synchronizing and small: consumed (bounded), then refused.
+        let out =
+            same_in_all_chunkings_as(false, b"a1 APPEND INBOX {5+}\r\nhello\r\na2 NOOP\r\n", &[]);
+        assert_eq!(out[0], Input::NotAuthenticated { tag: tag("a1") });
+        assert!(noop(&out[1]), "{out:?}");
+        // Non-synchronizing and large: the connection must end, nothing is buffered.
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 APPEND INBOX {62914560+}\r\n");
+        d.feed(&[b'x'; 4096]);
+        assert_eq!(
+            d.next_input(),
+            Some(Input::PreauthLiteralTooBig { tag: tag("a1") })
+        );
+        assert!(d.frag.message_bytes().len() < 100);
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 LOGIN {400+}\r\n");
+        assert_eq!(
+            d.next_input(),
+            Some(Input::PreauthLiteralTooBig { tag: tag("a1") })
+        );
+        // LOGIN with literals within the pre-login limit works; beyond it is TOOBIG.
+        let out = same_in_all_chunkings_as(false, b"a1 LOGIN {5}\r\nalice {3}\r\npw1\r\n", &[]);
+        assert_eq!(out[0], Input::ContinueLiteral);
+        assert_eq!(out[1], Input::ContinueLiteral);
+        assert!(login(&out[2]), "{out:?}");
+        let out = same_in_all_chunkings_as(false, b"a1 LOGIN alice {400}\r\na2 NOOP\r\n", &[]);
+        assert_eq!(
+            out[0],
+            Input::TooBig {
+                tag: tag("a1"),
+                append: false
+            }
+        );
+        assert!(noop(&out[1]), "{out:?}");
+        // Logged in, the APPEND limit applies again.
+        let mut d = Decoder::new(limits());
+        d.feed(b"a1 APPEND INBOX {62914560}\r\n");
+        assert_eq!(
+            d.next_input(),
+            Some(Input::NotAuthenticated { tag: tag("a1") })
+        );
+        d.set_authenticated(true);
+        d.feed(b"a2 APPEND INBOX {4000}\r\n");
+        assert_eq!(d.next_input(), Some(Input::ContinueLiteral));
     }
 
     fn tag(t: &str) -> Option<Tag<'static>> {
@@ -380,6 +526,18 @@ mod tests {
         );
         assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_judged_alike_in_any_chunking() {
+        // max_line 200: 200 bytes plus CRLF is allowed, one more is not.
+        for (len, too_long) in [(200, false), (201, true)] {
+            let mut input = b"a1 LOGIN x ".to_vec();
+            input.resize(len, b'y');
+            input.extend(b"\r\na2 NOOP\r\n");
+            let out = same_in_all_chunkings(&input, &[]);
+            assert_eq!(out[0] == Input::LineTooLong, too_long, "{len}: {out:?}");
+        }
     }
 
     #[test]

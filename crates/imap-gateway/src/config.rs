@@ -59,6 +59,18 @@ pub struct Limits {
     pub max_command: u32,
     /// Largest message APPEND accepts, bytes. Default 64 MiB.
     pub max_append: u32,
+    /// Largest command with literals accepted before login, literals included, bytes.
+    /// Default 8 KiB: enough for LOGIN, and what an unauthenticated client can make the
+    /// gateway buffer. Before login APPEND is refused without a continuation request, and a
+    /// larger non-synchronizing literal ends the connection (its bytes are not read).
+    pub max_preauth_literal: u32,
+    /// Elements (numbers and ranges, e.g. `1:5,7`) one sequence set may have; more is
+    /// `BAD`. Default 10000.
+    pub max_sequence_set: u32,
+    /// Longest LIST pattern, reference name included, bytes; LIST-EXTENDED counts its
+    /// patterns together. Longer is `BAD [TOOBIG]`. Matching costs names × pattern length,
+    /// so this bounds the work of one LIST. Default 1024.
+    pub max_list_pattern: u32,
     /// Seconds a client may stay silent before the connection is closed (also during IDLE).
     /// RFC 9051 requires at least 30 minutes once authenticated.
     pub idle_timeout_secs: u64,
@@ -78,7 +90,14 @@ pub struct Limits {
     pub max_auth_failures_per_ip: u32,
     /// Seconds over which failed logins per address are counted. Default 900.
     pub auth_failure_window_secs: u64,
-    /// Addresses tracked at once; when full, expired and then least recently active entries
+    /// Failed logins for one user name, from any address, after which logins to it are
+    /// refused until the window has passed; 0 = unlimited. Default 50. This slows a guesser
+    /// spread over many addresses, at the price that such a guesser can lock the account
+    /// out for the window.
+    pub max_auth_failures_per_account: u32,
+    /// Seconds over which failed logins per user name are counted. Default 900.
+    pub account_auth_failure_window_secs: u64,
+    /// Addresses (and, separately, user names) tracked at once; when full, expired and then least recently active entries
     /// are evicted. Default 16384.
     pub auth_failure_table: usize,
     /// First delay after a failed login, milliseconds; doubles with each further failure.
@@ -107,6 +126,9 @@ impl Default for Limits {
             max_line: 64 * 1024,
             max_command: 1024 * 1024,
             max_append: 64 * 1024 * 1024,
+            max_preauth_literal: 8 * 1024,
+            max_sequence_set: 10_000,
+            max_list_pattern: 1024,
             idle_timeout_secs: 30 * 60,
             write_timeout_secs: 300,
             login_timeout_secs: 60,
@@ -114,6 +136,8 @@ impl Default for Limits {
             max_auth_failures: 5,
             max_auth_failures_per_ip: 30,
             auth_failure_window_secs: 900,
+            max_auth_failures_per_account: 50,
+            account_auth_failure_window_secs: 900,
             auth_failure_table: 16384,
             auth_failure_delay_ms: 500,
             commands_per_second: 200,

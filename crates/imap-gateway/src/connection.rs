@@ -41,6 +41,8 @@ impl Shared {
         let l = &self.config.limits;
         SessionLimits {
             max_auth_failures: l.max_auth_failures.max(1),
+            max_sequence_set: l.max_sequence_set as usize,
+            max_list_pattern: l.max_list_pattern as usize,
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
             fetch_batch: l.fetch_batch,
             fetch_buffer_bytes: l.fetch_buffer_bytes,
@@ -54,6 +56,7 @@ impl Shared {
             max_line: l.max_line,
             max_command: l.max_command,
             max_append: l.max_append,
+            max_preauth_literal: l.max_preauth_literal,
         }
     }
 }
@@ -281,7 +284,16 @@ where
     let mut line_started: Option<tokio::time::Instant> = None;
     loop {
         // Everything already received is handled before waiting for more.
-        while let Some(input) = decoder.next_input() {
+        loop {
+            // Literal limits follow the state the previous command left (a pipelined APPEND
+            // right after a LOGIN is judged after that LOGIN).
+            decoder.set_authenticated(matches!(
+                session.state(),
+                StateKind::Authenticated | StateKind::Selected
+            ));
+            let Some(input) = decoder.next_input() else {
+                break;
+            };
             let mut out = Out::new(&mut stream);
             match input {
                 Input::Command(cmd, ext) => {
@@ -397,6 +409,22 @@ where
                 }
                 Input::LineTooLong => {
                     out.bye(Some(Code::TooBig), "Line too long");
+                    out.flush().await?;
+                    return Ok(());
+                }
+                Input::NotAuthenticated { tag } => {
+                    let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));
+                    out.tagged(
+                        &tag,
+                        StatusKind::Bad,
+                        None,
+                        "APPEND requires authentication",
+                    );
+                }
+                Input::PreauthLiteralTooBig { tag } => {
+                    let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));
+                    out.tagged(&tag, StatusKind::Bad, Some(Code::TooBig), "Too large");
+                    out.bye(Some(Code::TooBig), "Literal too large before login");
                     out.flush().await?;
                     return Ok(());
                 }

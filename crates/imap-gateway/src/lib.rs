@@ -86,11 +86,17 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     };
     let hub = hub::Hub::new(config.limits.max_sessions_per_account);
     shutdown.spawn(hub.clone().run(store.clone(), shutdown.clone()));
-    let auth_limiter = Arc::new(authlimit::AuthLimiter::new(
-        config.limits.max_auth_failures_per_ip,
-        std::time::Duration::from_secs(config.limits.auth_failure_window_secs),
-        config.limits.auth_failure_table,
-    ));
+    let auth_limiter = Arc::new(
+        authlimit::AuthLimiter::new(
+            config.limits.max_auth_failures_per_ip,
+            std::time::Duration::from_secs(config.limits.auth_failure_window_secs),
+            config.limits.auth_failure_table,
+        )
+        .with_account_limit(
+            config.limits.max_auth_failures_per_account,
+            std::time::Duration::from_secs(config.limits.account_auth_failure_window_secs),
+        ),
+    );
     let shared = Arc::new(Shared {
         auth_limiter,
         config,

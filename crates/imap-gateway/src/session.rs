@@ -39,7 +39,7 @@ use mailsuite_proto as pb;
 use mailsuite_runtime::ServiceError;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::authlimit::AuthLimiter;
+use crate::authlimit::{AuthLimiter, Blocked};
 use crate::convert;
 use crate::esearch;
 use crate::hub::{Hub, Subscription, is_resync};
@@ -278,6 +278,10 @@ impl Selected {
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
     pub max_auth_failures: u32,
+    /// Elements (numbers and ranges) one sequence set may have.
+    pub max_sequence_set: usize,
+    /// Bytes of LIST patterns (reference included) in one command.
+    pub max_list_pattern: usize,
     pub auth_failure_delay: Duration,
     pub fetch_batch: u32,
     pub fetch_buffer_bytes: u64,
@@ -389,39 +393,154 @@ fn sequence_set_of(nums: &[u32]) -> Option<SequenceSet> {
     Vec1::try_from(seqs).ok().map(SequenceSet)
 }
 
-/// Does `name` match the LIST pattern (`*` any, `%` any except the delimiter)?
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
-            Some('%') => {
-                for i in 0..=n.len() {
-                    if go(&p[1..], &n[i..]) {
-                        return true;
-                    }
-                    if i < n.len() && n[i] == DELIMITER {
-                        return false;
+/// A LIST pattern (`*` any, `%` any except the delimiter), compiled once per command.
+///
+/// Matching runs the pattern as a set of positions over the name, one character at a time,
+/// so a name of n characters costs O(n·m) for a pattern of m tokens however the wildcards are
+/// placed; a backtracking matcher is exponential in the wildcards (`*a*a*a…b` against a long
+/// name pinned a runtime worker for minutes).
+pub struct ListPattern {
+    toks: Vec<PatTok>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PatTok {
+    Lit(char),
+    Star,
+    Pct,
+}
+
+impl ListPattern {
+    pub fn new(pattern: &str) -> Self {
+        let mut toks: Vec<PatTok> = Vec::new();
+        for c in pattern.chars() {
+            let t = match c {
+                '*' => PatTok::Star,
+                '%' => PatTok::Pct,
+                c => PatTok::Lit(c),
+            };
+            // Adjacent wildcards are one: `**`, `*%` and `%*` are `*`, `%%` is `%`. This
+            // keeps the epsilon step below a single pass.
+            match (toks.last_mut(), t) {
+                (Some(last @ (PatTok::Star | PatTok::Pct)), PatTok::Star | PatTok::Pct) => {
+                    if t == PatTok::Star {
+                        *last = PatTok::Star;
                     }
                 }
-                false
+                _ => toks.push(t),
             }
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+        ListPattern { toks }
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.matches_counting(name).0
+    }
+
+    /// Whether `name` matches, and the work done: state updates, at most
+    /// 2·(n+1)·(m+1) for n characters of name and m of pattern.
+    pub fn matches_counting(&self, name: &str) -> (bool, u64) {
+        let toks = &self.toks;
+        let m = toks.len();
+        // INBOX is case-insensitive (RFC 9051 §5.1).
+        let fold = name == "INBOX";
+        let mut steps = 0u64;
+        // cur[j]: the first j tokens match the name read so far.
+        let mut cur = vec![false; m + 1];
+        let mut next = vec![false; m + 1];
+        let close = |v: &mut [bool], steps: &mut u64| {
+            // A wildcard may match nothing. Adjacent wildcards were merged, so one
+            // ascending pass reaches every such position.
+            for j in 0..m {
+                if v[j] && matches!(toks[j], PatTok::Star | PatTok::Pct) {
+                    v[j + 1] = true;
+                }
+            }
+            *steps += m as u64 + 1;
+        };
+        cur[0] = true;
+        close(&mut cur, &mut steps);
+        for c in name.chars() {
+            next.fill(false);
+            let mut alive = false;
+            for j in 0..m {
+                if !cur[j] {
+                    continue;
+                }
+                let to = match toks[j] {
+                    PatTok::Star => Some(j),
+                    PatTok::Pct => (c != DELIMITER).then_some(j),
+                    PatTok::Lit(p) => {
+                        (p == c || (fold && p.to_ascii_uppercase() == c)).then_some(j + 1)
+                    }
+                };
+                if let Some(to) = to {
+                    next[to] = true;
+                    alive = true;
+                }
+            }
+            steps += m as u64 + 1;
+            if !alive {
+                return (false, steps);
+            }
+            close(&mut next, &mut steps);
+            std::mem::swap(&mut cur, &mut next);
+        }
+        (cur[m], steps)
+    }
+}
+
+/// Does `name` match the LIST pattern? (One-off; LIST compiles a `ListPattern` once.)
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    ListPattern::new(pattern).matches(name)
+}
+
+/// The elements of a sequence set as closed intervals (`*` standing for `star`), sorted and
+/// merged where they overlap or touch. Space is O(elements), whatever the intervals span.
+pub fn merged_intervals(set: &SequenceSet, star: u32) -> Vec<(u32, u32)> {
+    let v = |x: &SeqOrUid| match x {
+        SeqOrUid::Value(n) => n.get(),
+        SeqOrUid::Asterisk => star,
+    };
+    let mut iv: Vec<(u32, u32)> = set
+        .0
+        .as_ref()
+        .iter()
+        .map(|s| match s {
+            Sequence::Single(x) => (v(x), v(x)),
+            Sequence::Range(x, y) => (v(x).min(v(y)), v(x).max(v(y))),
+        })
+        .collect();
+    iv.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(iv.len().min(64));
+    for (a, b) in iv {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    // Bound the backtracking of hostile patterns.
-    if p.iter().filter(|c| **c == '*' || **c == '%').count() > 8 {
-        return false;
+    merged
+}
+
+/// Sequence set elements in a search key, nested keys included.
+fn set_elements(k: &SearchKey<'_>) -> usize {
+    match k {
+        SearchKey::SequenceSet(s) | SearchKey::Uid(s) => s.0.as_ref().len(),
+        SearchKey::And(v) => v.as_ref().iter().map(set_elements).sum(),
+        SearchKey::Or(a, b) => set_elements(a) + set_elements(b),
+        SearchKey::Not(a) => set_elements(a),
+        _ => 0,
     }
-    // INBOX is case-insensitive (RFC 9051 §5.1).
-    if name == "INBOX" {
-        let up: String = pattern.to_ascii_uppercase();
-        let pu: Vec<char> = up.chars().collect();
-        return go(&pu, &n) || go(&p, &n);
-    }
-    go(&p, &n)
+}
+
+/// The parents of a hierarchical name, nearest first: `a/b/c` gives `a/b`, then `a`.
+fn ancestors(name: &str) -> impl Iterator<Item = &str> {
+    let mut n = name;
+    std::iter::from_fn(move || {
+        let i = n.rfind(DELIMITER)?;
+        n = &n[..i];
+        Some(n)
+    })
 }
 
 fn special_use_attr(su: i32) -> Option<&'static str> {
@@ -557,7 +676,8 @@ impl Session {
                 };
                 let s = s.trim_end_matches(DELIMITER).to_string();
                 // "inbox/x" names the child of INBOX.
-                if s.len() > 6 && s[..6].eq_ignore_ascii_case("inbox/") {
+                // Bytes, not `str` slicing: byte 6 may fall inside a multi-byte character.
+                if s.len() > 6 && s.as_bytes()[..6].eq_ignore_ascii_case(b"inbox/") {
                     return Some(format!("INBOX{}", &s[5..]));
                 }
                 (!s.is_empty()).then_some(s)
@@ -1061,19 +1181,36 @@ impl Session {
             );
             return Ok(Next::Continue);
         }
-        if let Some((limiter, ip)) = &self.auth_limiter
-            && limiter.blocked(*ip)
-        {
-            // Refused without asking the store: the password is not even checked.
-            out.tagged(
-                tag,
-                StatusKind::No,
-                Some(other_code("UNAVAILABLE")),
-                "Too many failed logins from your address; try again later",
-            );
-            return Ok(Next::Continue);
+        // Counted as a failure before the store is asked, so parallel connections cannot all
+        // get a guess in before the first failure is recorded; given back unless it failed.
+        let limiter = self.auth_limiter.clone();
+        let attempt = match &limiter {
+            Some((limiter, ip)) => match limiter.begin(*ip, user) {
+                Ok(a) => Some(a),
+                Err(why) => {
+                    // Refused without asking the store: the password is not even checked.
+                    let text = match why {
+                        Blocked::Address => {
+                            "Too many failed logins from your address; try again later"
+                        }
+                        Blocked::Account => {
+                            "Too many failed logins for this account; try again later"
+                        }
+                    };
+                    out.tagged(tag, StatusKind::No, Some(other_code("UNAVAILABLE")), text);
+                    return Ok(Next::Continue);
+                }
+            },
+            None => None,
+        };
+        let result = self.store.authenticate(user, pass, &self.remote_ip).await;
+        if let Some(a) = attempt {
+            match result {
+                Ok(None) => a.fail(),
+                Ok(Some(_)) | Err(_) => a.release(),
+            }
         }
-        match self.store.authenticate(user, pass, &self.remote_ip).await {
+        match result {
             Ok(Some(account)) => {
                 let Some(sub) = self.hub.subscribe(account.id) else {
                     out.tagged(
@@ -1097,9 +1234,6 @@ impl Session {
             }
             Ok(None) => {
                 self.auth_failures += 1;
-                if let Some((limiter, ip)) = &self.auth_limiter {
-                    limiter.record_failure(*ip);
-                }
                 mailsuite_runtime::metrics::auth_failure("imap");
                 // A growing delay makes password guessing slow.
                 let delay = self
@@ -1320,6 +1454,11 @@ impl Session {
             return Ok(());
         }
         let full = format!("{reference}{pattern}");
+        if full.len() > self.limits.max_list_pattern {
+            out.tagged(tag, StatusKind::Bad, Some(Code::TooBig), "Pattern too long");
+            return Ok(());
+        }
+        let pat = ListPattern::new(&full);
         let boxes = match self.store.list(self.account_id(), false).await {
             Ok(b) => b,
             Err(e) => {
@@ -1327,19 +1466,33 @@ impl Session {
                 return Ok(());
             }
         };
-        let names: std::collections::BTreeSet<&str> =
+        let names: std::collections::HashSet<&str> =
             boxes.iter().map(|b| b.name.as_str()).collect();
-        let mut emitted = std::collections::BTreeSet::new();
-        for b in &boxes {
+        // Everything about the hierarchy in one pass over the mailboxes (each matched once):
+        // a per-mailbox scan of all the others made a LIST quadratic in the mailbox count.
+        let matched: Vec<bool> = boxes.iter().map(|b| pat.matches(&b.name)).collect();
+        let mut with_children = std::collections::HashSet::new();
+        let mut with_matching_child = std::collections::HashSet::new();
+        // Parents that do not exist themselves.
+        let mut parents = std::collections::BTreeSet::new();
+        for (b, m) in boxes.iter().zip(&matched) {
+            for a in ancestors(&b.name) {
+                with_children.insert(a);
+                if *m {
+                    with_matching_child.insert(a);
+                }
+                if !names.contains(a) {
+                    parents.insert(a);
+                }
+            }
+        }
+        for (b, m) in boxes.iter().zip(&matched) {
             if lsub && !b.subscribed {
                 continue;
             }
-            if pattern_matches(&full, &b.name) {
+            if *m {
                 let mut items = vec![];
-                let has_children = b.has_children
-                    || names.iter().any(|n| {
-                        n.len() > b.name.len() && n.starts_with(&format!("{}{DELIMITER}", b.name))
-                    });
+                let has_children = b.has_children || with_children.contains(b.name.as_str());
                 items.push(attr(if has_children {
                     "\\HasChildren"
                 } else {
@@ -1348,7 +1501,6 @@ impl Session {
                 if let Some(su) = special_use_attr(b.special_use) {
                     items.push(attr(su));
                 }
-                emitted.insert(b.name.clone());
                 let d = if lsub {
                     Data::Lsub {
                         items,
@@ -1367,23 +1519,8 @@ impl Session {
         }
         // Parents that do not exist themselves but have matching-level children are listed
         // as \Noselect when the pattern stops at their level (e.g. `%` with only `a/b`).
-        let mut parents = std::collections::BTreeSet::new();
-        for b in &boxes {
-            let mut n = b.name.as_str();
-            while let Some(i) = n.rfind(DELIMITER) {
-                n = &n[..i];
-                if !names.contains(n) && !emitted.contains(n) {
-                    parents.insert(n.to_string());
-                }
-            }
-        }
         for p in parents {
-            if pattern_matches(&full, &p)
-                && !boxes.iter().any(|b| {
-                    b.name.starts_with(&format!("{p}{DELIMITER}"))
-                        && pattern_matches(&full, &b.name)
-                })
-            {
+            if pat.matches(p) && !with_matching_child.contains(p) {
                 // RFC 9051 §7.3.1: a name that does not exist is \NonExistent in rev2.
                 let missing = if self.rev2 && !lsub {
                     attr("\\NonExistent")
@@ -1395,13 +1532,13 @@ impl Session {
                     Data::Lsub {
                         items,
                         delimiter: Some(delim),
-                        mailbox: self.name_out(&p),
+                        mailbox: self.name_out(p),
                     }
                 } else {
                     Data::List {
                         items,
                         delimiter: Some(delim),
-                        mailbox: self.name_out(&p),
+                        mailbox: self.name_out(p),
                     }
                 };
                 out.data(d);
@@ -1450,6 +1587,17 @@ impl Session {
                 }
             }
         }
+        // All patterns together: each name is matched against every one of them.
+        if patterns.iter().map(String::len).sum::<usize>() > self.limits.max_list_pattern {
+            out.tagged(
+                tag,
+                StatusKind::Bad,
+                Some(Code::TooBig),
+                "Patterns too long",
+            );
+            return Ok(());
+        }
+        let patterns: Vec<ListPattern> = patterns.iter().map(|p| ListPattern::new(p)).collect();
         let delim = QuotedChar::try_from(DELIMITER).expect("quoted char");
         let no_selection = !l.sel_subscribed && !l.sel_special_use;
         if patterns.is_empty() {
@@ -1492,26 +1640,37 @@ impl Session {
         let by_name: std::collections::BTreeMap<&str, &pb::MailboxInfo> =
             boxes.iter().map(|b| (b.name.as_str(), b)).collect();
         // Every name to consider: the mailboxes and their (possibly missing) ancestors.
-        let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         for b in &boxes {
-            names.insert(b.name.clone());
-            let mut n = b.name.as_str();
-            while let Some(i) = n.rfind(DELIMITER) {
-                n = &n[..i];
-                names.insert(n.to_string());
-            }
+            names.insert(b.name.as_str());
+            names.extend(ancestors(&b.name));
         }
-        let matches = |n: &str| patterns.iter().any(|p| pattern_matches(p, n));
+        let matches = |n: &str| patterns.iter().any(|p| p.matches(n));
         // Does this existing mailbox satisfy the selection options?
         let selected = |b: &pb::MailboxInfo| {
             (!l.sel_subscribed || b.subscribed)
                 && (!l.sel_special_use || special_use_attr(b.special_use).is_some())
         };
-        let is_below = |child: &str, parent: &str| {
-            child.len() > parent.len()
-                && child.starts_with(parent)
-                && child[parent.len()..].starts_with(DELIMITER)
-        };
+        // Each name is matched once, and what its descendants are is gathered in one pass
+        // over the mailboxes: a scan of all mailboxes per name made LIST quadratic.
+        let matched: std::collections::HashSet<&str> =
+            names.iter().copied().filter(|n| matches(n)).collect();
+        let mut with_children = std::collections::HashSet::new();
+        let mut with_matching_child = std::collections::HashSet::new();
+        let mut with_unmatched_selected_child = std::collections::HashSet::new();
+        for b in &boxes {
+            let m = matched.contains(b.name.as_str());
+            let unmatched_selected = !m && selected(b);
+            for a in ancestors(&b.name) {
+                with_children.insert(a);
+                if m {
+                    with_matching_child.insert(a);
+                }
+                if unmatched_selected {
+                    with_unmatched_selected_child.insert(a);
+                }
+            }
+        }
         let mut childinfo = Vec::new();
         if l.sel_subscribed {
             childinfo.push("\"SUBSCRIBED\"");
@@ -1519,26 +1678,20 @@ impl Session {
         if l.sel_special_use {
             childinfo.push("\"SPECIAL-USE\"");
         }
-        for name in &names {
-            if !matches(name) {
+        for &name in &names {
+            if !matched.contains(name) {
                 continue;
             }
-            let info = by_name.get(name.as_str()).copied();
+            let info = by_name.get(name).copied();
             let meets = info.is_some_and(selected);
             // RECURSIVEMATCH: a descendant that meets the selection but not the patterns.
-            let child_meets = l.sel_recursive
-                && boxes
-                    .iter()
-                    .any(|b| is_below(&b.name, name) && selected(b) && !matches(&b.name));
-            let has_children = names.iter().any(|n| is_below(n, name));
+            let child_meets = l.sel_recursive && with_unmatched_selected_child.contains(name);
+            let has_children = with_children.contains(name);
             if !(meets || child_meets) {
                 // Without selection options, a missing name is listed only as the parent of
                 // mailboxes the pattern does not reach (as the basic LIST does).
-                let missing_parent = no_selection
-                    && info.is_none()
-                    && !boxes
-                        .iter()
-                        .any(|b| is_below(&b.name, name) && matches(&b.name));
+                let missing_parent =
+                    no_selection && info.is_none() && !with_matching_child.contains(name);
                 if !missing_parent {
                     continue;
                 }
@@ -1778,8 +1931,24 @@ impl Session {
     /// Resolve a sequence set (or UID set) against the session's map: `(seq, uid)` pairs,
     /// ascending. Message numbers beyond the mailbox are an error for sequence sets.
     fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
+        self.resolve_with(set, uid, false)
+    }
+
+    /// `lenient`: message numbers beyond the mailbox simply match nothing (SEARCH).
+    ///
+    /// The set is merged into disjoint intervals before anything is expanded, so the result
+    /// holds each message once however often the set names it (`1:*,1:*,…` expanded per
+    /// element turned a 64 KiB line into gigabytes).
+    fn resolve_with(
+        &self,
+        set: &SequenceSet,
+        uid: bool,
+        lenient: bool,
+    ) -> Result<Vec<(u32, u32)>, &'static str> {
         let sel = self.selected.as_ref().ok_or("No mailbox selected")?;
-        let mut out: Vec<(u32, u32)> = Vec::new();
+        if set.0.as_ref().len() > self.limits.max_sequence_set {
+            return Err("Too many elements in the sequence set");
+        }
         if self.uses_saved && is_saved_marker(set) {
             // `$` (RFC 5182): the saved UIDs still in the mailbox, for UID and message
             // number commands alike; an empty result names nothing.
@@ -1789,25 +1958,10 @@ impl Session {
                 .filter_map(|u| sel.seq.seq(*u).map(|q| (q, *u)))
                 .collect());
         }
+        let mut out: Vec<(u32, u32)> = Vec::new();
         if uid {
             let max = sel.seq.max_uid().unwrap_or(0);
-            for s in set.0.as_ref() {
-                let (a, b) = match s {
-                    Sequence::Single(v) => {
-                        let v = match v {
-                            SeqOrUid::Value(n) => n.get(),
-                            SeqOrUid::Asterisk => max,
-                        };
-                        (v, v)
-                    }
-                    Sequence::Range(x, y) => {
-                        let f = |v: &SeqOrUid| match v {
-                            SeqOrUid::Value(n) => n.get(),
-                            SeqOrUid::Asterisk => max,
-                        };
-                        (f(x).min(f(y)), f(x).max(f(y)))
-                    }
-                };
+            for (a, b) in merged_intervals(set, max) {
                 out.extend(sel.seq.uids_in(a, b));
             }
         } else {
@@ -1821,27 +1975,18 @@ impl Session {
             if n == 0 && star {
                 return Ok(vec![]);
             }
-            for s in set.0.as_ref() {
-                let f = |v: &SeqOrUid| match v {
-                    SeqOrUid::Value(x) => x.get(),
-                    SeqOrUid::Asterisk => n,
-                };
-                let (a, b) = match s {
-                    Sequence::Single(v) => (f(v), f(v)),
-                    Sequence::Range(x, y) => (f(x).min(f(y)), f(x).max(f(y))),
-                };
-                if a == 0 || b > n {
-                    return Err("Invalid message sequence number");
-                }
-                for q in a..=b {
+            let intervals = merged_intervals(set, n);
+            if !lenient && intervals.iter().any(|&(a, b)| a == 0 || b > n) {
+                return Err("Invalid message sequence number");
+            }
+            for (a, b) in intervals {
+                for q in a.max(1)..=b.min(n) {
                     if let Some(u) = sel.seq.uid(q) {
                         out.push((q, u));
                     }
                 }
             }
         }
-        out.sort_unstable();
-        out.dedup();
         Ok(out)
     }
 
@@ -2494,6 +2639,18 @@ impl Session {
                 return None;
             }
         }
+        // The cap on sequence set elements holds for the whole command: each set is
+        // resolved on its own, so many `1:*` keys would each expand the mailbox.
+        let elements: usize = criteria.as_ref().iter().map(set_elements).sum();
+        if elements > self.limits.max_sequence_set {
+            out.tagged(
+                tag,
+                StatusKind::Bad,
+                None,
+                "Too many elements in the sequence set",
+            );
+            return None;
+        }
         let mut uses_modseq = false;
         let keys: Result<Vec<pb::SearchKey>, &'static str> = criteria
             .as_ref()
@@ -2575,8 +2732,8 @@ impl Session {
                 keys: vec![self.search_key(a, modseq)?, self.search_key(b, modseq)?],
             }),
             SearchKey::Not(a) => K::Not(Box::new(self.search_key(a, modseq)?)),
-            SearchKey::SequenceSet(set) => uidset(self.resolve_lenient(set, false)),
-            SearchKey::Uid(set) => uidset(self.resolve_lenient(set, true)),
+            SearchKey::SequenceSet(set) => uidset(self.resolve_lenient(set, false)?),
+            SearchKey::Uid(set) => uidset(self.resolve_lenient(set, true)?),
             SearchKey::Answered => has("\\Answered"),
             SearchKey::Deleted => has("\\Deleted"),
             SearchKey::Draft => has("\\Draft"),
@@ -2637,31 +2794,12 @@ impl Session {
     }
 
     /// Like `resolve`, but message numbers beyond the mailbox simply match nothing (SEARCH).
-    fn resolve_lenient(&self, set: &SequenceSet, uid: bool) -> Vec<(u32, u32)> {
-        match self.resolve(set, uid) {
-            Ok(v) => v,
-            Err(_) => {
-                let sel = self.sel();
-                let n = sel.seq.len();
-                let mut v = Vec::new();
-                for s in set.0.as_ref() {
-                    let f = |x: &SeqOrUid| match x {
-                        SeqOrUid::Value(x) => x.get(),
-                        SeqOrUid::Asterisk => n,
-                    };
-                    let (a, b) = match s {
-                        Sequence::Single(x) => (f(x), f(x)),
-                        Sequence::Range(x, y) => (f(x).min(f(y)), f(x).max(f(y))),
-                    };
-                    for q in a..=b.min(n) {
-                        if let Some(u) = sel.seq.uid(q) {
-                            v.push((q, u));
-                        }
-                    }
-                }
-                v
-            }
-        }
+    fn resolve_lenient(
+        &self,
+        set: &SequenceSet,
+        uid: bool,
+    ) -> Result<Vec<(u32, u32)>, &'static str> {
+        self.resolve_with(set, uid, true)
     }
 
     /// React to a change event: alerts are written at once, mailbox changes mark the
@@ -2903,6 +3041,8 @@ mod tests {
             Hub::new(0),
             SessionLimits {
                 max_auth_failures: 3,
+                max_sequence_set: 100,
+                max_list_pattern: 1024,
                 auth_failure_delay: Duration::from_millis(1),
                 fetch_batch: 10,
                 fetch_buffer_bytes: 1 << 20,
@@ -3223,8 +3363,142 @@ mod tests {
         assert!(!pattern_matches("inbox", "Inbox2"));
         assert!(pattern_matches("S%t", "Sent"));
         assert!(!pattern_matches("x", "xy"));
-        // Pathological patterns are cut off instead of backtracking for ever.
-        assert!(!pattern_matches("*a*a*a*a*a*a*a*a*a*b", &"a".repeat(200)));
+    }
+
+    #[test]
+    fn h1_list_wildcard_matcher_semantics() {
+        // (pattern, name, matches)
+        let table: &[(&str, &str, bool)] = &[
+            ("", "", true),
+            ("", "a", false),
+            ("*", "", true),
+            ("%", "", true),
+            ("*", "a/b/c", true),
+            ("%", "a", true),
+            ("%", "a/b", false),
+            ("%/%", "a/b", true),
+            ("%/%", "a/b/c", false),
+            ("a/%", "a/b", true),
+            ("a/%", "a/", true),
+            ("a/%", "a/b/c", false),
+            ("a/*", "a/b/c", true),
+            ("a*", "a", true),
+            ("a*c", "abc/xyzc", true),
+            ("a%c", "abc/xyzc", false),
+            ("a%c", "abxc", true),
+            ("%c", "c", true),
+            ("a%%c", "abxc", true),
+            ("a%*c", "ab/xc", true),
+            ("a*%c", "ab/xc", true),
+            ("*/", "a/b/", true),
+            ("%/", "a/b/", false),
+            ("S%t", "Sent", true),
+            ("S%t", "Sen/t", false),
+            ("x", "xy", false),
+            ("xy", "x", false),
+            ("*x", "yyy", false),
+            // INBOX is case-insensitive, other names are not.
+            ("inbox", "INBOX", true),
+            ("iNbO%", "INBOX", true),
+            ("inbox", "Inbox2", false),
+            ("inbox/%", "INBOX/a", false),
+            ("sent", "Sent", false),
+            // Non-ASCII names compare by character.
+            ("Entw%rfe", "Entwürfe", true),
+            ("Entw?rfe", "Entwürfe", false),
+            ("*a*a*a*a*a*a*a*ab", &"a".repeat(200), false),
+            (
+                "*a*a*a*a*a*a*a*a*a*b",
+                &format!("{}b", "a".repeat(200)),
+                true,
+            ),
+        ];
+        for (p, n, want) in table {
+            assert_eq!(pattern_matches(p, n), *want, "{p:?} vs {n:?}");
+        }
+    }
+
+    #[test]
+    fn h1_list_wildcard_matcher_work_is_bounded_by_name_times_pattern() {
+        let pattern = "*a*a*a*a*a*a*a*ab";
+        let m = pattern.chars().count() as u64;
+        let p = ListPattern::new(pattern);
+        for name in [
+            "a".repeat(1000),
+            format!("{}b", "a".repeat(999)),
+            format!("{}b", "a/".repeat(499)),
+            "ab".repeat(500),
+        ] {
+            let n = name.chars().count() as u64;
+            let (matched, steps) = p.matches_counting(&name);
+            assert_eq!(matched, name.ends_with("ab"), "{name}");
+            assert!(
+                steps <= 2 * (n + 1) * (m + 1),
+                "{steps} steps for n={n} m={m}"
+            );
+        }
+        // A literal prefix that does not fit ends the work at once.
+        let (matched, steps) = ListPattern::new("Archive/*").matches_counting(&"x".repeat(1000));
+        assert!(!matched);
+        assert!(steps <= 4 * 11, "{steps}");
+    }
+
+    #[test]
+    fn m2_sequence_set_merge_holds_only_the_intervals() {
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        let many = vec!["1:*"; 16_000].join(",");
+        assert_eq!(merged_intervals(&set(&many), 3000), vec![(1, 3000)]);
+        assert_eq!(
+            merged_intervals(&set("9,1:3,4,7:6,20:*,2"), 30),
+            vec![(1, 4), (6, 7), (9, 9), (20, 30)]
+        );
+        assert_eq!(
+            merged_intervals(&set("4294967295,1:4294967295"), 5),
+            vec![(1, u32::MAX)]
+        );
+    }
+
+    #[tokio::test]
+    async fn m2_sequence_sets_resolve_each_message_once_and_are_capped() {
+        let mut s = session();
+        s.limits.max_sequence_set = 20_000;
+        let mut sel = selected();
+        let uids: Vec<u32> = (1..=3000).map(|u| u * 2).collect();
+        sel.seq = SeqMap::from_uids(&uids);
+        s.force_state(StateKind::Selected, Some(sel));
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        let many = vec!["1:*"; 16_000].join(",");
+        for uid in [false, true] {
+            let r = s.resolve(&set(&many), uid).unwrap();
+            assert_eq!(r.len(), 3000, "each message once");
+            assert_eq!(r.first(), Some(&(1, 2)));
+            assert_eq!(r.last(), Some(&(3000, 6000)));
+            assert_eq!(s.resolve_lenient(&set(&many), uid).unwrap().len(), 3000);
+        }
+        // SEARCH is lenient about numbers beyond the mailbox, FETCH is not.
+        assert_eq!(
+            s.resolve_lenient(&set("2999:5000"), false).unwrap(),
+            vec![(2999, 5998), (3000, 6000)]
+        );
+        assert!(s.resolve(&set("2999:5000"), false).is_err());
+        s.limits.max_sequence_set = 10;
+        let eleven = ["1"; 11].join(",");
+        assert!(s.resolve(&set(&eleven), false).is_err());
+        assert!(s.resolve_lenient(&set(&eleven), true).is_err());
+        let r = run(&mut s, &format!("FETCH {eleven} (UID)")).await;
+        assert!(r.starts_with("t BAD"), "{r}");
+        let r = run(&mut s, &format!("SEARCH UID {eleven}")).await;
+        assert!(r.starts_with("t BAD") || r.starts_with("t NO"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn l1_non_ascii_mailbox_name_with_a_multibyte_char_at_byte_six() {
+        let s = session();
+        // "abcdeé" in modified UTF-7: byte 6 falls inside "é".
+        let m = Mailbox::try_from("abcde&AOk-".to_string()).unwrap();
+        assert_eq!(s.name_in(&m).as_deref(), Some("abcdeé"));
+        let m = Mailbox::try_from("inbox/x".to_string()).unwrap();
+        assert_eq!(s.name_in(&m).as_deref(), Some("INBOX/x"));
     }
 
     #[test]

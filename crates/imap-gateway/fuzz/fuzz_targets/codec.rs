@@ -19,12 +19,15 @@ const LIMITS: DecoderLimits = DecoderLimits {
     max_line: 512,
     max_command: 2048,
     max_append: 8192,
+    max_preauth_literal: 1024,
 };
 
 /// Decode `data` fed in pieces of `chunk` bytes. Mode switches follow what the connection
-/// does: AUTHENTICATE without initial response and IDLE change what the next line is.
-fn run(data: &[u8], chunk: usize) -> Vec<String> {
+/// does: AUTHENTICATE without initial response and IDLE change what the next line is, and
+/// LOGIN / AUTHENTICATE are taken to succeed (the pre-login literal limits end there).
+fn run(data: &[u8], chunk: usize, mut authenticated: bool) -> Vec<String> {
     let mut d = Decoder::new(LIMITS);
+    d.set_authenticated(authenticated);
     let mut out = Vec::new();
     for piece in data.chunks(chunk.max(1)) {
         d.feed(piece);
@@ -37,9 +40,18 @@ fn run(data: &[u8], chunk: usize) -> Vec<String> {
                 },
                 _ => Mode::Command,
             };
-            let stop = input == Input::LineTooLong;
+            if let Input::Command(c, _) = &input
+                && matches!(c.body.name(), "LOGIN" | "AUTHENTICATE")
+            {
+                authenticated = true;
+            }
+            let stop = matches!(
+                input,
+                Input::LineTooLong | Input::PreauthLiteralTooBig { .. }
+            );
             out.push(format!("{input:?}"));
             d.set_mode(next_mode);
+            d.set_authenticated(authenticated);
             if stop {
                 return out;
             }
@@ -52,7 +64,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let whole = run(rest, rest.len());
-    let split = run(rest, (first as usize % 16) + 1);
+    // Bit 0x20 of the first byte: start logged in (a lower-case first letter does).
+    let authenticated = first & 0x20 != 0;
+    let whole = run(rest, rest.len(), authenticated);
+    let split = run(rest, (first as usize % 16) + 1, authenticated);
     assert_eq!(whole, split, "chunking changed the decoding");
 });

@@ -354,3 +354,17 @@ pub async fn store_calls(ops: SocketAddr, method: &str) -> u64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
+
+/// Completed calls of `method` on any store gRPC `service` (e.g. `mailsuite.v1.Directory`),
+/// from the store's ops `/metrics` page; same caveat as `store_calls`.
+pub async fn service_calls(ops: SocketAddr, service: &str, method: &str) -> u64 {
+    let page = mailsuite_testkit::http_get(ops, "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let method = format!("rpc_method=\"{method}\"");
+    let service = format!("rpc_service=\"{service}\"");
+    page.lines()
+        .filter(|l| l.starts_with("mailsuite_grpc_server_duration_seconds_count{"))
+        .filter(|l| l.contains(&method) && l.contains(&service))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
