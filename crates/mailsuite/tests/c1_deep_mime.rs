@@ -21,8 +21,10 @@ const LEVELS: usize = 100_000;
 /// `levels` nested containers, alternating multipart/mixed and message/rfc822, around one
 /// text part; `tag` makes each copy distinct content (blobs are stored once per content).
 fn deep_nested(levels: usize, tag: &str) -> Vec<u8> {
-    let mut m = format!("From: sender@outside.example\r\nSubject: deep {tag}\r\nMessage-ID: <{tag}@c1.test>\r\n")
-        .into_bytes();
+    let mut m = format!(
+        "From: sender@outside.example\r\nSubject: deep {tag}\r\nMessage-ID: <{tag}@c1.test>\r\n"
+    )
+    .into_bytes();
     for i in 0..levels {
         if i % 2 == 0 {
             m.extend_from_slice(
