@@ -77,7 +77,9 @@ pub fn parse(raw: &[u8]) -> Parsed {
         return flat(raw, header_end, &raw_headers);
     }
     let envelope = envelope_of(&msg, &raw_headers);
-    let body = part_structure(&msg, 0, raw, 0, false, 0);
+    let mut seen = Seen::default();
+    seen.first(&msg, 0);
+    let body = part_structure(&msg, 0, raw, 0, false, 0, &mut seen);
     let headers = msg
         .root_part()
         .headers
@@ -476,6 +478,19 @@ fn raw_header_of(part: &MessagePart<'_>, raw: &[u8], name: &str) -> Option<Vec<u
     raw_field(&hs, name)
 }
 
+/// Parts already described, by (message, part id). mail-parser can list one part id under
+/// several multiparts of a crafted message; walked as a tree that shared structure repeats
+/// exponentially with the depth (found by fuzz/mime: a 4 KB message took gigabytes), so each
+/// part is described once, under the first multipart that lists it.
+#[derive(Default)]
+struct Seen(std::collections::HashSet<(usize, usize)>);
+
+impl Seen {
+    fn first(&mut self, msg: &Message<'_>, id: usize) -> bool {
+        self.0.insert((std::ptr::from_ref(msg) as usize, id))
+    }
+}
+
 /// The BODYSTRUCTURE node of part `id` of `msg`. `raw` is the buffer the part's offsets refer
 /// to; `base` is added to every offset (non-zero when `raw` is a decoded nested message that
 /// has no place in the stored bytes, see `detached`). `in_digest`: the parent is
@@ -488,6 +503,7 @@ fn part_structure(
     base: u64,
     in_digest: bool,
     depth: usize,
+    seen: &mut Seen,
 ) -> BodyPart {
     let Some(part) = msg.parts.get(id) else {
         return BodyPart::default();
@@ -585,7 +601,11 @@ fn part_structure(
             let digest = node.media_subtype.eq_ignore_ascii_case(b"digest");
             node.parts = children
                 .iter()
-                .map(|&c| part_structure(msg, c as usize, raw, base, digest, depth + 1))
+                .filter_map(|&c| {
+                    let c = c as usize;
+                    seen.first(msg, c)
+                        .then(|| part_structure(msg, c, raw, base, digest, depth + 1, seen))
+                })
                 .collect();
             if node.parts.is_empty() {
                 // A multipart with no parts is not expressible in BODYSTRUCTURE.
@@ -606,6 +626,7 @@ fn part_structure(
                 &inner_raw[(inner.root_part().offset_header as usize).min(inner_hend)..inner_hend],
             );
             node.envelope = Some(envelope_of(inner, &inner_headers));
+            seen.first(inner, 0);
             let mut sub = part_structure(
                 inner,
                 0,
@@ -613,6 +634,7 @@ fn part_structure(
                 if in_place { base } else { 0 },
                 false,
                 depth + 1,
+                seen,
             );
             if in_place {
                 // The nested root's end is the end of its container's body. A crafted

@@ -664,3 +664,30 @@ fn c1_base64_wrapped_deep_nesting_parses_on_the_big_stack() {
     assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
     assert!(p.body.body_end <= raw.len() as u64);
 }
+
+#[test]
+fn c1_part_ids_shared_between_multiparts_are_described_once() {
+    // Found by fuzz/mime: mail-parser lists the same part under several multiparts of this
+    // 4 KB message, and describing each listing again grew exponentially with the depth.
+    for raw in [
+        &include_bytes!("../../fuzz/seeds/shared_part_ids_oom.eml")[..],
+        &include_bytes!("../../fuzz/seeds/shared_part_ids_slow.eml")[..],
+    ] {
+        let p = parse(raw);
+        let mut nodes = 0;
+        let mut stack = vec![&p.body];
+        while let Some(b) = stack.pop() {
+            nodes += 1;
+            stack.extend(b.parts.iter());
+            stack.extend(b.message.as_deref());
+        }
+        // At most one node per MIME header (plus an empty placeholder or two): a
+        // structure larger than the message cannot be honest.
+        assert!(
+            nodes <= raw.len() / 8,
+            "{nodes} nodes for {} bytes",
+            raw.len()
+        );
+        assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
+    }
+}
