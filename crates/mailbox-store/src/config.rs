@@ -11,6 +11,9 @@ pub struct Config {
     pub listen_ops: String,
     pub database_url: String,
     pub db_max_connections: u32,
+    /// PostgreSQL `statement_timeout` of every pool connection, in milliseconds (0 = none):
+    /// no single query (a SEARCH over a large mailbox, say) may hold a pool connection longer.
+    pub db_statement_timeout_ms: u64,
     /// Apply the embedded migrations at start-up (under sqlx's advisory lock).
     pub migrate_on_start: bool,
     /// The services' shared gRPC secret, required of every caller but gRPC health.
@@ -46,6 +49,14 @@ pub struct Limits {
     pub max_concurrent_password_checks: usize,
     /// How long a password check waits for a free slot before answering UNAVAILABLE, in ms.
     pub password_check_wait_ms: u64,
+    /// Most maildrop (POP3) locks this replica holds at once; all of them share one
+    /// PostgreSQL connection. Beyond it a lock request gets UNAVAILABLE.
+    pub max_maildrop_locks: usize,
+    /// Most keys (every node of the tree, ANDs/ORs/NOTs included) in one SEARCH.
+    pub max_search_keys: usize,
+    /// Most text keys (BODY, TEXT, HEADER with a value) in one SEARCH: each one is a
+    /// substring scan of every candidate message's text.
+    pub max_search_text_keys: usize,
 }
 
 fn default_password_checks() -> usize {
@@ -66,6 +77,9 @@ impl Default for Limits {
             changelog_days: 90,
             max_concurrent_password_checks: default_password_checks(),
             password_check_wait_ms: 2000,
+            max_maildrop_locks: 10_000,
+            max_search_keys: 1000,
+            max_search_text_keys: 32,
         }
     }
 }
@@ -77,6 +91,7 @@ impl Default for Config {
             listen_ops: "0.0.0.0:9051".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
             db_max_connections: 32,
+            db_statement_timeout_ms: 30_000,
             migrate_on_start: true,
             internal_token: Default::default(),
             allow_unauthenticated_grpc: false,

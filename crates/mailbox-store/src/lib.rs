@@ -29,6 +29,7 @@ pub mod body;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod locks;
 pub mod mailbox;
 pub mod metrics;
 pub mod mime;
@@ -77,14 +78,21 @@ pub struct Ctx {
     pub hub: notify::Hub,
     pub shutdown: Shutdown,
     pub passwords: password::Hasher,
+    pub locks: locks::MaildropLocks,
 }
 
 pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
     if config.listen_grpc.is_empty() {
         return Err(Error::Config("listen_grpc must not be empty".into()));
     }
-    let pool =
-        mailsuite_runtime::db::connect(&config.database_url, config.db_max_connections).await?;
+    let pool = mailsuite_runtime::db::connect_with(
+        &config.database_url,
+        mailsuite_runtime::db::PoolSettings {
+            max_connections: config.db_max_connections,
+            statement_timeout: std::time::Duration::from_millis(config.db_statement_timeout_ms),
+        },
+    )
+    .await?;
     if config.migrate_on_start {
         mailsuite_runtime::db::migrate(&pool).await?;
     }
@@ -97,6 +105,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         passwords: password::Hasher::new(
             config.limits.max_concurrent_password_checks,
             std::time::Duration::from_millis(config.limits.password_check_wait_ms),
+        ),
+        locks: locks::MaildropLocks::start(
+            (*pool.connect_options()).clone(),
+            config.limits.max_maildrop_locks,
+            &shutdown,
         ),
     };
     notify::spawn_maintenance(ctx.clone());

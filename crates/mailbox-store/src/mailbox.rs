@@ -9,7 +9,7 @@ use mailsuite_proto::mailbox_server::Mailbox;
 use mailsuite_proto::*;
 use mailsuite_runtime::ServiceError;
 use sqlx::postgres::PgRow;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -1019,7 +1019,16 @@ impl Mailbox for MailboxSvc {
         owned(&mut conn, req.account_id, req.mailbox_id)
             .await
             .map_err(st)?;
-        let sql = search::build(req.key.as_ref(), 1).map_err(st)?;
+        let limits = &self.0.config.limits;
+        let sql = search::build(
+            req.key.as_ref(),
+            1,
+            search::Limits {
+                max_keys: limits.max_search_keys,
+                max_text_keys: limits.max_search_text_keys,
+            },
+        )
+        .map_err(st)?;
         let q = format!(
             "SELECT m.uid, m.modseq FROM mailbox.messages m JOIN mailbox.blobs b ON b.id = m.blob_id
               WHERE m.mailbox_id = $1 AND {} ORDER BY m.uid",
@@ -1202,33 +1211,28 @@ impl Mailbox for MailboxSvc {
         } else {
             normalize_mailbox(&first.mailbox).map_err(st)?
         };
-        // A dedicated connection: the advisory lock lives exactly as long as it does, so a
-        // crashed replica releases it when PostgreSQL notices the connection is gone.
-        let mut conn = PgConnection::connect(&self.0.config.database_url)
-            .await
-            .map_err(st)?;
+        // Held on the replica's shared lock connection (see locks.rs), not a connection of
+        // its own: a POP3 session must not pin a PostgreSQL backend for its whole life.
         let key = format!("maildrop:{}:{}", first.account_id, mailbox);
-        let acquired: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&key)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(st)?;
+        let lease = self.0.locks.try_lock(key).await.map_err(st)?;
         let shutdown = self.0.shutdown.clone();
         let stream = async_stream::try_stream! {
-            yield LockEvent { acquired };
-            if acquired {
-                loop {
+            yield LockEvent { acquired: lease.is_some() };
+            if let Some(lease) = lease {
+                let lost = loop {
                     tokio::select! {
-                        _ = shutdown.stopping() => break,
+                        _ = shutdown.stopping() => break false,
+                        _ = lease.lost() => break true,
                         c = control.next() => match c {
                             Some(Ok(_)) => continue,
-                            _ => break,
+                            _ => break false,
                         },
                     }
+                };
+                if lost {
+                    Err(Status::unavailable("the maildrop lock was lost; log in again"))?;
                 }
             }
-            let _ = conn.close().await;
         };
         Ok(Response::new(Box::pin(stream)))
     }

@@ -35,6 +35,32 @@ pub struct Parsed {
 /// Text indexed per message is capped so one huge part cannot blow up the row.
 pub const MAX_INDEXED_TEXT: usize = 512 * 1024;
 
+/// Deepest multipart / message/rfc822 nesting described part by part. A part at this depth
+/// that has children becomes one opaque APPLICATION/OCTET-STREAM leaf spanning its raw bytes.
+/// The bound keeps every recursive walk of the structure (building it here, prost encode and
+/// decode, `Drop`, the offset shifts) shallow: prost refuses to decode more than 100 nested
+/// messages, and each level here costs one BodyPart level plus at most three below the deepest
+/// (envelope → address, disposition → param). No real mail client nests anywhere near 32.
+pub const MAX_MIME_DEPTH: usize = 32;
+
+/// Stack for the thread that runs `parse`. mail-parser builds and drops nested
+/// message/rfc822 levels of a base64-encoded message recursively (`into_owned`, `Drop`), which
+/// `parse` cannot avoid: this is the defence in depth for that path, and costs only address
+/// space until it is touched.
+pub const PARSE_STACK_BYTES: usize = 256 * 1024 * 1024;
+
+/// `parse` on its own thread with a `PARSE_STACK_BYTES` stack. `None` if the thread could not
+/// be started or died (a stack overflow still aborts the process, but needs a nesting depth
+/// that the message size limit does not allow in practice).
+pub fn parse_on_big_stack(raw: Vec<u8>) -> std::io::Result<Parsed> {
+    std::thread::Builder::new()
+        .name("mime-parse".into())
+        .stack_size(PARSE_STACK_BYTES)
+        .spawn(move || parse(&raw))?
+        .join()
+        .map_err(|_| std::io::Error::other("the MIME parser thread panicked"))
+}
+
 pub fn parse(raw: &[u8]) -> Parsed {
     let header_end = header_end(raw);
     let raw_headers = split_headers(&raw[..header_end]);
@@ -43,11 +69,17 @@ pub fn parse(raw: &[u8]) -> Parsed {
     // failing its delivery.
     let parsed =
         std::panic::catch_unwind(|| MessageParser::default().parse(raw)).unwrap_or_default();
-    let Some(msg) = parsed.filter(|m| !m.parts.is_empty()) else {
+    let Some(msg) = parsed else {
         return flat(raw, header_end, &raw_headers);
     };
+    if msg.parts.is_empty() {
+        drop_flat(msg);
+        return flat(raw, header_end, &raw_headers);
+    }
     let envelope = envelope_of(&msg, &raw_headers);
-    let body = part_structure(&msg, 0, raw, 0, false);
+    let mut seen = Seen::default();
+    seen.first(&msg, 0);
+    let body = part_structure(&msg, 0, raw, 0, false, 0, &mut seen);
     let headers = msg
         .root_part()
         .headers
@@ -59,17 +91,46 @@ pub fn parse(raw: &[u8]) -> Parsed {
             )
         })
         .collect();
-    let mut text = String::new();
-    collect_text(&msg, &mut text);
+    let text = collect_text(&msg);
     let sent_date = msg
         .date()
         .and_then(|d| chrono::NaiveDate::from_ymd_opt(d.year.into(), d.month.into(), d.day.into()));
+    drop_flat(msg);
     Parsed {
         envelope,
         body,
         headers,
         text,
         sent_date,
+    }
+}
+
+/// How deep `msg` nests (1 = a single part), counting multipart children and
+/// message/rfc822 bodies, walked with an explicit stack. Used by tests and the fuzz target to
+/// check that a structure stays within `MAX_MIME_DEPTH`.
+pub fn structure_depth(root: &BodyPart) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((p, d)) = stack.pop() {
+        max = max.max(d);
+        stack.extend(p.parts.iter().map(|c| (c, d + 1)));
+        if let Some(m) = &p.message {
+            stack.push((m, d + 1));
+        }
+    }
+    max
+}
+
+/// Drop a parsed message level by level: the derived `Drop` of nested message/rfc822 parts
+/// recurses once per level and overflows the stack on a deeply nested message.
+fn drop_flat(msg: Message<'_>) {
+    let mut pending = vec![msg];
+    while let Some(mut m) = pending.pop() {
+        for part in &mut m.parts {
+            if let PartType::Message(inner) = std::mem::take(&mut part.body) {
+                pending.push(inner);
+            }
+        }
     }
 }
 
@@ -120,11 +181,19 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-fn collect_text(msg: &Message<'_>, out: &mut String) {
-    for part in &msg.parts {
+/// The decoded text of every text part, nested messages included, in order (explicit stack:
+/// the nesting is attacker-controlled).
+fn collect_text(msg: &Message<'_>) -> String {
+    let mut out = String::new();
+    let mut stack = vec![msg.parts.iter()];
+    while let Some(parts) = stack.last_mut() {
         if out.len() >= MAX_INDEXED_TEXT {
             break;
         }
+        let Some(part) = parts.next() else {
+            stack.pop();
+            continue;
+        };
         match &part.body {
             PartType::Text(t) => {
                 out.push_str(t);
@@ -134,12 +203,11 @@ fn collect_text(msg: &Message<'_>, out: &mut String) {
                 out.push_str(&strip_html(h));
                 out.push('\n');
             }
-            PartType::Message(m) => collect_text(m, out),
+            PartType::Message(m) => stack.push(m.parts.iter()),
             _ => {}
         }
     }
-    let s = std::mem::take(out);
-    *out = truncate(s);
+    truncate(out)
 }
 
 /// Tags removed, entities for the common characters resolved: good enough for searching.
@@ -410,16 +478,32 @@ fn raw_header_of(part: &MessagePart<'_>, raw: &[u8], name: &str) -> Option<Vec<u
     raw_field(&hs, name)
 }
 
+/// Parts already described, by (message, part id). mail-parser can list one part id under
+/// several multiparts of a crafted message; walked as a tree that shared structure repeats
+/// exponentially with the depth (found by fuzz/mime: a 4 KB message took gigabytes), so each
+/// part is described once, under the first multipart that lists it.
+#[derive(Default)]
+struct Seen(std::collections::HashSet<(usize, usize)>);
+
+impl Seen {
+    fn first(&mut self, msg: &Message<'_>, id: usize) -> bool {
+        self.0.insert((std::ptr::from_ref(msg) as usize, id))
+    }
+}
+
 /// The BODYSTRUCTURE node of part `id` of `msg`. `raw` is the buffer the part's offsets refer
 /// to; `base` is added to every offset (non-zero when `raw` is a decoded nested message that
 /// has no place in the stored bytes, see `detached`). `in_digest`: the parent is
-/// multipart/digest.
+/// multipart/digest. `depth`: how many levels are above this part (0 for the root); the
+/// recursion stops at `MAX_MIME_DEPTH`, so this and every walk of its result is shallow.
 fn part_structure(
     msg: &Message<'_>,
     id: usize,
     raw: &[u8],
     base: u64,
     in_digest: bool,
+    depth: usize,
+    seen: &mut Seen,
 ) -> BodyPart {
     let Some(part) = msg.parts.get(id) else {
         return BodyPart::default();
@@ -501,12 +585,27 @@ fn part_structure(
         body_end: base + be as u64,
     };
 
+    let nested = matches!(part.body, PartType::Multipart(_) | PartType::Message(_));
+    if nested && depth + 1 >= MAX_MIME_DEPTH {
+        // Too deep to describe: one leaf over this part's raw bytes, so its MIME header and
+        // body (and everything it contains) stay fetchable byte for byte. A multipart with
+        // no children would not be valid BODYSTRUCTURE, hence not "keep the multipart".
+        node.media_type = b"APPLICATION".to_vec();
+        node.media_subtype = b"OCTET-STREAM".to_vec();
+        node.params = Vec::new();
+        return node;
+    }
+
     match &part.body {
         PartType::Multipart(children) => {
             let digest = node.media_subtype.eq_ignore_ascii_case(b"digest");
             node.parts = children
                 .iter()
-                .map(|&c| part_structure(msg, c as usize, raw, base, digest))
+                .filter_map(|&c| {
+                    let c = c as usize;
+                    seen.first(msg, c)
+                        .then(|| part_structure(msg, c, raw, base, digest, depth + 1, seen))
+                })
                 .collect();
             if node.parts.is_empty() {
                 // A multipart with no parts is not expressible in BODYSTRUCTURE.
@@ -527,8 +626,16 @@ fn part_structure(
                 &inner_raw[(inner.root_part().offset_header as usize).min(inner_hend)..inner_hend],
             );
             node.envelope = Some(envelope_of(inner, &inner_headers));
-            let mut sub =
-                part_structure(inner, 0, inner_raw, if in_place { base } else { 0 }, false);
+            seen.first(inner, 0);
+            let mut sub = part_structure(
+                inner,
+                0,
+                inner_raw,
+                if in_place { base } else { 0 },
+                false,
+                depth + 1,
+                seen,
+            );
             if in_place {
                 // The nested root's end is the end of its container's body. A crafted
                 // message can put the nested body's start past that end: clamp so the
@@ -567,6 +674,7 @@ fn sub_slice(raw: &[u8], base: u64, start: u64, end: u64) -> &[u8] {
         .unwrap_or(&[])
 }
 
+/// Recursive, but only as deep as `part_structure` builds (`MAX_MIME_DEPTH`).
 fn detach(p: &mut BodyPart, start: u64, end: u64) {
     p.header_start = start;
     p.body_start = start;

@@ -21,9 +21,20 @@ pub struct Sql {
     pub args: Vec<Arg>,
 }
 
+/// How much work one SEARCH may ask for (config `limits.max_search_keys`,
+/// `limits.max_search_text_keys`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_keys: usize,
+    pub max_text_keys: usize,
+}
+
 struct Builder {
     base: usize,
     args: Vec<Arg>,
+    limits: Limits,
+    keys: usize,
+    text_keys: usize,
 }
 
 impl Builder {
@@ -44,6 +55,19 @@ impl Builder {
         Ok(format!("({expr} {op} {p}::date)"))
     }
 
+    /// One more text key: each is a substring scan of every candidate's text (up to
+    /// MAX_INDEXED_TEXT), so a command of many ORed text keys is refused, not run.
+    fn text_key(&mut self) -> Result<(), ServiceError> {
+        self.text_keys += 1;
+        if self.text_keys > self.limits.max_text_keys {
+            return Err(ServiceError::InvalidArgument(format!(
+                "too many text search keys (BODY, TEXT, HEADER): at most {}",
+                self.limits.max_text_keys
+            )));
+        }
+        Ok(())
+    }
+
     fn body(&mut self, text: &str) -> String {
         let p = self.bind(Arg::Text(text.to_string()));
         // The index answers whole-word phrases; the substring test keeps IMAP's semantics
@@ -58,6 +82,13 @@ impl Builder {
             return Err(ServiceError::InvalidArgument(
                 "search key nested too deeply".into(),
             ));
+        }
+        self.keys += 1;
+        if self.keys > self.limits.max_keys {
+            return Err(ServiceError::InvalidArgument(format!(
+                "too many search keys: at most {}",
+                self.limits.max_keys
+            )));
         }
         let Some(k) = &key.key else {
             return Ok("TRUE".into());
@@ -130,6 +161,7 @@ impl Builder {
                         "EXISTS (SELECT 1 FROM jsonb_array_elements(b.headers) h WHERE h->>0 = {n})"
                     )
                 } else {
+                    self.text_key()?;
                     let v = self.bind(Arg::Text(h.value.clone()));
                     format!(
                         "EXISTS (SELECT 1 FROM jsonb_array_elements(b.headers) h
@@ -137,8 +169,12 @@ impl Builder {
                     )
                 }
             }
-            Key::Body(t) => self.body(t),
+            Key::Body(t) => {
+                self.text_key()?;
+                self.body(t)
+            }
             Key::Text(t) => {
+                self.text_key()?;
                 let body = self.body(t);
                 let p = self.bind(Arg::Text(t.clone()));
                 format!(
@@ -162,10 +198,13 @@ impl Builder {
 }
 
 /// `base`: how many parameters the surrounding query already uses.
-pub fn build(key: Option<&SearchKey>, base: usize) -> Result<Sql, ServiceError> {
+pub fn build(key: Option<&SearchKey>, base: usize, limits: Limits) -> Result<Sql, ServiceError> {
     let mut b = Builder {
         base,
         args: Vec::new(),
+        limits,
+        keys: 0,
+        text_keys: 0,
     };
     let cond = match key {
         Some(k) => b.cond(k, 0)?,

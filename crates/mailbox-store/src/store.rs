@@ -155,9 +155,18 @@ pub async fn put_blob(
         }
     }
     let owned = raw.to_vec();
-    let parsed = tokio::task::spawn_blocking(move || mime::parse(&owned))
+    // The parse gets its own big-stack thread (see mime::PARSE_STACK_BYTES); spawn_blocking
+    // only bounds how many run at once and keeps the wait off the async workers.
+    let parsed = tokio::task::spawn_blocking(move || mime::parse_on_big_stack(owned))
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
+        .map_err(|e| ServiceError::Internal(format!("parsing the message structure: {e}")))?;
+    if mime::structure_depth(&parsed.body) >= mime::MAX_MIME_DEPTH {
+        tracing::info!(
+            max_depth = mime::MAX_MIME_DEPTH,
+            "MIME nesting too deep: the deepest levels are stored as one opaque part"
+        );
+    }
     let headers = serde_json::to_value(
         parsed
             .headers
@@ -416,7 +425,17 @@ pub async fn publish(tx: &mut Tx<'_>, ev: &ChangeEvent) -> Result<(), ServiceErr
 /// The stored structure, shifted by the length of the entry's prefix (Return-Path: and
 /// Delivered-To: lines live in front of the shared blob and belong to the top header).
 pub fn decode_structure(body: &[u8], prefix_len: u64) -> BodyPart {
-    let mut b = BodyPart::decode(body).unwrap_or_default();
+    // Every stored structure is at most mime::MAX_MIME_DEPTH deep, well inside prost's decode
+    // recursion limit: a failure here is corrupt data (or an old row from before the bound),
+    // and is loud instead of silently describing the message as empty.
+    let mut b = match BodyPart::decode(body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "stored BODYSTRUCTURE does not decode");
+            debug_assert!(false, "stored BODYSTRUCTURE does not decode: {e}");
+            BodyPart::default()
+        }
+    };
     shift(&mut b, prefix_len, true);
     b
 }

@@ -238,3 +238,65 @@ async fn every_search_key() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn l3_too_many_search_keys_get_a_clear_invalid_argument() {
+    let s = store().await;
+    let acc = s.account("alice@example.test").await;
+    let inbox = s.inbox(acc).await;
+    let mut mb = s.mailbox().await;
+    append(
+        &mut mb,
+        acc,
+        "INBOX",
+        &[],
+        epoch("2026-01-10"),
+        b"Subject: x\r\n\r\nneedle\r\n",
+    )
+    .await;
+    let limits = mailsuite_mailbox_store::config::Limits::default();
+    let or_of = |n: usize, key: &dyn Fn(usize) -> Key| {
+        k(Key::Or(SearchKeys {
+            keys: (0..n).map(|i| k(key(i))).collect(),
+        }))
+    };
+    let search = |key: SearchKey| {
+        let mut mb = mb.clone();
+        async move {
+            mb.search(SearchRequest {
+                account_id: acc,
+                mailbox_id: inbox,
+                key: Some(key),
+            })
+            .await
+        }
+    };
+    // At the limit: answered.
+    let ok = search(or_of(limits.max_search_text_keys, &|i| {
+        Key::Body(if i == 0 {
+            "needle".into()
+        } else {
+            format!("hay{i}")
+        })
+    }))
+    .await
+    .expect("as many text keys as allowed");
+    assert_eq!(ok.into_inner().uids, vec![1]);
+    // One text key more (BODY, TEXT and HEADER values all count): refused, not run.
+    let n = limits.max_search_text_keys + 1;
+    for key in [
+        or_of(n, &|i| Key::Body(format!("b{i}"))),
+        or_of(n, &|i| Key::Text(format!("t{i}"))),
+        or_of(n, &|i| header("subject", &format!("h{i}"))),
+    ] {
+        let err = search(key).await.expect_err("too many text keys");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("too many text search keys"), "{err}");
+    }
+    // Too many keys of any kind.
+    let err = search(or_of(limits.max_search_keys, &|i| Key::Larger(i as u64)))
+        .await
+        .expect_err("too many keys");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("too many search keys"), "{err}");
+}

@@ -9,25 +9,69 @@ use sqlx::{ConnectOptions, PgPool};
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
+/// A statement that runs longer than this is cancelled, so one query cannot hold a pool
+/// connection (and a PostgreSQL backend) indefinitely.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a pool is opened with besides its URL.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    /// PostgreSQL `statement_timeout` of every connection; zero disables it.
+    pub statement_timeout: Duration,
+}
+
 /// Connect a pool with `synchronous_commit = on`: an acknowledged message must survive a
-/// crash.
+/// crash. Statements time out after `DEFAULT_STATEMENT_TIMEOUT`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    connect_with(
+        url,
+        PoolSettings {
+            max_connections,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+        },
+    )
+    .await
+}
+
+/// `connect` with explicit settings.
+pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<PgPool, sqlx::Error> {
     let opts: PgConnectOptions = url.parse()?;
+    let timeout = format!("{}ms", settings.statement_timeout.as_millis());
     // Set explicitly: a server or role default of `off` would make a crash lose mail that
-    // was already acknowledged with 250 / OK.
+    // was already acknowledged with 250 / OK. The timeout is a startup option so it holds
+    // for every connection the pool ever opens, and RESET returns to it.
     let opts = opts
         .application_name("mailsuite")
-        .options([("synchronous_commit", "on")])
+        .options([
+            ("synchronous_commit", "on"),
+            ("statement_timeout", timeout.as_str()),
+        ])
         .disable_statement_logging();
     PgPoolOptions::new()
-        .max_connections(max_connections.max(1))
+        .max_connections(settings.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(opts)
         .await
 }
 
+/// Migrations may legitimately run longer than the pool's statement timeout (an index on a
+/// large table): they run on one connection with the timeout off, restored afterwards.
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let result = MIGRATOR.run(&mut *conn).await;
+    // RESET goes back to the connection's startup value (the pool's timeout).
+    if sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        conn.detach();
+    }
+    result
 }
 
 #[cfg(test)]
@@ -49,5 +93,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v, "on");
+    }
+
+    #[tokio::test]
+    async fn l3_every_pool_connection_has_the_statement_timeout() {
+        let server = crate::pg::locate(&std::env::temp_dir().join("mailsuite-testkit-pg"))
+            .expect("a PostgreSQL server")
+            .0;
+        let settings = super::PoolSettings {
+            max_connections: 2,
+            statement_timeout: std::time::Duration::from_millis(1234),
+        };
+        let pool = super::connect_with(&server, settings).await.unwrap();
+        // Both connections of the pool, not only the first.
+        let mut a = pool.acquire().await.unwrap();
+        let mut b = pool.acquire().await.unwrap();
+        for c in [&mut *a, &mut *b] {
+            let v: String = sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(c)
+                .await
+                .unwrap();
+            assert_eq!(v, "1234ms");
+        }
+        let err = sqlx::query("SELECT pg_sleep(5)")
+            .execute(&mut *a)
+            .await
+            .expect_err("cancelled by the timeout");
+        assert_eq!(
+            err.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("57014"),
+            "query_canceled: {err}"
+        );
+        drop((a, b));
+        let default = super::connect(&server, 1).await.unwrap();
+        let v: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&default)
+            .await
+            .unwrap();
+        assert_eq!(v, "30s");
     }
 }

@@ -1,6 +1,7 @@
-//! Fuzz the MIME metadata builder and the section resolver. Invariants: no panic; every part's
-//! offsets are ordered (header ≤ body ≤ end) and inside the message; every section range that
-//! resolves is ordered and inside the message.
+//! Fuzz the MIME metadata builder and the section resolver. Invariants: no panic (and no stack
+//! overflow, however deep the nesting); the structure is at most `MAX_MIME_DEPTH` deep; every
+//! part's offsets are ordered (header ≤ body ≤ end) and inside the message; every section
+//! range that resolves is ordered and inside the message.
 #![no_main]
 
 #[path = "../../src/mime.rs"]
@@ -40,6 +41,8 @@ fn ranges(p: &BodyPart, total: u64, depth: usize, paths: &mut Vec<Vec<u32>>, pat
 fuzz_target!(init: drop(std::panic::take_hook()), |raw: &[u8]| {
     let parsed = mime::parse(raw);
     let total = raw.len() as u64;
+    let depth = mime::structure_depth(&parsed.body);
+    assert!(depth <= mime::MAX_MIME_DEPTH, "structure {depth} deep");
     let mut paths = Vec::new();
     ranges(&parsed.body, total, 0, &mut paths, Vec::new());
     paths.push(vec![9, 9]);

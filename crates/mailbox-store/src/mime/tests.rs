@@ -559,3 +559,135 @@ fn parser_panic_on_crafted_nesting_gives_a_flat_body() {
     assert!(p.body.parts.is_empty());
     check(raw);
 }
+
+/// `levels` nested containers, alternating multipart/mixed (even levels) and message/rfc822
+/// (odd levels), around one text part. Also used (as a copy) by the end-to-end C1 tests.
+fn deep_nested(levels: usize) -> Vec<u8> {
+    let mut m = b"From: a@b.test\r\nSubject: deep\r\n".to_vec();
+    for i in 0..levels {
+        if i % 2 == 0 {
+            m.extend_from_slice(
+                format!("Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n")
+                    .as_bytes(),
+            );
+        } else {
+            m.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\n");
+        }
+    }
+    m.extend_from_slice(b"Content-Type: text/plain\r\n\r\ninnermost\r\n");
+    for i in (0..levels).rev() {
+        if i % 2 == 0 {
+            m.extend_from_slice(format!("--b{i}--\r\n").as_bytes());
+        }
+    }
+    m
+}
+
+#[test]
+fn c1_deeply_nested_mime_parse_is_depth_bounded_at_100k_levels() {
+    use prost::Message as _;
+    let raw = deep_nested(100_000);
+    // On the caller's (test thread's) stack: the fix must not depend on the big stack for
+    // unencoded nesting.
+    let p = parse(&raw);
+    let depth = structure_depth(&p.body);
+    assert_eq!(depth, MAX_MIME_DEPTH, "cut exactly at the limit");
+    // Every part's offsets are inside the message and ordered; the opaque leaf at the bottom
+    // covers the rest of the nesting, raw.
+    let mut stack = vec![&p.body];
+    let mut leaf = None;
+    while let Some(b) = stack.pop() {
+        assert!(b.header_start <= b.body_start && b.body_start <= b.body_end);
+        assert!(b.body_end <= raw.len() as u64);
+        stack.extend(b.parts.iter());
+        stack.extend(b.message.as_deref());
+        if b.parts.is_empty() && b.message.is_none() {
+            leaf = Some(b);
+        }
+    }
+    let leaf = leaf.expect("a leaf");
+    assert_eq!(kind(leaf), ("APPLICATION".into(), "OCTET-STREAM".into()));
+    let cut = &raw[leaf.body_start as usize..leaf.body_end as usize];
+    assert!(
+        cut.windows(9).any(|w| w == b"innermost"),
+        "the deep content is inside the leaf"
+    );
+    // BODY[1] of the top multipart is the nested message, sliced from the raw bytes.
+    match section_range(&p.body, raw.len() as u64, &[1], SectionKind::Full) {
+        SectionRange::Bytes { start, end, .. } => {
+            assert!(
+                raw[start as usize..end as usize]
+                    .starts_with(b"Content-Type: multipart/mixed; boundary=\"b2\"")
+            )
+        }
+        SectionRange::Missing => panic!("BODY[1] missing"),
+    }
+    // The structure survives prost (whose decode recursion limit is 100).
+    let bytes = p.body.encode_to_vec();
+    let back = BodyPart::decode(bytes.as_slice()).expect("decodes");
+    assert_eq!(back, p.body);
+    assert!(p.text.is_empty() || p.text.contains("innermost"));
+}
+
+#[test]
+fn c1_deeply_nested_message_rfc822_only_is_depth_bounded() {
+    let mut raw = b"From: a@b.test\r\n".to_vec();
+    for _ in 0..100_000 {
+        raw.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\n");
+    }
+    raw.extend_from_slice(b"Subject: inner\r\n\r\nhello\r\n");
+    let p = parse(&raw);
+    assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
+    assert_eq!(p.body.body_end, raw.len() as u64);
+}
+
+#[test]
+fn c1_nesting_within_the_limit_is_described_fully() {
+    let raw = deep_nested(MAX_MIME_DEPTH - 2);
+    let p = parse(&raw);
+    assert_eq!(structure_depth(&p.body), MAX_MIME_DEPTH - 1);
+    assert!(p.text.contains("innermost"));
+}
+
+#[test]
+fn c1_base64_wrapped_deep_nesting_parses_on_the_big_stack() {
+    use base64::Engine;
+    let inner = deep_nested(20_000);
+    let mut raw = b"From: a@b.test\r\nContent-Type: multipart/mixed; boundary=\"top\"\r\n\r\n--top\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n".to_vec();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&inner);
+    for line in b64.as_bytes().chunks(76) {
+        raw.extend_from_slice(line);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"--top--\r\n");
+    let p = parse_on_big_stack(raw.clone()).expect("parsed");
+    assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
+    assert!(p.body.body_end <= raw.len() as u64);
+}
+
+#[test]
+fn c1_part_ids_shared_between_multiparts_are_described_once() {
+    // Found by fuzz/mime: mail-parser lists the same part under several multiparts of this
+    // 4 KB message, and describing each listing again grew exponentially with the depth.
+    for raw in [
+        &include_bytes!("../../fuzz/seeds/shared_part_ids_oom.eml")[..],
+        &include_bytes!("../../fuzz/seeds/shared_part_ids_slow.eml")[..],
+    ] {
+        let p = parse(raw);
+        let mut nodes = 0;
+        let mut stack = vec![&p.body];
+        while let Some(b) = stack.pop() {
+            nodes += 1;
+            stack.extend(b.parts.iter());
+            stack.extend(b.message.as_deref());
+        }
+        // At most one node per MIME header (plus an empty placeholder or two): a
+        // structure larger than the message cannot be honest.
+        assert!(
+            nodes <= raw.len() / 8,
+            "{nodes} nodes for {} bytes",
+            raw.len()
+        );
+        assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
+    }
+}
