@@ -495,6 +495,36 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     ListPattern::new(pattern).matches(name)
 }
 
+/// Matcher steps after which a LIST hands its worker back to the runtime (a few ms of work).
+const LIST_YIELD_STEPS: u64 = 1 << 20;
+
+/// Which of `names` any of `patterns` matches, in order. One name costs at most name length
+/// × pattern length steps, but a user chooses how many names (and ancestors of deep names)
+/// there are, so the whole LIST is not bounded by the caps alone: it yields to the runtime
+/// every `LIST_YIELD_STEPS` steps, so that one expensive LIST never stalls the other
+/// sessions on its worker.
+async fn match_names(patterns: &[ListPattern], names: &[&str]) -> Vec<bool> {
+    let mut since_yield = 0u64;
+    let mut out = Vec::with_capacity(names.len());
+    for &name in names {
+        let mut hit = false;
+        for p in patterns {
+            let (m, steps) = p.matches_counting(name);
+            since_yield += steps;
+            if m {
+                hit = true;
+                break;
+            }
+        }
+        out.push(hit);
+        if since_yield >= LIST_YIELD_STEPS {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+    out
+}
+
 /// The elements of a sequence set as closed intervals (`*` standing for `star`), sorted and
 /// merged where they overlap or touch. Space is O(elements), whatever the intervals span.
 pub fn merged_intervals(set: &SequenceSet, star: u32) -> Vec<(u32, u32)> {
@@ -1470,7 +1500,9 @@ impl Session {
             boxes.iter().map(|b| b.name.as_str()).collect();
         // Everything about the hierarchy in one pass over the mailboxes (each matched once):
         // a per-mailbox scan of all the others made a LIST quadratic in the mailbox count.
-        let matched: Vec<bool> = boxes.iter().map(|b| pat.matches(&b.name)).collect();
+        let pats = std::slice::from_ref(&pat);
+        let box_names: Vec<&str> = boxes.iter().map(|b| b.name.as_str()).collect();
+        let matched = match_names(pats, &box_names).await;
         let mut with_children = std::collections::HashSet::new();
         let mut with_matching_child = std::collections::HashSet::new();
         // Parents that do not exist themselves.
@@ -1519,8 +1551,10 @@ impl Session {
         }
         // Parents that do not exist themselves but have matching-level children are listed
         // as \Noselect when the pattern stops at their level (e.g. `%` with only `a/b`).
-        for p in parents {
-            if pat.matches(p) && !with_matching_child.contains(p) {
+        let parent_names: Vec<&str> = parents.iter().copied().collect();
+        let parents_matched = match_names(pats, &parent_names).await;
+        for (p, m) in parents.into_iter().zip(parents_matched) {
+            if m && !with_matching_child.contains(p) {
                 // RFC 9051 §7.3.1: a name that does not exist is \NonExistent in rev2.
                 let missing = if self.rev2 && !lsub {
                     attr("\\NonExistent")
@@ -1645,7 +1679,6 @@ impl Session {
             names.insert(b.name.as_str());
             names.extend(ancestors(&b.name));
         }
-        let matches = |n: &str| patterns.iter().any(|p| p.matches(n));
         // Does this existing mailbox satisfy the selection options?
         let selected = |b: &pb::MailboxInfo| {
             (!l.sel_subscribed || b.subscribed)
@@ -1653,8 +1686,13 @@ impl Session {
         };
         // Each name is matched once, and what its descendants are is gathered in one pass
         // over the mailboxes: a scan of all mailboxes per name made LIST quadratic.
-        let matched: std::collections::HashSet<&str> =
-            names.iter().copied().filter(|n| matches(n)).collect();
+        let all_names: Vec<&str> = names.iter().copied().collect();
+        let hits = match_names(&patterns, &all_names).await;
+        let matched: std::collections::HashSet<&str> = all_names
+            .iter()
+            .zip(hits)
+            .filter_map(|(n, m)| m.then_some(*n))
+            .collect();
         let mut with_children = std::collections::HashSet::new();
         let mut with_matching_child = std::collections::HashSet::new();
         let mut with_unmatched_selected_child = std::collections::HashSet::new();
@@ -3416,6 +3454,31 @@ mod tests {
         for (p, n, want) in table {
             assert_eq!(pattern_matches(p, n), *want, "{p:?} vs {n:?}");
         }
+    }
+
+    /// H1: however many (deep) names a user made, an expensive LIST hands the worker back
+    /// to other sessions instead of holding it to the end (on a current-thread runtime the
+    /// spawned task can only have run if the matching yielded).
+    #[tokio::test]
+    async fn h1_a_costly_list_yields_to_other_sessions() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let pattern = ListPattern::new("*a*a*a*a*a*a*a*ab");
+        let name = "a".repeat(1000);
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        tokio::spawn(async move { r.store(true, Ordering::SeqCst) });
+        let few = match_names(std::slice::from_ref(&pattern), &["a/b", "c"]).await;
+        assert_eq!(few, vec![false, false]);
+        assert!(!ran.load(Ordering::SeqCst), "cheap matching does not yield");
+        let names: Vec<String> = (0..200).map(|i| format!("{name}{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+        let many = match_names(std::slice::from_ref(&pattern), &refs).await;
+        assert!(many.iter().all(|m| !m));
+        assert!(
+            ran.load(Ordering::SeqCst),
+            "the other task ran during the LIST"
+        );
     }
 
     #[test]

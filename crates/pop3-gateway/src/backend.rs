@@ -37,6 +37,14 @@ pub trait Backend: Send + Sync + 'static {
     /// it is dropped.
     type Lock: Send + 'static;
 
+    /// Resolves once `lock` is no longer held (the store lost it, or went away): another
+    /// session may then open the maildrop, so this one must end without UPDATE. Must be
+    /// cancel-safe (it is raced against every read). Default: a lock that cannot be lost.
+    fn lock_lost(lock: &mut Self::Lock) -> impl Future<Output = ()> + Send {
+        let _ = lock;
+        std::future::pending()
+    }
+
     /// Whether the store can serve requests now (drives `/readyz`).
     fn ready(&self) -> impl Future<Output = bool> + Send {
         async { true }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mailsuite_runtime::Shutdown;
 use mailsuite_runtime::metrics;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -292,6 +292,20 @@ impl<B: Backend> Conn<B> {
                     self.close(&mut io).await;
                     return Next::Closed;
                 }
+                _ = lock_lost::<B>(&mut self.lock) => {
+                    // Another session may hold the maildrop now: end this one without
+                    // UPDATE, so nothing is removed on the strength of a lost lock.
+                    tracing::warn!("maildrop lock lost: ending the session without UPDATE");
+                    metrics::counter("mailsuite_pop3_locks_lost_total", &[]).inc();
+                    self.lock = None;
+                    Reply::err_code(
+                        RespCode::SysTemp,
+                        "the maildrop lock was lost; nothing was removed, log in again",
+                    )
+                    .serialize(&mut self.out);
+                    self.close(&mut io).await;
+                    return Next::Closed;
+                }
                 r = tokio::time::timeout_at(deadline.0, io.read(&mut buf)) => r,
             };
             match read {
@@ -403,14 +417,23 @@ impl<B: Backend> Conn<B> {
                     seen,
                 } => {
                     let timeout = Duration::from_secs(self.limits().store_timeout_secs.max(1));
-                    let result = match tokio::time::timeout(
-                        timeout * 2,
-                        self.shared.backend.update(target, &deleted, &seen),
-                    )
-                    .await
-                    {
-                        Ok(r) => r.map_err(|f| f.to_string()),
-                        Err(_) => Err("mail store timed out".to_string()),
+                    let lost = match self.lock.as_mut() {
+                        Some(l) => B::lock_lost(l).now_or_never().is_some(),
+                        None => true,
+                    };
+                    let result = if lost {
+                        metrics::counter("mailsuite_pop3_locks_lost_total", &[]).inc();
+                        Err("the maildrop lock was lost; nothing was removed".to_string())
+                    } else {
+                        match tokio::time::timeout(
+                            timeout * 2,
+                            self.shared.backend.update(target, &deleted, &seen),
+                        )
+                        .await
+                        {
+                            Ok(r) => r.map_err(|f| f.to_string()),
+                            Err(_) => Err("mail store timed out".to_string()),
+                        }
                     };
                     if result.is_ok() {
                         metrics::counter("mailsuite_pop3_messages_deleted_total", &[])
@@ -652,6 +675,14 @@ impl<B: Backend> Conn<B> {
         if self.write(io).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
         }
+    }
+}
+
+/// Resolves when the session's maildrop lock is lost; never while there is none.
+async fn lock_lost<B: Backend>(lock: &mut Option<B::Lock>) {
+    match lock {
+        Some(l) => B::lock_lost(l).await,
+        None => std::future::pending().await,
     }
 }
 

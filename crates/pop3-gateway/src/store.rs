@@ -118,7 +118,8 @@ impl WindowReader {
 /// PostgreSQL does when the store's connection dies.
 pub struct MaildropLock {
     _release: tokio::sync::mpsc::Sender<LockControl>,
-    _events: Streaming<LockEvent>,
+    /// The store ends this stream (UNAVAILABLE) when it loses the lock.
+    events: Streaming<LockEvent>,
 }
 
 impl StoreBackend {
@@ -170,7 +171,7 @@ impl StoreBackend {
             Ok(Err(status)) => Err(login_error(status, "locking the maildrop")),
             Ok(Ok((Some(ev), events))) if ev.acquired => Ok(MaildropLock {
                 _release: tx,
-                _events: events,
+                events,
             }),
             Ok(Ok((Some(_), _))) => Err(LoginError::InUse),
             Ok(Ok((None, _))) => Err(LoginError::Temporary(
@@ -209,6 +210,12 @@ fn failure(status: Status, during: &str) -> Failure {
 
 impl Backend for StoreBackend {
     type Lock = MaildropLock;
+
+    async fn lock_lost(lock: &mut MaildropLock) {
+        // `message()` keeps its partial-frame state in the stream, so dropping this future
+        // between reads loses nothing.
+        while let Ok(Some(_)) = lock.events.message().await {}
+    }
 
     async fn ready(&self) -> bool {
         let request = self.unary(HealthCheckRequest {

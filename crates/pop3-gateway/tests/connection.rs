@@ -40,6 +40,8 @@ struct State {
 #[derive(Clone, Default)]
 struct Mem {
     state: Arc<Mutex<State>>,
+    /// Notified to make the store "lose" the session's maildrop lock.
+    lose_lock: Arc<tokio::sync::Notify>,
     /// Octets of the big message handed to the gateway so far.
     pulled: Arc<AtomicUsize>,
 }
@@ -59,6 +61,10 @@ fn big_line(i: usize) -> String {
 
 impl Backend for Mem {
     type Lock = MemLock;
+
+    async fn lock_lost(lock: &mut MemLock) {
+        lock.0.lose_lock.notified().await
+    }
 
     async fn login(
         &self,
@@ -455,6 +461,29 @@ async fn dele_is_applied_only_after_quit() {
     let s = srv.mem.state.lock().unwrap();
     assert_eq!(s.updates, vec![(vec![5], vec![3])]);
     assert!(!s.locked);
+}
+
+/// M3 follow-up: when the store loses the maildrop lock (its lock connection died), the
+/// session ends at once with a temporary error and without UPDATE, because another session
+/// may hold the maildrop now.
+#[tokio::test]
+async fn m3_a_lost_maildrop_lock_ends_the_session_without_update() {
+    let srv = Server::start(|_| {}).await;
+    let mut c = srv.tls().await;
+    c.login().await;
+    assert_eq!(c.cmd("DELE 2").await, "+OK message 2 deleted");
+    srv.mem.lose_lock.notify_one();
+    let r = c.line().await;
+    assert_eq!(
+        r,
+        "-ERR [SYS/TEMP] the maildrop lock was lost; nothing was removed, log in again"
+    );
+    assert!(c.closed().await);
+    {
+        let s = srv.mem.state.lock().unwrap();
+        assert!(s.updates.is_empty(), "no UPDATE after a lost lock");
+        assert!(!s.locked, "the session's lock handle is dropped");
+    }
 }
 
 #[tokio::test]
