@@ -41,16 +41,8 @@ struct Entry {
     last: u64,
 }
 
-/// The address an entry is kept under.
-pub fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
+/// The address an entry is kept under (IPv6 by /64), as every per-client limit keys it.
+pub use mailsuite_runtime::listener::client_key as key;
 
 /// A login attempt counted as a failure in advance. Dropping it (or `fail`) keeps it
 /// counted; `release` gives it back.

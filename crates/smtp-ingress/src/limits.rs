@@ -47,16 +47,8 @@ impl Window {
     }
 }
 
-/// The key a client is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by /64.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
+/// The key a client is counted under (IPv6 by /64), as every per-client limit keys it.
+pub use mailsuite_runtime::listener::client_key;
 
 pub struct RateLimiter {
     ips: Mutex<HashMap<IpAddr, Window>>,

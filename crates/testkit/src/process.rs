@@ -18,6 +18,47 @@ pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+/// Run `bin` to its exit (a start-up that must fail), with `env` set and
+/// `MAILSUITE_INTERNAL_TOKEN` removed; its exit status and standard error. Panics (after
+/// killing it) if it is still running after `timeout`.
+pub fn run_to_exit(
+    bin: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (ExitStatus, String) {
+    let mut c = Command::new(bin);
+    c.args(args)
+        .env_remove("MAILSUITE_INTERNAL_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    // Drained on its own thread so a chatty child cannot block on a full pipe.
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        err
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{bin} {args:?} was still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap_or_default())
+}
+
 pub struct ServiceProcess {
     child: Option<Child>,
     pub name: String,
