@@ -90,14 +90,12 @@ pub async fn database(
     if !cfg.database_url.is_empty() {
         return Ok((cfg.database_url.clone(), None));
     }
-    let (server, cluster) = if pg::port_open("127.0.0.1", 5432) {
-        (
-            "postgres://postgres@127.0.0.1:5432/postgres".to_string(),
-            None,
-        )
+    let (server, cluster) = if let Some(url) = pg::local_trusted_server() {
+        (url, None)
     } else {
         eprintln!(
-            "no PostgreSQL on 127.0.0.1:5432: using a private cluster in {}",
+            "no PostgreSQL on 127.0.0.1:5432 that lets user postgres in without a password: \
+             using a private cluster in {}",
             data_dir.join("postgres").display()
         );
         let c = pg::PrivateCluster::ensure(&data_dir.join("postgres"))?;

@@ -51,6 +51,50 @@ pub fn port_open(host: &str, port: u16) -> bool {
         .any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
 }
 
+/// The superuser URL of a server on 127.0.0.1:5432 that lets `postgres` in without a
+/// password (a developer's or CI's server with trust authentication), if there is one.
+/// A packaged cluster that asks for a password over TCP (Debian's `postgresql` does) is
+/// passed over with a note, so that callers fall back to a private cluster instead of
+/// failing on authentication.
+pub fn local_trusted_server() -> Option<String> {
+    const URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+    if !port_open("127.0.0.1", 5432) {
+        return None;
+    }
+    // Callers may be inside a runtime already (tests, `mailsuite up`): probe on a thread
+    // of our own with a runtime of its own.
+    let probe = std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            use sqlx::Connection;
+            match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(URL))
+                .await
+            {
+                Ok(Ok(c)) => {
+                    let _ = c.close().await;
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 5 s".to_string()),
+            }
+        })
+    });
+    match probe.join() {
+        Ok(Ok(())) => Some(URL.to_string()),
+        Ok(Err(e)) => {
+            eprintln!(
+                "PostgreSQL on 127.0.0.1:5432 does not let user postgres in without a password \
+                 ({e}): using a private cluster instead (set DATABASE_URL to use that server)"
+            );
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self is owned by the process's effective user.
@@ -189,8 +233,8 @@ pub fn locate(private_dir: &Path) -> Result<(String, Option<PrivateCluster>), Pg
     {
         return Ok((url, None));
     }
-    if port_open("127.0.0.1", 5432) {
-        return Ok(("postgres://postgres@127.0.0.1:5432/postgres".into(), None));
+    if let Some(url) = local_trusted_server() {
+        return Ok((url, None));
     }
     let c = PrivateCluster::ensure(private_dir)?;
     Ok((c.url(), Some(c)))
