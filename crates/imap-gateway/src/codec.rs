@@ -55,6 +55,11 @@ pub enum Input {
     PreauthLiteralTooBig {
         tag: Option<Tag<'static>>,
     },
+    /// A non-synchronizing literal in AUTHENTICATE data or DONE, where no literal is allowed:
+    /// its bytes follow without waiting and would have to be read to be skipped, so the
+    /// connection must end (as for `PreauthLiteralTooBig`; AUTHENTICATE data comes before
+    /// login).
+    UnexpectedLiteral,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,10 +156,19 @@ impl Decoder {
                     if let Some(a) = announcement {
                         self.in_literal = true;
                         if self.mode != Mode::Command {
-                            // Literals are not part of AUTHENTICATE data or DONE; the line is
-                            // bad, and the literal bytes (if sent) are discarded with it.
-                            self.frag.poison_message();
-                            continue;
+                            // Literals are never part of AUTHENTICATE data or DONE, and this
+                            // mode is reachable before login: consuming the literal (even to
+                            // discard it) would make the fragmentizer store it up to its cap
+                            // of `max_append`, whatever the login state.
+                            return Some(match a.mode {
+                                LiteralMode::Sync => {
+                                    // No "+": the client does not send the literal.
+                                    self.frag.skip_message();
+                                    self.reset_message();
+                                    Input::Bad { tag: None }
+                                }
+                                LiteralMode::NonSync => Input::UnexpectedLiteral,
+                            });
                         }
                         let append = self.is_append();
                         let limit = if !self.authenticated {
@@ -337,7 +351,12 @@ mod tests {
             d.feed(piece);
             while let Some(i) = d.next_input() {
                 // These end the connection: nothing after them is ever decoded.
-                let end = matches!(i, Input::LineTooLong | Input::PreauthLiteralTooBig { .. });
+                let end = matches!(
+                    i,
+                    Input::LineTooLong
+                        | Input::PreauthLiteralTooBig { .. }
+                        | Input::UnexpectedLiteral
+                );
                 out.push(i);
                 if end {
                     return out;
@@ -426,6 +445,63 @@ mod tests {
         d.set_authenticated(true);
         d.feed(b"a2 APPEND INBOX {4000}\r\n");
         assert_eq!(d.next_input(), Some(Input::ContinueLiteral));
+    }
+
+    #[test]
+    fn m1_literal_in_authenticate_data_or_done_is_never_buffered() {
+        // `a AUTHENTICATE PLAIN` puts the connection in data mode before any credentials;
+        // a literal there used to be poisoned but still stored up to the fragmentizer cap.
+        for authenticated in [false, true] {
+            for (verb, mode) in [
+                ("a1 AUTHENTICATE PLAIN", Mode::AuthenticateData),
+                ("a1 IDLE", Mode::IdleDone),
+            ] {
+                let is_verb = |i: &Input| matches!(i, Input::Command(..));
+                // Synchronizing, of any size: refused with no "+", nothing stored, and the
+                // next line is a command again (the connection switches back on BAD).
+                for size in [5u64, 4_000, 67_000_000] {
+                    let input = format!("{verb}\r\nx {{{size}}}\r\na2 NOOP\r\n");
+                    let out = same_in_all_chunkings_as(
+                        authenticated,
+                        input.as_bytes(),
+                        &[(1, mode), (2, Mode::Command)],
+                    );
+                    assert!(is_verb(&out[0]), "{out:?}");
+                    assert_eq!(out[1], Input::Bad { tag: None }, "{verb} {size}");
+                    assert!(
+                        matches!(&out[2], Input::Command(c, _) if c.name() == "NOOP"),
+                        "{out:?}"
+                    );
+                    assert_eq!(out.len(), 3);
+                }
+                // Non-synchronizing, of any size: the connection ends before the literal.
+                for size in [5u64, 4_000, 67_000_000] {
+                    let mut input = format!("{verb}\r\nx {{{size}+}}\r\n").into_bytes();
+                    input.extend(std::iter::repeat_n(b'x', 6_000));
+                    let out = same_in_all_chunkings_as(authenticated, &input, &[(1, mode)]);
+                    assert!(is_verb(&out[0]), "{out:?}");
+                    assert_eq!(out[1], Input::UnexpectedLiteral, "{verb} {size}");
+                    assert_eq!(out.len(), 2);
+                }
+                // What the decoder holds after the attack's first megabyte: the line only.
+                let mut d = Decoder::new(limits());
+                d.set_authenticated(authenticated);
+                d.feed(format!("{verb}\r\n").as_bytes());
+                assert!(is_verb(&d.next_input().unwrap()));
+                d.set_mode(mode);
+                d.feed(b"x {67000000+}\r\n");
+                let mut got = None;
+                for _ in 0..256 {
+                    d.feed(&[b'x'; 4096]);
+                    if let Some(i) = d.next_input() {
+                        got = Some(i);
+                        break;
+                    }
+                }
+                assert_eq!(got, Some(Input::UnexpectedLiteral));
+                assert!(d.frag.message_bytes().len() < 100);
+            }
+        }
     }
 
     fn tag(t: &str) -> Option<Tag<'static>> {

@@ -421,6 +421,14 @@ where
                         "APPEND requires authentication",
                     );
                 }
+                Input::UnexpectedLiteral => {
+                    if let Some(t) = pending.take() {
+                        out.tagged(&t, StatusKind::Bad, None, "Unexpected input");
+                    }
+                    out.bye(None, "Literal not allowed here");
+                    out.flush().await?;
+                    return Ok(());
+                }
                 Input::PreauthLiteralTooBig { tag } => {
                     let tag = tag.unwrap_or_else(|| Tag::try_from("*").expect("tag"));
                     out.tagged(&tag, StatusKind::Bad, Some(Code::TooBig), "Too large");

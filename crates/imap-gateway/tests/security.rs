@@ -114,6 +114,50 @@ async fn m1_append_literal_before_login_is_refused_without_continuation() {
     env.stop().await;
 }
 
+/// M1 bypass: `a AUTHENTICATE PLAIN` needs no credentials, and a literal in the data line
+/// that follows got `+` (synchronizing) or was read and stored up to the 64 MiB message cap
+/// (non-synchronizing): the pre-login limit only applied to commands. Now a literal there is
+/// refused without `+`, or ends the connection before any of its bytes are read.
+#[tokio::test(flavor = "multi_thread")]
+async fn m1_literal_in_authenticate_data_is_not_buffered() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.tls().await;
+    c.send(b"a1 AUTHENTICATE PLAIN\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    c.send(b"x {67000000}\r\n").await;
+    assert_eq!(c.line().await, "a1 BAD Unexpected input\r\n", "no \"+\"");
+    let r = c.cmd("NOOP").await;
+    assert!(r.starts_with("t1 OK"), "back in command mode: {r}");
+
+    // Only the announcement is sent: the answer and the close must come without the literal.
+    c.send(b"a2 AUTHENTICATE PLAIN\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    c.send(b"x {67000000+}\r\n").await;
+    assert_eq!(c.line().await, "a2 BAD Unexpected input\r\n");
+    assert!(c.line().await.starts_with("* BYE "));
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::AsyncReadExt::read_to_end(&mut c.s, &mut rest),
+    )
+    .await
+    .expect("closed in time")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "closed: {}", String::from_utf8_lossy(&rest));
+
+    // AUTHENTICATE itself still works.
+    let mut c = env.tls().await;
+    c.send(b"a1 AUTHENTICATE PLAIN\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    let creds = format!("\0bob@example.test\0{PASSWORD}");
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, creds);
+    c.send(format!("{b64}\r\n").as_bytes()).await;
+    let r = String::from_utf8(c.until_tag("a1").await).unwrap();
+    assert!(tagged(&r).contains("a1 OK"), "{r}");
+    env.stop().await;
+}
+
 /// M2: `FETCH 1:*,1:*,…` expanded every element before deduplicating (gigabytes from one
 /// 64 KiB line). Now each message is fetched once, and too many elements are refused.
 #[tokio::test(flavor = "multi_thread")]

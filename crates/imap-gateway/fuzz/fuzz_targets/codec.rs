@@ -47,7 +47,7 @@ fn run(data: &[u8], chunk: usize, mut authenticated: bool) -> Vec<String> {
             }
             let stop = matches!(
                 input,
-                Input::LineTooLong | Input::PreauthLiteralTooBig { .. }
+                Input::LineTooLong | Input::PreauthLiteralTooBig { .. } | Input::UnexpectedLiteral
             );
             out.push(format!("{input:?}"));
             d.set_mode(next_mode);
