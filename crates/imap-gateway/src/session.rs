@@ -1968,21 +1968,11 @@ impl Session {
 
     /// Resolve a sequence set (or UID set) against the session's map: `(seq, uid)` pairs,
     /// ascending. Message numbers beyond the mailbox are an error for sequence sets.
-    fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
-        self.resolve_with(set, uid, false)
-    }
-
-    /// `lenient`: message numbers beyond the mailbox simply match nothing (SEARCH).
     ///
     /// The set is merged into disjoint intervals before anything is expanded, so the result
     /// holds each message once however often the set names it (`1:*,1:*,…` expanded per
     /// element turned a 64 KiB line into gigabytes).
-    fn resolve_with(
-        &self,
-        set: &SequenceSet,
-        uid: bool,
-        lenient: bool,
-    ) -> Result<Vec<(u32, u32)>, &'static str> {
+    fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
         let sel = self.selected.as_ref().ok_or("No mailbox selected")?;
         if set.0.as_ref().len() > self.limits.max_sequence_set {
             return Err("Too many elements in the sequence set");
@@ -2014,7 +2004,7 @@ impl Session {
                 return Ok(vec![]);
             }
             let intervals = merged_intervals(set, n);
-            if !lenient && intervals.iter().any(|&(a, b)| a == 0 || b > n) {
+            if intervals.iter().any(|&(a, b)| a == 0 || b > n) {
                 return Err("Invalid message sequence number");
             }
             for (a, b) in intervals {
@@ -2690,12 +2680,7 @@ impl Session {
             return None;
         }
         let mut uses_modseq = false;
-        let keys: Result<Vec<pb::SearchKey>, &'static str> = criteria
-            .as_ref()
-            .iter()
-            .map(|k| self.search_key(k, &mut uses_modseq))
-            .collect();
-        let keys = match keys {
+        let keys = match self.search_keys(criteria.as_ref(), &mut uses_modseq) {
             Ok(k) => k,
             Err(m) => {
                 out.tagged(tag, StatusKind::Bad, None, m);
@@ -2734,10 +2719,30 @@ impl Session {
         Some((uids, uses_modseq.then_some(r.highestmodseq)))
     }
 
+    /// The store's keys for a SEARCH. Their size is bounded by the command, not by the
+    /// mailbox: every sequence set becomes at most as many UID intervals as it has elements
+    /// (capped for the whole command above), except `$`, the saved result, which may be
+    /// copied whole once; beyond that, copies of it count against `max_sequence_set`.
+    fn search_keys(
+        &self,
+        criteria: &[SearchKey<'_>],
+        modseq: &mut bool,
+    ) -> Result<Vec<pb::SearchKey>, &'static str> {
+        let mut budget = self
+            .limits
+            .max_sequence_set
+            .saturating_add(self.saved.len());
+        criteria
+            .iter()
+            .map(|k| self.search_key(k, modseq, &mut budget))
+            .collect()
+    }
+
     fn search_key(
         &self,
         k: &SearchKey<'_>,
         modseq: &mut bool,
+        budget: &mut usize,
     ) -> Result<pb::SearchKey, &'static str> {
         use pb::search_key::Key as K;
         let s = |a: &AString<'_>| String::from_utf8_lossy(a.as_ref()).into_owned();
@@ -2754,24 +2759,30 @@ impl Session {
                 value: s(v),
             })
         };
-        let uidset = |pairs: Vec<(u32, u32)>| {
-            K::Uids(pb::UidSet::from_uids(pairs.into_iter().map(|(_, u)| u)))
-        };
+        fn uidset(budget: &mut usize, ranges: Vec<(u32, u32)>) -> Result<K, &'static str> {
+            *budget = budget
+                .checked_sub(ranges.len())
+                .ok_or("Too many elements in the sequence set")?;
+            Ok(K::Uids(pb::UidSet::from_ranges(ranges)))
+        }
         let key = match k {
             SearchKey::All => K::All(true),
             SearchKey::And(v) => K::And(pb::SearchKeys {
                 keys: v
                     .as_ref()
                     .iter()
-                    .map(|k| self.search_key(k, modseq))
+                    .map(|k| self.search_key(k, modseq, budget))
                     .collect::<Result<_, _>>()?,
             }),
             SearchKey::Or(a, b) => K::Or(pb::SearchKeys {
-                keys: vec![self.search_key(a, modseq)?, self.search_key(b, modseq)?],
+                keys: vec![
+                    self.search_key(a, modseq, budget)?,
+                    self.search_key(b, modseq, budget)?,
+                ],
             }),
-            SearchKey::Not(a) => K::Not(Box::new(self.search_key(a, modseq)?)),
-            SearchKey::SequenceSet(set) => uidset(self.resolve_lenient(set, false)?),
-            SearchKey::Uid(set) => uidset(self.resolve_lenient(set, true)?),
+            SearchKey::Not(a) => K::Not(Box::new(self.search_key(a, modseq, budget)?)),
+            SearchKey::SequenceSet(set) => uidset(budget, self.search_ranges(set, false)?)?,
+            SearchKey::Uid(set) => uidset(budget, self.search_ranges(set, true)?)?,
             SearchKey::Answered => has("\\Answered"),
             SearchKey::Deleted => has("\\Deleted"),
             SearchKey::Draft => has("\\Draft"),
@@ -2831,13 +2842,40 @@ impl Session {
         pb::search_key::Key::Uids(pb::UidSet::from_ranges([(from.max(1), u32::MAX)]))
     }
 
-    /// Like `resolve`, but message numbers beyond the mailbox simply match nothing (SEARCH).
-    fn resolve_lenient(
-        &self,
-        set: &SequenceSet,
-        uid: bool,
-    ) -> Result<Vec<(u32, u32)>, &'static str> {
-        self.resolve_with(set, uid, true)
+    /// A SEARCH sequence set (or UID set) as UID intervals, ascending; message numbers
+    /// beyond the mailbox simply match nothing. Never expanded message by message: a
+    /// SEARCH may hold thousands of `1:*` keys, each resolved on its own. The intervals may
+    /// hold UIDs outside the session's view; `search_uids` drops those from the result, and
+    /// for a message in the view membership is the same (UIDs ascend with message numbers).
+    fn search_ranges(&self, set: &SequenceSet, uid: bool) -> Result<Vec<(u32, u32)>, &'static str> {
+        let sel = self.selected.as_ref().ok_or("No mailbox selected")?;
+        if set.0.as_ref().len() > self.limits.max_sequence_set {
+            return Err("Too many elements in the sequence set");
+        }
+        if self.uses_saved && is_saved_marker(set) {
+            let present = self
+                .saved
+                .iter()
+                .copied()
+                .filter(|u| sel.seq.seq(*u).is_some());
+            return Ok(pb::UidSet::from_uids(present)
+                .ranges
+                .into_iter()
+                .map(|r| (r.start, r.end))
+                .collect());
+        }
+        if uid {
+            return Ok(merged_intervals(set, sel.seq.max_uid().unwrap_or(0)));
+        }
+        let n = sel.seq.len();
+        let mut out = Vec::new();
+        for (a, b) in merged_intervals(set, n) {
+            let (a, b) = (a.max(1), b.min(n));
+            if let (true, Some(lo), Some(hi)) = (a <= b, sel.seq.uid(a), sel.seq.uid(b)) {
+                out.push((lo, hi));
+            }
+        }
+        Ok(out)
     }
 
     /// React to a change event: alerts are written at once, mailbox changes mark the
@@ -3536,22 +3574,95 @@ mod tests {
             assert_eq!(r.len(), 3000, "each message once");
             assert_eq!(r.first(), Some(&(1, 2)));
             assert_eq!(r.last(), Some(&(3000, 6000)));
-            assert_eq!(s.resolve_lenient(&set(&many), uid).unwrap().len(), 3000);
+            let first = if uid { 1 } else { 2 };
+            assert_eq!(
+                s.search_ranges(&set(&many), uid).unwrap(),
+                vec![(first, 6000)]
+            );
         }
         // SEARCH is lenient about numbers beyond the mailbox, FETCH is not.
         assert_eq!(
-            s.resolve_lenient(&set("2999:5000"), false).unwrap(),
-            vec![(2999, 5998), (3000, 6000)]
+            s.search_ranges(&set("2999:5000"), false).unwrap(),
+            vec![(5998, 6000)]
         );
         assert!(s.resolve(&set("2999:5000"), false).is_err());
         s.limits.max_sequence_set = 10;
         let eleven = ["1"; 11].join(",");
         assert!(s.resolve(&set(&eleven), false).is_err());
-        assert!(s.resolve_lenient(&set(&eleven), true).is_err());
+        assert!(s.search_ranges(&set(&eleven), true).is_err());
         let r = run(&mut s, &format!("FETCH {eleven} (UID)")).await;
         assert!(r.starts_with("t BAD"), "{r}");
         let r = run(&mut s, &format!("SEARCH UID {eleven}")).await;
         assert!(r.starts_with("t BAD") || r.starts_with("t NO"), "{r}");
+    }
+
+    /// UID intervals held by the store keys of one SEARCH, nested keys included.
+    fn key_ranges(keys: &[pb::SearchKey]) -> usize {
+        use pb::search_key::Key as K;
+        keys.iter()
+            .map(|k| match k.key.as_ref() {
+                Some(K::Uids(u)) => u.ranges.len(),
+                Some(K::And(v) | K::Or(v)) => key_ranges(&v.keys),
+                Some(K::Not(a)) => key_ranges(std::slice::from_ref(a.as_ref())),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn m2_search_with_thousands_of_set_keys_holds_one_interval_per_key() {
+        let mut s = session();
+        s.limits.max_sequence_set = 10_000;
+        // Gappy: every message its own UID interval, the worst case for expansion.
+        let mut sel = selected();
+        let uids: Vec<u32> = (1..=3000).map(|u| u * 2).collect();
+        sel.seq = SeqMap::from_uids(&uids);
+        s.force_state(StateKind::Selected, Some(sel));
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        // `SEARCH 1:* 1:* …` and `SEARCH OR UID 1:* 1:* …`: each key resolved on its own
+        // expanded to 3000 intervals (2000 keys: 6 million), now it is one.
+        let mut criteria: Vec<SearchKey> = (0..2000)
+            .map(|_| SearchKey::SequenceSet(set("1:*")))
+            .collect();
+        criteria.extend((0..500).map(|_| {
+            SearchKey::Or(
+                Box::new(SearchKey::Uid(set("1:*"))),
+                Box::new(SearchKey::Not(Box::new(SearchKey::SequenceSet(set(
+                    "2,4:6,2999:*",
+                ))))),
+            )
+        }));
+        let keys = s.search_keys(&criteria, &mut false).unwrap();
+        assert_eq!(key_ranges(&keys), 2000 + 500 * 4);
+        // The intervals name the same messages of the view as the expansion did.
+        assert_eq!(
+            s.search_ranges(&set("2,4:6,2999:*"), false).unwrap(),
+            vec![(4, 4), (8, 12), (5998, 6000)]
+        );
+        assert_eq!(s.search_ranges(&set("5:3"), true).unwrap(), vec![(3, 5)]);
+        assert_eq!(
+            s.search_ranges(&set("3001:*"), false).unwrap(),
+            vec![(6000, 6000)]
+        );
+        assert_eq!(s.search_ranges(&set("3001:3005"), false).unwrap(), vec![]);
+        // `$` is the one set that may name the whole mailbox: one copy is free, further
+        // copies count against the element cap.
+        s.saved = uids.iter().copied().step_by(2).collect();
+        s.uses_saved = true;
+        let marker =
+            SequenceSet::try_from(std::str::from_utf8(crate::preparse::SAVED_MARKER).unwrap())
+                .unwrap();
+        let saved = |n: usize| -> Vec<SearchKey> {
+            (0..n).map(|_| SearchKey::Uid(marker.clone())).collect()
+        };
+        let keys = s.search_keys(&saved(1), &mut false).unwrap();
+        assert_eq!(key_ranges(&keys), 1500);
+        s.limits.max_sequence_set = 3000;
+        assert!(s.search_keys(&saved(3), &mut false).is_ok());
+        assert_eq!(
+            s.search_keys(&saved(4), &mut false),
+            Err("Too many elements in the sequence set")
+        );
     }
 
     #[tokio::test]
