@@ -50,7 +50,13 @@ pub struct Limits {
     /// How long a password check waits for a free slot before answering UNAVAILABLE, in ms.
     pub password_check_wait_ms: u64,
     /// Most maildrop (POP3) locks this replica holds at once; all of them share one
-    /// PostgreSQL connection. Beyond it a lock request gets UNAVAILABLE.
+    /// PostgreSQL connection. Beyond it a lock request gets UNAVAILABLE. Each one is an
+    /// entry in PostgreSQL's shared lock table, which has room for
+    /// `max_locks_per_transaction × (max_connections + max_prepared_transactions)` entries
+    /// across all backends and replicas (64 × 100 = 6,400 with PostgreSQL's defaults); keep
+    /// the sum over replicas well below it (start-up warns above half), or raise
+    /// `max_locks_per_transaction`. When the table is full, lock requests fail UNAVAILABLE
+    /// and the locks already held are kept.
     pub max_maildrop_locks: usize,
     /// Most keys (every node of the tree, ANDs/ORs/NOTs included) in one SEARCH.
     pub max_search_keys: usize,
@@ -77,7 +83,7 @@ impl Default for Limits {
             changelog_days: 90,
             max_concurrent_password_checks: default_password_checks(),
             password_check_wait_ms: 2000,
-            max_maildrop_locks: 10_000,
+            max_maildrop_locks: 2_000,
             max_search_keys: 1000,
             max_search_text_keys: 32,
         }

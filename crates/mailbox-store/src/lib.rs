@@ -97,6 +97,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         mailsuite_runtime::db::migrate(&pool).await?;
     }
     let hub = notify::Hub::start(&pool, &shutdown).await?;
+    // Advisory only: a server that hides its settings must not keep the store from starting.
+    if let Err(e) = locks::check_lock_table(&pool, config.limits.max_maildrop_locks).await {
+        tracing::warn!(error = %e, "could not read PostgreSQL's lock table size");
+    }
     let ctx = Ctx {
         pool: pool.clone(),
         config: Arc::new(config.clone()),

@@ -11,9 +11,17 @@
 //!
 //! Advisory locks are re-entrant per connection, so two sessions of this replica would both
 //! "get" the same lock from PostgreSQL: the in-memory `held` set is what refuses the second.
-//! If the lock connection fails (a query error or the periodic probe), every lock it held is
-//! gone: each holder's `lost` token fires (its stream ends with UNAVAILABLE) and the next
-//! request opens a new connection.
+//! If the lock connection fails (a connection error on a query, or the periodic probe), every
+//! lock it held is gone: each holder's `lost` token fires (its stream ends with UNAVAILABLE)
+//! and the next request opens a new connection. A lock query that fails while the connection
+//! is fine (PostgreSQL's shared lock table full, SQLSTATE 53200, is the expected one) fails
+//! only that request: dropping the connection for it would cancel every POP3 session of the
+//! replica to no end, as the locks it still holds are what fills the table.
+//!
+//! Every advisory lock is an entry in PostgreSQL's shared lock table, which holds about
+//! `max_locks_per_transaction × (max_connections + max_prepared_transactions)` entries for
+//! ALL backends (6,400 with the defaults); `limits.max_maildrop_locks` must stay well below
+//! that, and [`lock_table_warning`] says so at start-up when it does not.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -182,6 +190,10 @@ impl Actor {
                     }));
                 }
                 Ok(false) => return Ok(None),
+                Err(e) if !connection_broken(&e) => {
+                    tracing::warn!(error = %e, locks = self.held.len(), "maildrop lock refused; the locks held are kept");
+                    return Err(ServiceError::Unavailable(format!("maildrop lock: {e}")));
+                }
                 Err(e) => {
                     self.lose(&e);
                     if attempt == 1 {
@@ -221,7 +233,8 @@ impl Actor {
         }
     }
 
-    /// The connection (and so every lock on it) is gone: tell every holder, start afresh.
+    /// The connection (and so every lock on it) is gone, or must go because a lock on it
+    /// could not be released: tell every holder, start afresh.
     fn lose(&mut self, e: &sqlx::Error) {
         if !self.held.is_empty() {
             tracing::warn!(error = %e, locks = self.held.len(), "maildrop lock connection lost; its locks are released");
@@ -231,5 +244,118 @@ impl Actor {
         self.generation += 1;
         self.lost.cancel();
         self.lost = CancellationToken::new();
+    }
+}
+
+/// Whether `e` means the lock connection (and every lock on it) is gone or unusable, as
+/// opposed to one statement failing on a healthy connection. Class 08 is connection
+/// exceptions; 57P01..57P05 are the server ending the session (admin/crash shutdown, cannot
+/// connect now, database dropped, idle session timeout). 57014 (statement timeout or cancel)
+/// leaves the session and its locks intact, so it is not one of them.
+pub(crate) fn connection_broken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Share of PostgreSQL's shared lock table one replica's maildrop locks may take before
+/// start-up warns: the rest is for every other backend (and replica) of the cluster.
+const LOCK_TABLE_SHARE: u64 = 2;
+
+/// A warning when `max_locks` maildrop locks could take more than half of PostgreSQL's
+/// shared lock table (`max_locks_per_transaction × (max_connections +
+/// max_prepared_transactions)` entries): past the table's size lock queries of every backend
+/// fail with "out of shared memory".
+pub fn lock_table_warning(
+    max_locks: usize,
+    max_locks_per_transaction: u64,
+    max_connections: u64,
+    max_prepared_transactions: u64,
+) -> Option<String> {
+    let table = max_locks_per_transaction
+        .saturating_mul(max_connections.saturating_add(max_prepared_transactions));
+    ((max_locks as u64).saturating_mul(LOCK_TABLE_SHARE) > table).then(|| {
+        format!(
+            "limits.max_maildrop_locks = {max_locks} could take more than 1/{LOCK_TABLE_SHARE} of \
+             PostgreSQL's shared lock table ({table} entries = max_locks_per_transaction \
+             {max_locks_per_transaction} x (max_connections {max_connections} + \
+             max_prepared_transactions {max_prepared_transactions})); when it is full, lock \
+             requests of every backend fail with \"out of shared memory\": lower the limit or \
+             raise max_locks_per_transaction"
+        )
+    })
+}
+
+/// Reads the lock table's size from the server and logs [`lock_table_warning`] if any.
+pub async fn check_lock_table(pool: &sqlx::PgPool, max_locks: usize) -> Result<(), sqlx::Error> {
+    let (per_tx, conns, prepared): (i64, i64, i64) = sqlx::query_as(
+        "SELECT current_setting('max_locks_per_transaction')::bigint,
+                current_setting('max_connections')::bigint,
+                current_setting('max_prepared_transactions')::bigint",
+    )
+    .fetch_one(pool)
+    .await?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    if let Some(w) = lock_table_warning(max_locks, n(per_tx), n(conns), n(prepared)) {
+        tracing::warn!("{w}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailsuite_testkit::TestDb;
+
+    /// The error PostgreSQL raises for `sqlstate`, from a real server.
+    async fn pg_error(conn: &mut PgConnection, sqlstate: &str) -> sqlx::Error {
+        let sql =
+            format!("DO $$ BEGIN RAISE EXCEPTION 'provoked' USING ERRCODE = '{sqlstate}'; END $$");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(conn)
+            .await
+            .expect_err("the DO block raises")
+    }
+
+    #[tokio::test]
+    async fn m3_only_connection_errors_drop_the_lock_connection() {
+        let db = TestDb::new().await;
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        // The lock table full, a statement timeout, anything else a healthy session reports.
+        for code in ["53200", "53100", "57014", "55P03", "XX000", "42883"] {
+            let e = pg_error(&mut conn, code).await;
+            assert!(!connection_broken(&e), "{code}: {e}");
+        }
+        // The connection or the session is gone.
+        for code in ["08006", "08003", "57P01", "57P02", "57P05"] {
+            let e = pg_error(&mut conn, code).await;
+            assert!(connection_broken(&e), "{code}: {e}");
+        }
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(connection_broken(&io));
+        assert!(connection_broken(&sqlx::Error::Protocol("bad".into())));
+        assert!(connection_broken(&sqlx::Error::PoolClosed));
+        assert!(!connection_broken(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn m3_default_maildrop_locks_fit_postgres_default_lock_table() {
+        let default = crate::config::Limits::default().max_maildrop_locks;
+        // PostgreSQL's defaults: 64 × (100 + 0).
+        assert_eq!(lock_table_warning(default, 64, 100, 0), None);
+        let w = lock_table_warning(10_000, 64, 100, 0).expect("10,000 locks warn");
+        assert!(
+            w.contains("6400") && w.contains("max_locks_per_transaction"),
+            "{w}"
+        );
+        assert_eq!(lock_table_warning(10_000, 256, 100, 0), None);
     }
 }

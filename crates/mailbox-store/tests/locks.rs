@@ -26,7 +26,13 @@ struct Held {
     events: Streaming<LockEvent>,
 }
 
-async fn lock(mut mb: MailboxClient<Channel>, account_id: i64) -> Held {
+async fn lock(mb: MailboxClient<Channel>, account_id: i64) -> Held {
+    try_lock(mb, account_id)
+        .await
+        .expect("lock request answered")
+}
+
+async fn try_lock(mut mb: MailboxClient<Channel>, account_id: i64) -> Result<Held, tonic::Status> {
     let (tx, rx) = mpsc::channel(1);
     tx.send(LockControl {
         account_id,
@@ -36,15 +42,14 @@ async fn lock(mut mb: MailboxClient<Channel>, account_id: i64) -> Held {
     .unwrap();
     let mut events = mb
         .lock_maildrop(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("lock request answered")
+        .await?
         .into_inner();
     let ev = events.message().await.unwrap().expect("first event");
-    Held {
+    Ok(Held {
         acquired: ev.acquired,
         _tx: tx,
         events,
-    }
+    })
 }
 
 /// Backends of this database opened by the store (its pool, its LISTEN connection, its lock
@@ -133,5 +138,116 @@ async fn m3_thousand_maildrop_locks_share_one_connection() {
         },
     )
     .await;
+    assert!(shutdown.drain(Duration::from_secs(10)).await);
+}
+
+/// The backend of the store's lock connection, and how many advisory locks it holds.
+async fn lock_backend(admin: &mut sqlx::PgConnection) -> Vec<(i32, i64)> {
+    sqlx::query_as(
+        "SELECT a.pid, (SELECT count(*) FROM pg_locks l
+                        WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)
+         FROM pg_stat_activity a
+         WHERE a.datname = current_database() AND a.application_name = 'mailsuite-maildrop-locks'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap()
+}
+
+/// PostgreSQL's shared lock table full (SQLSTATE 53200 "out of shared memory") must fail only
+/// the new lock request: the lock connection, and every lock already held on it, stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn m3_lock_table_full_fails_only_the_new_lock_and_keeps_held_ones() {
+    const TABLE: i64 = 3;
+    let db = TestDb::new().await;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // A lock table with room for TABLE advisory locks per backend: a pg_try_advisory_lock
+    // found before pg_catalog's raises what the real one raises when the table is full.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"CREATE SCHEMA locktable;
+        CREATE FUNCTION locktable.pg_try_advisory_lock(k bigint) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (SELECT count(*) FROM pg_catalog.pg_locks
+                WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory') >= {TABLE} THEN
+                RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200',
+                    HINT = 'You might need to increase max_locks_per_transaction.';
+            END IF;
+            RETURN pg_catalog.pg_try_advisory_lock(k);
+        END $$;
+        DO $$ BEGIN
+            EXECUTE format('ALTER DATABASE %I SET search_path = public, locktable, pg_catalog',
+                           current_database());
+        END $$;"#
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let shutdown = Shutdown::new();
+    let started = start(config(&db.url), shutdown.clone())
+        .await
+        .expect("store starts");
+    let mb = MailboxClient::new(channel(started.grpc).await);
+    let mut held = Vec::new();
+    for acc in 1..=TABLE {
+        let h = lock(mb.clone(), acc).await;
+        assert!(h.acquired, "maildrop {acc} locked");
+        held.push(h);
+    }
+    let before = lock_backend(&mut admin).await;
+    assert_eq!(before.len(), 1, "one lock connection: {before:?}");
+    assert_eq!(before[0].1, TABLE, "{before:?}");
+
+    // The table is full: this request fails, UNAVAILABLE, saying why.
+    let status = match try_lock(mb.clone(), TABLE + 1).await {
+        Err(s) => s,
+        Ok(h) => panic!(
+            "a lock past the full table answered acquired={}",
+            h.acquired
+        ),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(
+        status.message().contains("out of shared memory"),
+        "{status}"
+    );
+
+    // The same lock connection still holds every lock, and the holders' streams are open.
+    assert_eq!(lock_backend(&mut admin).await, before);
+    for h in &mut held {
+        assert!(
+            futures::FutureExt::now_or_never(h.events.message()).is_none(),
+            "a holder's stream ended"
+        );
+    }
+    let other = start(config(&db.url), shutdown.clone()).await.unwrap();
+    let from_other = lock(MailboxClient::new(channel(other.grpc).await), 1).await;
+    assert!(
+        !from_other.acquired,
+        "maildrop 1 still locked for other replicas"
+    );
+
+    // Room again once a holder leaves, on the same connection.
+    drop(held.pop());
+    eventually(
+        Duration::from_secs(10),
+        "a lock after one is released",
+        || {
+            let mb = mb.clone();
+            async move {
+                match try_lock(mb, TABLE + 1).await {
+                    Ok(h) if h.acquired => Some(h),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(lock_backend(&mut admin).await[0].0, before[0].0);
+    for h in &mut held {
+        assert!(futures::FutureExt::now_or_never(h.events.message()).is_none());
+    }
+    drop(held);
     assert!(shutdown.drain(Duration::from_secs(10)).await);
 }
