@@ -16,7 +16,7 @@ use mailsuite_proto::{
 use smtp_proto as sp;
 
 use crate::backend::Backend;
-use crate::budget::{BodyBudget, Reservation};
+use crate::budget::{BodyBudget, Exhausted, Reservation};
 use crate::codec::{BodyEnd, Command, CommandError, MailFrom, RcptTo, Terminal, xtext_encode};
 use crate::config::Config;
 use crate::config::IprevPolicy;
@@ -944,19 +944,23 @@ impl<B: Backend> Session<B> {
         if tx.over_budget {
             return false;
         }
-        if tx.reservation.cover(budget, kept) {
+        let Err(exhausted) = tx.reservation.cover(budget, self.peer.ip(), kept) else {
             return true;
-        }
+        };
         tx.over_budget = true;
         tx.reservation.release();
         if let Some(b) = &mut tx.bdat {
             *b = Vec::new();
         }
+        let key = match exhausted {
+            Exhausted::Total => "limits.max_body_bytes_in_flight",
+            Exhausted::Client => "limits.max_body_bytes_in_flight_per_ip",
+        };
         mailsuite_runtime::metrics::counter("mailsuite_smtp_body_budget_exhausted_total", &[])
             .inc();
         tracing::warn!(
             peer = %self.peer.ip(),
-            "message body budget (limits.max_body_bytes_in_flight) exhausted; answering 452"
+            "message body budget ({key}) exhausted; answering 452"
         );
         false
     }

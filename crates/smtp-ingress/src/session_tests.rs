@@ -158,7 +158,7 @@ fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
-        body_budget: crate::budget::BodyBudget::new(1 << 30),
+        body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
     });
     let tls = tls.then(|| TlsInfo {
         version: "TLSv1.3".into(),
@@ -437,7 +437,7 @@ async fn plaintext_auth_on_loopback_only_when_allowed() {
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
-        body_budget: crate::budget::BodyBudget::new(1 << 30),
+        body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
     });
     let mut s = Session::new(
         shared.clone(),
@@ -909,7 +909,7 @@ async fn no_auth_and_no_relay_on_the_mx_port() {
         rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
-        body_budget: crate::budget::BodyBudget::new(1 << 30),
+        body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
     });
     let mut s = Session::new(shared, Port::Mx, "127.0.0.1:4000".parse().unwrap(), None);
     code(&mut s, "EHLO c.example").await;
@@ -1143,7 +1143,7 @@ mod iprev {
             rates: RateLimiter::default(),
             verifier: Some(verifier(dns).await),
             tls_available: true,
-            body_budget: crate::budget::BodyBudget::new(1 << 30),
+            body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
         });
         let tls = (port != Port::Mx).then(|| TlsInfo {
             version: "TLSv1.3".into(),
