@@ -109,6 +109,13 @@ pub struct Limits {
     /// more than this (the hand-off copies one chunk at a time). Keep it at least
     /// `max_message_size`, or a message of that size can never be accepted.
     pub max_body_bytes_in_flight: u64,
+    /// The part of `max_body_bytes_in_flight` one client (IPv4 address, IPv6 /64) may hold
+    /// with all its connections together; past it that client's transaction gets `452 4.3.1`
+    /// while other clients still have the rest. Without it one client trickling a few large
+    /// bodies holds the whole budget and starves everybody, submission included. The
+    /// default, 64 MiB, is an eighth of the default budget; keep it at least
+    /// `max_message_size`.
+    pub max_body_bytes_in_flight_per_ip: u64,
     /// Addresses in the header `From:` and `Sender:` of one authenticated submission, each
     /// checked against the account like MAIL FROM; a message with more is refused with
     /// `550 5.7.1`.
@@ -139,6 +146,7 @@ impl Default for Limits {
             max_tracked_clients: crate::limits::DEFAULT_CAPACITY,
             max_etrn_per_ip_per_minute: 10,
             max_body_bytes_in_flight: 512 * 1024 * 1024,
+            max_body_bytes_in_flight_per_ip: 64 * 1024 * 1024,
             max_header_sender_addresses: 20,
         }
     }
@@ -324,6 +332,7 @@ mod tests {
         assert_eq!(c.limits.max_auth_line_length, 12288);
         assert_eq!(c.limits.max_etrn_per_ip_per_minute, 10);
         assert_eq!(c.limits.max_body_bytes_in_flight, 512 << 20);
+        assert_eq!(c.limits.max_body_bytes_in_flight_per_ip, 64 << 20);
 
         let toml = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(

@@ -107,7 +107,18 @@ pub async fn start_with<B: Backend>(
              messages near the size limit will always get 452"
         );
     }
-    let body_budget = budget::BodyBudget::new(l.max_body_bytes_in_flight);
+    if l.max_body_bytes_in_flight_per_ip < l.max_message_size {
+        tracing::warn!(
+            max_body_bytes_in_flight_per_ip = l.max_body_bytes_in_flight_per_ip,
+            max_message_size = l.max_message_size,
+            "limits.max_body_bytes_in_flight_per_ip is below limits.max_message_size: \
+             messages near the size limit will always get 452"
+        );
+    }
+    let body_budget = budget::BodyBudget::new(
+        l.max_body_bytes_in_flight,
+        l.max_body_bytes_in_flight_per_ip,
+    );
     let shared = Arc::new(Shared {
         config,
         backend,

@@ -16,7 +16,7 @@ use mailsuite_proto::{
 use smtp_proto as sp;
 
 use crate::backend::Backend;
-use crate::budget::{BodyBudget, Reservation};
+use crate::budget::{BodyBudget, Exhausted, Reservation};
 use crate::codec::{BodyEnd, Command, CommandError, MailFrom, RcptTo, Terminal, xtext_encode};
 use crate::config::Config;
 use crate::config::IprevPolicy;
@@ -944,19 +944,23 @@ impl<B: Backend> Session<B> {
         if tx.over_budget {
             return false;
         }
-        if tx.reservation.cover(budget, kept) {
+        let Err(exhausted) = tx.reservation.cover(budget, self.peer.ip(), kept) else {
             return true;
-        }
+        };
         tx.over_budget = true;
         tx.reservation.release();
         if let Some(b) = &mut tx.bdat {
             *b = Vec::new();
         }
+        let key = match exhausted {
+            Exhausted::Total => "limits.max_body_bytes_in_flight",
+            Exhausted::Client => "limits.max_body_bytes_in_flight_per_ip",
+        };
         mailsuite_runtime::metrics::counter("mailsuite_smtp_body_budget_exhausted_total", &[])
             .inc();
         tracing::warn!(
             peer = %self.peer.ip(),
-            "message body budget (limits.max_body_bytes_in_flight) exhausted; answering 452"
+            "message body budget ({key}) exhausted; answering 452"
         );
         false
     }
@@ -1122,10 +1126,17 @@ impl<B: Backend> Session<B> {
                 "Bare CR or LF not allowed in message; use CRLF line endings",
             ));
         }
-        if let Some(a) = &self.auth
-            && let Err(r) = self.check_header_senders(a.id, &body).await
-        {
-            return Outcome::reply(r);
+        // H2: our trace fields go in front of the body, so a first line that starts with
+        // white space would become a folded continuation of them: text the client chose
+        // inside our Received:/Authentication-Results:, and header fields below it that a
+        // parser of the body alone never saw. RFC 5322 §2.2: a header section starts with a
+        // field name, so this is malformed content (5.6.0), refused on every port.
+        if body.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            return Outcome::reply(Reply::new(
+                550,
+                "5.6.0",
+                "Message header section must not begin with white space",
+            ));
         }
         self.messages += 1;
         self.queue_seq += 1;
@@ -1176,6 +1187,13 @@ impl<B: Backend> Session<B> {
         msg.reserve_exact(prefix_len);
         msg.splice(0..0, prefix);
         let msg = Bytes::from(msg);
+        // Checked on the exact bytes that are stored and relayed, as relay-queue's
+        // signing_domain sees them, not on the body as submitted.
+        if let Some(a) = &self.auth
+            && let Err(r) = self.check_header_senders(a.id, &msg).await
+        {
+            return Outcome::reply(r);
+        }
 
         if let Some(t) = tx.terminal {
             let body = msg.slice(prefix_len..);
@@ -1200,10 +1218,14 @@ impl<B: Backend> Session<B> {
     /// (own addresses and aliases, +detail and case allowed). A field without any usable
     /// address cannot be attributed, so it is refused too. No From: at all is let through
     /// as before: there is nothing to show or sign.
-    async fn check_header_senders(&self, account: i64, body: &[u8]) -> Result<(), Reply> {
+    ///
+    /// `msg` is the whole message with our trace fields in front, so it always has a header
+    /// section; one that still does not parse is refused rather than waved through, since
+    /// the check could not see what the receivers will.
+    async fn check_header_senders(&self, account: i64, msg: &[u8]) -> Result<(), Reply> {
         let refuse = |text: String| Err(Reply::new(550, "5.7.1", text));
-        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(body) else {
-            return Ok(());
+        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(msg) else {
+            return refuse("Message header section could not be parsed".into());
         };
         let mut addresses: Vec<String> = Vec::new();
         for (field, name) in [

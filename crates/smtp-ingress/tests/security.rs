@@ -193,6 +193,72 @@ async fn h2_header_from_checked_on_bdat_and_implicit_tls() {
     e.stop().await;
 }
 
+/// A first line of white space hid the header section from the From:/Sender: check (a
+/// parser of the body alone ends the headers there), yet once Received: and
+/// Authentication-Results: are put in front it is a folded continuation and the From:
+/// below it a real field to every receiver. On 587 after STARTTLS, by DATA and by BDAT:
+/// `550 5.6.0`, nothing stored or queued, and the session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_leading_whitespace_line_cannot_hide_a_foreign_from() {
+    let e = env_with(|c| c.policy.verify_inbound = false).await;
+    add_domain(&e, "tenant-b.test").await;
+    let mut c = connect(e.smtp.submission.unwrap()).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect("STARTTLS", 220).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = e
+        .tls_connector()
+        .connect(name, c.io.into_inner())
+        .await
+        .expect("handshake");
+    let mut c = Client {
+        io: BufReader::new(tls),
+    };
+    c.expect("EHLO client.example", 250).await;
+    c.expect(ALICE_PLAIN, 235).await;
+
+    for (first, what) in [(" ", "space"), ("\t", "tab"), (" x", "space and text")] {
+        let spoof = format!("{first}\r\nFrom: CEO <ceo@tenant-b.test>\r\nSubject: x\r\n\r\nhi\r\n");
+        c.expect("MAIL FROM:<alice@local.test>", 250).await;
+        c.expect("RCPT TO:<bob@local.test>", 250).await;
+        c.expect("RCPT TO:<x@remote.example>", 250).await;
+        c.expect("DATA", 354).await;
+        c.send(&format!("{spoof}.\r\n")).await;
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 550, "DATA, {what}: {text}");
+        assert!(text.starts_with("5.6.0"), "DATA, {what}: {text}");
+
+        c.expect("MAIL FROM:<alice@local.test>", 250).await;
+        c.expect("RCPT TO:<bob@local.test>", 250).await;
+        c.send(&format!("BDAT {} LAST\r\n{spoof}", spoof.len()))
+            .await;
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 550, "BDAT, {what}: {text}");
+        assert!(text.starts_with("5.6.0"), "BDAT, {what}: {text}");
+    }
+
+    // The session is still usable, and an empty header section keeps the From: in the body.
+    let ok = "\r\nFrom: CEO <ceo@tenant-b.test>\r\n\r\nhi\r\n";
+    c.expect("MAIL FROM:<alice@local.test>", 250).await;
+    c.expect("RCPT TO:<bob@local.test>", 250).await;
+    c.send(&format!("BDAT {} LAST\r\n{ok}", ok.len())).await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "{text}");
+
+    assert_eq!(enqueued(&e), 0, "nothing queued");
+    let inbox = e.inbox(e.bob_id).await;
+    assert_eq!(inbox.len(), 1, "only the message without a header From:");
+    let parsed = mail_parser::MessageParser::new()
+        .parse_headers(&inbox[0][..])
+        .unwrap();
+    assert!(
+        parsed.from().is_none(),
+        "{:?}",
+        String::from_utf8_lossy(&inbox[0])
+    );
+    e.stop().await;
+}
+
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF. A longer one is
 /// answered `500 5.5.2 Line too long` on every port and the session goes on.
 #[tokio::test(flavor = "multi_thread")]
