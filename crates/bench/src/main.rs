@@ -24,6 +24,9 @@ enum Command {
     Idle(cmd::idle::IdleArgs),
     /// Download POP3 maildrops.
     Pop3(cmd::pop3::Pop3Args),
+    /// Run another load generator (e.g. Postfix's smtp-source) and measure it: operations
+    /// counted by a server-side command before and after, CPU of the watched processes.
+    Exec(cmd::exec::ExecArgs),
 }
 
 #[tokio::main]
@@ -36,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Imap(a) => cmd::imap::run(a, &common).await?,
         Command::Idle(a) => cmd::idle::run(a, &common).await?,
         Command::Pop3(a) => cmd::pop3::run(a, &common).await?,
+        Command::Exec(a) => cmd::exec::run(a, &common).await?,
     };
     if common.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

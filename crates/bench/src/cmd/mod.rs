@@ -1,5 +1,6 @@
 //! Subcommands. Each builds a `Report`; `main` prints it as text or JSON.
 
+pub mod exec;
 pub mod idle;
 pub mod imap;
 pub mod pop3;
