@@ -4,42 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::budget::*;
 use common::*;
 
 const BUDGET: u64 = 100_000;
-
-fn in_flight() -> f64 {
-    mailsuite_runtime::metrics::value("mailsuite_smtp_body_bytes_in_flight", &[])
-}
-
-async fn wait_in_flight(what: &str, ok: impl Fn(f64) -> bool) {
-    let ok = &ok;
-    mailsuite_testkit::eventually(Duration::from_secs(20), what, || async move {
-        ok(in_flight()).then_some(())
-    })
-    .await;
-}
-
-/// `n` octets of message text: a header, then 80-octet lines.
-fn text(subject: &str, n: usize) -> String {
-    let mut s = format!("Subject: {subject}\r\n\r\n");
-    while s.len() + 80 <= n {
-        s.push_str(&"x".repeat(78));
-        s.push_str("\r\n");
-    }
-    s
-}
-
-async fn open_data(e: &Env) -> Tcp {
-    let mut c = connect(e.smtp.smtp.unwrap()).await;
-    c.expect("EHLO client.example", 250).await;
-    c.expect("MAIL FROM:<p@remote.example>", 250).await;
-    c.expect("RCPT TO:<alice@local.test>", 250).await;
-    c.expect("DATA", 354).await;
-    c
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn l4_body_budget_refuses_with_452_and_gives_the_bytes_back() {
@@ -53,7 +21,7 @@ async fn l4_body_budget_refuses_with_452_and_gives_the_bytes_back() {
     // A holds 60 kB in the middle of DATA.
     let mut a = open_data(&e).await;
     a.send(&text("a", 60_000)).await;
-    wait_in_flight("A's body reserved", |v| v >= 59_000.0).await;
+    wait_for("A's body reserved", || in_flight() >= 59_000.0).await;
     let held_by_a = in_flight();
 
     // B's 60 kB do not fit next to it: 452 4.3.1, B's bytes are given back at once, and
@@ -97,7 +65,7 @@ async fn l4_body_budget_refuses_with_452_and_gives_the_bytes_back() {
     a.send(".\r\n").await;
     let (code, t) = a.reply().await;
     assert_eq!(code, 250, "{t}");
-    wait_in_flight("A's bytes given back", |v| v == 0.0).await;
+    wait_for("A's bytes given back", || in_flight() == 0.0).await;
 
     // Now a 60 kB message fits again.
     let mut c = open_data(&e).await;
@@ -107,9 +75,9 @@ async fn l4_body_budget_refuses_with_452_and_gives_the_bytes_back() {
     // A client that drops its connection in the middle of DATA gives its bytes back too.
     let mut d = open_data(&e).await;
     d.send(&text("d", 60_000)).await;
-    wait_in_flight("D's body reserved", |v| v >= 59_000.0).await;
+    wait_for("D's body reserved", || in_flight() >= 59_000.0).await;
     drop(d);
-    wait_in_flight("D's bytes given back", |v| v == 0.0).await;
+    wait_for("D's bytes given back", || in_flight() == 0.0).await;
     let mut f = open_data(&e).await;
     f.send(&format!("{}.\r\n", text("f", 60_000))).await;
     assert_eq!(f.reply().await.0, 250);

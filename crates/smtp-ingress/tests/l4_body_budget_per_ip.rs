@@ -5,50 +5,13 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::budget::*;
 use common::*;
 use tokio::io::BufReader;
 
 const BUDGET: u64 = 100_000;
 const PER_IP: u64 = 45_000;
 const ALICE_PLAIN: &str = "AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAY29ycmVjdCBob3JzZQ==";
-
-fn in_flight() -> f64 {
-    mailsuite_runtime::metrics::value("mailsuite_smtp_body_bytes_in_flight", &[])
-}
-
-fn exhausted() -> f64 {
-    mailsuite_runtime::metrics::value("mailsuite_smtp_body_budget_exhausted_total", &[])
-}
-
-async fn wait_for(what: &str, ok: impl Fn() -> bool) {
-    let ok = &ok;
-    mailsuite_testkit::eventually(Duration::from_secs(20), what, || async move {
-        ok().then_some(())
-    })
-    .await;
-}
-
-/// `n` octets of message text: a header, then 80-octet lines.
-fn text(subject: &str, n: usize) -> String {
-    let mut s = format!("Subject: {subject}\r\n\r\n");
-    while s.len() + 80 <= n {
-        s.push_str(&"x".repeat(78));
-        s.push_str("\r\n");
-    }
-    s
-}
-
-/// A port-25 transaction from 127.0.0.1, left at the start of its body.
-async fn open_data(e: &Env) -> Tcp {
-    let mut c = connect(e.smtp.smtp.unwrap()).await;
-    c.expect("EHLO client.example", 250).await;
-    c.expect("MAIL FROM:<p@remote.example>", 250).await;
-    c.expect("RCPT TO:<alice@local.test>", 250).await;
-    c.expect("DATA", 354).await;
-    c
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn l4_body_budget_per_ip_share_keeps_submission_from_starving() {

@@ -239,3 +239,25 @@ pub async fn check_service_binary(
     let status = p.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{bin}: exit on SIGTERM: {status:?}");
 }
+
+/// H4 (security review 2026-12-02): the service binary `bin`, given a database but no
+/// internal token, must refuse to serve gRPC on a non-loopback address, and say why.
+pub async fn assert_refuses_public_grpc_without_token(bin: &'static str) {
+    let db = crate::TestDb::new().await;
+    let url = db.url.clone();
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        run_to_exit(
+            bin,
+            &["--set", "listen_grpc=0.0.0.0:0", "--set", "listen_ops="],
+            &[("DATABASE_URL", &url)],
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .expect("run_to_exit");
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        err.contains("refusing to serve gRPC") && err.contains("internal_token"),
+        "{err}"
+    );
+}

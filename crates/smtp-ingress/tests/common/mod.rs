@@ -3,6 +3,7 @@
 //! with CA-signed test certificates. Plus a raw SMTP client for pipelined conversations.
 #![allow(dead_code)]
 
+pub mod budget;
 pub mod dns;
 
 use std::net::SocketAddr;
