@@ -115,6 +115,7 @@ impl DeliverySvc {
         // Resolve every recipient before the transaction (read-only, no locks held).
         let mut results = Vec::new();
         let mut targets: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut prepared = None;
         {
             let mut conn = ctx.pool.acquire().await?;
             for (i, rcpt) in header.recipients.iter().enumerate() {
@@ -148,6 +149,10 @@ impl DeliverySvc {
                     Err(_) => res.status = RecipientStatus::Unknown as i32,
                 }
                 results.push(res);
+            }
+            // Hash and parse the message before the transaction: no locks held meanwhile.
+            if !targets.is_empty() {
+                prepared = Some(store::prepare_blob(&mut conn, data).await?);
             }
         }
 
@@ -217,8 +222,9 @@ impl DeliverySvc {
         }
 
         let mut blob_id = Vec::new();
-        if !accepted.is_empty() {
-            blob_id = store::put_blob(&mut tx, data, accepted.len() as i64).await?;
+        if let (false, Some(blob)) = (accepted.is_empty(), &prepared) {
+            store::insert_blob(&mut tx, blob, data, accepted.len() as i64).await?;
+            blob_id = blob.id.clone();
         }
         // Mailboxes in id order too, so deliveries to overlapping recipients cannot deadlock.
         let ids: Vec<i64> = accepted.iter().map(|a| a.0).collect();
