@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mailsuite_proto::{ChangeEvent, ChangeKind, DeliverResponse, RecipientResult, RecipientStatus};
 use mailsuite_runtime::{ServiceError, Shutdown};
@@ -65,10 +66,50 @@ struct Job {
 #[derive(Clone)]
 pub struct DeliveryBatcher {
     tx: mpsc::Sender<Job>,
+    stats: BatchStats,
+}
+
+/// Counters of one store instance's group commit (the process-wide ones are in `metrics`).
+#[derive(Clone, Debug, Default)]
+pub struct BatchStats(Arc<StatsInner>);
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    batches: AtomicU64,
+    batched: AtomicU64,
+    largest: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl BatchStats {
+    /// Delivery transactions committed.
+    pub fn batches(&self) -> u64 {
+        self.0.batches.load(Ordering::Relaxed)
+    }
+    /// Deliver calls those transactions stored.
+    pub fn batched(&self) -> u64 {
+        self.0.batched.load(Ordering::Relaxed)
+    }
+    /// The most Deliver calls one transaction stored.
+    pub fn largest(&self) -> u64 {
+        self.0.largest.load(Ordering::Relaxed)
+    }
+    /// Deliver calls waiting in the queue for a committer now.
+    pub fn queued(&self) -> u64 {
+        self.0.queued.load(Ordering::Relaxed)
+    }
+    fn committed(&self, n: usize) {
+        self.0.batches.fetch_add(1, Ordering::Relaxed);
+        self.0.batched.fetch_add(n as u64, Ordering::Relaxed);
+        self.0.largest.fetch_max(n as u64, Ordering::Relaxed);
+        metrics::inc(&metrics::DELIVERY_BATCHES, 1);
+        metrics::inc(&metrics::DELIVERY_BATCHED, n as u64);
+    }
 }
 
 struct Queue {
     rx: mpsc::Receiver<Job>,
+    stats: BatchStats,
     /// A job taken from the queue that did not fit the previous batch's byte budget.
     carry: Option<Job>,
 }
@@ -87,11 +128,17 @@ impl DeliveryBatcher {
         let committers = committers.max(1);
         let batch_max = batch_max.max(1);
         let (tx, rx) = mpsc::channel(batch_max * committers * 2);
-        let queue = Arc::new(Mutex::new(Queue { rx, carry: None }));
+        let stats = BatchStats::default();
+        let queue = Arc::new(Mutex::new(Queue {
+            rx,
+            stats: stats.clone(),
+            carry: None,
+        }));
         for _ in 0..committers {
             let queue = queue.clone();
             let pool = pool.clone();
             let forced = shutdown.force_token();
+            let stats = stats.clone();
             tokio::spawn(async move {
                 loop {
                     let batch = tokio::select! {
@@ -99,11 +146,15 @@ impl DeliveryBatcher {
                         _ = forced.cancelled() => break,
                     };
                     let Some(batch) = batch else { break };
-                    run(&pool, batch).await;
+                    run(&pool, &stats, batch).await;
                 }
             });
         }
-        DeliveryBatcher { tx }
+        DeliveryBatcher { tx, stats }
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        self.stats.clone()
     }
 
     /// Queue `d` and wait for its batch to commit (or fail).
@@ -113,6 +164,7 @@ impl DeliveryBatcher {
             .send(Job { d, reply })
             .await
             .map_err(|_| ServiceError::Unavailable("the store is shutting down".into()))?;
+        self.stats.0.queued.fetch_add(1, Ordering::Relaxed);
         rx.await
             .map_err(|_| ServiceError::Unavailable("the delivery was abandoned".into()))?
     }
@@ -121,9 +173,9 @@ impl DeliveryBatcher {
 /// Wait for one job, then take whatever else is queued, within the limits.
 async fn next_batch(queue: &Mutex<Queue>, max: usize, max_bytes: u64) -> Option<Vec<Job>> {
     let mut q = queue.lock().await;
-    let first = match q.carry.take() {
-        Some(j) => j,
-        None => q.rx.recv().await?,
+    let (first, carried) = match q.carry.take() {
+        Some(j) => (j, true),
+        None => (q.rx.recv().await?, false),
     };
     let mut bytes = first.d.data.len() as u64;
     let mut batch = vec![first];
@@ -136,18 +188,20 @@ async fn next_batch(queue: &Mutex<Queue>, max: usize, max_bytes: u64) -> Option<
         }
         batch.push(j);
     }
+    // The carried job was counted out when it was first taken.
+    let taken = batch.len() as u64 + u64::from(q.carry.is_some()) - u64::from(carried);
+    q.stats.0.queued.fetch_sub(taken, Ordering::Relaxed);
     Some(batch)
 }
 
 /// Store one batch and answer its callers.
-async fn run(pool: &PgPool, batch: Vec<Job>) {
+async fn run(pool: &PgPool, stats: &BatchStats, batch: Vec<Job>) {
     let n = batch.len();
     let (ds, replies): (Vec<Prepared>, Vec<Reply>) =
         batch.into_iter().map(|j| (j.d, j.reply)).unzip();
     match attempt(pool, &ds).await {
         Ok(outcomes) => {
-            metrics::inc(&metrics::DELIVERY_BATCHES, 1);
-            metrics::inc(&metrics::DELIVERY_BATCHED, n as u64);
+            stats.committed(n);
             for (reply, o) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(o);
             }
@@ -170,8 +224,7 @@ async fn run(pool: &PgPool, batch: Vec<Job>) {
             for (d, reply) in ds.iter().zip(replies) {
                 let one = match attempt(pool, std::slice::from_ref(d)).await {
                     Ok(mut o) => {
-                        metrics::inc(&metrics::DELIVERY_BATCHES, 1);
-                        metrics::inc(&metrics::DELIVERY_BATCHED, 1);
+                        stats.committed(1);
                         o.pop()
                             .unwrap_or_else(|| Err(ServiceError::Internal("no outcome".into())))
                     }

@@ -57,6 +57,8 @@ pub use config::Config;
 pub struct Started {
     pub grpc: SocketAddr,
     pub ops: Option<SocketAddr>,
+    /// This instance's group-commit counters (Deliver calls per transaction).
+    pub deliveries: batch::BatchStats,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,5 +201,6 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     Ok(Started {
         grpc: grpc_addr,
         ops: ops_addr,
+        deliveries: ctx.deliveries.stats(),
     })
 }
