@@ -100,12 +100,12 @@ impl DeliverySvc {
                 "an idempotency key is required".into(),
             ));
         }
-        // A retry is answered from the idempotency record when the claim below conflicts.
+        // A retry is answered from the idempotency record when its key claim (in its batch,
+        // crate::batch) finds the key taken.
 
         // Resolve every recipient before the transaction (read-only, no locks held).
         let mut results = Vec::new();
         let mut targets: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        let mut prepared = None;
         {
             let mut conn = ctx.pool.acquire().await?;
             for (i, rcpt) in header.recipients.iter().enumerate() {
@@ -140,11 +140,13 @@ impl DeliverySvc {
                 }
                 results.push(res);
             }
-            // Hash and parse the message before the transaction: no locks held meanwhile.
-            if !targets.is_empty() {
-                prepared = Some(store::prepare_blob(&mut conn, data).await?);
-            }
         }
+        // Hash and parse the message before the transaction (and with no pool connection).
+        let blob = if targets.is_empty() {
+            None
+        } else {
+            Some(store::prepare_blob(&ctx.pool, data).await?)
+        };
 
         let want = if header.mailbox.is_empty() {
             INBOX.to_string()
@@ -154,7 +156,7 @@ impl DeliverySvc {
         let prepared = Prepared {
             key: header.idempotency_key.clone(),
             data: data.clone(),
-            blob: prepared,
+            blob,
             results,
             targets,
             mailbox: want,

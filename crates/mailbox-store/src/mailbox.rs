@@ -199,10 +199,7 @@ impl MailboxSvc {
         let name = normalize_mailbox(&h.mailbox)?;
         let flags = store::normalize_flags(&h.flags);
         // Hash and parse before the transaction: no locks held meanwhile.
-        let prepared = {
-            let mut conn = self.0.pool.acquire().await?;
-            store::prepare_blob(&mut conn, data).await?
-        };
+        let prepared = store::prepare_blob(&self.0.pool, data).await?;
         let mut tx = self.0.pool.begin().await?;
         store::check_quota(&mut tx, h.account_id, data.len() as i64, 1).await?;
         let mb: i64 = sqlx::query_scalar(

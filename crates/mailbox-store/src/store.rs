@@ -153,11 +153,8 @@ pub struct BlobMeta {
 }
 
 /// Hash and parse `raw` for `insert_blob`. Run it before `BEGIN`: the parse is the slow part
-/// of storing a message and must not hold row locks or a transaction open.
-pub async fn prepare_blob(
-    conn: &mut PgConnection,
-    raw: &[u8],
-) -> Result<PreparedBlob, ServiceError> {
+/// of storing a message and must not hold row locks, a transaction or a pool connection.
+pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &[u8]) -> Result<PreparedBlob, ServiceError> {
     let id = sha2::Sha256::digest(raw).to_vec();
     // Most content is new: parsing a small message costs less than a round trip to look for
     // it first. Large ones are looked up before they are parsed.
@@ -165,7 +162,7 @@ pub async fn prepare_blob(
         let known: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM mailbox.blobs WHERE id = $1)")
                 .bind(&id)
-                .fetch_one(&mut *conn)
+                .fetch_one(pool)
                 .await?;
         if known {
             return Ok(PreparedBlob {

@@ -378,3 +378,72 @@ async fn ten_concurrent_deliveries_into_one_account_in_one_batch() {
     assert_eq!(log, 10);
     s.shutdown.drain(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_failing_in_a_batch_fails_only_its_delivery() {
+    // A flag with a NUL passes every check made in Rust, and PostgreSQL refuses it when the
+    // batch inserts its entries: the batch is rolled back and stored one delivery at a time.
+    let s = store_with(|c| c.limits.delivery_committers = 1).await;
+    s.account("blocker@example.test").await;
+    s.account("ok@example.test").await;
+    let lock = hold_account(&s.db.pool, "blocker@example.test").await;
+    let blocked = block_committer(&s).await;
+    let stats = s.started.deliveries.clone();
+    let before = (stats.batches(), stats.batched());
+    let mut good = Vec::new();
+    for i in 0..5 {
+        let mut d = s.delivery().await;
+        good.push(tokio::spawn(async move {
+            deliver(
+                &mut d,
+                &format!("fine-{i}"),
+                &["ok@example.test"],
+                &message(&format!("fine{i}"), "fine"),
+            )
+            .await
+        }));
+    }
+    let mut d = s.delivery().await;
+    let bad = tokio::spawn(async move {
+        let header = DeliverHeader {
+            idempotency_key: "nul-flag".into(),
+            return_path: "sender@remote.test".into(),
+            recipients: vec!["ok@example.test".into()],
+            flags: vec!["bad\0flag".into()],
+            ..Default::default()
+        };
+        d.deliver(tokio_stream::iter(chunks(
+            header,
+            &message("nul", "refused"),
+        )))
+        .await
+    });
+    wait_queued(&s, 6).await;
+    lock.rollback().await.unwrap();
+    blocked.await.unwrap();
+    for g in good {
+        let r = g
+            .await
+            .unwrap()
+            .expect("the others of the batch are stored");
+        assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+    }
+    bad.await.unwrap().expect_err("the NUL flag is refused");
+    // The blocker's batch, then the six together (rolled back), then the five alone.
+    assert_eq!(stats.batches() - before.0, 6);
+    assert_eq!(stats.batched() - before.1, 6);
+    let uids: Vec<i64> = entries_of(&s.db.pool, "ok@example.test")
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(uids, (1..=5).collect::<Vec<_>>());
+    let key: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM mailbox.deliveries WHERE idempotency_key = 'nul-flag'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(key, 0, "the failed delivery's key stays free");
+    s.shutdown.drain(Duration::from_secs(5)).await;
+}
