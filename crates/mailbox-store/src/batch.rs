@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use mailsuite_proto::{ChangeEvent, ChangeKind, DeliverResponse, RecipientResult, RecipientStatus};
 use mailsuite_runtime::{ServiceError, Shutdown};
@@ -78,7 +78,9 @@ struct StatsInner {
     batches: AtomicU64,
     batched: AtomicU64,
     largest: AtomicU64,
-    queued: AtomicU64,
+    /// Counted up after a job is in the queue and down when a committer takes it, so it
+    /// may dip below the true length for a moment but never exceeds it.
+    queued: AtomicI64,
 }
 
 impl BatchStats {
@@ -96,7 +98,7 @@ impl BatchStats {
     }
     /// Deliver calls waiting in the queue for a committer now.
     pub fn queued(&self) -> u64 {
-        self.0.queued.load(Ordering::Relaxed)
+        self.0.queued.load(Ordering::Relaxed).max(0) as u64
     }
     fn committed(&self, n: usize) {
         self.0.batches.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +191,7 @@ async fn next_batch(queue: &Mutex<Queue>, max: usize, max_bytes: u64) -> Option<
         batch.push(j);
     }
     // The carried job was counted out when it was first taken.
-    let taken = batch.len() as u64 + u64::from(q.carry.is_some()) - u64::from(carried);
+    let taken = batch.len() as i64 + i64::from(q.carry.is_some()) - i64::from(carried);
     q.stats.0.queued.fetch_sub(taken, Ordering::Relaxed);
     Some(batch)
 }
@@ -213,8 +215,11 @@ async fn run(pool: &PgPool, stats: &BatchStats, batch: Vec<Job>) {
                 let _ = reply.send(Err(e.clone()));
             }
         }
-        Err(Failed::Statement(e)) if n == 1 => {
-            let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
+        // Alone, or the database is unreachable: storing one by one would not help.
+        Err(Failed::Statement(e)) if n == 1 || matches!(e, ServiceError::Unavailable(_)) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
         }
         Err(Failed::Statement(e)) => {
             tracing::debug!(
