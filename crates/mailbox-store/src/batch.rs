@@ -45,6 +45,9 @@ pub struct Prepared {
     pub add_delivery_headers: bool,
     pub return_path: String,
     pub all_or_nothing: bool,
+    /// The caller's span: the batch's transaction span links to it (follows_from), so each
+    /// Deliver's trace leads to the transaction that stored it.
+    pub span: tracing::Span,
 }
 
 /// What a delivery came to once its batch committed.
@@ -260,6 +263,9 @@ async fn attempt(
         db.operation.name = "deliver",
         mailsuite.deliveries = ds.len(),
     );
+    for d in ds {
+        span.follows_from(d.span.id());
+    }
     let timer = mailsuite_runtime::metrics::db_timer("deliver_batch");
     let r = tracing::Instrument::instrument(attempt_inner(pool, ds), span).await;
     drop(timer);

@@ -165,6 +165,7 @@ impl DeliverySvc {
             add_delivery_headers: header.add_delivery_headers,
             return_path: header.return_path.clone(),
             all_or_nothing: header.all_or_nothing,
+            span: tracing::Span::current(),
         };
         // Stored with whatever other deliveries are queued, in one transaction; answered
         // only after it committed.
