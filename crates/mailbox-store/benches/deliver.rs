@@ -3,6 +3,10 @@
 //!
 //!   cargo bench -p mailsuite-mailbox-store --bench deliver
 //!   BENCH_MESSAGES=5000 cargo bench -p mailsuite-mailbox-store --bench deliver
+//!   BENCH_CALLERS=1,32,50 cargo bench -p mailsuite-mailbox-store --bench deliver
+//!
+//! It also prints the store's group-commit counters (transactions, Deliver calls per
+//! transaction) of each run.
 //!
 //! Every message is distinct (no blob deduplication helps) and goes to one of 32 accounts.
 
@@ -132,15 +136,24 @@ async fn main() {
     }
     // Warm up connections and caches.
     run(&url, 4, 100, 10_000_000).await;
-    for (i, callers) in [1usize, 32].into_iter().enumerate() {
+    // BENCH_CALLERS=1,32,50: the concurrent callers of each run.
+    let callers: Vec<usize> = std::env::var("BENCH_CALLERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 32]);
+    for (i, callers) in callers.into_iter().enumerate() {
         let n = total - total % callers;
+        let stats = &started.deliveries;
+        let before = (stats.batches(), stats.batched());
         let (elapsed, mut lat) = run(&url, callers, n, i * 1_000_000).await;
+        let batches = stats.batches() - before.0;
         println!(
-            "deliver 4 KB, {callers:>2} caller(s): {n} messages in {:.2?} = {:.0} deliveries/s (p50 {:.2?}, p99 {:.2?})",
+            "deliver 4 KB, {callers:>2} caller(s): {n} messages in {:.2?} = {:.0} deliveries/s (p50 {:.2?}, p99 {:.2?}); {batches} transactions, {:.1} deliveries each",
             elapsed,
             n as f64 / elapsed.as_secs_f64(),
             pct(&mut lat, 0.5),
             pct(&mut lat, 0.99),
+            (stats.batched() - before.1) as f64 / batches.max(1) as f64,
         );
     }
     sd.drain(Duration::from_secs(5)).await;

@@ -63,6 +63,14 @@ pub struct Limits {
     /// Most text keys (BODY, TEXT, HEADER with a value) in one SEARCH: each one is a
     /// substring scan of every candidate message's text.
     pub max_search_text_keys: usize,
+    /// Tasks committing Deliver calls in groups (each holds one pool connection while it
+    /// stores a group). Concurrent deliveries queue while a group commits and go together
+    /// in the next one.
+    pub delivery_committers: usize,
+    /// Most Deliver calls stored in one transaction.
+    pub delivery_batch_max: usize,
+    /// Most message bytes in one delivery transaction (a larger single message goes alone).
+    pub delivery_batch_max_bytes: u64,
 }
 
 fn default_password_checks() -> usize {
@@ -86,6 +94,9 @@ impl Default for Limits {
             max_maildrop_locks: 2_000,
             max_search_keys: 1000,
             max_search_text_keys: 32,
+            delivery_committers: 3,
+            delivery_batch_max: 64,
+            delivery_batch_max_bytes: 32 * 1024 * 1024,
         }
     }
 }

@@ -2,22 +2,23 @@
 //! entry per mailbox), idempotent by key, replying only after commit.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use mailsuite_proto::delivery_server::Delivery;
 use mailsuite_proto::{
-    AddressKind, ChangeKind, DeliverChunk, DeliverHeader, DeliverResponse, RecipientResult,
-    RecipientStatus, deliver_chunk,
+    AddressKind, DeliverChunk, DeliverHeader, DeliverResponse, RecipientResult, RecipientStatus,
+    deliver_chunk,
 };
 use mailsuite_runtime::ServiceError;
 use prost::Message as _;
-use sqlx::Row;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Ctx;
+use crate::batch::{Outcome, Prepared};
 use crate::directory;
 use crate::metrics;
-use crate::store::{self, INBOX, NewEntry};
+use crate::store::{self, INBOX};
 
 pub struct DeliverySvc(pub Ctx);
 
@@ -69,17 +70,6 @@ where
     Ok((header, data))
 }
 
-/// `Return-Path:` and `Delivered-To:` lines for one recipient (RFC 5321 §4.4).
-fn trace_prefix(return_path: &str, delivered_to: &str) -> Vec<u8> {
-    let clean = |s: &str| s.replace(['\r', '\n', '<', '>'], "");
-    format!(
-        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-        clean(return_path),
-        clean(delivered_to)
-    )
-    .into_bytes()
-}
-
 pub fn internal_date(secs: i64) -> chrono::DateTime<chrono::Utc> {
     if secs == 0 {
         chrono::Utc::now()
@@ -92,7 +82,7 @@ impl DeliverySvc {
     async fn deliver_inner(
         &self,
         header: &DeliverHeader,
-        data: &[u8],
+        data: &Arc<Vec<u8>>,
     ) -> Result<DeliverResponse, ServiceError> {
         let ctx = &self.0;
         let lim = &ctx.config.limits;
@@ -110,7 +100,8 @@ impl DeliverySvc {
                 "an idempotency key is required".into(),
             ));
         }
-        // A retry is answered from the idempotency record when the claim below conflicts.
+        // A retry is answered from the idempotency record when its key claim (in its batch,
+        // crate::batch) finds the key taken.
 
         // Resolve every recipient before the transaction (read-only, no locks held).
         let mut results = Vec::new();
@@ -150,175 +141,48 @@ impl DeliverySvc {
                 results.push(res);
             }
         }
-
-        let mut tx = ctx.pool.begin().await?;
-        let claimed: Option<String> = sqlx::query_scalar(
-            "INSERT INTO mailbox.deliveries (idempotency_key) VALUES ($1)
-             ON CONFLICT DO NOTHING RETURNING idempotency_key",
-        )
-        .bind(&header.idempotency_key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if claimed.is_none() {
-            // A concurrent call with the same key committed first.
-            drop(tx);
-            return previous(ctx, &header.idempotency_key)
-                .await?
-                .ok_or_else(|| {
-                    ServiceError::Conflict("delivery with this key in progress".into())
-                });
-        }
-
-        // Accounts in id order: every writer locks account rows before mailbox rows.
-        let addrs: Vec<String> = targets.keys().cloned().collect();
-        let rows = sqlx::query(
-            "SELECT a.id, a.address, a.quota_bytes, a.quota_messages, a.used_bytes, a.used_messages
-             FROM mailbox.accounts a WHERE a.address = ANY($1) AND a.enabled ORDER BY a.id FOR UPDATE",
-        )
-        .bind(&addrs)
-        .fetch_all(&mut *tx)
-        .await?;
+        // Hash and parse the message before the transaction (and with no pool connection).
+        let blob = if targets.is_empty() {
+            None
+        } else {
+            Some(store::prepare_blob(&ctx.pool, data).await?)
+        };
 
         let want = if header.mailbox.is_empty() {
             INBOX.to_string()
         } else {
             store::normalize_mailbox(&header.mailbox).unwrap_or_else(|_| INBOX.to_string())
         };
-        let flags = store::normalize_flags(&header.flags);
-        let date = internal_date(header.internal_date);
-        let mut accepted: Vec<(i64, String, Vec<u8>)> = Vec::new();
-        let mut over: Vec<(String, bool)> = Vec::new();
-        for r in &rows {
-            let (id, address): (i64, String) = (r.get(0), r.get(1));
-            let prefix = if header.add_delivery_headers {
-                trace_prefix(&header.return_path, &address)
-            } else {
-                Vec::new()
-            };
-            let size = (data.len() + prefix.len()) as i64;
-            match store::quota_verdict(r.get(2), r.get(3), r.get(4), r.get(5), size, 1) {
-                Ok(()) => accepted.push((id, address, prefix)),
-                Err(ServiceError::OverQuota { permanent, .. }) => over.push((address, permanent)),
-                Err(e) => return Err(e),
-            }
-        }
-        for (address, _) in &over {
-            for &i in &targets[address] {
-                if results[i].delivered_to.is_empty() {
-                    results[i].status = RecipientStatus::OverQuota as i32;
-                }
-            }
-        }
-        if accepted.is_empty() && !over.is_empty() {
-            return Err(ServiceError::OverQuota {
-                message: "every recipient is over quota".into(),
-                permanent: over.iter().all(|(_, p)| *p),
-            });
-        }
-
-        let mut blob_id = Vec::new();
-        if !accepted.is_empty() {
-            blob_id = store::put_blob(&mut tx, data, accepted.len() as i64).await?;
-        }
-        // Mailboxes in id order too, so deliveries to overlapping recipients cannot deadlock.
-        let ids: Vec<i64> = accepted.iter().map(|a| a.0).collect();
-        let boxes = sqlx::query(
-            "SELECT a.id, coalesce(m.id, i.id) FROM unnest($1::bigint[]) AS a(id)
-             JOIN mailbox.mailboxes i ON i.account_id = a.id AND i.name = 'INBOX'
-             LEFT JOIN mailbox.mailboxes m ON m.account_id = a.id AND m.name = $2",
-        )
-        .bind(&ids)
-        .bind(&want)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut plan: Vec<(i64, i64, String, Vec<u8>)> = Vec::new();
-        for (id, address, prefix) in accepted {
-            let mb = boxes
-                .iter()
-                .find(|r| r.get::<i64, _>(0) == id)
-                .map(|r| r.get::<i64, _>(1))
-                .ok_or_else(|| ServiceError::Internal(format!("{address} has no INBOX")))?;
-            plan.push((mb, id, address, prefix));
-        }
-        plan.sort_by_key(|p| p.0);
-        for (mb, account, address, prefix) in &plan {
-            let (uid, modseq, _) = store::alloc_uids(&mut tx, *mb, 1).await?;
-            let size = (data.len() + prefix.len()) as i64;
-            store::insert_entry(
-                &mut tx,
-                &NewEntry {
-                    mailbox_id: *mb,
-                    uid,
-                    modseq,
-                    flags: &flags,
-                    internal_date: date,
-                    date_offset: 0,
-                    size,
-                    blob_id: &blob_id,
-                    prefix,
-                },
-            )
-            .await?;
-            store::add_usage(&mut tx, *account, size, 1).await?;
-            store::publish(
-                &mut tx,
-                &crate::notify::event(
-                    *account,
-                    *mb,
-                    ChangeKind::New,
-                    vec![uid as u32],
-                    modseq as u64,
-                ),
-            )
-            .await?;
-            for &i in &targets[address] {
-                results[i].delivered_to.push(address.clone());
-                results[i].status = RecipientStatus::Delivered as i32;
-            }
-        }
-        // A local target that vanished or was disabled since resolution got nothing.
-        for r in &mut results {
-            if r.status == RecipientStatus::Delivered as i32 && r.delivered_to.is_empty() {
-                r.status = if r.remote_targets.is_empty() {
-                    RecipientStatus::Unknown
-                } else {
-                    RecipientStatus::Remote
-                } as i32;
-            }
-        }
-        if header.all_or_nothing
-            && results.iter().any(|r| {
-                r.status != RecipientStatus::Delivered as i32 || !r.remote_targets.is_empty()
-            })
-        {
-            // Dropping the transaction rolls back the entries, the blob and the claimed key,
-            // so the caller may hand the message elsewhere (or retry) under the same key.
-            drop(tx);
-            return Ok(DeliverResponse {
-                results,
-                blob_id: String::new(),
-                duplicate: false,
-                size: data.len() as u64,
-                rolled_back: true,
-            });
-        }
-        let response = DeliverResponse {
+        let prepared = Prepared {
+            key: header.idempotency_key.clone(),
+            data: data.clone(),
+            blob,
             results,
-            blob_id: store::hex_id(&blob_id),
-            duplicate: false,
-            size: data.len() as u64,
-            rolled_back: false,
+            targets,
+            mailbox: want,
+            flags: store::normalize_flags(&header.flags),
+            internal_date: internal_date(header.internal_date),
+            add_delivery_headers: header.add_delivery_headers,
+            return_path: header.return_path.clone(),
+            all_or_nothing: header.all_or_nothing,
+            span: tracing::Span::current(),
         };
-        sqlx::query("UPDATE mailbox.deliveries SET response = $2 WHERE idempotency_key = $1")
-            .bind(&header.idempotency_key)
-            .bind(response.encode_to_vec())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        metrics::inc(&metrics::DELIVERIES, 1);
-        metrics::inc(&metrics::DELIVERED_ENTRIES, plan.len() as u64);
-        metrics::inc(&metrics::DELIVERED_BYTES, data.len() as u64);
-        Ok(response)
+        // Stored with whatever other deliveries are queued, in one transaction; answered
+        // only after it committed.
+        match ctx.deliveries.deliver(prepared).await? {
+            Outcome::Done(response, entries) => {
+                if !response.rolled_back {
+                    metrics::inc(&metrics::DELIVERIES, 1);
+                    metrics::inc(&metrics::DELIVERED_ENTRIES, entries);
+                    metrics::inc(&metrics::DELIVERED_BYTES, data.len() as u64);
+                }
+                Ok(response)
+            }
+            // A concurrent call with the same key committed first (or is still at it).
+            Outcome::NotClaimed => previous(ctx, &header.idempotency_key)
+                .await?
+                .ok_or_else(|| ServiceError::Conflict("delivery with this key in progress".into())),
+        }
     }
 }
 
@@ -350,6 +214,7 @@ impl Delivery for DeliverySvc {
         })
         .await
         .map_err(st)?;
+        let data = Arc::new(data);
         if header.size_hint > max {
             return Err(st(ServiceError::TooLarge(format!(
                 "message larger than {max} bytes"
@@ -358,7 +223,8 @@ impl Delivery for DeliverySvc {
         // A deadlock or serialization failure is retried here rather than by every caller.
         let mut attempt = 0;
         loop {
-            // The delivery transaction, as a span in the caller's trace and a latency sample.
+            // The delivery (queued for its group commit, see crate::batch), as a span in the
+            // caller's trace and a latency sample; the group's transaction has its own.
             let span = tracing::info_span!(
                 "db.transaction",
                 otel.name = "deliver",

@@ -25,6 +25,7 @@
 //! - Errors: NotFound for a mailbox is what IMAP answers with [TRYCREATE] (COPY, APPEND).
 
 pub mod admin;
+pub mod batch;
 pub mod body;
 pub mod config;
 pub mod delivery;
@@ -56,6 +57,8 @@ pub use config::Config;
 pub struct Started {
     pub grpc: SocketAddr,
     pub ops: Option<SocketAddr>,
+    /// This instance's group-commit counters (Deliver calls per transaction).
+    pub deliveries: batch::BatchStats,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,8 @@ pub struct Ctx {
     pub shutdown: Shutdown,
     pub passwords: password::Hasher,
     pub locks: locks::MaildropLocks,
+    /// Group commit of Deliver calls.
+    pub deliveries: batch::DeliveryBatcher,
 }
 
 pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error> {
@@ -113,6 +118,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         locks: locks::MaildropLocks::start(
             (*pool.connect_options()).clone(),
             config.limits.max_maildrop_locks,
+            &shutdown,
+        ),
+        deliveries: batch::DeliveryBatcher::start(
+            pool.clone(),
+            config.limits.delivery_committers,
+            config.limits.delivery_batch_max,
+            config.limits.delivery_batch_max_bytes,
             &shutdown,
         ),
     };
@@ -189,5 +201,6 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     Ok(Started {
         grpc: grpc_addr,
         ops: ops_addr,
+        deliveries: ctx.deliveries.stats(),
     })
 }

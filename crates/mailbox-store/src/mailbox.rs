@@ -198,6 +198,8 @@ impl MailboxSvc {
     ) -> Result<AppendResponse, ServiceError> {
         let name = normalize_mailbox(&h.mailbox)?;
         let flags = store::normalize_flags(&h.flags);
+        // Hash and parse before the transaction: no locks held meanwhile.
+        let prepared = store::prepare_blob(&self.0.pool, data).await?;
         let mut tx = self.0.pool.begin().await?;
         store::check_quota(&mut tx, h.account_id, data.len() as i64, 1).await?;
         let mb: i64 = sqlx::query_scalar(
@@ -208,7 +210,8 @@ impl MailboxSvc {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| ServiceError::NotFound(format!("mailbox {name}")))?;
-        let blob = store::put_blob(&mut tx, data, 1).await?;
+        store::insert_blob(&mut tx, &prepared, data, 1).await?;
+        let blob = prepared.id.clone();
         let (uid, modseq, uidvalidity) = store::alloc_uids(&mut tx, mb, 1).await?;
         store::insert_entry(
             &mut tx,

@@ -9,6 +9,10 @@ pub static DELIVERIES: Counter = Counter("mailsuite_store_deliveries_total");
 pub static DELIVERED_ENTRIES: Counter = Counter("mailsuite_store_delivered_entries_total");
 pub static DELIVERED_BYTES: Counter = Counter("mailsuite_store_delivered_bytes_total");
 pub static DUPLICATE_DELIVERIES: Counter = Counter("mailsuite_store_duplicate_deliveries_total");
+/// Delivery transactions committed (each holds one or more Deliver calls).
+pub static DELIVERY_BATCHES: Counter = Counter("mailsuite_store_delivery_batches_total");
+/// Deliver calls stored by those transactions (batched / batches = mean batch size).
+pub static DELIVERY_BATCHED: Counter = Counter("mailsuite_store_delivery_batched_total");
 pub static APPENDS: Counter = Counter("mailsuite_store_appends_total");
 pub static EXPUNGED: Counter = Counter("mailsuite_store_expunged_total");
 

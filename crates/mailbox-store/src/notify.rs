@@ -95,6 +95,36 @@ pub async fn publish(
     tx: &mut Transaction<'_, Postgres>,
     ev: &ChangeEvent,
 ) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(payload(ev))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Publish every event of `evs` (in order) when the transaction on `conn` commits, in one
+/// statement.
+pub async fn publish_many(
+    conn: &mut sqlx::PgConnection,
+    evs: &[ChangeEvent],
+) -> Result<(), sqlx::Error> {
+    if evs.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<String> = evs.iter().map(payload).collect();
+    sqlx::query(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+    )
+    .bind(CHANNEL)
+    .bind(&payloads)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The NOTIFY payload of one event.
+fn payload(ev: &ChangeEvent) -> String {
     let w = Wire {
         a: ev.account_id,
         m: ev.mailbox_id,
@@ -107,13 +137,7 @@ pub async fn publish(
         s: ev.modseq,
         t: ev.text.chars().take(1000).collect(),
     };
-    let payload = serde_json::to_string(&w).unwrap_or_default();
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    serde_json::to_string(&w).unwrap_or_default()
 }
 
 pub fn event(

@@ -133,27 +133,54 @@ pub fn hex_id(id: &[u8]) -> String {
 
 const PROBE_ABOVE: usize = 256 * 1024;
 
-/// Store `raw` once (by SHA-256) and add `refs` references to it. The MIME metadata is parsed
-/// only when the content is new.
-pub async fn put_blob(
-    tx: &mut PgConnection,
-    raw: &[u8],
-    refs: i64,
-) -> Result<Vec<u8>, ServiceError> {
+/// What storing a blob needs, computed before the transaction (no locks held meanwhile): the
+/// SHA-256 id and, unless the content is already stored, the parsed MIME metadata.
+pub struct PreparedBlob {
+    pub id: Vec<u8>,
+    pub size: i64,
+    /// None: the content was already stored when prepared (large messages are looked up
+    /// before they are parsed); `insert_blob` then only adds references.
+    pub meta: Option<BlobMeta>,
+}
+
+/// The MIME metadata of a blob, encoded for its row.
+pub struct BlobMeta {
+    pub envelope: Vec<u8>,
+    pub body: Vec<u8>,
+    pub headers: serde_json::Value,
+    pub text: String,
+    pub sent_date: Option<chrono::NaiveDate>,
+}
+
+/// Hash and parse `raw` for `insert_blob`. Run it before `BEGIN`: the parse is the slow part
+/// of storing a message and must not hold row locks, a transaction or a pool connection.
+pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &[u8]) -> Result<PreparedBlob, ServiceError> {
     let id = sha2::Sha256::digest(raw).to_vec();
     // Most content is new: parsing a small message costs less than a round trip to look for
     // it first. Large ones are looked up before they are parsed.
     if raw.len() > PROBE_ABOVE {
-        let updated =
-            sqlx::query("UPDATE mailbox.blobs SET refcount = refcount + $2 WHERE id = $1")
+        let known: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM mailbox.blobs WHERE id = $1)")
                 .bind(&id)
-                .bind(refs)
-                .execute(&mut *tx)
+                .fetch_one(pool)
                 .await?;
-        if updated.rows_affected() == 1 {
-            return Ok(id);
+        if known {
+            return Ok(PreparedBlob {
+                id,
+                size: raw.len() as i64,
+                meta: None,
+            });
         }
     }
+    Ok(PreparedBlob {
+        id,
+        size: raw.len() as i64,
+        meta: Some(blob_meta(raw).await?),
+    })
+}
+
+/// Parse `raw` (on its own big-stack thread) and encode the metadata columns.
+pub async fn blob_meta(raw: &[u8]) -> Result<BlobMeta, ServiceError> {
     let owned = raw.to_vec();
     // The parse gets its own big-stack thread (see mime::PARSE_STACK_BYTES); spawn_blocking
     // only bounds how many run at once and keeps the wait off the async workers.
@@ -175,6 +202,40 @@ pub async fn put_blob(
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default();
+    Ok(BlobMeta {
+        envelope: parsed.envelope.encode_to_vec(),
+        body: parsed.body.encode_to_vec(),
+        headers,
+        text: strip_nul(&parsed.text),
+        sent_date: parsed.sent_date,
+    })
+}
+
+/// Store a prepared blob once (by SHA-256) and add `refs` references to it.
+pub async fn insert_blob(
+    tx: &mut PgConnection,
+    blob: &PreparedBlob,
+    raw: &[u8],
+    refs: i64,
+) -> Result<(), ServiceError> {
+    let parsed_now;
+    let meta = match &blob.meta {
+        Some(m) => m,
+        None => {
+            let updated =
+                sqlx::query("UPDATE mailbox.blobs SET refcount = refcount + $2 WHERE id = $1")
+                    .bind(&blob.id)
+                    .bind(refs)
+                    .execute(&mut *tx)
+                    .await?;
+            if updated.rows_affected() == 1 {
+                return Ok(());
+            }
+            // Its last reference went away since it was looked up (rare): parse it here.
+            parsed_now = blob_meta(raw).await?;
+            &parsed_now
+        }
+    };
     // A concurrent first delivery of the same content may insert it meanwhile: add to it.
     sqlx::query(
         "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date, fts)
@@ -182,18 +243,18 @@ pub async fn put_blob(
                  to_tsvector('simple', left($8, 500000)))
          ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount",
     )
-    .bind(&id)
-    .bind(raw.len() as i64)
+    .bind(&blob.id)
+    .bind(blob.size)
     .bind(refs)
     .bind(raw)
-    .bind(parsed.envelope.encode_to_vec())
-    .bind(parsed.body.encode_to_vec())
-    .bind(headers)
-    .bind(strip_nul(&parsed.text))
-    .bind(parsed.sent_date)
+    .bind(&meta.envelope)
+    .bind(&meta.body)
+    .bind(&meta.headers)
+    .bind(&meta.text)
+    .bind(meta.sent_date)
     .execute(&mut *tx)
     .await?;
-    Ok(id)
+    Ok(())
 }
 
 /// PostgreSQL text cannot hold NUL.
