@@ -196,22 +196,25 @@ pub struct Selected {
 impl Selected {
     /// Apply a batch of changes from the store (or a resync diff) to the session's view and
     /// report them: EXPUNGE (if allowed now), then EXISTS, then FETCH FLAGS.
-    fn apply_changes<W: AsyncWrite + Unpin>(
+    /// The changes are borrowed: an answer shared by many sessions (`changes_cache`) is
+    /// not copied per session. Expunged UIDs outside the view, or already pending, are
+    /// ignored.
+    fn apply_changes<'a, W: AsyncWrite + Unpin>(
         &mut self,
-        expunged: Vec<u32>,
-        changed: Vec<pb::MessageFlags>,
+        expunged: &[u32],
+        changed: impl IntoIterator<Item = &'a pb::MessageFlags>,
         highest: u64,
         allow_expunge: bool,
         condstore: bool,
         out: &mut Out<'_, W>,
     ) {
-        for u in expunged {
+        for &u in expunged {
             if self.seq.seq(u).is_some() && !self.pending_expunges.contains(&u) {
                 self.pending_expunges.push(u);
             }
         }
         let mut added = false;
-        let mut changed = changed;
+        let mut changed: Vec<&pb::MessageFlags> = changed.into_iter().collect();
         changed.sort_by_key(|m| m.uid);
         let mut flag_updates = Vec::new();
         for m in changed {
@@ -2914,9 +2917,11 @@ impl Session {
         };
         if sel.dirty || force {
             sel.dirty = false;
-            let r = match self
-                .store
-                .changes(account_id, sel.mailbox_id, sel.modseq)
+            // A forced poll (NOOP, CHECK) asks the store itself; an event's poll is shared
+            // with every session of the gateway waiting for the same mailbox's changes.
+            let cache = self.hub.changes();
+            let r = match cache
+                .changes(&self.store, account_id, sel.mailbox_id, sel.modseq, force)
                 .await
             {
                 Ok(r) => r,
@@ -2931,23 +2936,30 @@ impl Session {
                     return Ok(());
                 }
             };
-            let (expunged, changed, highest) = if r.truncated {
+            if r.resp.truncated {
                 match self.store.select(account_id, &sel.name, true).await {
                     Ok(s) => {
                         let (gone, new) = resync_diff(&sel.seq, &s.uids);
                         let hms = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
-                        (gone, new, hms)
+                        sel.apply_changes(&gone, &new, hms, allow_expunge, condstore, out);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "resync failed");
                         sel.dirty = true;
-                        return Ok(());
                     }
                 }
-            } else {
-                (r.expunged, r.changed, r.highestmodseq)
-            };
-            sel.apply_changes(expunged, changed, highest, allow_expunge, condstore, out);
+                return Ok(());
+            }
+            let changed = r.changed_after(sel.modseq);
+            let highest = r.resp.highestmodseq;
+            sel.apply_changes(
+                &r.resp.expunged,
+                changed,
+                highest,
+                allow_expunge,
+                condstore,
+                out,
+            );
             return Ok(());
         }
         if allow_expunge && !sel.pending_expunges.is_empty() {
@@ -3176,7 +3188,7 @@ mod tests {
     ) -> String {
         let mut sink: Vec<u8> = Vec::new();
         let mut out = Out::new(&mut sink);
-        sel.apply_changes(expunged, new, 2, allow, false, &mut out);
+        sel.apply_changes(&expunged, &new, 2, allow, false, &mut out);
         String::from_utf8(std::mem::take(&mut out.buf)).unwrap()
     }
 

@@ -42,7 +42,9 @@ async fn idle_fanout_one_changes_call_per_mailbox_change() {
     let mut clients: Vec<Client> = futures::stream::iter(0..SESSIONS)
         .map(|_| async move {
             let mut c = env_ref.plain().await;
-            let r = c.cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\"")).await;
+            let r = c
+                .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
+                .await;
             assert!(tagged(&r).contains(" OK "), "{r}");
             let r = c.cmd("SELECT INBOX").await;
             assert!(r.contains("* 1 EXISTS"), "{r}");
