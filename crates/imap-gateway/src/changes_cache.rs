@@ -19,6 +19,7 @@
 //!   says "log truncated" while its own `since` differs, asks the store itself, as before.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use mailsuite_proto as pb;
@@ -178,29 +179,45 @@ impl ChangeCache {
         since: u64,
         own_poll: bool,
     ) -> StoreResult<Arc<Snapshot>> {
-        if own_poll {
-            return own(store, account_id, mailbox_id, since).await;
-        }
-        let plan = self.plan(store, account_id, mailbox_id, since);
-        let shared = match plan {
-            Plan::Ready(s) => {
-                counter_shared("cached");
-                s
-            }
-            Plan::Wait(mut rx) => match rx.wait_for(Option::is_some).await {
-                Ok(v) => v.clone().expect("is_some")?,
-                Err(_) => return Err(ServiceError::Unavailable("change poll abandoned".into())),
-            },
+        let store = store.clone();
+        let fetch = move |since: u64| {
+            let store = store.clone();
+            async move { store.changes(account_id, mailbox_id, since).await }
         };
-        if shared.resp.truncated && shared.since != since {
-            // The log does not reach back to the shared poll's start; it may reach ours.
-            return own(store, account_id, mailbox_id, since).await;
-        }
-        Ok(shared)
+        self.changes_via((account_id, mailbox_id), since, own_poll, fetch)
+            .await
     }
 
-    fn plan(&self, store: &Store, account_id: i64, mailbox_id: i64, since: u64) -> Plan {
-        let key = (account_id, mailbox_id);
+    async fn changes_via<F, Fut>(
+        &self,
+        key: Key,
+        since: u64,
+        own_poll: bool,
+        fetch: F,
+    ) -> StoreResult<Arc<Snapshot>>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = StoreResult<pb::ChangesResponse>> + Send + 'static,
+    {
+        if !own_poll {
+            let shared = wait(self.plan(key, since, &fetch)).await?;
+            if !shared.resp.truncated || shared.since == since {
+                return Ok(shared);
+            }
+            // The log does not reach back to the shared poll's start; it may reach ours.
+        }
+        counter_calls("own");
+        let resp = fetch(since).await?;
+        Ok(Arc::new(Snapshot { since, resp }))
+    }
+
+    /// Use the kept answer, join the poll in flight, or start a poll (spawned, so it
+    /// completes for everyone who joined it even if the session that started it goes away).
+    fn plan<F, Fut>(&self, key: Key, since: u64, fetch: &F) -> Plan
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = StoreResult<pb::ChangesResponse>> + Send + 'static,
+    {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let e = inner.entries.entry(key).or_default();
@@ -209,11 +226,13 @@ impl ChangeCache {
             && *g >= need
             && s.since <= since
         {
+            counter_shared("cached");
             return Plan::Ready(s.clone());
         }
         if let Some(f) = &e.inflight
             && f.generation >= need
             && f.since <= since
+            && f.rx.has_changed().is_ok()
         {
             counter_shared("joined");
             return Plan::Wait(f.rx.clone());
@@ -229,16 +248,11 @@ impl ChangeCache {
             generation: need,
             rx: rx.clone(),
         });
+        counter_calls("shared");
+        let call = fetch(since);
         let this = self.clone();
-        let store = store.clone();
-        // Spawned, so the poll completes for everyone who joined it even if the session that
-        // started it goes away.
         tokio::spawn(async move {
-            counter_calls("shared");
-            let r = store
-                .changes(account_id, mailbox_id, since)
-                .await
-                .map(|resp| Arc::new(Snapshot { since, resp }));
+            let r = call.await.map(|resp| Arc::new(Snapshot { since, resp }));
             this.finish(key, id, need, &r);
             let _ = tx.send(Some(r));
         });
@@ -313,16 +327,14 @@ impl Inner {
     }
 }
 
-/// The session's own poll, shared with nobody.
-async fn own(
-    store: &Store,
-    account_id: i64,
-    mailbox_id: i64,
-    since: u64,
-) -> StoreResult<Arc<Snapshot>> {
-    counter_calls("own");
-    let resp = store.changes(account_id, mailbox_id, since).await?;
-    Ok(Arc::new(Snapshot { since, resp }))
+async fn wait(plan: Plan) -> Outcome {
+    match plan {
+        Plan::Ready(s) => Ok(s),
+        Plan::Wait(mut rx) => match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().expect("is_some"),
+            Err(_) => Err(ServiceError::Unavailable("change poll abandoned".into())),
+        },
+    }
 }
 
 fn counter_calls(kind: &'static str) {
@@ -333,4 +345,195 @@ fn counter_calls(kind: &'static str) {
 fn counter_shared(how: &'static str) {
     mailsuite_runtime::metrics::counter("mailsuite_imap_changes_shared_total", &[("how", how)])
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+
+    /// A fake store: counts calls, answers only once the gate opens. The mailbox holds
+    /// UID 1 changed at modseq 5 and UID 2 at modseq 8, UID 3 expunged; the log starts at 2.
+    struct Fake {
+        calls: Arc<AtomicUsize>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                calls: Arc::default(),
+                gate: Arc::new(Semaphore::new(0)),
+            }
+        }
+
+        fn open(&self) {
+            self.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn fetch(
+            &self,
+        ) -> impl Fn(u64) -> futures::future::BoxFuture<'static, StoreResult<pb::ChangesResponse>>
+        {
+            let calls = self.calls.clone();
+            let gate = self.gate.clone();
+            move |since| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                Box::pin(async move {
+                    let _p = gate.acquire().await.expect("gate");
+                    let all = [(1, 5), (2, 8)];
+                    Ok(pb::ChangesResponse {
+                        changed: all
+                            .iter()
+                            .filter(|(_, m)| *m > since)
+                            .map(|&(uid, modseq)| pb::MessageFlags {
+                                uid,
+                                modseq,
+                                ..Default::default()
+                            })
+                            .collect(),
+                        expunged: if since < 6 { vec![3] } else { vec![] },
+                        highestmodseq: 8,
+                        truncated: since < 2,
+                        ..Default::default()
+                    })
+                })
+            }
+        }
+    }
+
+    const K: Key = (1, 10);
+
+    #[tokio::test]
+    async fn one_poll_serves_every_session_at_or_above_its_since() {
+        let cache = ChangeCache::default();
+        let fake = Fake::new();
+        let fetch = fake.fetch();
+        let plans: Vec<Plan> = (0..1000).map(|_| cache.plan(K, 4, &fetch)).collect();
+        let ahead = cache.plan(K, 6, &fetch);
+        assert_eq!(fake.calls(), 1, "one poll in flight, joined by all");
+        fake.open();
+        let first = wait(cache.plan(K, 4, &fetch)).await.unwrap();
+        for p in plans {
+            assert!(
+                Arc::ptr_eq(&wait(p).await.unwrap(), &first),
+                "shared, not copied"
+            );
+        }
+        let ahead = wait(ahead).await.unwrap();
+        assert_eq!(ahead.since, 4);
+        let uids: Vec<u32> = ahead.changed_after(6).map(|m| m.uid).collect();
+        assert_eq!(uids, [2], "a session at modseq 6 sees only what is newer");
+        // Kept: a session waking up after the poll finished asks nothing.
+        let late = wait(cache.plan(K, 5, &fetch)).await.unwrap();
+        assert!(Arc::ptr_eq(&late, &first));
+        assert_eq!(fake.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_session_behind_the_shared_poll_asks_for_its_own_range() {
+        let cache = ChangeCache::default();
+        let fake = Fake::new();
+        let fetch = fake.fetch();
+        let p = cache.plan(K, 6, &fetch);
+        let behind = cache.plan(K, 4, &fetch);
+        assert_eq!(fake.calls(), 2);
+        // The wider poll replaced the narrower one for later sessions.
+        let later = cache.plan(K, 7, &fetch);
+        assert_eq!(fake.calls(), 2);
+        fake.open();
+        assert_eq!(wait(p).await.unwrap().since, 6);
+        assert_eq!(wait(behind).await.unwrap().since, 4);
+        assert_eq!(wait(later).await.unwrap().since, 4);
+    }
+
+    #[tokio::test]
+    async fn an_event_makes_earlier_polls_and_answers_stale() {
+        let cache = ChangeCache::default();
+        let fake = Fake::new();
+        let fetch = fake.fetch();
+        let before = cache.plan(K, 4, &fetch);
+        // The event for a change committed after that poll started.
+        cache.on_event(K.0, K.1);
+        let after = cache.plan(K, 4, &fetch);
+        assert_eq!(fake.calls(), 2, "a poll older than the event is not joined");
+        // Events of other mailboxes and accounts change nothing here.
+        cache.on_event(K.0, 11);
+        cache.on_event(2, K.1);
+        let joined = cache.plan(K, 4, &fetch);
+        assert_eq!(fake.calls(), 2);
+        fake.open();
+        wait(before).await.unwrap();
+        let a = wait(after).await.unwrap();
+        assert!(Arc::ptr_eq(&a, &wait(joined).await.unwrap()));
+        // The answer is kept until the next event of the mailbox, then asked anew.
+        assert!(matches!(cache.plan(K, 4, &fetch), Plan::Ready(_)));
+        cache.on_event(K.0, K.1);
+        wait(cache.plan(K, 4, &fetch)).await.unwrap();
+        assert_eq!(fake.calls(), 3);
+        // A resync makes everything stale.
+        cache.on_resync();
+        wait(cache.plan(K, 4, &fetch)).await.unwrap();
+        assert_eq!(fake.calls(), 4);
+        assert!(cache.lock().entries.len() == 1);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_shared_answer_sends_other_sessions_to_their_own_poll() {
+        let cache = ChangeCache::default();
+        let fake = Fake::new();
+        fake.open();
+        let s = cache.changes_via(K, 1, false, fake.fetch()).await.unwrap();
+        assert!(s.resp.truncated && s.since == 1);
+        let own = cache.changes_via(K, 3, false, fake.fetch()).await.unwrap();
+        assert!(!own.resp.truncated && own.since == 3);
+        assert_eq!(fake.calls(), 2);
+        // A forced poll is always the session's own.
+        cache.changes_via(K, 3, true, fake.fetch()).await.unwrap();
+        assert_eq!(fake.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn kept_answers_are_bounded() {
+        let cache = ChangeCache::new(CacheLimits {
+            mailboxes: 3,
+            entries: 100,
+        });
+        let fake = Fake::new();
+        fake.open();
+        for mailbox in 0..50 {
+            for _ in 0..3 {
+                cache
+                    .changes_via((1, mailbox), 4, false, fake.fetch())
+                    .await
+                    .unwrap();
+                cache.on_event(1, mailbox % 7);
+            }
+        }
+        let inner = cache.lock();
+        assert!(inner.kept <= 3, "{}", inner.kept);
+        assert!(inner.entries.len() <= 3);
+        assert!(inner.order.len() <= 2 * 3 + 64);
+        let size: usize = inner
+            .entries
+            .values()
+            .filter_map(|e| e.last.as_ref())
+            .map(|l| l.1.size())
+            .sum();
+        assert_eq!(size, inner.kept_size);
+        drop(inner);
+        // An answer larger than the whole budget is shared but not kept.
+        let tiny = ChangeCache::new(CacheLimits {
+            mailboxes: 3,
+            entries: 2,
+        });
+        tiny.changes_via(K, 4, false, fake.fetch()).await.unwrap();
+        assert!(tiny.lock().entries.is_empty());
+    }
 }
