@@ -11,6 +11,21 @@ use futures::StreamExt;
 const MSG: &[u8] = b"From: a@remote.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n";
 
 const SESSIONS: usize = 1000;
+/// The other shape: many accounts with a few sessions each.
+const ACCOUNTS: usize = 20;
+const PER_ACCOUNT: usize = 10;
+
+/// A plain loopback session of `user`, INBOX selected (holding `exists` messages), in IDLE.
+async fn idling(env: &Env, user: &str, exists: u32) -> Client {
+    let mut c = env.plain().await;
+    let r = c.cmd(&format!("LOGIN {user} \"{PASSWORD}\"")).await;
+    assert!(tagged(&r).contains(" OK "), "{r}");
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains(&format!("* {exists} EXISTS")), "{r}");
+    c.send(b"i IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    c
+}
 
 /// Read lines until one starts with `want` (IDLE may interleave other untagged data).
 async fn until_line(c: &mut Client, want: &str) {
@@ -40,18 +55,7 @@ async fn idle_fanout_one_changes_call_per_mailbox_change() {
     // SESSIONS plain connections on loopback, each logged in, INBOX selected, IDLE.
     let env_ref = &env;
     let mut clients: Vec<Client> = futures::stream::iter(0..SESSIONS)
-        .map(|_| async move {
-            let mut c = env_ref.plain().await;
-            let r = c
-                .cmd(&format!("LOGIN bob@example.test \"{PASSWORD}\""))
-                .await;
-            assert!(tagged(&r).contains(" OK "), "{r}");
-            let r = c.cmd("SELECT INBOX").await;
-            assert!(r.contains("* 1 EXISTS"), "{r}");
-            c.send(b"i IDLE\r\n").await;
-            assert_eq!(c.line().await, "+ idling\r\n");
-            c
-        })
+        .map(|_| idling(env_ref, "bob@example.test", 1))
         .buffer_unordered(4)
         .collect()
         .await;
@@ -64,6 +68,7 @@ async fn idle_fanout_one_changes_call_per_mailbox_change() {
         until_line(c, "* 2 EXISTS\r\n").await;
     }
     let calls = store_calls(ops, "Changes").await - before;
+    eprintln!("{calls} Changes calls for one delivery to {SESSIONS} IDLE sessions");
     assert!(
         (1..=2).contains(&calls),
         "{calls} Changes calls for one delivery to {SESSIONS} IDLE sessions"
@@ -84,6 +89,7 @@ async fn idle_fanout_one_changes_call_per_mailbox_change() {
         until_line(c, "* 1 FETCH (FLAGS (\\Flagged").await;
     }
     let calls = store_calls(ops, "Changes").await - before;
+    eprintln!("{calls} Changes calls for one flag change");
     assert!(
         (1..=3).contains(&calls),
         "{calls} Changes calls for one flag change seen by {SESSIONS} IDLE sessions"
@@ -98,10 +104,45 @@ async fn idle_fanout_one_changes_call_per_mailbox_change() {
         until_line(c, "* 1 EXPUNGE\r\n").await;
     }
     let calls = store_calls(ops, "Changes").await - before;
+    eprintln!("{calls} Changes calls for a flag change and an expunge");
     assert!(
         (1..=4).contains(&calls),
         "{calls} Changes calls for one flag change and one expunge seen by {SESSIONS} IDLE sessions"
     );
     drop(clients);
+
+    // ACCOUNTS accounts with PER_ACCOUNT IDLE sessions each, one delivery to every account:
+    // one poll per account (mailbox), not per session.
+    let users: Vec<String> = (0..ACCOUNTS)
+        .map(|i| format!("u{i}@example.test"))
+        .collect();
+    for u in &users {
+        env.account(u).await;
+    }
+    let mut groups = Vec::new();
+    for u in &users {
+        let g: Vec<Client> = futures::stream::iter(0..PER_ACCOUNT)
+            .map(|_| idling(env_ref, u, 0))
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        env.until_watched(u).await;
+        groups.push(g);
+    }
+    let before = store_calls(ops, "Changes").await;
+    for u in &users {
+        env.deliver(u, MSG).await;
+    }
+    for c in groups.iter_mut().flatten() {
+        until_line(c, "* 1 EXISTS\r\n").await;
+    }
+    let calls = store_calls(ops, "Changes").await - before;
+    eprintln!(
+        "{calls} Changes calls for one delivery to each of {ACCOUNTS} accounts x {PER_ACCOUNT} IDLE sessions"
+    );
+    assert!(
+        (ACCOUNTS as u64..=2 * ACCOUNTS as u64).contains(&calls),
+        "{calls} Changes calls for {ACCOUNTS} deliveries"
+    );
     env.stop().await;
 }
