@@ -516,18 +516,19 @@ mod tests {
                 cache.on_event(1, mailbox % 7);
             }
         }
-        let inner = cache.lock();
-        assert!(inner.kept <= 3, "{}", inner.kept);
-        assert!(inner.entries.len() <= 3);
-        assert!(inner.order.len() <= 2 * 3 + 64);
-        let size: usize = inner
-            .entries
-            .values()
-            .filter_map(|e| e.last.as_ref())
-            .map(|l| l.1.size())
-            .sum();
-        assert_eq!(size, inner.kept_size);
-        drop(inner);
+        {
+            let inner = cache.lock();
+            assert!(inner.kept <= 3, "{}", inner.kept);
+            assert!(inner.entries.len() <= 3);
+            assert!(inner.order.len() <= 2 * 3 + 64);
+            let size: usize = inner
+                .entries
+                .values()
+                .filter_map(|e| e.last.as_ref())
+                .map(|l| l.1.size())
+                .sum();
+            assert_eq!(size, inner.kept_size);
+        }
         // An answer larger than the whole budget is shared but not kept.
         let tiny = ChangeCache::new(CacheLimits {
             mailboxes: 3,

@@ -4,7 +4,8 @@
 //!
 //! Layers: `codec` (bytes → commands, literals and limits; imap-codec underneath) →
 //! `session` (states, sequence numbers, replies) → `connection` (sockets, TLS, IDLE, timers,
-//! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process.
+//! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process, and
+//! `changes_cache` shares one Changes poll per mailbox change among them.
 
 pub mod authlimit;
 pub mod changes_cache;
