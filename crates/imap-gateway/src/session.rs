@@ -182,6 +182,9 @@ pub struct Selected {
     pub modseq: u64,
     /// A change event arrived: poll the change log at the next opportunity.
     pub dirty: bool,
+    /// This session changed the mailbox itself (APPEND): its next poll must be sent after
+    /// that, not be a shared one (`changes_cache`) that may have started before.
+    pub own_change: bool,
     /// Expunges learnt while they could not be announced (§7.5.1).
     pub pending_expunges: Vec<u32>,
     /// Flag states this session already reported, so its own STOREs are not echoed twice.
@@ -1439,6 +1442,7 @@ impl Session {
             seq,
             modseq: info.highestmodseq,
             dirty: false,
+            own_change: false,
             pending_expunges: vec![],
             reported: HashMap::new(),
         }));
@@ -1889,6 +1893,7 @@ impl Session {
                     && sel.mailbox_id == r.mailbox_id
                 {
                     sel.dirty = true;
+                    sel.own_change = true;
                 }
                 out.tagged(
                     tag,
@@ -2917,11 +2922,19 @@ impl Session {
         };
         if sel.dirty || force {
             sel.dirty = false;
-            // A forced poll (NOOP, CHECK) asks the store itself; an event's poll is shared
-            // with every session of the gateway waiting for the same mailbox's changes.
+            // A forced poll (NOOP, CHECK) or one after the session's own change asks the
+            // store itself; an event's poll is shared with every session of the gateway
+            // waiting for the same mailbox's changes.
+            let own_poll = force || sel.own_change;
             let cache = self.hub.changes();
             let r = match cache
-                .changes(&self.store, account_id, sel.mailbox_id, sel.modseq, force)
+                .changes(
+                    &self.store,
+                    account_id,
+                    sel.mailbox_id,
+                    sel.modseq,
+                    own_poll,
+                )
                 .await
             {
                 Ok(r) => r,
@@ -2936,6 +2949,7 @@ impl Session {
                     return Ok(());
                 }
             };
+            sel.own_change = false;
             if r.resp.truncated {
                 match self.store.select(account_id, &sel.name, true).await {
                     Ok(s) => {
@@ -3148,6 +3162,7 @@ mod tests {
             seq: SeqMap::from_uids(&[3, 5, 6, 9]),
             modseq: 1,
             dirty: false,
+            own_change: false,
             pending_expunges: vec![],
             reported: HashMap::new(),
             recent_from: 9,

@@ -1282,3 +1282,37 @@ async fn shared_change_polls_give_each_idle_session_exactly_its_own_changes() {
     assert!(r.contains("UID 2") && r.contains("\\Flagged"), "{r}");
     env.stop().await;
 }
+
+/// A session's own APPEND to its selected mailbox is reported in the APPEND's reply even
+/// though the gateway keeps a shared `Changes` answer for that mailbox which predates the
+/// APPEND (its change event has not necessarily arrived yet): the poll after an own change
+/// is the session's own, never a shared one. Found by imaplib's APPEND + UID MOVE.
+#[tokio::test(flavor = "multi_thread")]
+async fn append_to_the_selected_mailbox_is_reported_despite_a_kept_shared_answer() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut a = env.login("bob@example.test").await;
+    assert!(a.cmd("SELECT INBOX").await.contains("* 1 EXISTS"));
+    let mut b = idling(&env, "bob@example.test", "INBOX", 1).await;
+    env.until_watched("bob@example.test").await;
+    // A delivery: both sessions learn of it through the shared poll, whose answer is kept.
+    env.deliver("bob@example.test", SIMPLE).await;
+    assert_eq!(b.line().await, "* 2 EXISTS\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if a.cmd("NAMESPACE").await.contains("* 2 EXISTS") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "delivery never announced");
+    }
+    let mut append = format!("APPEND INBOX {{{}+}}\r\n", SIMPLE.len()).into_bytes();
+    append.extend_from_slice(SIMPLE);
+    let r = String::from_utf8(a.cmd_bytes(&append).await).unwrap();
+    assert!(tagged(&r).contains(" OK [APPENDUID "), "{r}");
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    let r = a.cmd("UID MOVE 3 Trash").await;
+    assert!(r.contains("* 3 EXPUNGE\r\n"), "{r}");
+    drop(b);
+    env.stop().await;
+}
