@@ -83,9 +83,9 @@ struct Inflight {
     rx: watch::Receiver<Option<Outcome>>,
 }
 
-#[derive(Default)]
 struct Entry {
-    /// Bumped by every change event of the mailbox.
+    /// Set from the cache-wide counter when the entry is made and at every change event of
+    /// the mailbox, so a poll from before an entry was dropped never matches a new one's.
     generation: u64,
     inflight: Option<Inflight>,
     /// The last answer, the generation its poll started at, and its eviction tick.
@@ -107,7 +107,15 @@ struct Inner {
     /// Answers kept and their total size.
     kept: usize,
     kept_size: usize,
+    /// Source of generations, poll ids and eviction ticks: only ever grows.
     next_id: u64,
+}
+
+impl Inner {
+    fn next(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
 }
 
 /// Shared change polls of one gateway; cheap to clone.
@@ -142,7 +150,8 @@ impl ChangeCache {
         let inner = &mut *inner;
         let key = (account_id, mailbox_id);
         if let Some(e) = inner.entries.get_mut(&key) {
-            e.generation += 1;
+            inner.next_id += 1;
+            e.generation = inner.next_id;
             if let Some(l) = e.last.take() {
                 inner.kept -= 1;
                 inner.kept_size -= l.1.size();
@@ -157,8 +166,9 @@ impl ChangeCache {
     pub fn on_resync(&self) {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        inner.next_id += 1;
         for e in inner.entries.values_mut() {
-            e.generation += 1;
+            e.generation = inner.next_id;
             e.last = None;
         }
         inner.kept = 0;
@@ -220,7 +230,12 @@ impl ChangeCache {
     {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let e = inner.entries.entry(key).or_default();
+        let fresh = inner.next();
+        let e = inner.entries.entry(key).or_insert(Entry {
+            generation: fresh,
+            inflight: None,
+            last: None,
+        });
         let need = e.generation;
         if let Some((g, s, _)) = &e.last
             && *g >= need
@@ -239,8 +254,7 @@ impl ChangeCache {
         }
         // A new poll: current, and reaching back at least as far as a poll in flight that
         // this session could not use, so it replaces it for later sessions.
-        inner.next_id += 1;
-        let id = inner.next_id;
+        let id = fresh;
         let (tx, rx) = watch::channel(None);
         e.inflight = Some(Inflight {
             id,
@@ -281,8 +295,8 @@ impl ChangeCache {
                 inner.kept -= 1;
                 inner.kept_size -= old.1.size();
             }
-            inner.next_id += 1;
-            let tick = inner.next_id;
+            let tick = inner.next_id + 1;
+            inner.next_id = tick;
             e.last = Some((generation, s.clone(), tick));
             inner.kept += 1;
             inner.kept_size += s.size();
@@ -482,6 +496,53 @@ mod tests {
         wait(cache.plan(K, 4, &fetch)).await.unwrap();
         assert_eq!(fake.calls(), 4);
         assert!(cache.lock().entries.len() == 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_poll_from_before_an_entry_was_dropped_is_never_used() {
+        use tokio::sync::oneshot;
+        let cache = ChangeCache::default();
+        let (senders, gates): (Vec<_>, VecDeque<_>) = (0..3).map(|_| oneshot::channel()).unzip();
+        let gates = Arc::new(Mutex::new(gates));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = {
+            let calls = calls.clone();
+            move |_since: u64| {
+                let n = calls.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+                let gate: oneshot::Receiver<()> = gates.lock().unwrap().pop_front().unwrap();
+                async move {
+                    gate.await.unwrap();
+                    Ok(pb::ChangesResponse {
+                        highestmodseq: n,
+                        ..Default::default()
+                    })
+                }
+            }
+        };
+        let mut senders = senders.into_iter();
+        let (s1, s2, s3) = (
+            senders.next().unwrap(),
+            senders.next().unwrap(),
+            senders.next().unwrap(),
+        );
+        let p1 = cache.plan(K, 4, &fetch);
+        cache.on_event(K.0, K.1);
+        let p2 = cache.plan(K, 4, &fetch);
+        s2.send(()).unwrap();
+        assert_eq!(wait(p2).await.unwrap().resp.highestmodseq, 2);
+        // The next event empties the entry, which goes; a session then starts a new one.
+        cache.on_event(K.0, K.1);
+        assert!(cache.lock().entries.is_empty());
+        let p3 = cache.plan(K, 4, &fetch);
+        // The first poll, started before both events, ends only now.
+        s1.send(()).unwrap();
+        assert_eq!(wait(p1).await.unwrap().resp.highestmodseq, 1);
+        let p4 = cache.plan(K, 4, &fetch);
+        assert!(matches!(p4, Plan::Wait(_)), "the stale answer is not kept");
+        s3.send(()).unwrap();
+        assert_eq!(wait(p4).await.unwrap().resp.highestmodseq, 3);
+        assert_eq!(wait(p3).await.unwrap().resp.highestmodseq, 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
