@@ -117,6 +117,14 @@ pub struct Limits {
     pub fetch_buffer_bytes: u64,
     /// Seconds to wait for the store to answer a call.
     pub store_timeout_secs: u64,
+    /// Mailboxes whose last `Changes` answer the gateway keeps for the sessions that wake up
+    /// after it arrived (one store call per mailbox change, not one per session); an answer
+    /// is dropped at the mailbox's next change anyway. 0 keeps none (polls in flight are
+    /// still shared). Default 10000.
+    pub changes_cache_mailboxes: usize,
+    /// Changed messages plus expunged UIDs kept over all those answers; a larger answer is
+    /// shared by the sessions already waiting for it but not kept. Default 100000.
+    pub changes_cache_entries: usize,
 }
 
 impl Default for Limits {
@@ -145,6 +153,8 @@ impl Default for Limits {
             fetch_batch: 256,
             fetch_buffer_bytes: 1024 * 1024,
             store_timeout_secs: 60,
+            changes_cache_mailboxes: 10_000,
+            changes_cache_entries: 100_000,
         }
     }
 }

@@ -12,6 +12,7 @@ use mailsuite_proto as pb;
 use mailsuite_runtime::Shutdown;
 use tokio::sync::mpsc;
 
+use crate::changes_cache::{CacheLimits, ChangeCache};
 use crate::store::Store;
 
 /// Events queued per session; when full, further events are dropped: the session already
@@ -30,6 +31,8 @@ pub struct Hub {
     inner: Arc<Mutex<Inner>>,
     next_id: Arc<AtomicU64>,
     max_per_account: usize,
+    /// Change polls shared by the sessions (one store call per mailbox change).
+    changes: ChangeCache,
 }
 
 pub struct Subscription {
@@ -65,11 +68,21 @@ pub fn is_resync(ev: &pb::ChangeEvent) -> bool {
 
 impl Hub {
     pub fn new(max_per_account: usize) -> Hub {
+        Hub::with_cache(max_per_account, CacheLimits::default())
+    }
+
+    pub fn with_cache(max_per_account: usize, cache: CacheLimits) -> Hub {
         Hub {
             inner: Arc::default(),
             next_id: Arc::default(),
             max_per_account,
+            changes: ChangeCache::new(cache),
         }
+    }
+
+    /// The gateway's shared change polls.
+    pub fn changes(&self) -> &ChangeCache {
+        &self.changes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -107,6 +120,12 @@ impl Hub {
     }
 
     fn dispatch(&self, ev: &pb::ChangeEvent) {
+        // Before any session sees the event: polls started earlier are stale for it.
+        if is_resync(ev) {
+            self.changes.on_resync();
+        } else if ev.kind != pb::ChangeKind::Alert as i32 {
+            self.changes.on_event(ev.account_id, ev.mailbox_id);
+        }
         let inner = self.lock();
         if is_resync(ev) {
             for tx in inner.subs.values().flatten().map(|(_, t)| t) {

@@ -4,9 +4,11 @@
 //!
 //! Layers: `codec` (bytes → commands, literals and limits; imap-codec underneath) →
 //! `session` (states, sequence numbers, replies) → `connection` (sockets, TLS, IDLE, timers,
-//! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process.
+//! shutdown). `hub` fans one Mailbox.Watch stream out to all sessions of the process, and
+//! `changes_cache` shares one Changes poll per mailbox change among them.
 
 pub mod authlimit;
+pub mod changes_cache;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -84,7 +86,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         imaps: imaps.as_ref().map(|l| l.local_addr()).transpose()?,
         ops: ops.as_ref().map(|l| l.local_addr()).transpose()?,
     };
-    let hub = hub::Hub::new(config.limits.max_sessions_per_account);
+    let hub = hub::Hub::with_cache(
+        config.limits.max_sessions_per_account,
+        changes_cache::CacheLimits {
+            mailboxes: config.limits.changes_cache_mailboxes,
+            entries: config.limits.changes_cache_entries,
+        },
+    );
     shutdown.spawn(hub.clone().run(store.clone(), shutdown.clone()));
     let auth_limiter = Arc::new(
         authlimit::AuthLimiter::new(

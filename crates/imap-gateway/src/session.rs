@@ -182,6 +182,9 @@ pub struct Selected {
     pub modseq: u64,
     /// A change event arrived: poll the change log at the next opportunity.
     pub dirty: bool,
+    /// This session changed the mailbox itself (APPEND): its next poll must be sent after
+    /// that, not be a shared one (`changes_cache`) that may have started before.
+    pub own_change: bool,
     /// Expunges learnt while they could not be announced (§7.5.1).
     pub pending_expunges: Vec<u32>,
     /// Flag states this session already reported, so its own STOREs are not echoed twice.
@@ -196,22 +199,25 @@ pub struct Selected {
 impl Selected {
     /// Apply a batch of changes from the store (or a resync diff) to the session's view and
     /// report them: EXPUNGE (if allowed now), then EXISTS, then FETCH FLAGS.
-    fn apply_changes<W: AsyncWrite + Unpin>(
+    /// The changes are borrowed: an answer shared by many sessions (`changes_cache`) is
+    /// not copied per session. Expunged UIDs outside the view, or already pending, are
+    /// ignored.
+    fn apply_changes<'a, W: AsyncWrite + Unpin>(
         &mut self,
-        expunged: Vec<u32>,
-        changed: Vec<pb::MessageFlags>,
+        expunged: &[u32],
+        changed: impl IntoIterator<Item = &'a pb::MessageFlags>,
         highest: u64,
         allow_expunge: bool,
         condstore: bool,
         out: &mut Out<'_, W>,
     ) {
-        for u in expunged {
+        for &u in expunged {
             if self.seq.seq(u).is_some() && !self.pending_expunges.contains(&u) {
                 self.pending_expunges.push(u);
             }
         }
         let mut added = false;
-        let mut changed = changed;
+        let mut changed: Vec<&pb::MessageFlags> = changed.into_iter().collect();
         changed.sort_by_key(|m| m.uid);
         let mut flag_updates = Vec::new();
         for m in changed {
@@ -1436,6 +1442,7 @@ impl Session {
             seq,
             modseq: info.highestmodseq,
             dirty: false,
+            own_change: false,
             pending_expunges: vec![],
             reported: HashMap::new(),
         }));
@@ -1886,6 +1893,7 @@ impl Session {
                     && sel.mailbox_id == r.mailbox_id
                 {
                     sel.dirty = true;
+                    sel.own_change = true;
                 }
                 out.tagged(
                     tag,
@@ -2914,9 +2922,19 @@ impl Session {
         };
         if sel.dirty || force {
             sel.dirty = false;
-            let r = match self
-                .store
-                .changes(account_id, sel.mailbox_id, sel.modseq)
+            // A forced poll (NOOP, CHECK) or one after the session's own change asks the
+            // store itself; an event's poll is shared with every session of the gateway
+            // waiting for the same mailbox's changes.
+            let own_poll = force || sel.own_change;
+            let cache = self.hub.changes();
+            let r = match cache
+                .changes(
+                    &self.store,
+                    account_id,
+                    sel.mailbox_id,
+                    sel.modseq,
+                    own_poll,
+                )
                 .await
             {
                 Ok(r) => r,
@@ -2931,23 +2949,31 @@ impl Session {
                     return Ok(());
                 }
             };
-            let (expunged, changed, highest) = if r.truncated {
+            sel.own_change = false;
+            if r.resp.truncated {
                 match self.store.select(account_id, &sel.name, true).await {
                     Ok(s) => {
                         let (gone, new) = resync_diff(&sel.seq, &s.uids);
                         let hms = s.mailbox.map(|m| m.highestmodseq).unwrap_or(sel.modseq);
-                        (gone, new, hms)
+                        sel.apply_changes(&gone, &new, hms, allow_expunge, condstore, out);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "resync failed");
                         sel.dirty = true;
-                        return Ok(());
                     }
                 }
-            } else {
-                (r.expunged, r.changed, r.highestmodseq)
-            };
-            sel.apply_changes(expunged, changed, highest, allow_expunge, condstore, out);
+                return Ok(());
+            }
+            let changed = r.changed_after(sel.modseq);
+            let highest = r.resp.highestmodseq;
+            sel.apply_changes(
+                &r.resp.expunged,
+                changed,
+                highest,
+                allow_expunge,
+                condstore,
+                out,
+            );
             return Ok(());
         }
         if allow_expunge && !sel.pending_expunges.is_empty() {
@@ -3136,6 +3162,7 @@ mod tests {
             seq: SeqMap::from_uids(&[3, 5, 6, 9]),
             modseq: 1,
             dirty: false,
+            own_change: false,
             pending_expunges: vec![],
             reported: HashMap::new(),
             recent_from: 9,
@@ -3176,7 +3203,7 @@ mod tests {
     ) -> String {
         let mut sink: Vec<u8> = Vec::new();
         let mut out = Out::new(&mut sink);
-        sel.apply_changes(expunged, new, 2, allow, false, &mut out);
+        sel.apply_changes(&expunged, &new, 2, allow, false, &mut out);
         String::from_utf8(std::mem::take(&mut out.buf)).unwrap()
     }
 

@@ -1180,3 +1180,139 @@ async fn clients_that_stop_reading_do_not_stall_other_sessions() {
     drop(stalled);
     env.stop().await;
 }
+
+/// Log in as `user`, select `mailbox` (asserting its size), and enter IDLE.
+async fn idling(env: &Env, user: &str, mailbox: &str, exists: u32) -> Client {
+    let mut c = env.login(user).await;
+    let r = c.cmd(&format!("SELECT {mailbox}")).await;
+    assert!(r.contains(&format!("* {exists} EXISTS")), "{r}");
+    c.send(b"i IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    c
+}
+
+/// Issue 13: IDLE sessions share one `Changes` poll per mailbox change (the gateway's change
+/// cache); each session must still get exactly its own mailbox's changes, each once: arrivals,
+/// flag changes and expunges, with sessions on another mailbox of the account and on another
+/// account seeing nothing of them, and a session left far behind catching up in one go.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_change_polls_give_each_idle_session_exactly_its_own_changes() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.account("carol@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut w = env.login("bob@example.test").await;
+    assert!(tagged(&w.cmd("CREATE Work").await).contains(" OK "));
+    // Selected now, never idle: its modseq stays below every shared poll's.
+    let mut behind = env.login("bob@example.test").await;
+    let r = behind.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 1 EXISTS"), "{r}");
+    let mut inbox = Vec::new();
+    let mut work = Vec::new();
+    let mut carol = Vec::new();
+    for _ in 0..3 {
+        inbox.push(idling(&env, "bob@example.test", "INBOX", 1).await);
+        work.push(idling(&env, "bob@example.test", "Work", 0).await);
+        carol.push(idling(&env, "carol@example.test", "INBOX", 0).await);
+    }
+    env.until_watched("bob@example.test").await;
+    env.until_watched("carol@example.test").await;
+
+    env.deliver("bob@example.test", SIMPLE).await;
+    for c in &mut inbox {
+        assert_eq!(c.line().await, "* 2 EXISTS\r\n");
+    }
+    let mut append = format!("APPEND Work {{{}+}}\r\n", SIMPLE.len()).into_bytes();
+    append.extend_from_slice(SIMPLE);
+    let r = String::from_utf8(w.cmd_bytes(&append).await).unwrap();
+    assert!(tagged(&r).contains(" OK "), "{r}");
+    for c in &mut work {
+        assert_eq!(c.line().await, "* 1 EXISTS\r\n");
+    }
+    env.deliver("carol@example.test", SIMPLE).await;
+    for c in &mut carol {
+        assert_eq!(c.line().await, "* 1 EXISTS\r\n");
+    }
+
+    w.cmd("SELECT INBOX").await;
+    let r = w.cmd("STORE 2 +FLAGS.SILENT (\\Flagged)").await;
+    assert!(tagged(&r).contains(" OK "), "{r}");
+    for c in &mut inbox {
+        assert_eq!(
+            c.line().await,
+            "* 2 FETCH (FLAGS (\\Flagged \\Recent) UID 2)\r\n"
+        );
+    }
+    w.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    let r = w.cmd("EXPUNGE").await;
+    assert!(r.contains("* 1 EXPUNGE"), "{r}");
+    for c in &mut inbox {
+        // The \Deleted flag may be reported first, unless one poll saw it with the expunge.
+        loop {
+            let l = c.line().await;
+            if l == "* 1 EXPUNGE\r\n" {
+                break;
+            }
+            assert!(l.starts_with("* 1 FETCH (FLAGS (\\Deleted"), "{l}");
+        }
+    }
+
+    // Nothing left to report anywhere: no change twice, none of another mailbox or account.
+    for c in inbox.iter_mut().chain(&mut work).chain(&mut carol) {
+        c.send(b"DONE\r\n").await;
+        let r = String::from_utf8(c.until_tag("i").await).unwrap();
+        assert_eq!(r, "i OK IDLE terminated\r\n");
+    }
+
+    // The session left behind learns it all once, through a poll of its own range (not
+    // NOOP, which always polls the store itself): the expunge, then the arrival.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = String::new();
+    while !seen.contains("EXISTS") {
+        assert!(Instant::now() < deadline, "never caught up: {seen}");
+        seen.push_str(&behind.cmd("NAMESPACE").await);
+    }
+    assert_eq!(
+        seen.matches("* 1 EXPUNGE\r\n* 1 EXISTS\r\n").count(),
+        1,
+        "{seen}"
+    );
+    assert!(!seen.contains("FETCH"), "{seen}");
+    let r = behind.cmd("FETCH 1 (UID FLAGS)").await;
+    assert!(r.contains("UID 2") && r.contains("\\Flagged"), "{r}");
+    env.stop().await;
+}
+
+/// A session's own APPEND to its selected mailbox is reported in the APPEND's reply even
+/// though the gateway keeps a shared `Changes` answer for that mailbox which predates the
+/// APPEND (its change event has not necessarily arrived yet): the poll after an own change
+/// is the session's own, never a shared one. Found by imaplib's APPEND + UID MOVE.
+#[tokio::test(flavor = "multi_thread")]
+async fn append_to_the_selected_mailbox_is_reported_despite_a_kept_shared_answer() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver("bob@example.test", SIMPLE).await;
+    let mut a = env.login("bob@example.test").await;
+    assert!(a.cmd("SELECT INBOX").await.contains("* 1 EXISTS"));
+    let mut b = idling(&env, "bob@example.test", "INBOX", 1).await;
+    env.until_watched("bob@example.test").await;
+    // A delivery: both sessions learn of it through the shared poll, whose answer is kept.
+    env.deliver("bob@example.test", SIMPLE).await;
+    assert_eq!(b.line().await, "* 2 EXISTS\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if a.cmd("NAMESPACE").await.contains("* 2 EXISTS") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "delivery never announced");
+    }
+    let mut append = format!("APPEND INBOX {{{}+}}\r\n", SIMPLE.len()).into_bytes();
+    append.extend_from_slice(SIMPLE);
+    let r = String::from_utf8(a.cmd_bytes(&append).await).unwrap();
+    assert!(tagged(&r).contains(" OK [APPENDUID "), "{r}");
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    let r = a.cmd("UID MOVE 3 Trash").await;
+    assert!(r.contains("* 3 EXPUNGE\r\n"), "{r}");
+    drop(b);
+    env.stop().await;
+}
