@@ -735,8 +735,8 @@ async fn insert_blobs(
     }
     if !new_ids.is_empty() {
         sqlx::query(
-            "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date, fts)
-             SELECT id, sz, n, data, env, body, h::jsonb, txt, sd, to_tsvector('simple', left(txt, 500000))
+            "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date)
+             SELECT id, sz, n, data, env, body, h::jsonb, txt, sd
                FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[],
                            $7::text[], $8::text[], $9::date[])
                     WITH ORDINALITY AS t(id, sz, n, data, env, body, h, txt, sd, i)

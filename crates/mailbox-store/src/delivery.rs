@@ -103,40 +103,63 @@ impl DeliverySvc {
         // A retry is answered from the idempotency record when its key claim (in its batch,
         // crate::batch) finds the key taken.
 
-        // Resolve every recipient before the transaction (read-only, no locks held).
+        // Resolve every recipient before the transaction (read-only, no locks held), unless
+        // the caller passes its own resolution of each (smtp-ingress did it at RCPT time):
+        // then no connection is taken for it at all.
+        let given = (header.resolved.len() == header.recipients.len()
+            && header
+                .resolved
+                .iter()
+                .all(|g| g.local_targets.len() + g.remote_targets.len() <= lim.max_expansion))
+        .then_some(&header.resolved);
         let mut results = Vec::new();
         let mut targets: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         {
-            let mut conn = ctx.pool.acquire().await?;
+            let mut conn = None;
             for (i, rcpt) in header.recipients.iter().enumerate() {
                 let mut res = RecipientResult {
                     recipient: rcpt.clone(),
                     ..Default::default()
                 };
-                match directory::resolve(&mut conn, rcpt, lim.max_alias_depth, lim.max_expansion)
-                    .await
-                {
-                    Ok(r) => {
-                        res.remote_targets = r.remote.clone();
-                        res.status = match r.kind {
+                let resolved = match given {
+                    Some(g) => Some((
+                        g[i].kind(),
+                        g[i].local_targets.clone(),
+                        g[i].remote_targets.clone(),
+                    )),
+                    None => {
+                        let c = match &mut conn {
+                            Some(c) => c,
+                            None => conn.insert(ctx.pool.acquire().await?),
+                        };
+                        directory::resolve(c, rcpt, lim.max_alias_depth, lim.max_expansion)
+                            .await
+                            .ok()
+                            .map(|r| (r.kind, r.local, r.remote))
+                    }
+                };
+                match resolved {
+                    Some((kind, local, remote)) => {
+                        res.status = match kind {
                             AddressKind::Account | AddressKind::Alias | AddressKind::List
-                                if !r.local.is_empty() =>
+                                if !local.is_empty() =>
                             {
-                                for a in &r.local {
-                                    targets.entry(a.clone()).or_default().push(i);
+                                for a in local {
+                                    targets.entry(a).or_default().push(i);
                                 }
                                 RecipientStatus::Delivered
                             }
                             AddressKind::Alias | AddressKind::List | AddressKind::Remote
-                                if !r.remote.is_empty() =>
+                                if !remote.is_empty() =>
                             {
                                 RecipientStatus::Remote
                             }
                             AddressKind::Disabled | AddressKind::Moved => RecipientStatus::Disabled,
                             _ => RecipientStatus::Unknown,
                         } as i32;
+                        res.remote_targets = remote;
                     }
-                    Err(_) => res.status = RecipientStatus::Unknown as i32,
+                    None => res.status = RecipientStatus::Unknown as i32,
                 }
                 results.push(res);
             }

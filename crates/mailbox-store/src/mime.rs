@@ -210,23 +210,32 @@ fn collect_text(msg: &Message<'_>) -> String {
     truncate(out)
 }
 
-/// Tags removed, entities for the common characters resolved: good enough for searching.
+/// Tags removed, white space collapsed as a browser shows it, entities for the common
+/// characters resolved: what SEARCH BODY/TEXT matches substrings against, so
+/// `<b>Zebra</b> crossing` must read `Zebra crossing`.
 fn strip_html(h: &str) -> String {
     let mut out = String::with_capacity(h.len());
     let mut in_tag = false;
-    for c in h.chars() {
+    let space = |out: &mut String| {
+        if !out.ends_with(' ') {
+            out.push(' ');
+        }
+    };
+    // A non-breaking space collapses with the white space around it, as shown.
+    for c in h.replace("&nbsp;", " ").chars() {
         match c {
             '<' => in_tag = true,
+            // A tag may separate words (`<br>`, `<p>`): one space, never a run.
             '>' if in_tag => {
                 in_tag = false;
-                out.push(' ');
+                space(&mut out);
             }
-            _ if !in_tag => out.push(c),
-            _ => {}
+            _ if in_tag => {}
+            c if c.is_whitespace() => space(&mut out),
+            _ => out.push(c),
         }
     }
-    out.replace("&nbsp;", " ")
-        .replace("&lt;", "<")
+    out.replace("&lt;", "<")
         .replace("&gt;", ">")
         .replace("&quot;", "\"")
         .replace("&amp;", "&")

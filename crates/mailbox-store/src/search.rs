@@ -70,11 +70,9 @@ impl Builder {
 
     fn body(&mut self, text: &str) -> String {
         let p = self.bind(Arg::Text(text.to_string()));
-        // The index answers whole-word phrases; the substring test keeps IMAP's semantics
-        // (any substring matches) for everything else.
-        format!(
-            "(b.fts @@ phraseto_tsquery('simple', {p}) OR strpos(lower(b.body_text), lower({p})) > 0)"
-        )
+        // IMAP's BODY/TEXT is a substring match (RFC 9051 §6.4.4), which a word index cannot
+        // answer: the scan is bounded to the candidates of one mailbox.
+        format!("(strpos(lower(b.body_text), lower({p})) > 0)")
     }
 
     fn cond(&mut self, key: &SearchKey, depth: usize) -> Result<String, ServiceError> {

@@ -238,9 +238,8 @@ pub async fn insert_blob(
     };
     // A concurrent first delivery of the same content may insert it meanwhile: add to it.
     sqlx::query(
-        "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date, fts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                 to_tsvector('simple', left($8, 500000)))
+        "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount",
     )
     .bind(&blob.id)

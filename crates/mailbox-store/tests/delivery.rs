@@ -598,3 +598,67 @@ async fn all_or_nothing_rolls_back_a_partial_delivery() {
     assert!(!r.rolled_back && !r.duplicate);
     assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
 }
+
+/// The caller's RCPT-time resolution, one per recipient, is used as given (the store does
+/// not look the recipients up again); the accounts are still checked when they are locked.
+#[tokio::test]
+async fn a_resolution_passed_by_the_caller_is_used_not_redone() {
+    let s = store().await;
+    let alice = s.account("alice@example.test").await;
+    let bob = s.account("bob@example.test").await;
+    let mut d = s.delivery().await;
+    let m = message("resolved by the caller", "hello");
+    let resolved = |local: &[&str]| ResolvedRecipient {
+        kind: AddressKind::Alias as i32,
+        local_targets: local.iter().map(|a| a.to_string()).collect(),
+        remote_targets: vec![],
+    };
+    // "team@" exists nowhere in the directory: only the given resolution can deliver it.
+    let header = DeliverHeader {
+        idempotency_key: "given-1".into(),
+        return_path: "sender@remote.test".into(),
+        recipients: vec!["team@example.test".into(), "ghost@example.test".into()],
+        resolved: vec![
+            resolved(&["alice@example.test", "bob@example.test"]),
+            resolved(&["nobody@example.test"]),
+        ],
+        ..Default::default()
+    };
+    let r = d
+        .deliver(tokio_stream::iter(chunks(header.clone(), &m)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].status, RecipientStatus::Delivered as i32);
+    assert_eq!(
+        r.results[0].delivered_to,
+        vec!["alice@example.test", "bob@example.test"]
+    );
+    // A target with no account is not delivered, whatever the caller said.
+    assert_eq!(r.results[1].status, RecipientStatus::Unknown as i32);
+    let mut mb = s.mailbox().await;
+    for acc in [alice, bob] {
+        let st = mb
+            .status(StatusRequest {
+                account_id: acc,
+                name: "INBOX".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.messages, 1);
+    }
+
+    // Without one resolution per recipient the store resolves them itself: "team@" is unknown.
+    let header = DeliverHeader {
+        idempotency_key: "given-2".into(),
+        resolved: vec![resolved(&["alice@example.test"])],
+        ..header
+    };
+    let r = d
+        .deliver(tokio_stream::iter(chunks(header, &m)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].status, RecipientStatus::Unknown as i32);
+}

@@ -177,6 +177,15 @@ async fn every_search_key() {
         ("BODY substring", k(Key::Body("BELIEV".into())), vec![3]),
         ("BODY html", k(Key::Body("zebra crossing".into())), vec![4]),
         ("BODY not header", k(Key::Body("Quarterly".into())), vec![]),
+        // A substring match, as RFC 9051 §6.4.4 says: the words of "budget numbers" with a
+        // comma between are not in the text (a word index used to match them anyway), and
+        // a piece across two words is.
+        (
+            "BODY not a phrase",
+            k(Key::Body("budget, numbers".into())),
+            vec![],
+        ),
+        ("BODY across words", k(Key::Body("et numb".into())), vec![1]),
         ("TEXT header", k(Key::Text("quarterly".into())), vec![1, 3]),
         ("TEXT body", k(Key::Text("budget".into())), vec![1]),
         ("MODSEQ", k(Key::Modseq(m4_modseq)), vec![4]),

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use mailsuite_proto::{
     AddressKind, DeliverHeader, DsnRet, EnqueueHeader, EnvelopeRecipient, RecipientStatus,
+    ResolvedRecipient,
 };
 use smtp_proto as sp;
 
@@ -107,6 +108,8 @@ struct Recipient {
     notify: Vec<String>,
     orcpt: String,
     remote: bool,
+    /// What the directory said at RCPT, handed to the store so it need not ask again.
+    resolved: ResolvedRecipient,
 }
 
 #[derive(Debug)]
@@ -853,6 +856,11 @@ impl<B: Backend> Session<B> {
                 notify,
                 orcpt,
                 remote,
+                resolved: ResolvedRecipient {
+                    kind: r.kind,
+                    local_targets: r.local_targets,
+                    remote_targets: r.remote_targets,
+                },
             });
         }
         Outcome::reply(reply)
@@ -1275,10 +1283,17 @@ impl<B: Backend> Session<B> {
         msg: Bytes,
         queue_id: &str,
     ) -> Result<(), Reply> {
+        // Each recipient's RCPT-time resolution, when every one has its own.
+        let resolved = recipients
+            .iter()
+            .filter_map(|a| tx.rcpts.iter().find(|r| &r.address == a))
+            .map(|r| r.resolved.clone())
+            .collect();
         let header = DeliverHeader {
             idempotency_key: queue_id.to_string(),
             return_path: tx.from.address.clone(),
             recipients,
+            resolved,
             size_hint: msg.len() as u64,
             add_delivery_headers: true,
             all_or_nothing: true,

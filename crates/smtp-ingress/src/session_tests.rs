@@ -491,6 +491,9 @@ async fn data_is_delivered_with_trace_headers() {
     let d = s.shared.backend.delivered.lock().unwrap();
     let (h, body) = &d[0];
     assert_eq!(h.recipients, vec!["alice@local.test"]);
+    // The RCPT-time resolution goes along, so the store need not resolve again.
+    assert_eq!(h.resolved.len(), 1);
+    assert_eq!(h.resolved[0].kind(), AddressKind::Account);
     assert_eq!(h.return_path, "x@remote.example");
     assert!(h.add_delivery_headers);
     assert!(r.lines[0].contains(&h.idempotency_key));

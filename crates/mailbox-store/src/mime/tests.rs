@@ -691,3 +691,12 @@ fn c1_part_ids_shared_between_multiparts_are_described_once() {
         assert!(structure_depth(&p.body) <= MAX_MIME_DEPTH);
     }
 }
+
+#[test]
+fn html_text_reads_as_shown() {
+    assert_eq!(
+        super::strip_html("<b>Zebra</b> crossing,\r\n  <i>now</i>&nbsp;&amp; <br>then"),
+        " Zebra crossing, now & then"
+    );
+    assert_eq!(super::strip_html("a<p>b"), "a b");
+}
