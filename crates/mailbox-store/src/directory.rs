@@ -41,45 +41,49 @@ struct AccountRow {
     over_quota: bool,
 }
 
-async fn domain(conn: &mut PgConnection, d: &str) -> Result<Option<(i64, String)>, sqlx::Error> {
-    let row = sqlx::query("SELECT id, catch_all FROM mailbox.domains WHERE name = $1")
-        .bind(d)
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+/// One address in a hosted domain: what the directory holds under that exact name.
+#[derive(Default)]
+struct Lookup {
+    catch_all: String,
+    account: Option<AccountRow>,
+    /// (kind, targets): kind 0 = alias, 1 = list.
+    alias: Option<(i16, Vec<String>)>,
 }
 
-async fn account(
+/// The domain with the account and the alias at `address`, in one round trip (delivery
+/// resolves every recipient, so each query counts). `None`: the domain is not hosted.
+async fn lookup(
     conn: &mut PgConnection,
+    dom: &str,
     address: &str,
-) -> Result<Option<AccountRow>, sqlx::Error> {
+) -> Result<Option<Lookup>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT id, address, display_name, enabled, moved_to,
-                (quota_bytes > 0 AND used_bytes >= quota_bytes)
-                 OR (quota_messages > 0 AND used_messages >= quota_messages)
-         FROM mailbox.accounts WHERE address = $1",
+        "SELECT d.catch_all, a.address, a.display_name, a.enabled, a.moved_to,
+                (a.quota_bytes > 0 AND a.used_bytes >= a.quota_bytes)
+                 OR (a.quota_messages > 0 AND a.used_messages >= a.quota_messages),
+                al.kind, al.targets
+           FROM mailbox.domains d
+           LEFT JOIN mailbox.accounts a ON a.address = $2
+           LEFT JOIN mailbox.aliases al ON al.address = $2
+          WHERE d.name = $1",
     )
+    .bind(dom)
     .bind(address)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|r| AccountRow {
-        address: r.get(1),
-        display_name: r.get(2),
-        enabled: r.get(3),
-        moved_to: r.get(4),
-        over_quota: r.get(5),
+    Ok(row.map(|r| Lookup {
+        catch_all: r.get(0),
+        account: r.get::<Option<String>, _>(1).map(|address| AccountRow {
+            address,
+            display_name: r.get(2),
+            enabled: r.get(3),
+            moved_to: r.get(4),
+            over_quota: r.get::<Option<bool>, _>(5).unwrap_or(false),
+        }),
+        alias: r
+            .get::<Option<i16>, _>(6)
+            .map(|kind| (kind, r.get::<Option<Vec<String>>, _>(7).unwrap_or_default())),
     }))
-}
-
-async fn alias(
-    conn: &mut PgConnection,
-    address: &str,
-) -> Result<Option<(i16, Vec<String>)>, sqlx::Error> {
-    let row = sqlx::query("SELECT kind, targets FROM mailbox.aliases WHERE address = $1")
-        .bind(address)
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// `alice+tag` → `alice`.
@@ -111,21 +115,26 @@ async fn expand_targets(
         if !seen.insert(addr.clone()) {
             continue;
         }
-        if domain(conn, &d).await?.is_none() {
+        let Some(first) = lookup(conn, &d, &addr).await? else {
             out.remote.push(addr);
             continue;
-        }
+        };
         let base = strip_detail(&l).map(|b| format!("{b}@{d}"));
         let mut found = false;
+        let mut first = Some(first);
         for candidate in std::iter::once(addr.clone()).chain(base) {
-            if let Some(a) = account(conn, &candidate).await? {
+            let hit = match first.take() {
+                Some(h) => h,
+                None => lookup(conn, &d, &candidate).await?.unwrap_or_default(),
+            };
+            if let Some(a) = hit.account {
                 if a.enabled && a.moved_to.is_empty() && !out.local.contains(&a.address) {
                     out.local.push(a.address);
                 }
                 found = true;
                 break;
             }
-            if let Some((_, targets)) = alias(conn, &candidate).await? {
+            if let Some((_, targets)) = hit.alias {
                 if depth < max_depth {
                     queue.extend(targets.into_iter().map(|t| (t, depth + 1)));
                 }
@@ -172,42 +181,25 @@ pub async fn resolve(
         canonical: full.clone(),
         ..Default::default()
     };
-    // The common case, an exact account address, in one round trip with the domain.
-    let row = sqlx::query(
-        "SELECT d.catch_all, a.address, a.display_name, a.enabled, a.moved_to,
-                (a.quota_bytes > 0 AND a.used_bytes >= a.quota_bytes)
-                 OR (a.quota_messages > 0 AND a.used_messages >= a.quota_messages)
-           FROM mailbox.domains d LEFT JOIN mailbox.accounts a ON a.address = $2
-          WHERE d.name = $1",
-    )
-    .bind(&dom)
-    .bind(&full)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else {
+    // The common case, an exact account or alias, in one round trip with the domain.
+    let Some(first) = lookup(conn, &dom, &full).await? else {
         r.kind = AddressKind::Remote;
         r.remote.push(full);
         return Ok(r);
     };
-    let catch_all: String = row.get(0);
-    if let Some(address) = row.get::<Option<String>, _>(1) {
-        let a = AccountRow {
-            address,
-            display_name: row.get(2),
-            enabled: row.get(3),
-            moved_to: row.get(4),
-            over_quota: row.get::<Option<bool>, _>(5).unwrap_or(false),
-        };
-        account_resolution(&mut r, a);
-        return Ok(r);
-    }
+    let catch_all = first.catch_all.clone();
     let base = strip_detail(&local).map(|b| format!("{b}@{dom}"));
+    let mut first = Some(first);
     for candidate in std::iter::once(full.clone()).chain(base) {
-        if let Some(a) = account(conn, &candidate).await? {
+        let hit = match first.take() {
+            Some(h) => h,
+            None => lookup(conn, &dom, &candidate).await?.unwrap_or_default(),
+        };
+        if let Some(a) = hit.account {
             account_resolution(&mut r, a);
             return Ok(r);
         }
-        if let Some((kind, targets)) = alias(conn, &candidate).await? {
+        if let Some((kind, targets)) = hit.alias {
             r.canonical = candidate.clone();
             r.kind = if kind == 1 {
                 AddressKind::List
