@@ -195,6 +195,10 @@ pub struct Policy {
     pub postmaster: String,
     /// Refuse an unauthenticated MAIL FROM in one of our own domains on the MX port.
     pub reject_unauthenticated_local_sender: bool,
+    /// How long the answer to "is this sender domain one of ours?" is remembered (that
+    /// check would otherwise cost a store call per incoming message); a domain added or
+    /// removed is seen by this check at most this many seconds later. 0: ask every time.
+    pub local_domain_cache_secs: u64,
     /// What a failed iprev check (forward-confirmed reverse DNS, RFC 8601 §3) of an MX
     /// client does at MAIL: `record` (default: only the Authentication-Results header),
     /// `tempfail` (`450 4.7.25`, RFC 7372) or `reject` (`550 5.7.25`; a DNS temperror still
@@ -225,6 +229,7 @@ impl Default for Policy {
             etrn_allowed_clients: Vec::new(),
             postmaster: String::new(),
             reject_unauthenticated_local_sender: true,
+            local_domain_cache_secs: 30,
             iprev: IprevPolicy::Record,
         }
     }

@@ -10,6 +10,7 @@ pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod domains;
 pub mod limits;
 pub mod reply;
 pub mod session;
@@ -119,6 +120,7 @@ pub async fn start_with<B: Backend>(
         l.max_body_bytes_in_flight,
         l.max_body_bytes_in_flight_per_ip,
     );
+    let config_local_domain_ttl = config.policy.local_domain_cache_secs;
     let shared = Arc::new(Shared {
         config,
         backend,
@@ -126,6 +128,10 @@ pub async fn start_with<B: Backend>(
         verifier,
         tls_available: true,
         body_budget,
+        local_domains: domains::DomainCache::new(
+            std::time::Duration::from_secs(config_local_domain_ttl),
+            domains::MAX_DOMAINS,
+        ),
     });
     for (listener, port) in [
         (smtp, Port::Mx),

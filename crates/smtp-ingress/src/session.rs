@@ -52,6 +52,8 @@ pub struct Shared<B> {
     pub tls_available: bool,
     /// Body bytes all sessions may hold at once (`limits.max_body_bytes_in_flight`).
     pub body_budget: BodyBudget,
+    /// Which sender domains are ours (`policy.local_domain_cache_secs`).
+    pub local_domains: crate::domains::DomainCache,
 }
 
 /// What the connection does after sending the reply (if any).
@@ -656,16 +658,28 @@ impl<B: Backend> Session<B> {
             }
         } else if self.cfg().policy.reject_unauthenticated_local_sender && !from.address.is_empty()
         {
-            match self.shared.backend.resolve(&from.address).await {
-                Ok(r) if r.kind() != AddressKind::Remote => {
-                    return Outcome::reply(Reply::new(
-                        553,
-                        "5.7.1",
-                        "Sender address of a local domain requires authentication",
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => return Outcome::reply(lookup_error(&e)),
+            let domain = from.address.rsplit_once('@').map(|(_, d)| d);
+            let known = domain.and_then(|d| self.shared.local_domains.hosted(d));
+            let hosted = match known {
+                Some(h) => h,
+                None => match self.shared.backend.resolve(&from.address).await {
+                    // Remote means exactly: the domain is not hosted here.
+                    Ok(r) => {
+                        let h = r.kind() != AddressKind::Remote;
+                        if let Some(d) = domain {
+                            self.shared.local_domains.learn(d, h);
+                        }
+                        h
+                    }
+                    Err(e) => return Outcome::reply(lookup_error(&e)),
+                },
+            };
+            if hosted {
+                return Outcome::reply(Reply::new(
+                    553,
+                    "5.7.1",
+                    "Sender address of a local domain requires authentication",
+                ));
             }
         }
         self.tx = Some(Transaction {

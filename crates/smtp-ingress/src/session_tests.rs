@@ -23,6 +23,8 @@ struct Fake {
     alerts: Mutex<Vec<(String, String)>>,
     /// Fail the next N deliveries with Unavailable.
     fail_deliver: Mutex<u32>,
+    /// Every address asked of `resolve`, in order.
+    resolved: Mutex<Vec<String>>,
 }
 
 fn fake() -> Fake {
@@ -56,6 +58,7 @@ fn fake() -> Fake {
 
 impl Backend for Fake {
     async fn resolve(&self, address: &str) -> BResult<ResolveResponse> {
+        self.resolved.lock().unwrap().push(address.to_string());
         let mut r = ResolveResponse::default();
         match self.dir.get(address) {
             Some((k, moved, remote)) => {
@@ -159,6 +162,10 @@ fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
+        local_domains: crate::domains::DomainCache::new(
+            std::time::Duration::from_secs(30),
+            crate::domains::MAX_DOMAINS,
+        ),
     });
     let tls = tls.then(|| TlsInfo {
         version: "TLSv1.3".into(),
@@ -370,6 +377,25 @@ async fn too_many_recipients() {
     assert!(o.reply.unwrap().lines[0].starts_with("4.5.3"));
 }
 
+/// Whether a sender's domain is ours is asked once per domain, not once per message.
+#[tokio::test]
+async fn sender_domain_check_is_remembered_per_domain() {
+    let mut s = in_state(State::Greeted).await;
+    for from in [
+        "MAIL FROM:<a@remote.example>",
+        "MAIL FROM:<b@Remote.Example>",
+    ] {
+        assert_eq!(code(&mut s, from).await, 250);
+        assert_eq!(code(&mut s, "RSET").await, 250);
+    }
+    assert_eq!(code(&mut s, "MAIL FROM:<alice@local.test>").await, 553);
+    assert_eq!(code(&mut s, "MAIL FROM:<forged@LOCAL.test>").await, 553);
+    assert_eq!(
+        *s.shared.backend.resolved.lock().unwrap(),
+        vec!["a@remote.example", "alice@local.test"]
+    );
+}
+
 #[tokio::test]
 async fn spoofed_local_sender_refused_on_mx() {
     let mut s = in_state(State::Greeted).await;
@@ -438,6 +464,10 @@ async fn plaintext_auth_on_loopback_only_when_allowed() {
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
+        local_domains: crate::domains::DomainCache::new(
+            std::time::Duration::from_secs(30),
+            crate::domains::MAX_DOMAINS,
+        ),
     });
     let mut s = Session::new(
         shared.clone(),
@@ -913,6 +943,10 @@ async fn no_auth_and_no_relay_on_the_mx_port() {
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
+        local_domains: crate::domains::DomainCache::new(
+            std::time::Duration::from_secs(30),
+            crate::domains::MAX_DOMAINS,
+        ),
     });
     let mut s = Session::new(shared, Port::Mx, "127.0.0.1:4000".parse().unwrap(), None);
     code(&mut s, "EHLO c.example").await;
@@ -1147,6 +1181,10 @@ mod iprev {
             verifier: Some(verifier(dns).await),
             tls_available: true,
             body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
+            local_domains: crate::domains::DomainCache::new(
+                std::time::Duration::from_secs(30),
+                crate::domains::MAX_DOMAINS,
+            ),
         });
         let tls = (port != Port::Mx).then(|| TlsInfo {
             version: "TLSv1.3".into(),
