@@ -35,6 +35,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod mime;
 pub mod notify;
+pub mod parse_pool;
 pub mod password;
 pub mod search;
 pub mod store;

@@ -181,12 +181,9 @@ pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &[u8]) -> Result<PreparedBlo
 
 /// Parse `raw` (on its own big-stack thread) and encode the metadata columns.
 pub async fn blob_meta(raw: &[u8]) -> Result<BlobMeta, ServiceError> {
-    let owned = raw.to_vec();
-    // The parse gets its own big-stack thread (see mime::PARSE_STACK_BYTES); spawn_blocking
-    // only bounds how many run at once and keeps the wait off the async workers.
-    let parsed = tokio::task::spawn_blocking(move || mime::parse_on_big_stack(owned))
+    // On a big-stack parser thread (see mime::PARSE_STACK_BYTES and crate::parse_pool).
+    let parsed = crate::parse_pool::parse(raw.to_vec())
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?
         .map_err(|e| ServiceError::Internal(format!("parsing the message structure: {e}")))?;
     if mime::structure_depth(&parsed.body) >= mime::MAX_MIME_DEPTH {
         tracing::info!(
