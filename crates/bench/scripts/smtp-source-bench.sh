@@ -17,7 +17,9 @@
 #
 # smtp-source numbers recipients with -N (1bench@, 2bench@, ...: no two alike, as in the
 # incumbent's run); aliases map them onto bench1..bench$ACCOUNTS, so every delivery also
-# resolves an alias, which the incumbent's run did not have to do.
+# resolves an alias, which the incumbent's run did not have to do. ONE_ACCOUNT=1 sends every
+# message to bench1 instead (no -N, no alias): many sessions into one mailbox, whose UID
+# counter they all share.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -28,6 +30,7 @@ SIZE=${SIZE:-4096}
 MESSAGES=${MESSAGES:-20000}
 PGPORT=${PGPORT:-55439}
 SMTP=127.0.0.1:${SMTP_PORT:-2525}
+ONE_ACCOUNT=${ONE_ACCOUNT:-0}
 SESSIONS=("$@")
 [[ ${#SESSIONS[@]} -gt 0 ]] || SESSIONS=(1 10 50)
 SMTP_SOURCE=${SMTP_SOURCE:-$(command -v smtp-source || echo /usr/sbin/smtp-source)}
@@ -93,14 +96,16 @@ done
     FROM mailbox.domains d, generate_series(1, $MESSAGES) g
    WHERE d.name = 'mailbench.test'"
 
+TO=(-N -t bench@mailbench.test)
+[[ $ONE_ACCOUNT == 1 ]] && TO=(-t bench1@mailbench.test)
 COUNT="${PSQL[*]} -d mailsuite -tAc 'SELECT count(*) FROM mailbox.messages'"
 printf '%-9s %10s %14s %12s %12s %8s  %s\n' sessions msg/s "server ms/msg" "mailsuite" "postgres" errors load >"$OUT/summary.txt"
 for s in "${SESSIONS[@]}"; do
   echo "== $s sessions: smtp-source -s $s -m $MESSAGES -l $SIZE (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   "$BIN/mailbench" --json --pid "mailsuite=$UP_PID" --pid "postgres=$PG_PID+" \
     exec --count "$COUNT" -- \
-    "$SMTP_SOURCE" -s "$s" -m "$MESSAGES" -l "$SIZE" -N -M client.example \
-    -f loadgen@remote.example -t bench@mailbench.test "$SMTP" \
+    "$SMTP_SOURCE" -s "$s" -m "$MESSAGES" -l "$SIZE" "${TO[@]}" -M client.example \
+    -f loadgen@remote.example "$SMTP" \
     >"$OUT/s$s.json" 2>"$OUT/s$s.log" || echo "   (exit $?: see $OUT/s$s.log)" >&2
   python3 - "$OUT/s$s.json" "$s" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/summary.txt" <<'PY'
 import json, sys
