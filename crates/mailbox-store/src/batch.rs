@@ -255,7 +255,11 @@ async fn attempt(
     pool: &PgPool,
     ds: &[Prepared],
 ) -> Result<Vec<Result<Outcome, ServiceError>>, Failed> {
+    // The transaction belongs to the trace of the batch's first delivery (a lone delivery's
+    // trace thus shows its transaction); the others link to it.
+    let parent = ds.first().and_then(|d| d.span.id());
     let span = tracing::info_span!(
+        parent: parent,
         "db.transaction",
         otel.name = "deliver batch",
         otel.kind = "client",
@@ -263,7 +267,7 @@ async fn attempt(
         db.operation.name = "deliver",
         mailsuite.deliveries = ds.len(),
     );
-    for d in ds {
+    for d in ds.iter().skip(1) {
         span.follows_from(d.span.id());
     }
     let timer = mailsuite_runtime::metrics::db_timer("deliver_batch");
