@@ -43,23 +43,11 @@ pub const MAX_INDEXED_TEXT: usize = 512 * 1024;
 /// (envelope → address, disposition → param). No real mail client nests anywhere near 32.
 pub const MAX_MIME_DEPTH: usize = 32;
 
-/// Stack for the thread that runs `parse`. mail-parser builds and drops nested
+/// Stack of the threads that run `parse` (`crate::parse_pool`). mail-parser builds and drops nested
 /// message/rfc822 levels of a base64-encoded message recursively (`into_owned`, `Drop`), which
 /// `parse` cannot avoid: this is the defence in depth for that path, and costs only address
 /// space until it is touched.
 pub const PARSE_STACK_BYTES: usize = 256 * 1024 * 1024;
-
-/// `parse` on its own thread with a `PARSE_STACK_BYTES` stack. `None` if the thread could not
-/// be started or died (a stack overflow still aborts the process, but needs a nesting depth
-/// that the message size limit does not allow in practice).
-pub fn parse_on_big_stack(raw: Vec<u8>) -> std::io::Result<Parsed> {
-    std::thread::Builder::new()
-        .name("mime-parse".into())
-        .stack_size(PARSE_STACK_BYTES)
-        .spawn(move || parse(&raw))?
-        .join()
-        .map_err(|_| std::io::Error::other("the MIME parser thread panicked"))
-}
 
 pub fn parse(raw: &[u8]) -> Parsed {
     let header_end = header_end(raw);
