@@ -32,9 +32,18 @@ class Zone(BaseResolver):
 
 zone = Zone(open(sys.argv[1]).read())
 quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data")
-udp = DNSServer(zone, port=0, address="127.0.0.1", logger=quiet)
-port = udp.server.server_address[1]
-tcp = DNSServer(zone, port=port, address="127.0.0.1", tcp=True, logger=quiet)
+# The kernel picks a free UDP port; the same TCP port may be taken by another test's socket,
+# so pick again until both bind (a CI run once failed on exactly that).
+for attempt in range(100):
+    udp = DNSServer(zone, port=0, address="127.0.0.1", logger=quiet)
+    port = udp.server.server_address[1]
+    try:
+        tcp = DNSServer(zone, port=port, address="127.0.0.1", tcp=True, logger=quiet)
+        break
+    except OSError:
+        udp.server.server_close()
+else:
+    sys.exit("no port free for both UDP and TCP")
 udp.start_thread()
 tcp.start_thread()
 print("PORT %d" % port, flush=True)
