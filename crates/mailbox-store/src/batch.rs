@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use mailsuite_proto::{ChangeEvent, ChangeKind, DeliverResponse, RecipientResult, RecipientStatus};
+use mailsuite_proto::{ChangeKind, DeliverResponse, RecipientResult, RecipientStatus};
 use mailsuite_runtime::{ServiceError, Shutdown};
 use prost::Message as _;
 use sqlx::{PgConnection, PgPool, Row};
@@ -335,67 +335,59 @@ async fn write(
         }
     }
 
-    // 2. Every target account of the batch, locked in id order in one statement.
-    let mut addrs: Vec<&str> = live
+    // 2. Every target account of the batch, locked in id order, with the mailbox of each
+    // (account, asked name) it is asked for: the one asked for, else INBOX (NULL when the
+    // account has no INBOX). One statement.
+    let mut pairs: Vec<(&str, &str)> = live
         .iter()
-        .flat_map(|&j| ds[j].targets.keys().map(String::as_str))
+        .flat_map(|&j| {
+            ds[j]
+                .targets
+                .keys()
+                .map(move |a| (a.as_str(), ds[j].mailbox.as_str()))
+        })
         .collect();
-    addrs.sort_unstable();
-    addrs.dedup();
+    pairs.sort_unstable();
+    pairs.dedup();
     let mut accounts: HashMap<String, Account> = HashMap::new();
-    if !addrs.is_empty() {
+    let mut boxes: HashMap<(i64, String), i64> = HashMap::new();
+    if !pairs.is_empty() {
+        let mut addrs: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+        addrs.dedup();
+        let wanted_by: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+        let wants: Vec<&str> = pairs.iter().map(|p| p.1).collect();
         let rows = sqlx::query(
-            "SELECT id, address, quota_bytes, quota_messages, used_bytes, used_messages
-             FROM mailbox.accounts WHERE address = ANY($1) AND enabled ORDER BY id FOR UPDATE",
+            "WITH a AS (
+                SELECT id, address, quota_bytes, quota_messages, used_bytes, used_messages
+                  FROM mailbox.accounts WHERE address = ANY($1) AND enabled ORDER BY id FOR UPDATE)
+             SELECT a.id, a.address, a.quota_bytes, a.quota_messages, a.used_bytes, a.used_messages,
+                    w.want, coalesce(m.id, i.id)
+               FROM a
+               JOIN unnest($2::text[], $3::text[]) AS w(address, want) ON w.address = a.address
+               LEFT JOIN mailbox.mailboxes i ON i.account_id = a.id AND i.name = 'INBOX'
+               LEFT JOIN mailbox.mailboxes m ON m.account_id = a.id AND m.name = w.want",
         )
         .bind(&addrs)
+        .bind(&wanted_by)
+        .bind(&wants)
         .fetch_all(&mut *tx)
         .await?;
         for r in rows {
-            accounts.insert(
-                r.get(1),
-                Account {
-                    id: r.get(0),
-                    quota_bytes: r.get(2),
-                    quota_messages: r.get(3),
-                    used_bytes: r.get(4),
-                    used_messages: r.get(5),
-                },
-            );
-        }
-    }
-
-    // 3. The mailbox of each (account, asked name): the one asked for, else INBOX.
-    let mut pairs: Vec<(i64, &str)> = Vec::new();
-    for &j in &live {
-        for a in ds[j].targets.keys() {
-            if let Some(acc) = accounts.get(a) {
-                pairs.push((acc.id, ds[j].mailbox.as_str()));
+            let id: i64 = r.get(0);
+            accounts.entry(r.get(1)).or_insert_with(|| Account {
+                id,
+                quota_bytes: r.get(2),
+                quota_messages: r.get(3),
+                used_bytes: r.get(4),
+                used_messages: r.get(5),
+            });
+            if let Some(mailbox) = r.get::<Option<i64>, _>(7) {
+                boxes.insert((id, r.get(6)), mailbox);
             }
         }
     }
-    pairs.sort_unstable();
-    pairs.dedup();
-    let mut boxes: HashMap<(i64, String), i64> = HashMap::new();
-    if !pairs.is_empty() {
-        let ids: Vec<i64> = pairs.iter().map(|p| p.0).collect();
-        let names: Vec<&str> = pairs.iter().map(|p| p.1).collect();
-        let rows = sqlx::query(
-            "SELECT a.id, a.want, coalesce(m.id, i.id)
-             FROM unnest($1::bigint[], $2::text[]) AS a(id, want)
-             JOIN mailbox.mailboxes i ON i.account_id = a.id AND i.name = 'INBOX'
-             LEFT JOIN mailbox.mailboxes m ON m.account_id = a.id AND m.name = a.want",
-        )
-        .bind(&ids)
-        .bind(&names)
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in rows {
-            boxes.insert((r.get(0), r.get(1)), r.get(2));
-        }
-    }
 
-    // 4. Decide each delivery in Rust, in queue order, against the running usage.
+    // 3. Decide each delivery in Rust, in queue order, against the running usage.
     let mut entries: Vec<Entry> = Vec::new();
     let mut responses: Vec<(usize, DeliverResponse)> = Vec::new();
     let mut release: Vec<&str> = Vec::new();
@@ -414,63 +406,44 @@ async fn write(
         }
     }
 
-    if !entries.is_empty() {
-        // 5. UIDs and modseqs: one UPDATE for every mailbox of the batch, rows locked in id
-        // order first. Each entry gets its own UID and modseq, consecutive per mailbox.
-        let mut per_box: BTreeMap<i64, i64> = BTreeMap::new();
-        for e in &entries {
-            *per_box.entry(e.mailbox).or_default() += 1;
-        }
-        let ids: Vec<i64> = per_box.keys().copied().collect();
-        let ns: Vec<i64> = per_box.values().copied().collect();
-        let rows = sqlx::query(
-            "WITH l AS (SELECT id FROM mailbox.mailboxes WHERE id = ANY($1) ORDER BY id FOR UPDATE)
-             UPDATE mailbox.mailboxes mb
-                SET uidnext = mb.uidnext + c.n, highestmodseq = mb.highestmodseq + c.n
-               FROM l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, n) ON c.id = l.id
-              WHERE mb.id = l.id
-          RETURNING mb.id, mb.uidnext - c.n, mb.highestmodseq - c.n + 1",
-        )
-        .bind(&ids)
-        .bind(&ns)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut next: HashMap<i64, (i64, i64)> = HashMap::new();
-        for r in rows {
-            let (id, first, modseq): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
-            if first + per_box[&id] > u32::MAX as i64 {
-                return Err(ServiceError::Cannot("mailbox UID space exhausted".into()));
-            }
-            next.insert(id, (first, modseq));
-        }
-        let mut uids = Vec::with_capacity(entries.len());
-        let mut modseqs = Vec::with_capacity(entries.len());
-        for e in &entries {
-            let n = next
-                .get_mut(&e.mailbox)
-                .ok_or_else(|| ServiceError::NotFound(format!("mailbox {}", e.mailbox)))?;
-            uids.push(n.0);
-            modseqs.push(n.1);
-            n.0 += 1;
-            n.1 += 1;
-        }
+    // 4. UIDs and modseqs: one UPDATE for every mailbox of the batch, rows locked in id order
+    // first. Each entry gets its own UID and modseq, consecutive per mailbox.
+    let (uids, modseqs) = allocate_uids(tx, &entries).await?;
 
-        // 6. Blobs, once per content, sorted by id: new ones inserted (or referenced when a
-        // concurrent delivery inserted them meanwhile), known ones referenced.
-        let mut blobs: BTreeMap<&[u8], (usize, i64)> = BTreeMap::new();
-        for e in &entries {
-            let b = ds[e.job].blob.as_ref().ok_or_else(|| {
-                ServiceError::Internal("a delivery with entries has no blob".into())
-            })?;
-            let slot = blobs.entry(b.id.as_slice()).or_insert((e.job, 0));
-            slot.1 += 1;
-            if b.meta.is_some() && ds[slot.0].blob.as_ref().is_some_and(|x| x.meta.is_none()) {
-                slot.0 = e.job;
-            }
+    // 5. Blobs, once per content, sorted by id: new ones inserted (or referenced when a
+    // concurrent delivery inserted them meanwhile), known ones referenced.
+    let mut blobs: BTreeMap<&[u8], (usize, i64)> = BTreeMap::new();
+    for e in &entries {
+        let b = ds[e.job]
+            .blob
+            .as_ref()
+            .ok_or_else(|| ServiceError::Internal("a delivery with entries has no blob".into()))?;
+        let slot = blobs.entry(b.id.as_slice()).or_insert((e.job, 0));
+        slot.1 += 1;
+        if b.meta.is_some() && ds[slot.0].blob.as_ref().is_some_and(|x| x.meta.is_none()) {
+            slot.0 = e.job;
         }
-        insert_blobs(tx, ds, &blobs).await?;
+    }
+    let blobs = BlobRows::of(ds, &blobs);
 
-        // 7. Entries and their change log rows.
+    // The stored deliveries' responses, kept for retries under the same key.
+    for (j, r) in &mut responses {
+        r.blob_id = ds[*j].blob.as_ref().map_or(String::new(), |b| {
+            if r.results.iter().any(|x| !x.delivered_to.is_empty()) {
+                store::hex_id(&b.id)
+            } else {
+                String::new()
+            }
+        });
+    }
+
+    // 6. Everything else in ONE statement (a round trip each cost more than its work): blobs,
+    // entries and their change log rows, usage (accounts already locked), one change event
+    // per entry as a single delivery publishes it, the responses of the stored deliveries and
+    // the release of the keys of those that stored nothing. The sub-statements touch disjoint
+    // rows; the entries' foreign keys are checked at the end of the statement, when the new
+    // blobs are there.
+    if !entries.is_empty() || !responses.is_empty() || !release.is_empty() {
         let mb: Vec<i64> = entries.iter().map(|e| e.mailbox).collect();
         let flags: Vec<String> = entries
             .iter()
@@ -484,15 +457,84 @@ async fn write(
             .map(|e| ds[e.job].blob.as_ref().map_or(&[][..], |b| b.id.as_slice()))
             .collect();
         let prefixes: Vec<&[u8]> = entries.iter().map(|e| e.prefix.as_slice()).collect();
-        sqlx::query(
-            "WITH m AS (
+
+        let mut usage: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for e in &entries {
+            let u = usage.entry(e.account).or_default();
+            u.0 += e.size;
+            u.1 += 1;
+        }
+        let usage_ids: Vec<i64> = usage.keys().copied().collect();
+        let usage_bytes: Vec<i64> = usage.values().map(|u| u.0).collect();
+        let usage_msgs: Vec<i64> = usage.values().map(|u| u.1).collect();
+
+        let events: Vec<String> = entries
+            .iter()
+            .zip(uids.iter().zip(&modseqs))
+            .map(|(e, (&uid, &modseq))| {
+                notify::payload(&notify::event(
+                    e.account,
+                    e.mailbox,
+                    ChangeKind::New,
+                    vec![uid as u32],
+                    modseq as u64,
+                ))
+            })
+            .collect();
+
+        let response_keys: Vec<&str> = responses.iter().map(|(j, _)| ds[*j].key.as_str()).collect();
+        let response_bytes: Vec<Vec<u8>> =
+            responses.iter().map(|(_, r)| r.encode_to_vec()).collect();
+
+        let known_updated: i64 = sqlx::query_scalar(
+            "WITH nb AS (
+                INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date)
+                SELECT id, sz, n, data, env, body, h::jsonb, txt, sd
+                  FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[],
+                              $7::text[], $8::text[], $9::date[])
+                       WITH ORDINALITY AS t(id, sz, n, data, env, body, h, txt, sd, i)
+                 ORDER BY i
+                ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount
+                RETURNING 1),
+             kb AS (
+                UPDATE mailbox.blobs b SET refcount = b.refcount + c.n
+                  FROM (SELECT id, n FROM unnest($10::bytea[], $11::bigint[]) AS u(id, n) ORDER BY id) c
+                 WHERE b.id = c.id
+                RETURNING 1),
+             m AS (
                 INSERT INTO mailbox.messages (mailbox_id, uid, modseq, flags, internal_date, date_offset, size, blob_id, prefix)
                 SELECT mb, uid, modseq, ARRAY(SELECT jsonb_array_elements_text(f::jsonb)), d, 0, sz, b, p
-                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::timestamptz[],
-                              $6::bigint[], $7::bytea[], $8::bytea[]) AS t(mb, uid, modseq, f, d, sz, b, p)
-                RETURNING mailbox_id, modseq, uid)
-             INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid) SELECT mailbox_id, modseq, 1, uid FROM m",
+                  FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::timestamptz[],
+                              $17::bigint[], $18::bytea[], $19::bytea[]) AS t(mb, uid, modseq, f, d, sz, b, p)
+                RETURNING mailbox_id, modseq, uid),
+             cl AS (
+                INSERT INTO mailbox.changelog (mailbox_id, modseq, kind, uid)
+                SELECT mailbox_id, modseq, 1, uid FROM m),
+             us AS (
+                UPDATE mailbox.accounts a SET used_bytes = greatest(a.used_bytes + c.b, 0),
+                       used_messages = greatest(a.used_messages + c.n, 0)
+                  FROM unnest($20::bigint[], $21::bigint[], $22::bigint[]) AS c(id, b, n)
+                 WHERE a.id = c.id),
+             rs AS (
+                UPDATE mailbox.deliveries d SET response = c.r
+                  FROM unnest($23::text[], $24::bytea[]) AS c(k, r) WHERE d.idempotency_key = c.k),
+             rl AS (
+                DELETE FROM mailbox.deliveries WHERE idempotency_key = ANY($25::text[])),
+             ev AS (
+                SELECT pg_notify($26, p) FROM unnest($27::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i)
+             SELECT (SELECT count(*) FROM kb) + 0 * (SELECT count(*) FROM ev)",
         )
+        .bind(&blobs.new_ids)
+        .bind(&blobs.sizes)
+        .bind(&blobs.new_refs)
+        .bind(&blobs.datas)
+        .bind(&blobs.envs)
+        .bind(&blobs.bodies)
+        .bind(&blobs.headers)
+        .bind(&blobs.texts)
+        .bind(&blobs.dates)
+        .bind(&blobs.known_ids)
+        .bind(&blobs.known_refs)
         .bind(&mb)
         .bind(&uids)
         .bind(&modseqs)
@@ -501,76 +543,23 @@ async fn write(
         .bind(&sizes)
         .bind(&blob_ids)
         .bind(&prefixes)
-        .execute(&mut *tx)
+        .bind(&usage_ids)
+        .bind(&usage_bytes)
+        .bind(&usage_msgs)
+        .bind(&response_keys)
+        .bind(&response_bytes)
+        .bind(&release)
+        .bind(notify::CHANNEL)
+        .bind(&events)
+        .fetch_one(&mut *tx)
         .await?;
-
-        // 8. Usage, one row per account (already locked).
-        let mut usage: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-        for e in &entries {
-            let u = usage.entry(e.account).or_default();
-            u.0 += e.size;
-            u.1 += 1;
+        if known_updated != blobs.known_ids.len() as i64 {
+            // Its last reference went away since it was looked up: the caller's retry
+            // prepares (parses) it again.
+            return Err(ServiceError::Conflict(
+                "a stored message vanished meanwhile".into(),
+            ));
         }
-        let ids: Vec<i64> = usage.keys().copied().collect();
-        let bytes: Vec<i64> = usage.values().map(|u| u.0).collect();
-        let msgs: Vec<i64> = usage.values().map(|u| u.1).collect();
-        sqlx::query(
-            "UPDATE mailbox.accounts a SET used_bytes = greatest(a.used_bytes + c.b, 0),
-                    used_messages = greatest(a.used_messages + c.n, 0)
-               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, b, n)
-              WHERE a.id = c.id",
-        )
-        .bind(&ids)
-        .bind(&bytes)
-        .bind(&msgs)
-        .execute(&mut *tx)
-        .await?;
-
-        // 9. One change event per entry, as a single delivery publishes it.
-        let events: Vec<ChangeEvent> = entries
-            .iter()
-            .zip(uids.iter().zip(&modseqs))
-            .map(|(e, (&uid, &modseq))| {
-                notify::event(
-                    e.account,
-                    e.mailbox,
-                    ChangeKind::New,
-                    vec![uid as u32],
-                    modseq as u64,
-                )
-            })
-            .collect();
-        notify::publish_many(tx, &events).await?;
-    }
-
-    // 10. The responses of the stored deliveries, for retries under the same key; the keys
-    // of the ones that stored nothing are released.
-    if !responses.is_empty() {
-        for (j, r) in &mut responses {
-            r.blob_id = ds[*j].blob.as_ref().map_or(String::new(), |b| {
-                if r.results.iter().any(|x| !x.delivered_to.is_empty()) {
-                    store::hex_id(&b.id)
-                } else {
-                    String::new()
-                }
-            });
-        }
-        let ks: Vec<&str> = responses.iter().map(|(j, _)| ds[*j].key.as_str()).collect();
-        let rs: Vec<Vec<u8>> = responses.iter().map(|(_, r)| r.encode_to_vec()).collect();
-        sqlx::query(
-            "UPDATE mailbox.deliveries d SET response = c.r
-               FROM unnest($1::text[], $2::bytea[]) AS c(k, r) WHERE d.idempotency_key = c.k",
-        )
-        .bind(&ks)
-        .bind(&rs)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !release.is_empty() {
-        sqlx::query("DELETE FROM mailbox.deliveries WHERE idempotency_key = ANY($1)")
-            .bind(&release)
-            .execute(&mut *tx)
-            .await?;
     }
     let mut entries_of: HashMap<usize, u64> = HashMap::new();
     for e in &entries {
@@ -697,87 +686,100 @@ fn decide(
     })
 }
 
-async fn insert_blobs(
+/// Step 4: the UIDs and modseqs of `entries`, in their order.
+async fn allocate_uids(
     tx: &mut PgConnection,
-    ds: &[Prepared],
-    blobs: &BTreeMap<&[u8], (usize, i64)>,
-) -> Result<(), ServiceError> {
-    let mut new_ids: Vec<&[u8]> = Vec::new();
-    let mut new_refs = Vec::new();
-    let mut sizes = Vec::new();
-    let mut datas: Vec<&[u8]> = Vec::new();
-    let mut envs: Vec<&[u8]> = Vec::new();
-    let mut bodies: Vec<&[u8]> = Vec::new();
-    let mut headers: Vec<String> = Vec::new();
-    let mut texts: Vec<&str> = Vec::new();
-    let mut dates: Vec<Option<chrono::NaiveDate>> = Vec::new();
-    let mut known_ids: Vec<&[u8]> = Vec::new();
-    let mut known_refs = Vec::new();
-    for (id, (job, refs)) in blobs {
-        let d = &ds[*job];
-        match d
-            .blob
-            .as_ref()
-            .and_then(|b| b.meta.as_ref().map(|m| (b, m)))
-        {
-            Some((b, m)) => {
-                new_ids.push(id);
-                new_refs.push(*refs);
-                sizes.push(b.size);
-                datas.push(d.data.as_slice());
-                envs.push(&m.envelope);
-                bodies.push(&m.body);
-                headers.push(m.headers.to_string());
-                texts.push(&m.text);
-                dates.push(m.sent_date);
-            }
-            None => {
-                known_ids.push(id);
-                known_refs.push(*refs);
+    entries: &[Entry],
+) -> Result<(Vec<i64>, Vec<i64>), ServiceError> {
+    if entries.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut per_box: BTreeMap<i64, i64> = BTreeMap::new();
+    for e in entries {
+        *per_box.entry(e.mailbox).or_default() += 1;
+    }
+    let ids: Vec<i64> = per_box.keys().copied().collect();
+    let ns: Vec<i64> = per_box.values().copied().collect();
+    let rows = sqlx::query(
+        "WITH l AS (SELECT id FROM mailbox.mailboxes WHERE id = ANY($1) ORDER BY id FOR UPDATE)
+         UPDATE mailbox.mailboxes mb
+            SET uidnext = mb.uidnext + c.n, highestmodseq = mb.highestmodseq + c.n
+           FROM l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, n) ON c.id = l.id
+          WHERE mb.id = l.id
+      RETURNING mb.id, mb.uidnext - c.n, mb.highestmodseq - c.n + 1",
+    )
+    .bind(&ids)
+    .bind(&ns)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut next: HashMap<i64, (i64, i64)> = HashMap::new();
+    for r in rows {
+        let (id, first, modseq): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        if first + per_box[&id] > u32::MAX as i64 {
+            return Err(ServiceError::Cannot("mailbox UID space exhausted".into()));
+        }
+        next.insert(id, (first, modseq));
+    }
+    let mut uids = Vec::with_capacity(entries.len());
+    let mut modseqs = Vec::with_capacity(entries.len());
+    for e in entries {
+        let n = next
+            .get_mut(&e.mailbox)
+            .ok_or_else(|| ServiceError::NotFound(format!("mailbox {}", e.mailbox)))?;
+        uids.push(n.0);
+        modseqs.push(n.1);
+        n.0 += 1;
+        n.1 += 1;
+    }
+    Ok((uids, modseqs))
+}
+
+/// The batch's blobs as statement parameters: new contents (with their parsed metadata) to
+/// insert, known ones to reference.
+#[derive(Default)]
+struct BlobRows<'a> {
+    new_ids: Vec<&'a [u8]>,
+    new_refs: Vec<i64>,
+    sizes: Vec<i64>,
+    datas: Vec<&'a [u8]>,
+    envs: Vec<&'a [u8]>,
+    bodies: Vec<&'a [u8]>,
+    headers: Vec<String>,
+    texts: Vec<&'a str>,
+    dates: Vec<Option<chrono::NaiveDate>>,
+    known_ids: Vec<&'a [u8]>,
+    known_refs: Vec<i64>,
+}
+
+impl<'a> BlobRows<'a> {
+    fn of(ds: &'a [Prepared], blobs: &BTreeMap<&'a [u8], (usize, i64)>) -> BlobRows<'a> {
+        let mut r = BlobRows::default();
+        for (id, (job, refs)) in blobs {
+            let d = &ds[*job];
+            match d
+                .blob
+                .as_ref()
+                .and_then(|b| b.meta.as_ref().map(|m| (b, m)))
+            {
+                Some((b, m)) => {
+                    r.new_ids.push(id);
+                    r.new_refs.push(*refs);
+                    r.sizes.push(b.size);
+                    r.datas.push(d.data.as_slice());
+                    r.envs.push(&m.envelope);
+                    r.bodies.push(&m.body);
+                    r.headers.push(m.headers.to_string());
+                    r.texts.push(&m.text);
+                    r.dates.push(m.sent_date);
+                }
+                None => {
+                    r.known_ids.push(id);
+                    r.known_refs.push(*refs);
+                }
             }
         }
+        r
     }
-    if !new_ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO mailbox.blobs (id, size, refcount, data, envelope, body, headers, body_text, sent_date)
-             SELECT id, sz, n, data, env, body, h::jsonb, txt, sd
-               FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[],
-                           $7::text[], $8::text[], $9::date[])
-                    WITH ORDINALITY AS t(id, sz, n, data, env, body, h, txt, sd, i)
-              ORDER BY i
-             ON CONFLICT (id) DO UPDATE SET refcount = mailbox.blobs.refcount + EXCLUDED.refcount",
-        )
-        .bind(&new_ids)
-        .bind(&sizes)
-        .bind(&new_refs)
-        .bind(&datas)
-        .bind(&envs)
-        .bind(&bodies)
-        .bind(&headers)
-        .bind(&texts)
-        .bind(&dates)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !known_ids.is_empty() {
-        let updated = sqlx::query(
-            "UPDATE mailbox.blobs b SET refcount = b.refcount + c.n
-               FROM (SELECT id, n FROM unnest($1::bytea[], $2::bigint[]) AS u(id, n) ORDER BY id) c
-              WHERE b.id = c.id",
-        )
-        .bind(&known_ids)
-        .bind(&known_refs)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != known_ids.len() as u64 {
-            // Its last reference went away since it was looked up: the caller's retry
-            // prepares (parses) it again.
-            return Err(ServiceError::Conflict(
-                "a stored message vanished meanwhile".into(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A locked account row, with the usage of the batch's deliveries decided so far.

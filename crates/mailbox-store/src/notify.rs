@@ -103,28 +103,8 @@ pub async fn publish(
     Ok(())
 }
 
-/// Publish every event of `evs` (in order) when the transaction on `conn` commits, in one
-/// statement.
-pub async fn publish_many(
-    conn: &mut sqlx::PgConnection,
-    evs: &[ChangeEvent],
-) -> Result<(), sqlx::Error> {
-    if evs.is_empty() {
-        return Ok(());
-    }
-    let payloads: Vec<String> = evs.iter().map(payload).collect();
-    sqlx::query(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
-    )
-    .bind(CHANNEL)
-    .bind(&payloads)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// The NOTIFY payload of one event.
-fn payload(ev: &ChangeEvent) -> String {
+pub(crate) fn payload(ev: &ChangeEvent) -> String {
     let w = Wire {
         a: ev.account_id,
         m: ev.mailbox_id,

@@ -662,3 +662,38 @@ async fn a_resolution_passed_by_the_caller_is_used_not_redone() {
         .into_inner();
     assert_eq!(r.results[0].status, RecipientStatus::Unknown as i32);
 }
+
+/// A large message that is already stored is looked up before it is parsed and then only
+/// referenced: the batch's known-blob path. Two deliveries, one blob with two references.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_message_delivered_again_references_the_stored_copy() {
+    let s = store().await;
+    s.account("alice@example.test").await;
+    s.account("bob@example.test").await;
+    let mut d = s.delivery().await;
+    // Above the store's probe threshold (256 KiB), so the second delivery finds it known.
+    let raw = message(
+        "big",
+        &"0123456789abcdef0123456789abcdef\r\n".repeat(12_000),
+    );
+    assert!(raw.len() > 256 * 1024);
+    for (key, to) in [
+        ("big-1", "alice@example.test"),
+        ("big-2", "bob@example.test"),
+    ] {
+        let r = deliver(&mut d, key, &[to], &raw).await.unwrap();
+        assert_eq!(
+            r.results[0].status,
+            RecipientStatus::Delivered as i32,
+            "{key}"
+        );
+    }
+    let (blobs, refcount, entries): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM mailbox.blobs), (SELECT sum(refcount)::bigint FROM mailbox.blobs),
+                (SELECT count(*) FROM mailbox.messages)",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((blobs, refcount, entries), (1, 2, 2));
+}
