@@ -58,6 +58,9 @@ fn number_after(line: &str, marker: &str) -> Option<u64> {
 /// `default_value_t = N`, or a configuration field's default (`field: N,` in the `Default`
 /// impl of `config.rs`).
 pub fn drain_seconds(main_rs: &str, config_rs: &str) -> Result<u64, String> {
+    if main_rs.contains("service::{Service") || main_rs.contains("service::Service") {
+        return service_grace(main_rs, config_rs);
+    }
     let lines: Vec<&str> = main_rs.lines().collect();
     let line = lines
         .iter()
@@ -115,6 +118,38 @@ pub fn drain_seconds(main_rs: &str, config_rs: &str) -> Result<u64, String> {
         return Err(format!("cannot find the value of {ident}"));
     }
     Err(format!("cannot follow drain argument {expr:?}"))
+}
+
+/// The grace period of a `main` built on the shared `mailsuite_runtime::service::Service`:
+/// the configuration field its `config_grace` reads (that field's default), else the
+/// `Duration::from_secs(N)` it passes to `Service::new`.
+fn service_grace(main_rs: &str, config_rs: &str) -> Result<u64, String> {
+    let flat: String = main_rs.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some(i) = flat.find("config_grace:") {
+        let rest = &flat[i..];
+        let field = rest
+            .find(".shutdown_grace_secs")
+            .map(|_| "shutdown_grace_secs")
+            .or_else(|| {
+                let body = rest.split("from_secs(").nth(1)?;
+                let arg = body.split(')').next()?;
+                arg.rsplit('.').next()
+            })
+            .ok_or("unreadable config_grace")?;
+        return config_rs
+            .lines()
+            .find_map(|l| {
+                let t = l.trim_start().strip_prefix(&format!("{field}: "))?;
+                let digits: String = t
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '_')
+                    .collect();
+                digits.replace('_', "").parse().ok()
+            })
+            .ok_or_else(|| format!("cannot find the default of {field}"));
+    }
+    let new = flat.find("::new(").ok_or("no Service::new(")?;
+    number_after(&flat[new..], "from_secs(").ok_or_else(|| "no grace in Service::new".into())
 }
 
 /// Every `pub name:` field declared in the services' configuration modules: the keys a
@@ -178,6 +213,14 @@ mod tests {
             Ok(10)
         );
         assert!(drain_seconds("fn main() {}", "").is_err());
+        let shared = "use mailsuite_runtime::service::{Service, ServiceArgs};\n    Service::<x::Config>::new(\"imap\", Duration::from_secs(30))\n    .run(args.service, x::start)\n";
+        assert_eq!(drain_seconds(shared, ""), Ok(30));
+        let from_config = "use mailsuite_runtime::service::{Service, ServiceArgs};\n    Service {\n        config_grace: |c: &x::Config| Some(Duration::from_secs(c.shutdown_grace_secs)),\n        ..Service::<x::Config>::new(\"q\", Duration::from_secs(10))\n    }\n";
+        assert_eq!(
+            drain_seconds(from_config, "            shutdown_grace_secs: 25,\n"),
+            Ok(25)
+        );
+        assert!(drain_seconds(from_config, "").is_err());
         assert!(drain_seconds("sd.drain(grace).await;", "").is_err());
     }
 }

@@ -1,40 +1,22 @@
-//! `mailbox-store`: the store service binary.
+//! The `mailbox-store` binary: the shared service `main` (mailsuite_runtime::service) around `start`.
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use mailsuite_mailbox_store::Config;
-use mailsuite_runtime::config::{self, ConfigArgs};
-use mailsuite_runtime::{Shutdown, shutdown, telemetry};
+use mailsuite_runtime::service::{Service, ServiceArgs};
 
 /// mailsuite mailbox-store: accounts, mailboxes and messages in PostgreSQL, served over gRPC.
-#[derive(Parser, Debug)]
-#[command(name = "mailbox-store", version)]
-struct Cli {
+#[derive(Debug, Parser)]
+#[command(name = "mailbox-store", version, about)]
+struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// Log lines as JSON (`--json-logs` is the old spelling).
-    #[arg(long = "log-json", alias = "json-logs", env = "MAILSUITE_LOG_JSON")]
-    json_logs: bool,
-    /// Seconds to let open calls finish after SIGTERM.
-    #[arg(long, default_value_t = 10)]
-    grace_seconds: u64,
+    service: ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let mut signals = shutdown::Signals::install()?;
-    let _telemetry = telemetry::init("mailbox-store", cli.json_logs);
-    mailsuite_runtime::tls::install_crypto_provider();
-    let cfg: Config = config::load(&cli.config.sources()).context("loading configuration")?;
-    let sd = Shutdown::new();
-    let started = mailsuite_mailbox_store::start(cfg, sd.clone())
+    let args = Args::parse();
+    Service::<mailsuite_mailbox_store::Config>::new("mailbox-store", Duration::from_secs(10))
+        .run(args.service, mailsuite_mailbox_store::start)
         .await
-        .context("starting mailbox-store")?;
-    eprintln!("mailbox-store: gRPC on {}", started.grpc);
-    signals.recv().await;
-    sd.drain(Duration::from_secs(cli.grace_seconds)).await;
-    Ok(())
 }

@@ -1,34 +1,27 @@
-//! The relay-queue binary: configuration, telemetry, `start`, wait for a signal, drain.
+//! The `relay-queue` binary: the shared service `main` (mailsuite_runtime::service) around `start`.
 
 use std::time::Duration;
 
 use clap::Parser;
-use mailsuite_runtime::config::ConfigArgs;
+use mailsuite_runtime::service::{Service, ServiceArgs};
 
 /// mailsuite relay-queue: durable outbound queue, MX delivery, retries, DSNs and DKIM.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "relay-queue", version, about)]
 struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// Log lines as JSON.
-    #[arg(long, env = "MAILSUITE_LOG_JSON")]
-    log_json: bool,
+    service: ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut signals = mailsuite_runtime::shutdown::Signals::install()?;
-    let config: mailsuite_relay_queue::Config =
-        mailsuite_runtime::config::load(&args.config.sources())?;
-    let _telemetry = mailsuite_runtime::telemetry::init("relay-queue", args.log_json);
-    let shutdown = mailsuite_runtime::Shutdown::new();
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let started = mailsuite_relay_queue::start(config, shutdown.clone()).await?;
-    tracing::info!(grpc = ?started.grpc, ops = ?started.ops, "relay-queue started");
-    signals.recv().await;
-    tracing::info!("shutting down");
-    shutdown.drain(grace).await;
-    Ok(())
+    Service {
+        config_grace: |c: &mailsuite_relay_queue::Config| {
+            Some(Duration::from_secs(c.shutdown_grace_secs))
+        },
+        ..Service::<mailsuite_relay_queue::Config>::new("relay-queue", Duration::from_secs(10))
+    }
+    .run(args.service, mailsuite_relay_queue::start)
+    .await
 }
