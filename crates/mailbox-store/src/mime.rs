@@ -67,7 +67,16 @@ pub fn parse(raw: &[u8]) -> Parsed {
     let envelope = envelope_of(&msg, &raw_headers);
     let mut seen = Seen::default();
     seen.first(&msg, 0);
-    let body = part_structure(&msg, 0, raw, 0, false, 0, &mut seen);
+    let mut body = part_structure(&msg, 0, raw, 0, false, 0, &mut seen);
+    let start = body_start(raw, header_end) as u64;
+    if start < body.body_start && body.parts.is_empty() && body.message.is_none() {
+        // mail-parser read the lines after a non-header line as more header: they are body.
+        body.body_start = start;
+        body.size = body.body_end - start;
+        if body.media_type.eq_ignore_ascii_case(b"text") {
+            body.lines = count_lines(&raw[start as usize..body.body_end as usize]);
+        }
+    }
     let headers = msg
         .root_part()
         .headers
@@ -229,24 +238,40 @@ fn strip_html(h: &str) -> String {
         .replace("&amp;", "&")
 }
 
-/// Offset just past the header block (at the empty line), or the end of the message.
+/// Offset just past the header block: at the empty line that ends it, at the first line that
+/// is neither a header field nor a continuation (RFC 5322 has no other way to end a header, so
+/// such a line starts the body, as Dovecot reads it), or at the end of the message.
 pub fn header_end(raw: &[u8]) -> usize {
-    if raw.starts_with(b"\r\n") || raw.starts_with(b"\n") {
-        return 0;
-    }
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'\n' {
-            if raw.get(i + 1) == Some(&b'\n') {
-                return i + 1;
-            }
-            if raw.get(i + 1) == Some(&b'\r') && raw.get(i + 2) == Some(&b'\n') {
-                return i + 1;
-            }
+    let mut line = 0;
+    while line < raw.len() {
+        let end = raw[line..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(raw.len(), |i| line + i + 1);
+        let text = &raw[line..end];
+        let text = text.strip_suffix(b"\n").unwrap_or(text);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let continuation = line > 0 && matches!(text.first(), Some(b' ' | b'\t'));
+        if text.is_empty() || !(continuation || is_field_line(text)) {
+            return line;
         }
-        i += 1;
+        line = end;
     }
     raw.len()
+}
+
+/// `name: value`, where the name is printable ASCII without spaces (white space before the
+/// colon is the obsolete syntax RFC 5322 §4.5 still reads).
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let name = &line[..colon];
+    let name = &name[..name
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1)];
+    !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic())
 }
 
 /// Offset of the body: after the empty line that ends the header.
@@ -346,11 +371,17 @@ fn address_text(a: &Address<'_>) -> String {
 }
 
 fn envelope_of(msg: &Message<'_>, raw_headers: &[(String, Vec<u8>)]) -> Envelope {
+    // A field that occurs several times (two Cc: lines) contributes all its addresses.
     let addrs = |name: HeaderName<'static>| -> Vec<EnvelopeAddress> {
-        match msg.header(name) {
-            Some(HeaderValue::Address(a)) => envelope_addresses(a),
-            _ => Vec::new(),
-        }
+        msg.root_part()
+            .headers
+            .iter()
+            .filter(|h| h.name == name)
+            .flat_map(|h| match &h.value {
+                HeaderValue::Address(a) => envelope_addresses(a),
+                _ => Vec::new(),
+            })
+            .collect()
     };
     let from = addrs(HeaderName::From);
     let mut sender = addrs(HeaderName::Sender);
@@ -452,6 +483,79 @@ fn params_of(attrs: Option<&[mail_parser::Attribute<'_>]>) -> Vec<BodyParam> {
         .collect()
 }
 
+/// The parameters of a Content-Type / Content-Disposition value exactly as sent, when any
+/// uses RFC 2231 syntax (`title*=us-ascii'en'...`, `name*0=...`). mail-parser decodes those
+/// into new names (`title-language`); RFC 3501 §7.4.2 hands the client the parameters as they
+/// are in the header, to decode itself. None when there is no such parameter or the value
+/// cannot be read: the caller then uses mail-parser's reading.
+fn extended_params(value: &[u8]) -> Option<Vec<BodyParam>> {
+    let mut out = Vec::new();
+    let mut i = value.iter().position(|&b| b == b';')? + 1;
+    let skip_cfws = |mut i: usize| {
+        let mut depth = 0usize;
+        while i < value.len() {
+            match value[i] {
+                b'(' => depth += 1,
+                b')' if depth > 0 => depth -= 1,
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ if depth > 0 => {}
+                _ => break,
+            }
+            i += 1;
+        }
+        i
+    };
+    loop {
+        i = skip_cfws(i);
+        if i >= value.len() {
+            break;
+        }
+        if value[i] == b';' {
+            i += 1;
+            continue;
+        }
+        let name_end = i + value[i..].iter().position(|&b| b == b'=')?;
+        let name = trim_bytes(&value[i..name_end]);
+        if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        i = skip_cfws(name_end + 1);
+        let mut v = Vec::new();
+        if value.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match value.get(i) {
+                    None => return None,
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') => {
+                        v.extend(value.get(i + 1));
+                        i += 2;
+                    }
+                    Some(&b) => {
+                        v.push(b);
+                        i += 1;
+                    }
+                }
+            }
+        } else {
+            let end = value[i..]
+                .iter()
+                .position(|&b| b == b';' || b == b' ' || b == b'\t' || b == b'(')
+                .map_or(value.len(), |e| i + e);
+            v.extend_from_slice(&value[i..end]);
+            i = end;
+        }
+        out.push(BodyParam {
+            name: name.to_vec(),
+            value: v,
+        });
+    }
+    out.iter().any(|p| p.name.contains(&b'*')).then_some(out)
+}
+
 fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -523,7 +627,9 @@ fn part_structure(
         Some(c) => (
             c.c_type.as_bytes().to_vec(),
             c.c_subtype.as_deref().unwrap_or("").as_bytes().to_vec(),
-            params_of(c.attributes.as_deref()),
+            raw_header_of(part, raw, "content-type")
+                .and_then(|v| extended_params(&v))
+                .unwrap_or_else(|| params_of(c.attributes.as_deref())),
         ),
         None if is_multipart => (
             b"MULTIPART".to_vec(),
@@ -546,7 +652,9 @@ fn part_structure(
     let disposition = part.headers.iter().find_map(|h| match (&h.name, &h.value) {
         (HeaderName::ContentDisposition, HeaderValue::ContentType(d)) => Some(BodyDisposition {
             kind: d.c_type.as_bytes().to_vec(),
-            params: params_of(d.attributes.as_deref()),
+            params: raw_header_of(part, raw, "content-disposition")
+                .and_then(|v| extended_params(&v))
+                .unwrap_or_else(|| params_of(d.attributes.as_deref())),
         }),
         _ => None,
     });
@@ -606,7 +714,8 @@ fn part_structure(
                 .collect();
             if node.parts.is_empty() {
                 // A multipart with no parts is not expressible in BODYSTRUCTURE.
-                node.parts.push(empty_text(node.body_start, node.body_end));
+                node.parts
+                    .push(empty_text(node.body_start, node.body_start));
             }
         }
         PartType::Message(inner) => {
@@ -649,6 +758,12 @@ fn part_structure(
             }
             node.message = Some(Box::new(sub));
             node.lines = count_lines(&raw[bs..be]);
+        }
+        _ if node.media_type.eq_ignore_ascii_case(b"multipart") => {
+            // Declared multipart but no delimiter line was found: body-type-mpart needs at
+            // least one part, so it gets one empty text/plain part (as Dovecot answers).
+            node.parts
+                .push(empty_text(node.body_start, node.body_start));
         }
         _ => {
             if is_text || node.media_type.eq_ignore_ascii_case(b"message") {

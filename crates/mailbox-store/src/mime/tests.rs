@@ -701,3 +701,101 @@ fn html_text_reads_as_shown() {
     );
     assert_eq!(super::strip_html("a<p>b"), "a b");
 }
+
+#[test]
+fn multipart_without_any_delimiter_has_one_empty_text_part() {
+    // RFC 9051 body-type-mpart needs at least one part: answer one empty text/plain part.
+    let raw = b"Content-Type: multipart/mixed; boundary=xyz\r\n\r\nno delimiter here\r\n";
+    let b = parse(raw).body;
+    assert_eq!(kind(&b), ("MULTIPART".into(), "MIXED".into()));
+    assert_eq!(b.parts.len(), 1);
+    let p = &b.parts[0];
+    assert_eq!(kind(p), ("TEXT".into(), "PLAIN".into()));
+    assert_eq!(params(p), vec![("CHARSET".into(), "US-ASCII".into())]);
+    assert_eq!(t(&p.encoding), "7BIT");
+    assert_eq!((p.size, p.lines), (0, 0));
+    // Sections stay valid: part 1 is empty, the whole body is still the multipart's.
+    assert_eq!(slice(raw, p), "");
+    assert_eq!(slice(raw, &b), "no delimiter here\r\n");
+}
+
+#[test]
+fn repeated_address_fields_keep_every_address() {
+    let raw = concat!(
+        "From: a@b.test\r\n",
+        "To: t1@x.test\r\n",
+        "Cc: one@x.test\r\n",
+        "Cc: two@x.test, three@x.test\r\n",
+        "To: t2@x.test\r\n",
+        "\r\n",
+        "body\r\n"
+    )
+    .as_bytes();
+    let e = parse(raw).envelope;
+    let boxes = |l: &[EnvelopeAddress]| -> Vec<String> {
+        l.iter()
+            .map(|a| format!("{}@{}", s(&a.mailbox).unwrap(), s(&a.host).unwrap()))
+            .collect()
+    };
+    assert_eq!(boxes(&e.to), ["t1@x.test", "t2@x.test"]);
+    assert_eq!(boxes(&e.cc), ["one@x.test", "two@x.test", "three@x.test"]);
+    assert_eq!(boxes(&e.from), ["a@b.test"]);
+}
+
+#[test]
+fn rfc2231_parameters_are_passed_through_as_sent() {
+    // RFC 2231 §4 example; RFC 3501 §7.4.2: the parameters as they are in the header.
+    let raw = concat!(
+        "Content-Type: application/x-stuff;\r\n",
+        " title*=us-ascii'en-us'This%20is%20%2A%2A%2Afun%2A%2A%2A; name=\"a \\\"q\\\" b\"\r\n",
+        "Content-Disposition: attachment; filename*0*=us-ascii'en'caf; filename*1=e.txt\r\n",
+        "\r\n",
+        "x\r\n"
+    )
+    .as_bytes();
+    let b = parse(raw).body;
+    assert_eq!(
+        params(&b),
+        vec![
+            (
+                "TITLE*".into(),
+                "us-ascii'en-us'This%20is%20%2A%2A%2Afun%2A%2A%2A".into()
+            ),
+            ("NAME".into(), "a \"q\" b".into()),
+        ]
+    );
+    let d = b.disposition.as_ref().unwrap();
+    assert_eq!(t(&d.kind).to_ascii_lowercase(), "attachment");
+    let dp: Vec<(&str, &str)> = d.params.iter().map(|p| (t(&p.name), t(&p.value))).collect();
+    assert_eq!(
+        dp,
+        [("filename*0*", "us-ascii'en'caf"), ("filename*1", "e.txt")]
+    );
+    // Without RFC 2231 syntax nothing changes: plain parameters as before.
+    let plain = parse(b"Content-Type: text/plain; charset=utf-8; format=flowed\r\n\r\nx\r\n").body;
+    assert_eq!(
+        params(&plain),
+        vec![
+            ("CHARSET".into(), "utf-8".into()),
+            ("FORMAT".into(), "flowed".into())
+        ]
+    );
+}
+
+#[test]
+fn a_non_header_line_ends_the_header_and_starts_the_body() {
+    // No empty line: the first line that is neither a field nor a continuation is body.
+    let raw = b"From: a@b.test\r\nSubject: s\r\n folded\r\nthis is not a header\r\nmore\r\n";
+    let p = parse(raw);
+    assert_eq!(slice(raw, &p.body), "this is not a header\r\nmore\r\n");
+    assert_eq!((p.body.size, p.body.lines), (28, 2));
+    assert_eq!(s(&p.envelope.subject), Some("s folded"));
+    assert_eq!(header_end(raw), 37);
+    // A field name with a space inside is not a field either; white space before the colon
+    // (RFC 5322 obsolete syntax) is.
+    assert_eq!(header_end(b"Subject : x\r\nBad Name: y\r\n"), 13);
+    assert_eq!(header_end(b"Subject: x\r\n\r\nbody"), 12);
+    assert_eq!(header_end(b"Subject: x\r\n"), 12);
+    assert_eq!(header_end(b"\r\nbody"), 0);
+    assert_eq!(header_end(b"just text\r\n"), 0);
+}
