@@ -105,19 +105,24 @@ pub fn drain_seconds(main_rs: &str, config_rs: &str) -> Result<u64, String> {
             return Ok(n);
         }
         // A configuration field: its default, `ident: N,`.
-        if let Some(n) = config_rs.lines().find_map(|l| {
-            let t = l.trim_start().strip_prefix(&format!("{ident}: "))?;
-            let digits: String = t
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '_')
-                .collect();
-            digits.replace('_', "").parse().ok()
-        }) {
+        if let Some(n) = config_default(config_rs, &ident) {
             return Ok(n);
         }
         return Err(format!("cannot find the value of {ident}"));
     }
     Err(format!("cannot follow drain argument {expr:?}"))
+}
+
+/// The default of configuration field `field`: the `field: N,` line of its `Default` impl.
+fn config_default(config_rs: &str, field: &str) -> Option<u64> {
+    config_rs.lines().find_map(|l| {
+        let t = l.trim_start().strip_prefix(&format!("{field}: "))?;
+        let digits: String = t
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '_')
+            .collect();
+        digits.replace('_', "").parse().ok()
+    })
 }
 
 /// The grace period of a `main` built on the shared `mailsuite_runtime::service::Service`:
@@ -128,24 +133,12 @@ fn service_grace(main_rs: &str, config_rs: &str) -> Result<u64, String> {
     if let Some(i) = flat.find("config_grace:") {
         let rest = &flat[i..];
         let field = rest
-            .find(".shutdown_grace_secs")
-            .map(|_| "shutdown_grace_secs")
-            .or_else(|| {
-                let body = rest.split("from_secs(").nth(1)?;
-                let arg = body.split(')').next()?;
-                arg.rsplit('.').next()
-            })
+            .split("from_secs(")
+            .nth(1)
+            .and_then(|body| body.split(')').next())
+            .and_then(|arg| arg.rsplit('.').next())
             .ok_or("unreadable config_grace")?;
-        return config_rs
-            .lines()
-            .find_map(|l| {
-                let t = l.trim_start().strip_prefix(&format!("{field}: "))?;
-                let digits: String = t
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '_')
-                    .collect();
-                digits.replace('_', "").parse().ok()
-            })
+        return config_default(config_rs, field)
             .ok_or_else(|| format!("cannot find the default of {field}"));
     }
     let new = flat.find("::new(").ok_or("no Service::new(")?;
