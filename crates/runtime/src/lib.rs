@@ -10,6 +10,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod pg;
+pub mod proxy_protocol;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
