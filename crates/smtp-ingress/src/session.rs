@@ -514,7 +514,7 @@ impl<B: Backend> Session<B> {
         if self
             .shared
             .rates
-            .auth_blocked(ip, limits.max_auth_failures_per_ip_per_minute)
+            .auth_blocked(ip)
         {
             return Outcome::then(
                 Reply::new(421, "4.7.0", "Too many authentication failures"),
@@ -612,7 +612,7 @@ impl<B: Backend> Session<B> {
         if !self
             .shared
             .rates
-            .message_allowed(self.peer.ip(), limits.max_messages_per_ip_per_minute)
+            .message_allowed(self.peer.ip())
         {
             return Outcome::reply(Reply::new(450, "4.7.1", "Rate limit exceeded, try later"));
         }
@@ -1595,8 +1595,7 @@ impl<B: Backend> Session<B> {
         if !valid {
             return Outcome::reply(Reply::new(459, "4.7.1", format!("{arg}: node not allowed")));
         }
-        let max = self.cfg().limits.max_etrn_per_ip_per_minute;
-        if !self.shared.rates.etrn_allowed(self.peer.ip(), max) {
+        if !self.shared.rates.etrn_allowed(self.peer.ip()) {
             return Outcome::reply(Reply::new(
                 458,
                 "4.7.0",
