@@ -35,7 +35,9 @@ impl Attempt<'_> {
     /// The attempt was not a failed guess (it succeeded, or the store could not tell).
     pub fn release(self) {
         self.limiter.by_ip.release(self.ip.0, self.ip.1);
-        self.limiter.by_account.release(self.account.0, self.account.1);
+        self.limiter
+            .by_account
+            .release(self.account.0, self.account.1);
     }
 
     /// The attempt failed: it stays counted.
@@ -79,10 +81,7 @@ impl AuthLimiter {
     pub fn begin(&self, ip: IpAddr, user: &str) -> Result<Attempt<'_>, Blocked> {
         let now = Instant::now();
         let ip_key = client_key(ip);
-        let ip = self
-            .by_ip
-            .try_record(ip_key, now)
-            .ok_or(Blocked::Address)?;
+        let ip = self.by_ip.try_record(ip_key, now).ok_or(Blocked::Address)?;
         let account_key = self.account_key(user);
         let Some(account) = self.by_account.try_record(account_key, now) else {
             // This attempt never reaches the store: it is not a guess at the password, so

@@ -42,7 +42,9 @@ impl RateLimiter {
 
     /// Count one ETRN from `ip`; false when over `max_etrn_per_ip_per_minute`.
     pub fn etrn_allowed(&self, ip: IpAddr) -> bool {
-        self.etrn.try_record(client_key(ip), Instant::now()).is_some()
+        self.etrn
+            .try_record(client_key(ip), Instant::now())
+            .is_some()
     }
 
     /// Record an AUTH failure; returns the failures of this client in the current minute.
