@@ -215,6 +215,14 @@ pub async fn accept_loop<H, Fut>(
 mod tests {
     use super::*;
 
+    async fn bind(max_connections: usize, max_per_ip: usize) -> LimitedListener {
+        let limits = ConnLimits {
+            max_connections,
+            max_per_ip,
+        };
+        LimitedListener::bind("127.0.0.1:0", limits).await.unwrap()
+    }
+
     async fn admit(l: &LimitedListener, addr: SocketAddr) -> (TcpStream, Admission) {
         let client = TcpStream::connect(addr).await.unwrap();
         (client, l.accept().await.unwrap())
@@ -222,15 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_ip_limit_refuses_and_releases() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 100,
-                max_per_ip: 2,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(100, 2).await;
         let addr = l.local_addr().unwrap();
         let (_c1, a1) = admit(&l, addr).await;
         let (_c2, a2) = admit(&l, addr).await;
@@ -256,15 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_refuses() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 1,
-                max_per_ip: 0,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(1, 0).await;
         let addr = l.local_addr().unwrap();
         let (_c1, a1) = admit(&l, addr).await;
         let (_c2, a2) = admit(&l, addr).await;
@@ -282,15 +274,7 @@ mod tests {
     /// it; the per-IP limit applies to the whole /64, and a slot is released to the /64.
     #[tokio::test]
     async fn m4_ipv6_per_ip_limit_counts_the_whole_64() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 100,
-                max_per_ip: 2,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(100, 2).await;
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let g1 = l.admit(ip("2001:db8:0:1::1")).expect("first address");
         let _g2 = l.admit(ip("2001:db8:0:1::2")).expect("second address");
@@ -314,15 +298,7 @@ mod tests {
     /// IPv4 client and shares that address's allowance.
     #[tokio::test]
     async fn ipv4_mapped_clients_share_the_ipv4_allowance() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 100,
-                max_per_ip: 1,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(100, 1).await;
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let _g = l.admit(ip("192.0.2.7")).expect("first connection");
         assert_eq!(
