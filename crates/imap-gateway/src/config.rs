@@ -97,8 +97,8 @@ pub struct Limits {
     pub max_auth_failures_per_account: u32,
     /// Seconds over which failed logins per user name are counted. Default 900.
     pub account_auth_failure_window_secs: u64,
-    /// Addresses (and, separately, user names) tracked at once; when full, expired and then least recently active entries
-    /// are evicted. Default 16384.
+    /// Addresses (and, separately, user names) tracked at once; when full, the least recently
+    /// active tenth is evicted, expired entries first. Default 16384.
     pub auth_failure_table: usize,
     /// First delay after a failed login, milliseconds; doubles with each further failure.
     pub auth_failure_delay_ms: u64,

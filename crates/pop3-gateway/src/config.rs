@@ -93,7 +93,7 @@ pub struct Limits {
     /// The window over which `ip_auth_failures` counts (default 300).
     pub ip_auth_failure_window_secs: u64,
     /// Client addresses tracked by the per-address limiter (default 100000); when full,
-    /// expired entries go first, then the least active.
+    /// the least recently active tenth goes, expired entries first.
     pub ip_table_capacity: usize,
     /// Unknown, malformed or out-of-state commands after which the connection is closed
     /// (default 20).

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use mailsuite_runtime::Shutdown;
+use mailsuite_runtime::limiter::{ClientWindows, client_key};
 use mailsuite_runtime::metrics;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,7 +20,6 @@ use tracing::Instrument;
 use crate::backend::{Backend, Failure};
 use crate::codec::{BodyEncoder, LineDecoder, LineError, Reply, RespCode};
 use crate::config::Config;
-use crate::limiter::AuthLimiter;
 use crate::session::{Action, LoginError, Maildrop, Session, SessionConfig, Target};
 
 /// Output is written to the socket whenever this much is buffered while streaming.
@@ -34,8 +34,8 @@ pub struct Shared<B> {
     pub shutdown: Shutdown,
     /// Last successful login per account, for LOGIN-DELAY (this replica only).
     login_times: Mutex<HashMap<i64, Instant>>,
-    /// Failed logins per client address, across connections.
-    auth_limiter: AuthLimiter,
+    /// Failed logins per client address, across connections (max: `ip_auth_failures`).
+    auth_limiter: ClientWindows,
 }
 
 impl<B: Backend> Shared<B> {
@@ -45,8 +45,11 @@ impl<B: Backend> Shared<B> {
             acceptor,
             shutdown,
             login_times: Mutex::default(),
-            auth_limiter: AuthLimiter::new(
-                Duration::from_secs(config.limits.ip_auth_failure_window_secs),
+            auth_limiter: ClientWindows::new(
+                // A zero window would forget every failure at once.
+                Duration::from_secs(config.limits.ip_auth_failure_window_secs)
+                    .max(Duration::from_secs(1)),
+                config.limits.ip_auth_failures,
                 config.limits.ip_table_capacity,
             ),
             config,
@@ -358,11 +361,15 @@ impl<B: Backend> Conn<B> {
                 }
                 Action::Login { user, password } => {
                     let max = self.limits().ip_auth_failures;
-                    let ip = self.peer.ip();
-                    if max > 0 && self.shared.auth_limiter.failures(ip) >= max {
+                    let client = client_key(self.peer.ip());
+                    if !self.shared.auth_limiter.check(client, Instant::now()) {
                         // Refused without asking the store, so guessing gets nowhere; counted,
                         // so the delay keeps growing while the client keeps trying.
-                        let n = self.shared.auth_limiter.failed(ip);
+                        let n = self
+                            .shared
+                            .auth_limiter
+                            .record(client, Instant::now())
+                            .count;
                         metrics::counter(
                             "mailsuite_pop3_logins_total",
                             &[("result", "ip_blocked")],
@@ -385,7 +392,11 @@ impl<B: Backend> Conn<B> {
                 Action::AuthFailed { reply, close } => {
                     metrics::auth_failure("pop3");
                     metrics::counter("mailsuite_pop3_logins_total", &[("result", "failed")]).inc();
-                    let ip_failures = self.shared.auth_limiter.failed(self.peer.ip());
+                    let ip_failures = self
+                        .shared
+                        .auth_limiter
+                        .record(client_key(self.peer.ip()), Instant::now())
+                        .count;
                     let max = self.limits().ip_auth_failures;
                     tracing::info!(
                         failures = self.session.auth_failures(),

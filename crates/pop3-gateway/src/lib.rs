@@ -10,7 +10,6 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod connection;
-pub mod limiter;
 pub mod session;
 pub mod store;
 

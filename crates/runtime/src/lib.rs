@@ -1,11 +1,12 @@
 //! What every mailsuite service shares: configuration, telemetry, TLS, listeners with
-//! connection limits, graceful shutdown, gRPC plumbing (health, trace propagation, error
-//! mapping) and the database (pool + migrations).
+//! connection limits, per-client rate windows, graceful shutdown, gRPC plumbing (health,
+//! trace propagation, error mapping) and the database (pool + migrations).
 
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod grpc;
+pub mod limiter;
 pub mod listener;
 pub mod metrics;
 pub mod ops;

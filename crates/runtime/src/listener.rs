@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::limiter::{ClientKey, client_key};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -27,19 +29,6 @@ impl Default for ConnLimits {
     }
 }
 
-/// The key per-client limits count under: an IPv4 address as it is, an IPv6 address by its
-/// /64 (one subscriber or host usually holds a whole /64, so per-address counting would let
-/// it take every slot), an IPv4-mapped IPv6 address as the IPv4 address.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
     TooManyConnections,
@@ -49,14 +38,15 @@ pub enum RefuseReason {
 #[derive(Default, Debug)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// By `client_key`, so that one host cannot take every slot with the addresses of its /64.
+    per_ip: HashMap<ClientKey, usize>,
 }
 
 /// Held by an accepted connection; releases its slot when dropped.
 #[derive(Debug)]
 pub struct ConnGuard {
     counts: Arc<Mutex<Counts>>,
-    ip: IpAddr,
+    ip: ClientKey,
 }
 
 impl Drop for ConnGuard {
@@ -225,6 +215,14 @@ pub async fn accept_loop<H, Fut>(
 mod tests {
     use super::*;
 
+    async fn bind(max_connections: usize, max_per_ip: usize) -> LimitedListener {
+        let limits = ConnLimits {
+            max_connections,
+            max_per_ip,
+        };
+        LimitedListener::bind("127.0.0.1:0", limits).await.unwrap()
+    }
+
     async fn admit(l: &LimitedListener, addr: SocketAddr) -> (TcpStream, Admission) {
         let client = TcpStream::connect(addr).await.unwrap();
         (client, l.accept().await.unwrap())
@@ -232,15 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_ip_limit_refuses_and_releases() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 100,
-                max_per_ip: 2,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(100, 2).await;
         let addr = l.local_addr().unwrap();
         let (_c1, a1) = admit(&l, addr).await;
         let (_c2, a2) = admit(&l, addr).await;
@@ -266,15 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_refuses() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 1,
-                max_per_ip: 0,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(1, 0).await;
         let addr = l.local_addr().unwrap();
         let (_c1, a1) = admit(&l, addr).await;
         let (_c2, a2) = admit(&l, addr).await;
@@ -288,33 +270,11 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn client_key_groups_ipv6_by_64_and_unmaps_ipv4() {
-        let k = |s: &str| client_key(s.parse().unwrap());
-        assert_eq!(k("192.0.2.7"), k("192.0.2.7"));
-        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
-        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:ffff:ffff:ffff"));
-        assert_eq!(
-            k("2001:db8:1:2::1"),
-            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
-        );
-        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
-        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
-    }
-
     /// M4: one host holding a /64 must not get a fresh per-IP allowance for every address in
     /// it; the per-IP limit applies to the whole /64, and a slot is released to the /64.
     #[tokio::test]
     async fn m4_ipv6_per_ip_limit_counts_the_whole_64() {
-        let l = LimitedListener::bind(
-            "127.0.0.1:0",
-            ConnLimits {
-                max_connections: 100,
-                max_per_ip: 2,
-            },
-        )
-        .await
-        .unwrap();
+        let l = bind(100, 2).await;
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let g1 = l.admit(ip("2001:db8:0:1::1")).expect("first address");
         let _g2 = l.admit(ip("2001:db8:0:1::2")).expect("second address");
@@ -332,5 +292,19 @@ mod tests {
             l.admit(ip("2001:db8:0:1::9")).is_ok(),
             "the released slot belongs to the /64"
         );
+    }
+
+    /// A dual-stack socket reports an IPv4 client as IPv4-mapped IPv6: it is still the one
+    /// IPv4 client and shares that address's allowance.
+    #[tokio::test]
+    async fn ipv4_mapped_clients_share_the_ipv4_allowance() {
+        let l = bind(100, 1).await;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _g = l.admit(ip("192.0.2.7")).expect("first connection");
+        assert_eq!(
+            l.admit(ip("::ffff:192.0.2.7")).err(),
+            Some(RefuseReason::TooManyFromIp)
+        );
+        assert!(l.admit(ip("192.0.2.8")).is_ok());
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! The global bound alone is one shared pool: a single client with a handful of connections
 //! trickling large bodies holds all of it and every other client, submission included, gets
-//! `452`. So each client (`runtime::listener::client_key`: an IPv4 address, an IPv6 /64) may
+//! `452`. So each client (`runtime::limiter::client_key`: an IPv4 address, an IPv6 /64) may
 //! hold at most its share; the map has an entry only while that client holds bytes, so it is
 //! bounded by the connection limits.
 
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use mailsuite_runtime::listener::client_key;
+use mailsuite_runtime::limiter::{ClientKey, client_key};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bytes currently reserved by all transactions (`mailsuite_smtp_body_bytes_in_flight`).
@@ -38,7 +38,7 @@ pub enum Exhausted {
 struct Inner {
     total: Arc<Semaphore>,
     per_client: u64,
-    held: Mutex<HashMap<IpAddr, u64>>,
+    held: Mutex<HashMap<ClientKey, u64>>,
 }
 
 /// The shared budget; one per server.
@@ -74,7 +74,7 @@ impl BodyBudget {
 pub struct Reservation {
     permit: Option<OwnedSemaphorePermit>,
     /// Whose share the bytes count against, to give them back there.
-    client: Option<(Arc<Inner>, IpAddr)>,
+    client: Option<(Arc<Inner>, ClientKey)>,
 }
 
 impl Reservation {

@@ -96,7 +96,8 @@ pub struct Limits {
     pub rpc_timeout_secs: u64,
     /// Writing one batch of replies; a client that stops reading is disconnected after this.
     pub write_timeout_secs: u64,
-    /// Clients (IPv4 addresses, IPv6 /64s) whose per-minute rates are tracked at once.
+    /// Clients (IPv4 addresses, IPv6 /64s) whose per-minute rates are tracked at once, per
+    /// rate (messages, AUTH failures, ETRN); when full, the least recently active tenth goes.
     pub max_tracked_clients: usize,
     /// ETRN commands one client (IPv4 address, IPv6 /64) may give per minute (0 = unlimited);
     /// then `458 4.7.0`. Each one makes the queue retry a whole domain at once.

@@ -98,7 +98,7 @@ pub async fn start_with<B: Backend>(
         submissions: submissions.as_ref().map(|l| l.local_addr()).transpose()?,
         ops: ops.as_ref().map(|o| o.1),
     };
-    let rates = limits::RateLimiter::new(config.limits.max_tracked_clients);
+    let rates = limits::RateLimiter::new(&config.limits);
     let l = &config.limits;
     if l.max_body_bytes_in_flight < l.max_message_size {
         tracing::warn!(

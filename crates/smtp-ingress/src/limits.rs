@@ -1,144 +1,65 @@
 //! Per-client rates shared by all connections of this process: messages, AUTH failures and
-//! ETRN commands per minute (fixed one-minute windows).
-//!
-//! A client is an IPv4 address or an IPv6 /64: one host usually owns a whole /64, so keying by
-//! the full IPv6 address would let it start afresh with every source address it picks.
-//!
-//! Memory is bounded: at most `capacity` clients are tracked. When the table is full, expired
-//! windows go first; if that frees nothing, the least active tenth goes (fewest counted events,
-//! then oldest window). Active offenders are the entries with the highest counts, so a flood of
-//! new addresses cannot wipe the counters that block them.
+//! ETRN commands per client (`mailsuite_runtime::limiter::client_key`: an IPv4 address, an
+//! IPv6 /64) per minute, each in fixed one-minute windows of its own table of at most
+//! `limits.max_tracked_clients` clients. Separate tables keep a flood of one kind of traffic
+//! from evicting the counters of another (fresh clients sending mail cannot wipe the AUTH
+//! failures of a guesser).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use mailsuite_runtime::limiter::{ClientWindows, client_key};
+
+use crate::config::Limits;
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// Default number of clients tracked (about 5 MiB at most).
+/// Default number of clients tracked per rate.
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
-#[derive(Default)]
-struct Window {
-    start: Option<Instant>,
-    messages: u32,
-    auth_failures: u32,
-    etrn: u32,
-}
-
-impl Window {
-    fn current(&mut self, now: Instant) -> &mut Self {
-        if !self.live(now) {
-            *self = Window {
-                start: Some(now),
-                ..Window::default()
-            };
-        }
-        self
-    }
-
-    fn live(&self, now: Instant) -> bool {
-        self.start.is_some_and(|s| now.duration_since(s) < WINDOW)
-    }
-
-    fn activity(&self) -> u64 {
-        u64::from(self.messages) + u64::from(self.auth_failures) + u64::from(self.etrn)
-    }
-}
-
-/// The key a client is counted under (IPv6 by /64), as every per-client limit keys it.
-pub use mailsuite_runtime::listener::client_key;
-
 pub struct RateLimiter {
-    ips: Mutex<HashMap<IpAddr, Window>>,
-    capacity: usize,
-}
-
-impl Default for RateLimiter {
-    fn default() -> Self {
-        RateLimiter::new(DEFAULT_CAPACITY)
-    }
+    messages: ClientWindows,
+    auth_failures: ClientWindows,
+    etrn: ClientWindows,
 }
 
 impl RateLimiter {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: &Limits) -> Self {
+        let table = |max| ClientWindows::new(WINDOW, max, limits.max_tracked_clients);
         RateLimiter {
-            ips: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
+            messages: table(limits.max_messages_per_ip_per_minute),
+            auth_failures: table(limits.max_auth_failures_per_ip_per_minute),
+            etrn: table(limits.max_etrn_per_ip_per_minute),
         }
     }
 
-    fn with<T>(&self, ip: IpAddr, f: impl FnOnce(&mut Window) -> T) -> T {
-        let key = client_key(ip);
-        let now = Instant::now();
-        let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
-        if ips.len() >= self.capacity && !ips.contains_key(&key) {
-            ips.retain(|_, w| w.live(now));
-            if ips.len() >= self.capacity {
-                // Evicting a tenth at once keeps the O(n) selection amortised O(1) per insert.
-                let n = (self.capacity / 10).max(1);
-                let mut order: Vec<(u64, Option<Instant>, IpAddr)> = ips
-                    .iter()
-                    .map(|(k, w)| (w.activity(), w.start, *k))
-                    .collect();
-                if n < order.len() {
-                    order.select_nth_unstable(n - 1);
-                }
-                for (_, _, k) in order.into_iter().take(n) {
-                    ips.remove(&k);
-                }
-            }
-        }
-        f(ips.entry(key).or_default().current(now))
+    /// Count one message from `ip`; false when over `max_messages_per_ip_per_minute`.
+    pub fn message_allowed(&self, ip: IpAddr) -> bool {
+        self.messages
+            .try_record(client_key(ip), Instant::now())
+            .is_some()
     }
 
-    /// Count one message from `ip`; false when over `max` this minute (0 = unlimited).
-    pub fn message_allowed(&self, ip: IpAddr, max: u32) -> bool {
-        if max == 0 {
-            return true;
-        }
-        self.with(ip, |w| {
-            if w.messages >= max {
-                false
-            } else {
-                w.messages += 1;
-                true
-            }
-        })
+    /// Count one ETRN from `ip`; false when over `max_etrn_per_ip_per_minute`.
+    pub fn etrn_allowed(&self, ip: IpAddr) -> bool {
+        self.etrn
+            .try_record(client_key(ip), Instant::now())
+            .is_some()
     }
 
-    /// Count one ETRN from `ip`; false when over `max` this minute (0 = unlimited).
-    pub fn etrn_allowed(&self, ip: IpAddr, max: u32) -> bool {
-        if max == 0 {
-            return true;
-        }
-        self.with(ip, |w| {
-            if w.etrn >= max {
-                false
-            } else {
-                w.etrn += 1;
-                true
-            }
-        })
-    }
-
-    /// Record an AUTH failure; returns the failures of this IP in the current minute.
+    /// Record an AUTH failure; returns the failures of this client in the current minute.
     pub fn auth_failed(&self, ip: IpAddr) -> u32 {
-        self.with(ip, |w| {
-            w.auth_failures += 1;
-            w.auth_failures
-        })
+        self.auth_failures
+            .record(client_key(ip), Instant::now())
+            .count
     }
 
-    /// Has `ip` already failed more than `max` times this minute (0 = unlimited)?
-    pub fn auth_blocked(&self, ip: IpAddr, max: u32) -> bool {
-        max > 0 && self.with(ip, |w| w.auth_failures > max)
-    }
-
-    #[cfg(test)]
-    fn tracked(&self) -> usize {
-        self.ips.lock().unwrap().len()
+    /// Has `ip` already failed more than `max_auth_failures_per_ip_per_minute` times this
+    /// minute? The failure that goes past the limit closes its session, so "more than" lets
+    /// every session of the client see the 421 it was promised, not a silent refusal.
+    pub fn auth_blocked(&self, ip: IpAddr) -> bool {
+        let max = self.auth_failures.max();
+        max > 0 && self.auth_failures.count(client_key(ip), Instant::now()) > max
     }
 }
 
@@ -146,46 +67,63 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn limits(messages: u32, auth: u32, etrn: u32, capacity: usize) -> Limits {
+        Limits {
+            max_messages_per_ip_per_minute: messages,
+            max_auth_failures_per_ip_per_minute: auth,
+            max_etrn_per_ip_per_minute: etrn,
+            max_tracked_clients: capacity,
+            ..Limits::default()
+        }
+    }
+
     #[test]
     fn message_rate_is_per_ip() {
-        let r = RateLimiter::default();
+        let r = RateLimiter::new(&limits(2, 10, 10, 100));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(r.message_allowed(a, 2));
-        assert!(r.message_allowed(a, 2));
-        assert!(!r.message_allowed(a, 2));
-        assert!(r.message_allowed(b, 2));
-        assert!(r.message_allowed(a, 0), "0 = unlimited");
+        assert!(r.message_allowed(a));
+        assert!(r.message_allowed(a));
+        assert!(!r.message_allowed(a));
+        assert!(r.message_allowed(b));
+        let unlimited = RateLimiter::new(&limits(0, 0, 0, 100));
+        for _ in 0..1000 {
+            assert!(unlimited.message_allowed(a), "0 = unlimited");
+            assert!(unlimited.etrn_allowed(a), "0 = unlimited");
+        }
     }
 
     #[test]
     fn auth_failures_accumulate() {
-        let r = RateLimiter::default();
+        let r = RateLimiter::new(&limits(600, 2, 10, 100));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(r.auth_failed(a), 1);
         assert_eq!(r.auth_failed(a), 2);
-        assert!(!r.auth_blocked(a, 2));
+        assert!(!r.auth_blocked(a));
         r.auth_failed(a);
-        assert!(r.auth_blocked(a, 2));
-        assert!(!r.auth_blocked(a, 0));
+        assert!(r.auth_blocked(a));
+        let unlimited = RateLimiter::new(&limits(600, 0, 10, 100));
+        unlimited.auth_failed(a);
+        unlimited.auth_failed(a);
+        assert!(!unlimited.auth_blocked(a), "0 = unlimited");
     }
 
     #[test]
-    fn a_full_table_keeps_the_offenders_counters() {
-        let r = RateLimiter::new(100);
+    fn a_message_flood_keeps_the_offenders_auth_failures() {
+        let r = RateLimiter::new(&limits(10, 3, 10, 100));
         let attacker: IpAddr = "198.51.100.7".parse().unwrap();
         for _ in 0..5 {
             r.auth_failed(attacker);
         }
-        assert!(r.auth_blocked(attacker, 3));
+        assert!(r.auth_blocked(attacker));
         // A flood of fresh addresses, many times the capacity.
         for i in 0..5_000u32 {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            assert!(r.message_allowed(ip, 10));
-            assert!(r.tracked() <= 100, "bounded");
+            assert!(r.message_allowed(ip));
+            assert!(r.messages.len() <= 100, "bounded");
         }
         assert!(
-            r.auth_blocked(attacker, 3),
+            r.auth_blocked(attacker),
             "the attacker's failures survive the flood"
         );
     }
@@ -194,27 +132,20 @@ mod tests {
     /// owns a whole /64 and picks source addresses from it at will).
     #[test]
     fn m4_ipv6_clients_are_keyed_by_64() {
-        let r = RateLimiter::default();
+        let r = RateLimiter::new(&limits(2, 1, 1, 100));
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff:1234:5678:9abc".parse().unwrap();
         let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert!(r.message_allowed(a, 2));
-        assert!(r.message_allowed(b, 2));
-        assert!(!r.message_allowed(a, 2), "same /64 shares the budget");
-        assert!(r.message_allowed(other, 2), "another /64 does not");
+        assert!(r.message_allowed(a));
+        assert!(r.message_allowed(b));
+        assert!(!r.message_allowed(a), "same /64 shares the budget");
+        assert!(r.message_allowed(other), "another /64 does not");
         r.auth_failed(a);
         r.auth_failed(b);
-        assert!(r.auth_blocked("2001:db8:1:2::99".parse().unwrap(), 1));
+        assert!(r.auth_blocked("2001:db8:1:2::99".parse().unwrap()));
 
-        assert!(r.etrn_allowed(a, 1));
-        assert!(!r.etrn_allowed(b, 1), "ETRN too");
-        assert!(r.etrn_allowed(other, 1));
-        assert_eq!(
-            client_key("2001:db8:1:2:ffff::1".parse().unwrap()),
-            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
-        );
-
-        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert_eq!(client_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert!(r.etrn_allowed(a));
+        assert!(!r.etrn_allowed(b), "ETRN too");
+        assert!(r.etrn_allowed(other));
     }
 }

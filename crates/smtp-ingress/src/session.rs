@@ -511,11 +511,7 @@ impl<B: Backend> Session<B> {
     async fn auth_check(&mut self, user: &str, pass: &str) -> Outcome {
         let ip = self.peer.ip();
         let limits = &self.shared.config.limits;
-        if self
-            .shared
-            .rates
-            .auth_blocked(ip, limits.max_auth_failures_per_ip_per_minute)
-        {
+        if self.shared.rates.auth_blocked(ip) {
             return Outcome::then(
                 Reply::new(421, "4.7.0", "Too many authentication failures"),
                 Next::Close,
@@ -609,11 +605,7 @@ impl<B: Backend> Session<B> {
         if from.size as u64 > limits.max_message_size {
             return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
-        if !self
-            .shared
-            .rates
-            .message_allowed(self.peer.ip(), limits.max_messages_per_ip_per_minute)
-        {
+        if !self.shared.rates.message_allowed(self.peer.ip()) {
             return Outcome::reply(Reply::new(450, "4.7.1", "Rate limit exceeded, try later"));
         }
         let esmtp = self.helo.as_ref().is_some_and(|h| h.1);
@@ -1595,8 +1587,7 @@ impl<B: Backend> Session<B> {
         if !valid {
             return Outcome::reply(Reply::new(459, "4.7.1", format!("{arg}: node not allowed")));
         }
-        let max = self.cfg().limits.max_etrn_per_ip_per_minute;
-        if !self.shared.rates.etrn_allowed(self.peer.ip(), max) {
+        if !self.shared.rates.etrn_allowed(self.peer.ip()) {
             return Outcome::reply(Reply::new(
                 458,
                 "4.7.0",

@@ -156,9 +156,9 @@ fn config() -> Config {
 
 fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session<Fake> {
     let shared = Arc::new(Shared {
+        rates: RateLimiter::new(&config.limits),
         config,
         backend,
-        rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
@@ -458,9 +458,9 @@ async fn plaintext_auth_on_loopback_only_when_allowed() {
     let mut cfg = config();
     cfg.auth.allow_plaintext_loopback = true;
     let shared = Arc::new(Shared {
+        rates: RateLimiter::new(&cfg.limits),
         config: cfg,
         backend: fake(),
-        rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
@@ -937,9 +937,9 @@ async fn no_auth_and_no_relay_on_the_mx_port() {
     let mut cfg = config();
     cfg.auth.allow_plaintext_loopback = true;
     let shared = Arc::new(Shared {
+        rates: RateLimiter::new(&cfg.limits),
         config: cfg,
         backend: fake(),
-        rates: RateLimiter::default(),
         verifier: None,
         tls_available: true,
         body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
@@ -1175,9 +1175,9 @@ mod iprev {
         let mut cfg = config();
         cfg.policy.iprev = policy;
         let shared = Arc::new(Shared {
+            rates: RateLimiter::new(&cfg.limits),
             config: cfg,
             backend: fake(),
-            rates: RateLimiter::default(),
             verifier: Some(verifier(dns).await),
             tls_available: true,
             body_budget: crate::budget::BodyBudget::new(1 << 30, 1 << 30),
