@@ -349,8 +349,7 @@ fn header_text(v: &HeaderValue<'_>, raw: &[u8], h: &mail_parser::Header<'_>) -> 
 }
 
 fn address_text(a: &Address<'_>) -> String {
-    let mut parts = Vec::new();
-    let mut push = |ad: &mail_parser::Addr<'_>| {
+    fn one(ad: &mail_parser::Addr<'_>) -> String {
         let mut s = String::new();
         if let Some(n) = &ad.name {
             s.push_str(n);
@@ -361,13 +360,24 @@ fn address_text(a: &Address<'_>) -> String {
             s.push_str(x);
             s.push('>');
         }
-        parts.push(s);
-    };
-    match a {
-        Address::List(l) => l.iter().for_each(&mut push),
-        Address::Group(g) => g.iter().flat_map(|g| g.addresses.iter()).for_each(push),
+        s
     }
-    parts.join(", ")
+    match a {
+        Address::List(l) => l.iter().map(one).collect::<Vec<_>>().join(", "),
+        // A group keeps its name in the text (`name: a <x>, b <y>;`), so SEARCH TO finds the
+        // group by name as well as by its members (imaptest search-addresses).
+        Address::Group(groups) => groups
+            .iter()
+            .map(|g| {
+                let members = g.addresses.iter().map(one).collect::<Vec<_>>().join(", ");
+                match &g.name {
+                    Some(name) => format!("{name}: {members};"),
+                    None => members,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn envelope_of(msg: &Message<'_>, raw_headers: &[(String, Vec<u8>)]) -> Envelope {
@@ -419,7 +429,14 @@ fn envelope_addresses(a: &Address<'_>) -> Vec<EnvelopeAddress> {
                             mailbox: Some(encode_word(name)),
                             ..Default::default()
                         });
-                        out.extend(g.addresses.iter().map(envelope_address));
+                        // mail-parser turns a comment inside a group (`g: (foo) ;`) into a
+                        // member with a name and no address: not an address, so not listed.
+                        out.extend(
+                            g.addresses
+                                .iter()
+                                .filter(|a| a.address.is_some())
+                                .map(envelope_address),
+                        );
                         out.push(EnvelopeAddress::default());
                     }
                     None => out.extend(g.addresses.iter().map(envelope_address)),
@@ -431,7 +448,15 @@ fn envelope_addresses(a: &Address<'_>) -> Vec<EnvelopeAddress> {
 }
 
 fn envelope_address(a: &mail_parser::Addr<'_>) -> EnvelopeAddress {
-    let (mailbox, host) = match a.address.as_deref() {
+    // An obsolete source route (`<@route:user@domain>`, RFC 5322 §4.4) is the ENVELOPE's adl.
+    let (adl, address) = match a.address.as_deref() {
+        Some(addr) if addr.starts_with('@') && addr.contains(':') => {
+            let (route, rest) = addr.split_once(':').unwrap_or((addr, ""));
+            (Some(route.as_bytes().to_vec()), Some(rest))
+        }
+        other => (None, other),
+    };
+    let (mailbox, host) = match address {
         Some(addr) => match addr.rsplit_once('@') {
             Some((l, h)) => (Some(l.as_bytes().to_vec()), Some(h.as_bytes().to_vec())),
             None => (Some(addr.as_bytes().to_vec()), None),
@@ -440,7 +465,7 @@ fn envelope_address(a: &mail_parser::Addr<'_>) -> EnvelopeAddress {
     };
     EnvelopeAddress {
         name: a.name.as_deref().filter(|n| !n.is_empty()).map(encode_word),
-        adl: None,
+        adl,
         mailbox,
         host,
     }

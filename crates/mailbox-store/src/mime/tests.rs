@@ -799,3 +799,86 @@ fn a_non_header_line_ends_the_header_and_starts_the_body() {
     assert_eq!(header_end(b"\r\nbody"), 0);
     assert_eq!(header_end(b"just text\r\n"), 0);
 }
+
+/// ENVELOPE address lists as imaptest's fetch-envelope expects them (RFC 9051 §7.5.2: a group
+/// is a start marker with the group name as mailbox and NIL host, its members, and an end
+/// marker of four NILs; an obsolete route is the adl).
+#[test]
+fn groups_comments_and_routes_in_envelope() {
+    let raw = concat!(
+        "From: <@route:user@domain>\r\n",
+        "To: group: g1@d1.org, g2@d2.org;, group2: g3@d3.org;\r\n",
+        "Cc: group:;, group2: (foo) ;\r\n",
+        "\r\n",
+        "body\r\n"
+    )
+    .as_bytes();
+    let e = parse(raw).envelope;
+    let show = |l: &[EnvelopeAddress]| -> Vec<String> {
+        l.iter()
+            .map(|a| {
+                format!(
+                    "{:?} {:?} {:?} {:?}",
+                    s(&a.name),
+                    s(&a.adl),
+                    s(&a.mailbox),
+                    s(&a.host)
+                )
+            })
+            .collect()
+    };
+    let group = |n: &str| format!("None None Some({n:?}) None");
+    let addr = |m: &str, h: &str| format!("None None Some({m:?}) Some({h:?})");
+    let end = "None None None None".to_string();
+    assert_eq!(
+        show(&e.to),
+        [
+            group("group"),
+            addr("g1", "d1.org"),
+            addr("g2", "d2.org"),
+            end.clone(),
+            group("group2"),
+            addr("g3", "d3.org"),
+            end.clone()
+        ]
+    );
+    assert_eq!(
+        show(&e.cc),
+        [group("group"), end.clone(), group("group2"), end]
+    );
+    assert_eq!(
+        show(&e.from),
+        [r#"None Some("@route") Some("user") Some("domain")"#]
+    );
+}
+
+/// SEARCH TO/CC match the stored header text: a group's name must be in it.
+#[test]
+fn group_names_are_in_the_searchable_header_text() {
+    let raw = concat!(
+        "To: groupname: groupuser1@domain.org, groupuser2@domain.org;,\r\n",
+        "  groupname2: groupuser3@domain.org;\r\n",
+        "Cc: empty:;\r\n",
+        "\r\n",
+        "body\r\n"
+    )
+    .as_bytes();
+    let headers = parse(raw).headers;
+    let text = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let to = text("to");
+    for needle in [
+        "groupname:",
+        "groupname2:",
+        "groupuser1@domain.org",
+        "groupuser3@domain.org",
+    ] {
+        assert!(to.contains(needle), "{needle} in {to:?}");
+    }
+    assert!(text("cc").contains("empty:"), "{:?}", text("cc"));
+}
