@@ -742,7 +742,7 @@ impl Session {
         if self.utf8 {
             Some(s)
         } else {
-            mutf7::decode(&s)
+            Some(pattern_from_mutf7(s))
         }
     }
 
@@ -1610,7 +1610,7 @@ impl Session {
             if self.utf8 {
                 Some(s)
             } else {
-                mutf7::decode(&s)
+                Some(pattern_from_mutf7(s))
             }
         };
         let Some(reference) = decode(&l.reference) else {
@@ -3127,6 +3127,13 @@ fn build_items(
         items.push(item);
     }
     items
+}
+
+/// A LIST pattern as sent in modified UTF-7. A pattern that is not valid modified UTF-7 (a
+/// bare `&`, as in imaptest's `atoms` test with every atom character) is matched as the
+/// characters it has, as Dovecot does, rather than refused: it simply matches no encoded name.
+fn pattern_from_mutf7(s: String) -> String {
+    mutf7::decode(&s).unwrap_or(s)
 }
 
 #[cfg(test)]
