@@ -733,6 +733,21 @@ impl Session {
         Mailbox::try_from(wire).unwrap_or(Mailbox::Inbox)
     }
 
+    /// Turn CONDSTORE on. The first CONDSTORE-enabling command while a mailbox is selected
+    /// gets `* OK [HIGHESTMODSEQ n]` (RFC 7162 §3.1), so the client learns where it stands.
+    fn enable_condstore<W: AsyncWrite + Unpin>(&mut self, out: &mut Out<'_, W>) {
+        if std::mem::replace(&mut self.condstore, true) {
+            return;
+        }
+        if let Some(m) = self
+            .selected
+            .as_ref()
+            .and_then(|s| NonZeroU64::new(s.modseq))
+        {
+            out.untagged(StatusKind::Ok, Some(Code::HighestModSeq(m)), "Highest");
+        }
+    }
+
     fn list_pattern(&self, m: &ListMailbox<'_>) -> Option<String> {
         let bytes: Vec<u8> = match m {
             ListMailbox::Token(t) => t.as_ref().to_vec(),
@@ -927,7 +942,7 @@ impl Session {
                 for c in capabilities.as_ref() {
                     match c {
                         CapabilityEnable::CondStore => {
-                            self.condstore = true;
+                            self.enable_condstore(out);
                             enabled.push(CapabilityEnable::CondStore);
                         }
                         // RFC 6855: mailbox names in UTF-8 from now on, not modified UTF-7.
@@ -2134,7 +2149,7 @@ impl Session {
             }
         }
         if changed_since > 0 {
-            self.condstore = true;
+            self.enable_condstore(out);
         }
         if uid && !names.contains(&MessageDataItemName::Uid) {
             names.insert(0, MessageDataItemName::Uid);
@@ -2143,7 +2158,7 @@ impl Session {
             names.push(MessageDataItemName::ModSeq);
         }
         if names.contains(&MessageDataItemName::ModSeq) {
-            self.condstore = true;
+            self.enable_condstore(out);
         }
         let sets_seen = !self.sel().read_only
             && names.iter().any(|n| {
@@ -2400,7 +2415,7 @@ impl Session {
             let StoreModifier::UnchangedSince(n) = m;
             unchanged_since = *n;
             conditional = true;
-            self.condstore = true;
+            self.enable_condstore(out);
         }
         if targets.is_empty() {
             out.tagged(tag, StatusKind::Ok, None, "STORE completed");
@@ -2696,7 +2711,7 @@ impl Session {
             }
         };
         if uses_modseq {
-            self.condstore = true;
+            self.enable_condstore(out);
         }
         let key = pb::SearchKey {
             key: Some(pb::search_key::Key::And(pb::SearchKeys { keys })),

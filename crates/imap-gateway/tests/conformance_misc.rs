@@ -28,3 +28,48 @@ async fn atoms_list_with_every_atom_char_is_ok() {
     assert!(r.contains("\"/\" Entw&APw-rfe\r\n"), "{r}");
     env.stop().await;
 }
+
+/// imaptest `esearch-condstore`: `FETCH 1 MODSEQ` is a CONDSTORE-enabling command; the first
+/// one while a mailbox is selected gets `* OK [HIGHESTMODSEQ n]` (RFC 7162 §3.1), later ones
+/// do not repeat it. The same holds for ENABLE CONDSTORE.
+#[tokio::test(flavor = "multi_thread")]
+async fn esearch_condstore_first_enabling_command_reports_highestmodseq() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver(
+        "bob@example.test",
+        b"From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n",
+    )
+    .await;
+    let mut c = env.login("bob@example.test").await;
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(!r.contains("HIGHESTMODSEQ"), "not enabled yet: {r}");
+    let r = c.cmd("FETCH 1 MODSEQ").await;
+    let hms: Vec<&str> = r
+        .split("\r\n")
+        .filter(|l| l.starts_with("* OK [HIGHESTMODSEQ "))
+        .collect();
+    assert_eq!(hms.len(), 1, "{r}");
+    // The mailbox's highest modseq, the one the message has (its only change).
+    let modseq = r
+        .split("MODSEQ (")
+        .nth(1)
+        .and_then(|x| x.split(')').next())
+        .unwrap();
+    assert_eq!(
+        hms[0],
+        format!("* OK [HIGHESTMODSEQ {modseq}] Highest"),
+        "{r}"
+    );
+    let r = c.cmd("FETCH 1 MODSEQ").await;
+    assert!(!r.contains("[HIGHESTMODSEQ"), "only the first time: {r}");
+    let r = c.cmd("ENABLE CONDSTORE").await;
+    assert!(!r.contains("[HIGHESTMODSEQ"), "already enabled: {r}");
+
+    // ENABLE CONDSTORE in a fresh session with a mailbox selected does it too.
+    let mut d = env.login("bob@example.test").await;
+    d.cmd("EXAMINE INBOX").await;
+    let r = d.cmd("ENABLE CONDSTORE").await;
+    assert!(r.contains(&format!("* OK [HIGHESTMODSEQ {modseq}]")), "{r}");
+    env.stop().await;
+}
