@@ -66,6 +66,17 @@ impl SeqMap {
         true
     }
 
+    /// How many messages have a UID of `uid` or above.
+    pub fn count_from(&self, uid: u32) -> u32 {
+        let i = self
+            .runs
+            .partition_point(|r| u64::from(r.uid) + u64::from(r.len) <= u64::from(uid));
+        let Some(r) = self.runs.get(i) else {
+            return 0;
+        };
+        self.total - self.before[i] - uid.saturating_sub(r.uid).min(r.len)
+    }
+
     /// The UID of sequence number `seq` (1-based).
     pub fn uid(&self, seq: u32) -> Option<u32> {
         if seq == 0 || seq > self.total {
@@ -160,6 +171,18 @@ mod tests {
         let got: Vec<_> = m.uids_in(5, 21).collect();
         assert_eq!(got, vec![(3, 5), (4, 9), (5, 10), (6, 20), (7, 21)]);
         assert_eq!(m.iter().count(), 10);
+    }
+
+    #[test]
+    fn count_from_matches_a_plain_vector() {
+        let uids = vec![3, 4, 5, 9, 10, 20, 21, 22, 23, 40];
+        let m = SeqMap::from_uids(&uids);
+        for from in 0..=45 {
+            let want = uids.iter().filter(|&&u| u >= from).count() as u32;
+            assert_eq!(m.count_from(from), want, "from {from}");
+        }
+        assert_eq!(SeqMap::default().count_from(1), 0);
+        assert_eq!(SeqMap::from_uids(&[u32::MAX]).count_from(u32::MAX), 1);
     }
 
     #[test]

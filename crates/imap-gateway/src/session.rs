@@ -249,6 +249,10 @@ impl Selected {
         // would otherwise believe the mailbox shrank.
         if added {
             out.data(Data::Exists(self.seq.len()));
+            // RFC 3501 §7.3.2: the number of \Recent messages changed too (not in IMAP4rev2).
+            if !self.no_recent {
+                out.data(Data::Recent(self.seq.count_from(self.recent_from)));
+            }
         }
         for m in flag_updates {
             let Some(seq) = self.seq.seq(m.uid) else {
@@ -3233,7 +3237,8 @@ mod tests {
     fn one_expunge_and_one_arrival_announce_exists_after_the_expunge() {
         let mut sel = selected();
         let r = applied(&mut sel, vec![5], vec![arrival(10)], true);
-        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n");
+        // UIDs 9 and 10 are at or above recent_from (9).
+        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n* 2 RECENT\r\n");
         assert_eq!(
             sel.seq.iter().map(|(_, u)| u).collect::<Vec<_>>(),
             [3, 6, 9, 10]
@@ -3241,7 +3246,7 @@ mod tests {
         // Expunges held back (during FETCH): EXISTS counts the held-back message too.
         let mut sel = selected();
         let r = applied(&mut sel, vec![5], vec![arrival(10)], false);
-        assert_eq!(r, "* 5 EXISTS\r\n");
+        assert_eq!(r, "* 5 EXISTS\r\n* 2 RECENT\r\n");
         assert_eq!(sel.pending_expunges, [5]);
         // Nothing arrived: no EXISTS, however the count moved.
         let mut sel = selected();
@@ -3258,18 +3263,21 @@ mod tests {
         assert_eq!(gone, [5]);
         assert_eq!(new.iter().map(|m| m.uid).collect::<Vec<_>>(), [10]);
         let r = applied(&mut sel, gone, new, true);
-        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n");
+        assert_eq!(r, "* 2 EXPUNGE\r\n* 4 EXISTS\r\n* 2 RECENT\r\n");
         // Two gone, one new: the total shrinks yet the arrival must still be announced.
         let mut sel = selected();
         let (gone, new) = resync_diff(&sel.seq, &[3, 9, 11]);
         let r = applied(&mut sel, gone, new, true);
-        assert_eq!(r, "* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n* 3 EXISTS\r\n");
+        assert_eq!(
+            r,
+            "* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n* 3 EXISTS\r\n* 2 RECENT\r\n"
+        );
         // Everything was expunged before the resync.
         let mut sel = selected();
         let (gone, new) = resync_diff(&sel.seq, &[12]);
         assert_eq!(gone, [3, 5, 6, 9]);
         let r = applied(&mut sel, gone, new, true);
-        assert!(r.ends_with("* 1 EXISTS\r\n"), "{r}");
+        assert!(r.ends_with("* 1 EXISTS\r\n* 1 RECENT\r\n"), "{r}");
         assert_eq!(sel.seq.iter().map(|(_, u)| u).collect::<Vec<_>>(), [12]);
     }
 

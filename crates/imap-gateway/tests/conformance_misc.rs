@@ -73,3 +73,41 @@ async fn esearch_condstore_first_enabling_command_reports_highestmodseq() {
     assert!(r.contains(&format!("* OK [HIGHESTMODSEQ {modseq}]")), "{r}");
     env.stop().await;
 }
+
+/// imaptest `copy`: a session that has the mailbox selected learns of messages another
+/// session copied in with `* N EXISTS` followed by `* N RECENT` (RFC 3501 §7.3.2); an
+/// IMAP4rev2 session gets no RECENT (RFC 9051 dropped it).
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_new_messages_are_announced_with_recent() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut a = env.login("bob@example.test").await;
+    let r = a.cmd("CREATE Other").await;
+    assert!(tagged(&r).contains(" OK"), "{r}");
+    for i in 0..3 {
+        let m = format!("From: a@remote.test\r\nSubject: {i}\r\n\r\nbody\r\n");
+        let r = a
+            .cmd(&format!("APPEND Other {{{}+}}\r\n{m}", m.len()))
+            .await;
+        assert!(tagged(&r).contains(" OK"), "{r}");
+    }
+    let mut b = env.login("bob@example.test").await;
+    let r = b.cmd("SELECT INBOX").await;
+    assert!(
+        r.contains("* 0 EXISTS\r\n") && r.contains("* 0 RECENT\r\n"),
+        "{r}"
+    );
+    let mut rev2 = env.login("bob@example.test").await;
+    rev2.cmd("ENABLE IMAP4rev2").await;
+    rev2.cmd("SELECT INBOX").await;
+
+    a.cmd("SELECT Other").await;
+    let r = a.cmd("COPY 1:3 INBOX").await;
+    assert!(tagged(&r).contains(" OK"), "{r}");
+    let r = b.cmd("NOOP").await;
+    assert!(r.contains("* 3 EXISTS\r\n* 3 RECENT\r\n"), "{r}");
+    let r = rev2.cmd("NOOP").await;
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    assert!(!r.contains("RECENT"), "{r}");
+    env.stop().await;
+}

@@ -1221,6 +1221,12 @@ async fn shared_change_polls_give_each_idle_session_exactly_its_own_changes() {
     env.deliver("bob@example.test", SIMPLE).await;
     for c in &mut inbox {
         assert_eq!(c.line().await, "* 2 EXISTS\r\n");
+        // How many are \Recent depends on which session selected first.
+        let recent = c.line().await;
+        assert!(
+            recent.starts_with("* ") && recent.ends_with(" RECENT\r\n"),
+            "{recent}"
+        );
     }
     let mut append = format!("APPEND Work {{{}+}}\r\n", SIMPLE.len()).into_bytes();
     append.extend_from_slice(SIMPLE);
@@ -1228,10 +1234,22 @@ async fn shared_change_polls_give_each_idle_session_exactly_its_own_changes() {
     assert!(tagged(&r).contains(" OK "), "{r}");
     for c in &mut work {
         assert_eq!(c.line().await, "* 1 EXISTS\r\n");
+        // How many are \Recent depends on which session selected first.
+        let recent = c.line().await;
+        assert!(
+            recent.starts_with("* ") && recent.ends_with(" RECENT\r\n"),
+            "{recent}"
+        );
     }
     env.deliver("carol@example.test", SIMPLE).await;
     for c in &mut carol {
         assert_eq!(c.line().await, "* 1 EXISTS\r\n");
+        // How many are \Recent depends on which session selected first.
+        let recent = c.line().await;
+        assert!(
+            recent.starts_with("* ") && recent.ends_with(" RECENT\r\n"),
+            "{recent}"
+        );
     }
 
     w.cmd("SELECT INBOX").await;

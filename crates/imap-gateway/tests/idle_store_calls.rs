@@ -51,6 +51,9 @@ async fn idle_polls_the_store_only_when_something_changed() {
     env.deliver("bob@example.test", MSG).await;
     let l = c.line().await;
     assert_eq!(l, "* 2 EXISTS\r\n");
+    // The message was delivered after this (read-write) session selected INBOX: it is recent.
+    let l = c.line().await;
+    assert_eq!(l, "* 2 RECENT\r\n");
     c.send(b"DONE\r\n").await;
     let l = c.line().await;
     assert!(l.starts_with(&format!("{tag} OK")), "{l}");

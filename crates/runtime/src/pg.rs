@@ -161,9 +161,12 @@ impl PrivateCluster {
         let data = dir.join("data");
         let port_file = dir.join("port");
         if as_postgres {
+            // The directory itself only: initdb (run as postgres) owns what it creates, and a
+            // recursive chown of a running cluster races with the server deleting files (a
+            // dropped test database), which failed test start-ups with "No such file".
             run("chown", {
                 let mut c = Command::new("chown");
-                c.args(["-R", "postgres:postgres"]).arg(dir);
+                c.arg("postgres:postgres").arg(dir);
                 c
             })?;
         }
