@@ -187,6 +187,9 @@ pub struct Selected {
     pub own_change: bool,
     /// Expunges learnt while they could not be announced (§7.5.1).
     pub pending_expunges: Vec<u32>,
+    /// Keywords announced in FLAGS / PERMANENTFLAGS: a FETCH may show no other (RFC 9051
+    /// §7.3.5: a new keyword is announced before it is used).
+    pub keywords: Vec<String>,
     /// Flag states this session already reported, so its own STOREs are not echoed twice.
     pub reported: HashMap<u32, u64>,
     /// Messages with this UID or above are \Recent in this session (RFC 3501): those the
@@ -258,6 +261,7 @@ impl Selected {
             let Some(seq) = self.seq.seq(m.uid) else {
                 continue;
             };
+            self.announce_keywords(&m.flags, out);
             let mut items = vec![
                 MessageDataItem::Flags(self.flags(m.uid, &m.flags)),
                 MessageDataItem::Uid(nz(m.uid)),
@@ -269,6 +273,24 @@ impl Selected {
                 seq: nz(seq),
                 items: Vec1::try_from(items).expect("non-empty"),
             });
+        }
+    }
+
+    /// Announce with `* FLAGS` and `* OK [PERMANENTFLAGS]` the keywords among `flags` this
+    /// session has not announced yet; called before the FETCH that shows them.
+    fn announce_keywords<W: AsyncWrite + Unpin>(&mut self, flags: &[String], out: &mut Out<'_, W>) {
+        let mut new = false;
+        for f in flags {
+            if !f.starts_with('\\')
+                && convert::flag(f).is_some()
+                && !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(f))
+            {
+                self.keywords.push(f.clone());
+                new = true;
+            }
+        }
+        if new {
+            flags_responses(&self.keywords, self.read_only, out);
         }
     }
 
@@ -618,6 +640,37 @@ const SYSTEM_FLAGS: [Flag<'static>; 5] = [
     Flag::Seen,
     Flag::Draft,
 ];
+
+/// `* FLAGS (...)` and `* OK [PERMANENTFLAGS (...)]` for the system flags and `keywords`
+/// (PERMANENTFLAGS empty on a read-only mailbox, else with `\*`: new keywords may be made).
+fn flags_responses<W: AsyncWrite + Unpin>(
+    keywords: &[String],
+    read_only: bool,
+    out: &mut Out<'_, W>,
+) {
+    let mut flags: Vec<Flag<'static>> = SYSTEM_FLAGS.to_vec();
+    for k in keywords {
+        if let Some(f) = convert::flag(k)
+            && !flags.contains(&f)
+        {
+            flags.push(f);
+        }
+    }
+    out.data(Data::Flags(flags.clone()));
+    let mut perm: Vec<FlagPerm<'static>> = if read_only {
+        vec![]
+    } else {
+        flags.into_iter().map(FlagPerm::Flag).collect()
+    };
+    if !read_only {
+        perm.push(FlagPerm::Asterisk);
+    }
+    out.untagged(
+        StatusKind::Ok,
+        Some(Code::PermanentFlags(perm)),
+        "Flags permitted",
+    );
+}
 
 impl Session {
     pub fn new(store: Store, hub: Hub, limits: SessionLimits) -> Session {
@@ -1388,28 +1441,13 @@ impl Session {
         };
         let info = r.mailbox.unwrap_or_default();
         let seq = SeqMap::from_uids(&r.uids);
-        let mut flags: Vec<Flag<'static>> = SYSTEM_FLAGS.to_vec();
-        for k in &r.keywords {
-            if let Some(f) = convert::flag(k)
-                && !flags.contains(&f)
-            {
-                flags.push(f);
-            }
-        }
-        out.data(Data::Flags(flags.clone()));
-        let mut perm: Vec<FlagPerm<'static>> = if read_only {
-            vec![]
-        } else {
-            flags.into_iter().map(FlagPerm::Flag).collect()
-        };
-        if !read_only {
-            perm.push(FlagPerm::Asterisk);
-        }
-        out.untagged(
-            StatusKind::Ok,
-            Some(Code::PermanentFlags(perm)),
-            "Flags permitted",
-        );
+        let keywords: Vec<String> = r
+            .keywords
+            .iter()
+            .filter(|k| !k.starts_with('\\') && convert::flag(k).is_some())
+            .cloned()
+            .collect();
+        flags_responses(&keywords, read_only, out);
         out.data(Data::Exists(seq.len()));
         if self.rev2 {
             // RFC 9051 §6.3.2: the mailbox's LIST line; no RECENT, no UNSEEN code.
@@ -1463,6 +1501,7 @@ impl Session {
             dirty: false,
             own_change: false,
             pending_expunges: vec![],
+            keywords,
             reported: HashMap::new(),
         }));
         self.state = StateKind::Selected;
@@ -2467,6 +2506,7 @@ impl Session {
             }
             let mut items = vec![];
             if response == StoreResponse::Answer {
+                sel.announce_keywords(&m.flags, out);
                 items.push(MessageDataItem::Flags(sel.flags(m.uid, &m.flags)));
             }
             if uid {
@@ -3190,6 +3230,7 @@ mod tests {
             dirty: false,
             own_change: false,
             pending_expunges: vec![],
+            keywords: vec![],
             reported: HashMap::new(),
             recent_from: 9,
             no_recent: false,
