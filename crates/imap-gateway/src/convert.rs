@@ -29,10 +29,23 @@ pub fn nstring(bytes: Option<&[u8]>) -> NString<'static> {
 /// A body literal for BODY[...]/RFC822 data.
 pub fn nstring_data(data: Option<Vec<u8>>) -> NString<'static> {
     // Message data always goes as a literal: byte-exact, and what clients expect.
-    NString(data.map(|d| match Literal::try_from(d) {
+    NString(data.map(|d| match Literal::try_from(nul_to_0x80(d)) {
         Ok(l) => IString::Literal(l),
+        // Unreachable once NULs are gone (a literal takes any other octet); an empty string
+        // here would silently hand the client nothing.
         Err(_) => istring(&[]),
     }))
+}
+
+/// A non-BINARY literal may not carry NUL (RFC 9051 CHAR8), yet messages appended with
+/// BINARY or delivered raw can hold one. Like Dovecot, send 0x80 in its place: the length
+/// stays the same, so RFC822.SIZE, BODYSTRUCTURE sizes and partial origins still agree with
+/// what is sent; BINARY[...] is the way to get the exact bytes.
+pub fn nul_to_0x80(mut data: Vec<u8>) -> Vec<u8> {
+    for b in data.iter_mut().filter(|b| **b == 0) {
+        *b = 0x80;
+    }
+    data
 }
 
 fn addresses(list: &[pb::EnvelopeAddress]) -> Vec<Address<'static>> {
@@ -236,7 +249,10 @@ pub fn section(
         has_partial: partial.is_some(),
         offset: partial.map(|(o, _)| o as u64).unwrap_or(0),
         length: partial.map(|(_, l)| l.get() as u64).unwrap_or(0),
-        crlf: true,
+        // Never convert line ends: BINARY is the content exactly as decoded (RFC 3516), and
+        // BODY[] must be the octets RFC822.SIZE, BODYSTRUCTURE sizes and partial origins
+        // count, which are those stored.
+        crlf: false,
     }
 }
 
@@ -346,5 +362,27 @@ mod tests {
             s,
             "* 1 FETCH (INTERNALDATE \"01-Jan-1970 02:00:00 +0200\")\r\n"
         );
+    }
+
+    #[test]
+    fn nul_goes_as_0x80_in_a_literal_of_the_same_length() {
+        assert_eq!(nul_to_0x80(b"\x00-\xe4\n\x00".to_vec()), b"\x80-\xe4\n\x80");
+        let item = MessageDataItem::BodyExt {
+            section: None,
+            origin: None,
+            data: nstring_data(Some(b"\x00-\xe4\n\r\n\n".to_vec())),
+        };
+        let r = Response::Data(Data::fetch(1, vec![item]).unwrap());
+        let bytes = ResponseCodec::default().encode(&r).dump();
+        assert_eq!(
+            bytes,
+            b"* 1 FETCH (BODY[] {7}\r\n\x80-\xe4\n\r\n\n)\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn imap_sections_never_ask_for_crlf_conversion() {
+        assert!(!section(None, None, false).crlf);
+        assert!(!section(None, Some((0, NonZeroU32::MIN)), true).crlf);
     }
 }

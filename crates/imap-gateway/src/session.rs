@@ -2223,6 +2223,7 @@ impl Session {
                 MessageDataItemName::Body | MessageDataItemName::BodyStructure
             )
         });
+        let binary_origins: Vec<Option<u32>> = names.iter().map(binary_origin).collect();
         // Which body sections to fetch, in item order.
         let mut sections: Vec<pb::Section> = Vec::new();
         for n in &names {
@@ -2411,7 +2412,9 @@ impl Session {
                 };
                 let recent = self.sel().is_recent(*uid);
                 let items = build_items(&names, meta, bodies, recent);
-                if let Ok(items) = Vec1::try_from(items) {
+                if binary_origins.iter().any(Option::is_some) {
+                    out.raw(&fetch_with_binary_origins(nz(*seq), items, &binary_origins));
+                } else if let Ok(items) = Vec1::try_from(items) {
                     out.data(Data::Fetch {
                         seq: nz(*seq),
                         items,
@@ -3084,6 +3087,51 @@ fn binary_section(section: &[NonZeroU32], partial: Option<(u32, NonZeroU32)>) ->
         .ok()
         .map(|p| Section::Part(imap_codec::imap_types::fetch::Part(p)));
     convert::section(part.as_ref(), partial, true)
+}
+
+/// The `<origin>` a partial BINARY item's response carries (RFC 3516 §4.2, RFC 9051
+/// `msg-att-static`).
+fn binary_origin(name: &MessageDataItemName<'_>) -> Option<u32> {
+    match name {
+        MessageDataItemName::Binary {
+            partial: Some((origin, _)),
+            ..
+        } => Some(*origin),
+        _ => None,
+    }
+}
+
+/// A FETCH response whose BINARY items get the `<origin>` of `origins` (one per item):
+/// imap-codec's `MessageDataItem::Binary` has no field for it. Each item is encoded alone by
+/// imap-codec and the origin put after the first `]`, which ends `BINARY[section]` before
+/// any of the item's data; the rest is byte for byte what imap-codec writes for the whole.
+fn fetch_with_binary_origins(
+    seq: NonZeroU32,
+    items: Vec<MessageDataItem<'static>>,
+    origins: &[Option<u32>],
+) -> Vec<u8> {
+    let head = format!("* {seq} FETCH (");
+    let mut out = head.clone().into_bytes();
+    for (i, (item, origin)) in items.into_iter().zip(origins).enumerate() {
+        let one = ResponseCodec::default()
+            .encode(&Response::Data(Data::Fetch {
+                seq,
+                items: Vec1::from(item),
+            }))
+            .dump();
+        let mut body = one[head.len()..one.len() - b")\r\n".len()].to_vec();
+        if let Some(origin) = origin
+            && let Some(close) = body.iter().position(|b| *b == b']')
+        {
+            body.splice(close + 1..close + 1, format!("<{origin}>").into_bytes());
+        }
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(&body);
+    }
+    out.extend_from_slice(b")\r\n");
+    out
 }
 
 /// Where the tagged reply for `tag` begins in `buf`, if it is there.
@@ -3830,5 +3878,77 @@ mod tests {
         );
         assert!(code(ServiceError::Cannot("x".into())).contains("[CANNOT]"));
         assert!(code(ServiceError::Unavailable("x".into())).contains("[UNAVAILABLE]"));
+    }
+
+    fn binary_item(section: u32, data: &[u8]) -> MessageDataItem<'static> {
+        MessageDataItem::Binary {
+            section: vec![nz(section)],
+            value: imap_codec::imap_types::core::NString8::Literal8(
+                imap_codec::imap_types::extensions::binary::Literal8 {
+                    data: data.to_vec().into(),
+                    mode: imap_codec::imap_types::core::LiteralMode::Sync,
+                },
+            ),
+        }
+    }
+
+    #[test]
+    fn partial_binary_items_carry_their_origin() {
+        let items = vec![
+            MessageDataItem::Uid(nz(4)),
+            // Data that looks like a section end must not move the origin.
+            binary_item(5, b"]x]"),
+            binary_item(1, b"hello"),
+            MessageDataItem::BinarySize {
+                section: vec![nz(5)],
+                size: 30,
+            },
+        ];
+        let got = fetch_with_binary_origins(nz(3), items, &[None, Some(10), None, None]);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "* 3 FETCH (UID 4 BINARY[5]<10> ~{3}\r\n]x] BINARY[1] ~{5}\r\nhello BINARY.SIZE[5] 30)\r\n"
+        );
+    }
+
+    #[test]
+    fn without_origins_the_response_is_imap_codecs() {
+        let items = || {
+            vec![
+                MessageDataItem::Uid(nz(4)),
+                binary_item(2, b"a\x00b"),
+                MessageDataItem::Rfc822Size(7),
+            ]
+        };
+        let mut out_buf = Vec::new();
+        let mut out = Out::new(&mut out_buf);
+        out.data(Data::Fetch {
+            seq: nz(9),
+            items: Vec1::try_from(items()).unwrap(),
+        });
+        assert_eq!(
+            fetch_with_binary_origins(nz(9), items(), &[None, None, None]),
+            out.take()
+        );
+    }
+
+    #[test]
+    fn only_partial_binary_names_have_an_origin() {
+        let name = |partial| MessageDataItemName::Binary {
+            section: vec![nz(5)],
+            partial,
+            peek: true,
+        };
+        assert_eq!(binary_origin(&name(Some((0, nz(7))))), Some(0));
+        assert_eq!(binary_origin(&name(Some((15, nz(100))))), Some(15));
+        assert_eq!(binary_origin(&name(None)), None);
+        assert_eq!(
+            binary_origin(&MessageDataItemName::BodyExt {
+                section: None,
+                partial: Some((3, nz(4))),
+                peek: true,
+            }),
+            None
+        );
     }
 }

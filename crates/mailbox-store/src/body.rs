@@ -79,7 +79,18 @@ pub async fn render(
         };
         return Ok(Some(read(conn, msg, s, e).await?));
     }
-    let mut data = read(conn, msg, start, end.max(start)).await?;
+    let data = read(conn, msg, start, end.max(start)).await?;
+    shape(data, section, kind, part).map(Some)
+}
+
+/// What a section's bytes become on the way out: the HEADER.FIELDS filter, content decoding
+/// (BINARY), CRLF, then the partial range.
+fn shape(
+    mut data: Vec<u8>,
+    section: &Section,
+    kind: SectionKind,
+    part: Option<&BodyPart>,
+) -> Result<Vec<u8>, ServiceError> {
     match kind {
         SectionKind::HeaderFields => {
             data = mime::filter_header_fields(&data, &section.fields, true)
@@ -94,7 +105,9 @@ pub async fn render(
             ServiceError::Cannot("the part's content-transfer-encoding cannot be decoded".into())
         })?;
     }
-    if section.crlf {
+    // BINARY is the content exactly (RFC 3516): a decoded bare LF or CR is data, and
+    // BINARY.SIZE must count what BINARY sends, so a request for both gets no conversion.
+    if section.crlf && !section.decode {
         data = mime::to_crlf(&data);
     }
     if section.has_partial {
@@ -106,5 +119,88 @@ pub async fn render(
         };
         data = data[s..e].to_vec();
     }
-    Ok(Some(data))
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(encoding: &[u8]) -> BodyPart {
+        BodyPart {
+            encoding: encoding.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// BINARY as the IMAP gateway used to ask for it: decoded, with `crlf` set.
+    fn binary(partial: Option<(u64, u64)>) -> Section {
+        Section {
+            decode: true,
+            crlf: true,
+            has_partial: partial.is_some(),
+            offset: partial.map_or(0, |p| p.0),
+            length: partial.map_or(0, |p| p.1),
+            ..Default::default()
+        }
+    }
+
+    fn shaped(data: &[u8], section: &Section, encoding: &[u8]) -> Vec<u8> {
+        shape(
+            data.to_vec(),
+            section,
+            SectionKind::Full,
+            Some(&part(encoding)),
+        )
+        .unwrap()
+    }
+
+    /// imaptest fetch-binary-mime-base64, part 5: a bare CR, a CRLF and a bare LF.
+    #[test]
+    fn decoded_base64_keeps_its_line_ends() {
+        let body = b"YWJjZGVmZw1oaWprbA0KbW5vCnBxcnN0dXZxeHl6\r\n";
+        let want = b"abcdefg\rhijkl\r\nmno\npqrstuvqxyz";
+        assert_eq!(shaped(body, &binary(None), b"BASE64"), want);
+        assert_eq!(
+            shaped(body, &binary(Some((10, 10))), b"base64"),
+            b"jkl\r\nmno\np"
+        );
+        assert_eq!(
+            shaped(body, &binary(Some((15, 100))), b"base64"),
+            b"mno\npqrstuvqxyz"
+        );
+    }
+
+    /// imaptest fetch-binary-mime-qp: soft breaks, trailing white space, `=` + blanks.
+    #[test]
+    fn decoded_quoted_printable_is_the_scripts_65_octets() {
+        let body = b"hello  \r\nbar=\r\n\r\nfoo\t=\r\nbar\r\nfoo\t \t= \r\n=62\r\nfoo = \t\r\nbar\r\nfoo =\r\n=62\r\nfoo  \r\nbar=\r\n\r\nfoo_bar\r\n";
+        let want: &[u8] =
+            b"hello\r\nbar\r\nfoo\tbar\r\nfoo\t \tb\r\nfoo bar\r\nfoo b\r\nfoo\r\nbar\r\nfoo_bar\r\n";
+        assert_eq!(shaped(body, &binary(None), b"quoted-printable"), want);
+        assert_eq!(
+            shaped(body, &binary(Some((15, 10))), b"QUOTED-PRINTABLE"),
+            &want[15..25]
+        );
+    }
+
+    /// imaptest append-binary: an identity encoding is sent as stored, bare LFs included.
+    #[test]
+    fn identity_encodings_are_sent_as_stored() {
+        let body = b"\x00-\xe4\n\r\n\n";
+        for enc in [&b"binary"[..], b"8bit", b"7bit", b""] {
+            assert_eq!(shaped(body, &binary(None), enc), body, "{enc:?}");
+        }
+    }
+
+    #[test]
+    fn crlf_still_applies_without_decode() {
+        let s = Section {
+            crlf: true,
+            ..Default::default()
+        };
+        assert_eq!(shaped(b"a\nb\r\n", &s, b"7bit"), b"a\r\nb\r\n");
+        let s = Section::default();
+        assert_eq!(shaped(b"a\nb\r\n", &s, b"7bit"), b"a\nb\r\n");
+    }
 }
