@@ -2411,6 +2411,11 @@ impl Session {
                     }
                 };
                 let recent = self.sel().is_recent(*uid);
+                if names.contains(&MessageDataItemName::Flags)
+                    && let Some(sel) = self.selected.as_mut()
+                {
+                    sel.announce_keywords(&meta.flags, out);
+                }
                 let items = build_items(&names, meta, bodies, recent);
                 if binary_origins.iter().any(Option::is_some) {
                     out.raw(&fetch_with_binary_origins(nz(*seq), items, &binary_origins));

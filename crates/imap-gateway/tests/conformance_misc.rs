@@ -111,3 +111,53 @@ async fn copy_new_messages_are_announced_with_recent() {
     assert!(!r.contains("RECENT"), "{r}");
     env.stop().await;
 }
+
+/// imaptest (copy, nil, search-flags, store: "Keyword used without being in FLAGS"): a keyword
+/// is announced in `* FLAGS` and `* OK [PERMANENTFLAGS]` before any FETCH shows it, in the
+/// session that set it and in the others (RFC 9051 §7.3.5 / §7.1).
+#[tokio::test(flavor = "multi_thread")]
+async fn new_keywords_are_announced_before_a_fetch_shows_them() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver(
+        "bob@example.test",
+        b"From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n",
+    )
+    .await;
+    let mut a = env.login("bob@example.test").await;
+    let mut b = env.login("bob@example.test").await;
+    let r = a.cmd("SELECT INBOX").await;
+    assert!(!r.contains("$kw1"), "{r}");
+    b.cmd("SELECT INBOX").await;
+
+    let r = b.cmd("STORE 1 +FLAGS ($kw1)").await;
+    let flags = r.find("* FLAGS (").expect(&r);
+    let perm = r.find("* OK [PERMANENTFLAGS (").expect(&r);
+    let fetch = r.find("* 1 FETCH (FLAGS (").expect(&r);
+    assert!(flags < fetch && perm < fetch, "{r}");
+    assert!(
+        r[flags..].split("\r\n").next().unwrap().contains("$kw1"),
+        "{r}"
+    );
+    assert!(
+        r[perm..]
+            .split("\r\n")
+            .next()
+            .unwrap()
+            .contains("$kw1 \\*)"),
+        "{r}"
+    );
+
+    let r = a.cmd("NOOP").await;
+    let flags = r.find("* FLAGS (").expect(&r);
+    let fetch = r.find("* 1 FETCH (FLAGS (").expect(&r);
+    assert!(flags < fetch, "{r}");
+    // Announced once: FETCH FLAGS afterwards needs no new FLAGS response.
+    let r = a.cmd("FETCH 1 FLAGS").await;
+    assert!(r.contains("$kw1") && !r.contains("* FLAGS"), "{r}");
+    // A keyword the session already knows is not announced again by a second one's STORE.
+    let r = b.cmd("STORE 1 +FLAGS ($kw2)").await;
+    assert_eq!(r.matches("* FLAGS (").count(), 1, "{r}");
+    assert!(r.contains("$kw2"), "{r}");
+    env.stop().await;
+}
