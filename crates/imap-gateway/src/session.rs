@@ -856,9 +856,19 @@ impl Session {
             cmd.body,
             CommandBody::Fetch { .. } | CommandBody::Store { .. } | CommandBody::Search { .. }
         );
+        // Commands that change the selected mailbox themselves also ask the store when they
+        // end, rather than wait for the change event: another session's EXPUNGE of the same
+        // message, or the copy a MOVE/COPY into this mailbox made, must be in this reply
+        // (imaptest expunge and move failed about half the time without it).
         let poll_always = matches!(
             cmd.body,
-            CommandBody::Noop | CommandBody::Check | CommandBody::Idle
+            CommandBody::Noop
+                | CommandBody::Check
+                | CommandBody::Idle
+                | CommandBody::Expunge
+                | CommandBody::ExpungeUid { .. }
+                | CommandBody::Copy { .. }
+                | CommandBody::Move { .. }
         );
         // The command name only: arguments may hold passwords or message text.
         let span = tracing::info_span!("imap.command", imap.command = %name);

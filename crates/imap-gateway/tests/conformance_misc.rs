@@ -161,3 +161,43 @@ async fn new_keywords_are_announced_before_a_fetch_shows_them() {
     assert!(r.contains("$kw2"), "{r}");
     env.stop().await;
 }
+
+/// imaptest `expunge` and `move` (about half the runs failed): a command that changes the
+/// selected mailbox reports every change in its own reply, not only once the change event
+/// arrives: another session's expunge of the same message, and the copy MOVE made into this
+/// very mailbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn expunge_and_move_report_all_changes_in_their_reply() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    for i in 0..2 {
+        let m = format!("From: a@remote.test\r\nSubject: {i}\r\n\r\nbody\r\n");
+        env.deliver("bob@example.test", m.as_bytes()).await;
+    }
+    let mut a = env.login("bob@example.test").await;
+    let mut b = env.login("bob@example.test").await;
+    a.cmd("SELECT INBOX").await;
+    b.cmd("SELECT INBOX").await;
+    // Ten rounds: the event and the poll race, so one lucky pass proves little.
+    for round in 0..10 {
+        let r = a.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+        assert!(tagged(&r).contains(" OK"), "{r}");
+        let r = b.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+        assert!(tagged(&r).contains(" OK"), "{r}");
+        let r = a.cmd("EXPUNGE").await;
+        assert!(r.contains("* 1 EXPUNGE\r\n"), "round {round}: {r}");
+        let r = b.cmd("EXPUNGE").await;
+        assert!(r.contains("* 1 EXPUNGE\r\n"), "round {round}: {r}");
+        // MOVE into the selected mailbox itself: the original goes, the copy arrives.
+        let r = a.cmd("MOVE 1 INBOX").await;
+        assert!(r.contains("* 1 EXPUNGE\r\n"), "round {round}: {r}");
+        assert!(r.contains("* 1 EXISTS\r\n"), "round {round}: {r}");
+        assert!(tagged(&r).contains(" OK"), "{r}");
+        // Keep two messages for the next round; b catches up.
+        let m = format!("From: a@remote.test\r\nSubject: r{round}\r\n\r\nbody\r\n");
+        env.deliver("bob@example.test", m.as_bytes()).await;
+        a.cmd("NOOP").await;
+        b.cmd("NOOP").await;
+    }
+    env.stop().await;
+}
