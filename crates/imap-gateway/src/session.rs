@@ -950,7 +950,8 @@ impl Session {
                 ));
                 out.tagged(&tag, StatusKind::Ok, None, "CAPABILITY completed");
             }
-            C::Noop | C::Check => out.tagged(&tag, StatusKind::Ok, None, "NOOP completed"),
+            C::Noop => out.tagged(&tag, StatusKind::Ok, None, "NOOP completed"),
+            C::Check => out.tagged(&tag, StatusKind::Ok, None, "CHECK completed"),
             C::Logout => {
                 out.bye(None, "Logging out");
                 out.tagged(&tag, StatusKind::Ok, None, "LOGOUT completed");

@@ -109,6 +109,9 @@ async fn copy_new_messages_are_announced_with_recent() {
     let r = rev2.cmd("NOOP").await;
     assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
     assert!(!r.contains("RECENT"), "{r}");
+    // Each command completes in its own name.
+    let r = b.cmd("CHECK").await;
+    assert!(tagged(&r).ends_with(" OK CHECK completed"), "{r}");
     env.stop().await;
 }
 
