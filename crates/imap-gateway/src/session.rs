@@ -46,7 +46,7 @@ use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
 use crate::preparse::{Ext, ListExt, ReturnOpt, StatusItem};
 use crate::seqmap::SeqMap;
-use crate::store::Store;
+use crate::store::{Listing, Store};
 
 pub const DELIMITER: char = '/';
 
@@ -1565,18 +1565,22 @@ impl Session {
             return Ok(());
         }
         let pat = ListPattern::new(&full);
-        let boxes = match self.store.list(self.account_id(), false).await {
+        let listing = match self.store.list(self.account_id(), false).await {
             Ok(b) => b,
             Err(e) => {
                 self.fail(tag, &e, out);
                 return Ok(());
             }
         };
+        if lsub {
+            return self.lsub(tag, &full, &listing, out).await;
+        }
+        let pats = std::slice::from_ref(&pat);
+        let boxes = &listing.boxes;
         let names: std::collections::HashSet<&str> =
             boxes.iter().map(|b| b.name.as_str()).collect();
         // Everything about the hierarchy in one pass over the mailboxes (each matched once):
         // a per-mailbox scan of all the others made a LIST quadratic in the mailbox count.
-        let pats = std::slice::from_ref(&pat);
         let box_names: Vec<&str> = boxes.iter().map(|b| b.name.as_str()).collect();
         let matched = match_names(pats, &box_names).await;
         let mut with_children = std::collections::HashSet::new();
@@ -1595,9 +1599,6 @@ impl Session {
             }
         }
         for (b, m) in boxes.iter().zip(&matched) {
-            if lsub && !b.subscribed {
-                continue;
-            }
             if *m {
                 let mut items = vec![];
                 let has_children = b.has_children || with_children.contains(b.name.as_str());
@@ -1609,20 +1610,11 @@ impl Session {
                 if let Some(su) = special_use_attr(b.special_use) {
                     items.push(attr(su));
                 }
-                let d = if lsub {
-                    Data::Lsub {
-                        items,
-                        delimiter: Some(delim),
-                        mailbox: self.name_out(&b.name),
-                    }
-                } else {
-                    Data::List {
-                        items,
-                        delimiter: Some(delim),
-                        mailbox: self.name_out(&b.name),
-                    }
-                };
-                out.data(d);
+                out.data(Data::List {
+                    items,
+                    delimiter: Some(delim),
+                    mailbox: self.name_out(&b.name),
+                });
             }
         }
         // Parents that do not exist themselves but have matching-level children are listed
@@ -1632,38 +1624,91 @@ impl Session {
         for (p, m) in parents.into_iter().zip(parents_matched) {
             if m && !with_matching_child.contains(p) {
                 // RFC 9051 §7.3.1: a name that does not exist is \NonExistent in rev2.
-                let missing = if self.rev2 && !lsub {
+                let missing = if self.rev2 {
                     attr("\\NonExistent")
                 } else {
                     FlagNameAttribute::Noselect
                 };
-                let items = vec![missing, attr("\\HasChildren")];
-                let d = if lsub {
-                    Data::Lsub {
-                        items,
-                        delimiter: Some(delim),
-                        mailbox: self.name_out(p),
-                    }
-                } else {
-                    Data::List {
-                        items,
-                        delimiter: Some(delim),
-                        mailbox: self.name_out(p),
-                    }
-                };
-                out.data(d);
+                out.data(Data::List {
+                    items: vec![missing, attr("\\HasChildren")],
+                    delimiter: Some(delim),
+                    mailbox: self.name_out(p),
+                });
             }
         }
-        out.tagged(
-            tag,
-            StatusKind::Ok,
-            None,
-            if lsub {
-                "LSUB completed"
+        out.tagged(tag, StatusKind::Ok, None, "LIST completed");
+        Ok(())
+    }
+
+    /// LSUB (RFC 3501 §6.3.9) lists subscribed names, whether or not they exist, and the
+    /// unsubscribed parents at which a `%` stopped short of a subscribed name. Only
+    /// \Noselect is reported: children attributes describe mailboxes, not subscriptions, and
+    /// on an unsubscribed parent they made clients take it for a subscribed folder.
+    async fn lsub<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        pattern: &str,
+        listing: &Listing,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let exists: std::collections::HashSet<&str> =
+            listing.boxes.iter().map(|b| b.name.as_str()).collect();
+        let mut subs: Vec<&str> = listing.subscribed.iter().map(String::as_str).collect();
+        subs.sort_unstable();
+        let pats = [ListPattern::new(pattern)];
+        let matched = match_names(&pats, &subs).await;
+        // A name the pattern misses only because a `%` does not cross the delimiter: with
+        // `*` in its place it matches. (`*test` must not list `imaptest` for
+        // `imaptest/test3/test3`, `imaptest/%` must list `imaptest/test3`.)
+        let missed: Vec<&str> = subs
+            .iter()
+            .zip(&matched)
+            .filter_map(|(s, m)| (!m).then_some(*s))
+            .collect();
+        let deeper = [ListPattern::new(&pattern.replace('%', "*"))];
+        let reached = if pattern.contains('%') {
+            match_names(&deeper, &missed).await
+        } else {
+            vec![false; missed.len()]
+        };
+        // name -> \Noselect
+        let mut lines = std::collections::BTreeMap::new();
+        for (&s, m) in subs.iter().zip(matched) {
+            if m {
+                lines.insert(s, !exists.contains(s));
+            }
+        }
+        let mut parents = std::collections::BTreeSet::new();
+        for (s, r) in missed.into_iter().zip(reached) {
+            if r {
+                parents.extend(ancestors(s).filter(|a| !listing.subscribed.contains(*a)));
+            }
+        }
+        let parent_names: Vec<&str> = parents.into_iter().collect();
+        let parents_matched = match_names(&pats, &parent_names).await;
+        for (p, m) in parent_names.into_iter().zip(parents_matched) {
+            if m {
+                lines.insert(p, true);
+            }
+        }
+        let delim = QuotedChar::try_from(DELIMITER).expect("quoted char");
+        let mut lines: Vec<(&str, bool)> = lines.into_iter().collect();
+        // INBOX first, as LIST has it.
+        lines.sort_by_key(|(n, _)| (*n != "INBOX", *n));
+        for (name, noselect) in lines {
+            let items = if noselect {
+                vec![FlagNameAttribute::Noselect]
             } else {
-                "LIST completed"
-            },
-        );
+                vec![]
+            };
+            out.data(Data::Lsub {
+                items,
+                delimiter: Some(delim),
+                mailbox: self.name_out(name),
+            });
+            out.maybe_flush().await?;
+        }
+        out.tagged(tag, StatusKind::Ok, None, "LSUB completed");
         Ok(())
     }
 
@@ -1736,7 +1781,7 @@ impl Session {
                 })
                 .collect()
         });
-        let boxes = match self
+        let listing = match self
             .store
             .list(self.account_id(), status_items.is_some())
             .await
@@ -1747,21 +1792,35 @@ impl Session {
                 return Ok(());
             }
         };
+        let boxes = &listing.boxes;
+        let subs = &listing.subscribed;
         let by_name: std::collections::BTreeMap<&str, &pb::MailboxInfo> =
             boxes.iter().map(|b| (b.name.as_str(), b)).collect();
         // Every name to consider: the mailboxes and their (possibly missing) ancestors.
         let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-        for b in &boxes {
+        for b in boxes {
             names.insert(b.name.as_str());
             names.extend(ancestors(&b.name));
         }
-        // Does this existing mailbox satisfy the selection options?
-        let selected = |b: &pb::MailboxInfo| {
-            (!l.sel_subscribed || b.subscribed)
-                && (!l.sel_special_use || special_use_attr(b.special_use).is_some())
+        // RFC 5258 §3.1: SUBSCRIBED lists subscribed names that no longer exist too (as
+        // \NonExistent), and they count for their parents' CHILDINFO.
+        if l.sel_subscribed {
+            for s in subs {
+                names.insert(s.as_str());
+                names.extend(ancestors(s));
+            }
+        }
+        // Does this name satisfy the selection options? Without SUBSCRIBED only existing
+        // mailboxes can.
+        let meets_selection = |name: &str| {
+            let info = by_name.get(name);
+            (info.is_some() || l.sel_subscribed)
+                && (!l.sel_subscribed || subs.contains(name))
+                && (!l.sel_special_use
+                    || info.is_some_and(|b| special_use_attr(b.special_use).is_some()))
         };
         // Each name is matched once, and what its descendants are is gathered in one pass
-        // over the mailboxes: a scan of all mailboxes per name made LIST quadratic.
+        // over the names: a scan of all mailboxes per name made LIST quadratic.
         let all_names: Vec<&str> = names.iter().copied().collect();
         let hits = match_names(&patterns, &all_names).await;
         let matched: std::collections::HashSet<&str> = all_names
@@ -1771,17 +1830,20 @@ impl Session {
             .collect();
         let mut with_children = std::collections::HashSet::new();
         let mut with_matching_child = std::collections::HashSet::new();
-        let mut with_unmatched_selected_child = std::collections::HashSet::new();
-        for b in &boxes {
+        for b in boxes {
             let m = matched.contains(b.name.as_str());
-            let unmatched_selected = !m && selected(b);
             for a in ancestors(&b.name) {
                 with_children.insert(a);
                 if m {
                     with_matching_child.insert(a);
                 }
-                if unmatched_selected {
-                    with_unmatched_selected_child.insert(a);
+            }
+        }
+        let mut with_unmatched_selected_child = std::collections::HashSet::new();
+        if l.sel_recursive {
+            for &n in &names {
+                if !matched.contains(n) && meets_selection(n) {
+                    with_unmatched_selected_child.extend(ancestors(n));
                 }
             }
         }
@@ -1797,10 +1859,10 @@ impl Session {
                 continue;
             }
             let info = by_name.get(name).copied();
-            let meets = info.is_some_and(selected);
+            let meets = meets_selection(name);
             // RECURSIVEMATCH: a descendant that meets the selection but not the patterns.
             let child_meets = l.sel_recursive && with_unmatched_selected_child.contains(name);
-            let has_children = with_children.contains(name);
+            let has_children = with_children.contains(name) || info.is_some_and(|b| b.has_children);
             if !(meets || child_meets) {
                 // Without selection options, a missing name is listed only as the parent of
                 // mailboxes the pattern does not reach (as the basic LIST does).
@@ -1811,24 +1873,23 @@ impl Session {
                 }
             }
             let mut items = vec![];
+            if (l.ret_subscribed || l.sel_subscribed) && subs.contains(name) {
+                items.push(attr("\\Subscribed"));
+            }
             match info {
                 None => items.push(attr("\\NonExistent")),
                 Some(b) => {
-                    if (l.ret_subscribed || l.sel_subscribed) && b.subscribed {
-                        items.push(attr("\\Subscribed"));
-                    }
                     if let Some(su) = special_use_attr(b.special_use) {
                         items.push(attr(su));
                     }
                 }
             }
-            items.push(attr(
-                if has_children || info.is_some_and(|b| b.has_children) {
-                    "\\HasChildren"
-                } else {
-                    "\\HasNoChildren"
-                },
-            ));
+            if has_children {
+                items.push(attr("\\HasChildren"));
+            } else if info.is_some() {
+                // A name that does not exist has no children to speak of.
+                items.push(attr("\\HasNoChildren"));
+            }
             let mut line = ResponseCodec::default()
                 .encode(&Response::Data(Data::List {
                     items,

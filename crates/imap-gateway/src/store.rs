@@ -10,6 +10,12 @@ use mailsuite_runtime::grpc::GrpcChannel;
 
 pub type StoreResult<T> = Result<T, ServiceError>;
 
+/// The account's mailboxes and its subscriptions, which are names that need not exist.
+pub struct Listing {
+    pub boxes: Vec<pb::MailboxInfo>,
+    pub subscribed: std::collections::HashSet<String>,
+}
+
 /// Every call has a deadline, so a stuck store turns into `NO [UNAVAILABLE]`/`[SERVERBUG]`
 /// replies instead of sessions that hang. (It bounds the wait for the reply's headers: a
 /// unary reply, or the start of a stream.)
@@ -74,20 +80,29 @@ impl Store {
         }
     }
 
-    pub async fn list(
-        &self,
-        account_id: i64,
-        with_status: bool,
-    ) -> StoreResult<Vec<pb::MailboxInfo>> {
-        Ok(self
+    pub async fn list(&self, account_id: i64, with_status: bool) -> StoreResult<Listing> {
+        let r = self
             .mailbox()
             .list_mailboxes(pb::ListMailboxesRequest {
                 account_id,
                 with_status,
             })
             .await?
-            .into_inner()
-            .mailboxes)
+            .into_inner();
+        let subscribed = if r.subscriptions_listed {
+            r.subscriptions.into_iter().collect()
+        } else {
+            // A store of the previous release knows only subscribed mailboxes that exist.
+            r.mailboxes
+                .iter()
+                .filter(|b| b.subscribed)
+                .map(|b| b.name.clone())
+                .collect()
+        };
+        Ok(Listing {
+            boxes: r.mailboxes,
+            subscribed,
+        })
     }
 
     pub async fn create(&self, account_id: i64, name: &str) -> StoreResult<pb::MailboxInfo> {

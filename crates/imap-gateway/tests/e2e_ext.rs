@@ -429,3 +429,263 @@ async fn list_extended_selection_return_options_and_status() {
     );
     env.stop().await;
 }
+
+/// Runs each command and asserts its exact untagged `prefix` lines and a tagged OK.
+async fn expect_lines(c: &mut Client, prefix: &str, cases: &[(&str, &[&str])]) {
+    for (cmd, want) in cases {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains(" OK "), "{cmd}: {r}");
+        assert_eq!(lines(&r, prefix), *want, "{cmd}: {r}");
+    }
+}
+
+/// RFC 9051 §6.3.4/§6.3.5/§6.3.6: CREATE subscribes nothing (not the implied parents
+/// either); DELETE and RENAME leave subscriptions alone, so a deleted subscribed name is
+/// `\Subscribed \NonExistent` to LIST (SUBSCRIBED) and `\Noselect` to LSUB.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_survive_delete_and_rename_and_create_adds_none() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    for m in ["probe/a/b", "probe/c"] {
+        let r = c.cmd(&format!("CREATE {m}")).await;
+        assert!(tagged(&r).contains("OK"), "{r}");
+    }
+    expect_lines(
+        &mut c,
+        "* LSUB",
+        &[
+            ("LSUB \"\" probe*", &[]),
+            // The account's default folders are subscribed when the store creates them.
+            (
+                "LSUB \"\" *",
+                &[
+                    "* LSUB () \"/\" INBOX",
+                    "* LSUB () \"/\" Archive",
+                    "* LSUB () \"/\" Drafts",
+                    "* LSUB () \"/\" Junk",
+                    "* LSUB () \"/\" Sent",
+                    "* LSUB () \"/\" Trash",
+                ],
+            ),
+        ],
+    )
+    .await;
+    expect_lines(&mut c, "* LIST", &[("LIST (SUBSCRIBED) \"\" probe*", &[])]).await;
+
+    for cmd in [
+        "SUBSCRIBE probe/c",
+        "SUBSCRIBE probe/a",
+        "DELETE probe/c",
+        "RENAME probe/a probe/z",
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains("OK"), "{cmd}: {r}");
+    }
+    expect_lines(
+        &mut c,
+        "* LSUB",
+        &[(
+            "LSUB \"\" probe*",
+            &[
+                "* LSUB (\\Noselect) \"/\" probe/a",
+                "* LSUB (\\Noselect) \"/\" probe/c",
+            ],
+        )],
+    )
+    .await;
+    expect_lines(
+        &mut c,
+        "* LIST",
+        &[
+            (
+                "LIST (SUBSCRIBED) \"\" probe*",
+                &[
+                    "* LIST (\\Subscribed \\NonExistent) \"/\" probe/a",
+                    "* LIST (\\Subscribed \\NonExistent) \"/\" probe/c",
+                ],
+            ),
+            (
+                "LIST \"\" probe/% RETURN (SUBSCRIBED)",
+                &["* LIST (\\HasChildren) \"/\" probe/z"],
+            ),
+        ],
+    )
+    .await;
+
+    let r = c.cmd("UNSUBSCRIBE probe/c").await;
+    assert!(
+        tagged(&r).contains("OK"),
+        "a deleted name can be unsubscribed: {r}"
+    );
+    let r = c.cmd("UNSUBSCRIBE probe/c").await;
+    assert!(tagged(&r).contains("NO [NONEXISTENT]"), "{r}");
+    expect_lines(
+        &mut c,
+        "* LSUB",
+        &[("LSUB \"\" probe*", &["* LSUB (\\Noselect) \"/\" probe/a"])],
+    )
+    .await;
+    env.stop().await;
+}
+
+/// imaptest's `subscribe` script: with `%`, an unsubscribed parent of a subscribed name the
+/// pattern does not reach is `\Noselect` (RFC 3501 §6.3.9); with `*` it is not listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn lsub_percent_gives_unsubscribed_parents_as_noselect() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    for cmd in [
+        "CREATE imaptest/test",
+        "CREATE imaptest/test2/test",
+        "CREATE imaptest/test3/test3",
+        "SUBSCRIBE imaptest/test",
+        "SUBSCRIBE imaptest/test2/test",
+        "SUBSCRIBE imaptest/test3/test3",
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains("OK"), "{cmd}: {r}");
+    }
+    expect_lines(
+        &mut c,
+        "* LSUB",
+        &[
+            (
+                "LSUB \"\" imaptest/%",
+                &[
+                    "* LSUB () \"/\" imaptest/test",
+                    "* LSUB (\\Noselect) \"/\" imaptest/test2",
+                    "* LSUB (\\Noselect) \"/\" imaptest/test3",
+                ],
+            ),
+            (
+                "LSUB \"\" *test",
+                &[
+                    "* LSUB () \"/\" imaptest/test",
+                    "* LSUB () \"/\" imaptest/test2/test",
+                ],
+            ),
+        ],
+    )
+    .await;
+    for cmd in [
+        "UNSUBSCRIBE imaptest/test",
+        "UNSUBSCRIBE imaptest/test2/test",
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(tagged(&r).contains("OK"), "{cmd}: {r}");
+    }
+    expect_lines(
+        &mut c,
+        "* LSUB",
+        &[
+            (
+                "LSUB \"\" imaptest/%",
+                &["* LSUB (\\Noselect) \"/\" imaptest/test3"],
+            ),
+            (
+                "LSUB \"\" imaptest/*",
+                &["* LSUB () \"/\" imaptest/test3/test3"],
+            ),
+        ],
+    )
+    .await;
+    let r = c.cmd("UNSUBSCRIBE imaptest/test3/test3").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    expect_lines(&mut c, "* LSUB", &[("LSUB \"\" imaptest/%", &[])]).await;
+    env.stop().await;
+}
+
+/// imaptest's `listext` script (RFC 5258): the SUBSCRIBED selection, RETURN (SUBSCRIBED)
+/// and RECURSIVEMATCH's CHILDINFO, with subscriptions independent of CREATE and DELETE.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_extended_subscribed_as_imaptest_listext_expects() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut c = env.login("bob@example.test").await;
+    for m in [
+        "test1",
+        "test2/test1",
+        "test3",
+        "test4/test5",
+        "test4/test52",
+        "test6",
+        "test7/test7",
+        "test8/test8",
+        "test8/test9",
+    ] {
+        let r = c.cmd(&format!("CREATE imaptest/{m}")).await;
+        assert!(tagged(&r).contains("OK"), "{r}");
+    }
+    for m in [
+        "test1",
+        "test2/test1",
+        "test6",
+        "test7/test7",
+        "test8/test8",
+        "test8/test9",
+    ] {
+        let r = c.cmd(&format!("SUBSCRIBE imaptest/{m}")).await;
+        assert!(tagged(&r).contains("OK"), "{r}");
+    }
+    let r = c.cmd("DELETE imaptest/test6").await;
+    assert!(tagged(&r).contains("OK"), "{r}");
+    let childinfo = " (\"CHILDINFO\" (\"SUBSCRIBED\"))";
+    let test2 = format!("* LIST (\\HasChildren) \"/\" imaptest/test2{childinfo}");
+    let test8 = format!("* LIST (\\HasChildren) \"/\" imaptest/test8{childinfo}");
+    expect_lines(
+        &mut c,
+        "* LIST",
+        &[
+            (
+                "LIST (SUBSCRIBED) \"\" imaptest/*",
+                &[
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test1",
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test2/test1",
+                    "* LIST (\\Subscribed \\NonExistent) \"/\" imaptest/test6",
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test7/test7",
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test8/test8",
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test8/test9",
+                ],
+            ),
+            (
+                "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" imaptest/test2% RETURN (CHILDREN)",
+                &[test2.as_str()],
+            ),
+            (
+                "LIST \"\" imaptest/% RETURN (CHILDREN SUBSCRIBED)",
+                &[
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test1",
+                    "* LIST (\\HasChildren) \"/\" imaptest/test2",
+                    "* LIST (\\HasNoChildren) \"/\" imaptest/test3",
+                    "* LIST (\\HasChildren) \"/\" imaptest/test4",
+                    "* LIST (\\HasChildren) \"/\" imaptest/test7",
+                    "* LIST (\\HasChildren) \"/\" imaptest/test8",
+                ],
+            ),
+            // The subscribed child matches too, so the parent is not listed for it.
+            (
+                "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" imaptest*test7",
+                &["* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test7/test7"],
+            ),
+            (
+                "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" imaptest*test8",
+                &[
+                    test8.as_str(),
+                    "* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test8/test8",
+                ],
+            ),
+            (
+                "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" (imaptest/test2)",
+                &[test2.as_str()],
+            ),
+            (
+                "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" (imaptest/test2 imaptest/test2/test1)",
+                &["* LIST (\\Subscribed \\HasNoChildren) \"/\" imaptest/test2/test1"],
+            ),
+        ],
+    )
+    .await;
+    env.stop().await;
+}

@@ -183,8 +183,13 @@ impl Admin for AdminSvc {
         })
         .map_err(st)?;
         let account = account_message(&row);
+        // The default folders start subscribed (clients that show only subscribed folders
+        // then show them); mailboxes created later over IMAP do not (RFC 9051 §6.3.4).
         for (name, su) in store::DEFAULT_MAILBOXES {
             store::create_mailbox(&mut tx, account.id, name, *su)
+                .await
+                .map_err(st)?;
+            store::subscribe(&mut tx, account.id, name)
                 .await
                 .map_err(st)?;
         }

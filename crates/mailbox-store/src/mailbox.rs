@@ -73,8 +73,9 @@ pub fn fetch_body_sql() -> String {
 }
 
 const INFO_SELECT: &str =
-    "SELECT mb.id, mb.name, mb.special_use, mb.subscribed, mb.uidvalidity, mb.uidnext,
-        mb.highestmodseq,
+    "SELECT mb.id, mb.name, mb.special_use, mb.uidvalidity, mb.uidnext, mb.highestmodseq,
+        EXISTS (SELECT 1 FROM mailbox.subscriptions s WHERE s.account_id = mb.account_id
+                 AND s.name = mb.name) AS subscribed,
         EXISTS (SELECT 1 FROM mailbox.mailboxes c WHERE c.account_id = mb.account_id
                  AND left(c.name, length(mb.name) + 1) = mb.name || '/') AS has_children";
 
@@ -689,7 +690,18 @@ impl Mailbox for MailboxSvc {
             rows.iter().map(|r| info_from(r, req.with_status)).collect();
         // INBOX first, as clients expect.
         mailboxes.sort_by_key(|m| (m.name != INBOX, m.name.clone()));
-        Ok(Response::new(ListMailboxesResponse { mailboxes }))
+        let subscriptions: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM mailbox.subscriptions WHERE account_id = $1 ORDER BY name",
+        )
+        .bind(req.account_id)
+        .fetch_all(&self.0.pool)
+        .await
+        .map_err(st)?;
+        Ok(Response::new(ListMailboxesResponse {
+            mailboxes,
+            subscriptions,
+            subscriptions_listed: true,
+        }))
     }
 
     async fn create_mailbox(
@@ -747,17 +759,37 @@ impl Mailbox for MailboxSvc {
     ) -> Result<Response<SetSubscribedResponse>, Status> {
         let req = req.into_inner();
         let name = normalize_mailbox(&req.name).map_err(st)?;
-        let n = sqlx::query(
-            "UPDATE mailbox.mailboxes SET subscribed = $3 WHERE account_id = $1 AND name = $2",
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2)",
         )
         .bind(req.account_id)
         .bind(&name)
-        .bind(req.subscribed)
-        .execute(&self.0.pool)
+        .fetch_one(&self.0.pool)
         .await
         .map_err(st)?;
-        if n.rows_affected() == 0 {
-            return Err(st(ServiceError::NotFound(format!("mailbox {name}"))));
+        // RFC 9051 §6.3.7 lets SUBSCRIBE insist on an existing mailbox (a typo is refused);
+        // UNSUBSCRIBE must still remove a name whose mailbox was deleted since.
+        if req.subscribed {
+            if !exists {
+                return Err(st(ServiceError::NotFound(format!("mailbox {name}"))));
+            }
+            let mut conn = self.0.pool.acquire().await.map_err(st)?;
+            store::subscribe(&mut conn, req.account_id, &name)
+                .await
+                .map_err(st)?;
+        } else {
+            let removed = sqlx::query(
+                "DELETE FROM mailbox.subscriptions WHERE account_id = $1 AND name = $2",
+            )
+            .bind(req.account_id)
+            .bind(&name)
+            .execute(&self.0.pool)
+            .await
+            .map_err(st)?
+            .rows_affected();
+            if removed == 0 && !exists {
+                return Err(st(ServiceError::NotFound(format!("mailbox {name}"))));
+            }
         }
         Ok(Response::new(SetSubscribedResponse {}))
     }

@@ -127,6 +127,23 @@ pub async fn create_mailbox(
     id.ok_or_else(|| ServiceError::AlreadyExists(format!("mailbox {name}")))
 }
 
+/// Subscriptions are names (migration 20261203020001): the mailbox need not exist.
+pub async fn subscribe(
+    conn: &mut PgConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<(), ServiceError> {
+    sqlx::query(
+        "INSERT INTO mailbox.subscriptions (account_id, name) VALUES ($1, $2)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(account_id)
+    .bind(name)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 pub fn hex_id(id: &[u8]) -> String {
     hex::encode(id)
 }

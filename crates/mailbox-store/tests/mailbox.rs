@@ -494,6 +494,183 @@ async fn mailbox_create_rename_delete() {
     assert!(!st.subscribed);
 }
 
+/// RFC 9051 §6.3.4/§6.3.6/§6.3.7: a subscription is a name, not a property of a mailbox.
+/// CREATE does not add one, DELETE and RENAME leave it where it is, and UNSUBSCRIBE still
+/// removes it after the mailbox is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_are_names_independent_of_mailboxes() {
+    let s = store().await;
+    let acc = s.account("alice@example.test").await;
+    let mut mb = s.mailbox().await;
+    use mailsuite_proto::mailbox_client::MailboxClient;
+    use tonic::transport::Channel;
+    async fn subs(mb: &mut MailboxClient<Channel>, acc: i64) -> (Vec<String>, Vec<String>) {
+        let l = mb
+            .list_mailboxes(ListMailboxesRequest {
+                account_id: acc,
+                with_status: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.subscriptions_listed);
+        let flagged = l
+            .mailboxes
+            .into_iter()
+            .filter(|m| m.subscribed)
+            .map(|m| m.name)
+            .collect();
+        (l.subscriptions, flagged)
+    }
+    async fn set(
+        mb: &mut MailboxClient<Channel>,
+        acc: i64,
+        name: &str,
+        on: bool,
+    ) -> Result<(), tonic::Code> {
+        mb.set_subscribed(SetSubscribedRequest {
+            account_id: acc,
+            name: name.into(),
+            subscribed: on,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.code())
+    }
+    let defaults = ["Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash"];
+    // A new account's default folders start subscribed, deliberately (admin.rs).
+    let (names, flagged) = subs(&mut mb, acc).await;
+    assert_eq!(names, defaults);
+    assert_eq!(flagged.len(), defaults.len());
+
+    for name in ["probe/a/b", "probe/c"] {
+        let info = mb
+            .create_mailbox(CreateMailboxRequest {
+                account_id: acc,
+                name: name.into(),
+                special_use: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!info.subscribed, "{name}");
+    }
+    assert_eq!(
+        subs(&mut mb, acc).await.0,
+        defaults,
+        "CREATE subscribes nothing"
+    );
+
+    assert_eq!(
+        set(&mut mb, acc, "nope", true).await,
+        Err(tonic::Code::NotFound)
+    );
+    set(&mut mb, acc, "probe/c", true).await.unwrap();
+    set(&mut mb, acc, "probe/a", true).await.unwrap();
+    mb.delete_mailbox(DeleteMailboxRequest {
+        account_id: acc,
+        name: "probe/c".into(),
+    })
+    .await
+    .unwrap();
+    mb.rename_mailbox(RenameMailboxRequest {
+        account_id: acc,
+        from: "probe/a".into(),
+        to: "probe/z".into(),
+    })
+    .await
+    .unwrap();
+    let (names, flagged) = subs(&mut mb, acc).await;
+    assert_eq!(
+        names,
+        [
+            "Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash", "probe/a", "probe/c"
+        ],
+        "kept through DELETE and RENAME, not moved to probe/z"
+    );
+    assert!(
+        !flagged.iter().any(|n| n.starts_with("probe")),
+        "{flagged:?}"
+    );
+
+    set(&mut mb, acc, "probe/c", false).await.unwrap();
+    assert_eq!(
+        set(&mut mb, acc, "probe/c", false).await,
+        Err(tonic::Code::NotFound),
+        "neither a subscription nor a mailbox"
+    );
+    set(&mut mb, acc, "probe/z", false)
+        .await
+        .expect("unsubscribing an existing mailbox that is not subscribed is fine");
+    assert_eq!(subs(&mut mb, acc).await.0.last().unwrap(), "probe/a");
+}
+
+/// Migration 20261203020001 on a database of the previous release: the subscribed flags
+/// become rows, and while replicas of that release still run, their SUBSCRIBE/UNSUBSCRIBE
+/// (an UPDATE of the flag) reach the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_migration_copies_flags_and_follows_the_old_release() {
+    let s = store().await;
+    let acc = s.account("alice@example.test").await;
+    let mut mb = s.mailbox().await;
+    for name in ["Old1", "Old2"] {
+        mb.create_mailbox(CreateMailboxRequest {
+            account_id: acc,
+            name: name.into(),
+            special_use: 0,
+        })
+        .await
+        .unwrap();
+    }
+    let pool = &s.db.pool;
+    sqlx::raw_sql(
+        "DROP TRIGGER mailboxes_subscribed_flag_carry ON mailbox.mailboxes;
+         DROP FUNCTION mailbox.subscribed_flag_carry();
+         DROP TABLE mailbox.subscriptions;
+         ALTER TABLE mailbox.mailboxes ALTER COLUMN subscribed SET DEFAULT true;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE mailbox.mailboxes SET subscribed = name IN ('INBOX', 'Old1') WHERE account_id = $1",
+    )
+    .bind(acc)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../../../migrations/20261203020001_mailbox_subscriptions.sql"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let subs = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT name FROM mailbox.subscriptions WHERE account_id = $1 ORDER BY name",
+        )
+        .bind(acc)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(subs().await, ["INBOX", "Old1"]);
+    let old_release = |name: &'static str, on: bool| async move {
+        sqlx::query(
+            "UPDATE mailbox.mailboxes SET subscribed = $3 WHERE account_id = $1 AND name = $2",
+        )
+        .bind(acc)
+        .bind(name)
+        .bind(on)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    old_release("Old1", false).await;
+    old_release("Old2", true).await;
+    assert_eq!(subs().await, ["INBOX", "Old2"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_sees_deliveries_made_through_another_replica() {
     let s = store().await;
