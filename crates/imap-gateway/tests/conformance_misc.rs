@@ -5,6 +5,18 @@ mod common;
 
 use common::*;
 
+/// A store with bob@example.test holding one message in INBOX.
+async fn bob_with_one_message() -> Env {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    env.deliver(
+        "bob@example.test",
+        b"From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n",
+    )
+    .await;
+    env
+}
+
 /// imaptest `atoms`: LIST with every atom character in the pattern is a valid command. The
 /// `&` makes it invalid modified UTF-7, which used to be answered `BAD Bad pattern` (and then
 /// imaptest hung up); it is matched as written, so nothing matches.
@@ -34,13 +46,7 @@ async fn atoms_list_with_every_atom_char_is_ok() {
 /// do not repeat it. The same holds for ENABLE CONDSTORE.
 #[tokio::test(flavor = "multi_thread")]
 async fn esearch_condstore_first_enabling_command_reports_highestmodseq() {
-    let env = env().await;
-    env.account("bob@example.test").await;
-    env.deliver(
-        "bob@example.test",
-        b"From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n",
-    )
-    .await;
+    let env = bob_with_one_message().await;
     let mut c = env.login("bob@example.test").await;
     let r = c.cmd("SELECT INBOX").await;
     assert!(!r.contains("HIGHESTMODSEQ"), "not enabled yet: {r}");
@@ -120,13 +126,7 @@ async fn copy_new_messages_are_announced_with_recent() {
 /// session that set it and in the others (RFC 9051 §7.3.5 / §7.1).
 #[tokio::test(flavor = "multi_thread")]
 async fn new_keywords_are_announced_before_a_fetch_shows_them() {
-    let env = env().await;
-    env.account("bob@example.test").await;
-    env.deliver(
-        "bob@example.test",
-        b"From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n",
-    )
-    .await;
+    let env = bob_with_one_message().await;
     let mut a = env.login("bob@example.test").await;
     let mut b = env.login("bob@example.test").await;
     let r = a.cmd("SELECT INBOX").await;
