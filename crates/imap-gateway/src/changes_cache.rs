@@ -181,6 +181,10 @@ impl ChangeCache {
     /// event announced so far: a shared answer whose `since` is at most `since` (filter it with
     /// [`Snapshot::changed_after`]), or the session's own when sharing is not possible or
     /// `own_poll` asks for everything committed before now (NOOP), announced or not.
+    ///
+    /// `claim_recent` (a read-write session's own poll only): the store takes the \Recent of
+    /// what it reports away from everyone else. A shared poll never claims, so sessions woken
+    /// together by one delivery do not all write.
     pub async fn changes(
         &self,
         store: &Store,
@@ -188,11 +192,17 @@ impl ChangeCache {
         mailbox_id: i64,
         since: u64,
         own_poll: bool,
+        claim_recent: bool,
     ) -> StoreResult<Arc<Snapshot>> {
         let store = store.clone();
+        if own_poll && claim_recent {
+            counter_calls("own");
+            let resp = store.changes(account_id, mailbox_id, since, true).await?;
+            return Ok(Arc::new(Snapshot { since, resp }));
+        }
         let fetch = move |since: u64| {
             let store = store.clone();
-            async move { store.changes(account_id, mailbox_id, since).await }
+            async move { store.changes(account_id, mailbox_id, since, false).await }
         };
         self.changes_via((account_id, mailbox_id), since, own_poll, fetch)
             .await

@@ -3073,6 +3073,7 @@ impl Session {
                     sel.mailbox_id,
                     sel.modseq,
                     own_poll,
+                    !sel.read_only,
                 )
                 .await
             {

@@ -261,6 +261,7 @@ impl Store {
         account_id: i64,
         mailbox_id: i64,
         since_modseq: u64,
+        claim_recent: bool,
     ) -> StoreResult<pb::ChangesResponse> {
         Ok(self
             .mailbox()
@@ -268,6 +269,7 @@ impl Store {
                 account_id,
                 mailbox_id,
                 since_modseq,
+                claim_recent,
             })
             .await?
             .into_inner())

@@ -204,3 +204,37 @@ async fn expunge_and_move_report_all_changes_in_their_reply() {
     }
     env.stop().await;
 }
+
+/// imaptest `append`: two sessions have the mailbox selected read-write and one of them
+/// appends; once a selected session has reported the new message, it is no longer \Recent for
+/// anyone else, so a third session's STATUS says RECENT 0 (RFC 3501 §2.3.2, §6.3.10).
+#[tokio::test(flavor = "multi_thread")]
+async fn append_status_recent_counts_no_message_a_selected_session_was_told_of() {
+    let env = env().await;
+    env.account("bob@example.test").await;
+    let mut one = env.login("bob@example.test").await;
+    let mut two = env.login("bob@example.test").await;
+    let mut three = env.login("bob@example.test").await;
+    one.cmd("SELECT INBOX").await;
+    two.cmd("SELECT INBOX").await;
+    let m = "From: a@remote.test\r\nSubject: one\r\n\r\nbody\r\n";
+    let r = one
+        .cmd(&format!("APPEND INBOX (\\Seen) {{{}+}}\r\n{m}", m.len()))
+        .await;
+    assert!(r.contains("* 1 EXISTS\r\n"), "{r}");
+    let r = two.cmd("NOOP").await;
+    assert!(r.contains("* 1 EXISTS\r\n"), "{r}");
+    let r = three.cmd("STATUS INBOX (MESSAGES UNSEEN RECENT)").await;
+    assert!(
+        r.contains("* STATUS INBOX (MESSAGES 1 UNSEEN 0 RECENT 0)"),
+        "{r}"
+    );
+    // EXAMINE claims nothing: a message delivered now stays \Recent for the next session.
+    one.cmd("EXAMINE INBOX").await;
+    two.cmd("UNSELECT").await;
+    env.deliver("bob@example.test", m.as_bytes()).await;
+    one.cmd("NOOP").await;
+    let r = three.cmd("STATUS INBOX (MESSAGES RECENT)").await;
+    assert!(r.contains("* STATUS INBOX (MESSAGES 2 RECENT 1)"), "{r}");
+    env.stop().await;
+}

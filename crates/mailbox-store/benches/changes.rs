@@ -329,6 +329,7 @@ async fn main() {
                 account_id,
                 mailbox_id: mb,
                 since_modseq: u64::MAX >> 1,
+                claim_recent: false,
             })
             .await
             .unwrap()
@@ -340,6 +341,7 @@ async fn main() {
             account_id,
             mailbox_id: mb,
             since_modseq: since,
+            claim_recent: false,
         };
 
         run(&url, req, expect, callers, 400).await; // warm up

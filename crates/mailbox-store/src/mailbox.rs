@@ -1107,6 +1107,18 @@ impl Mailbox for MailboxSvc {
             ))));
         };
         let expunged: Vec<i64> = head.get("expunged");
+        if req.claim_recent && rows.len() > 1 {
+            // The head row above proved the mailbox is the account's.
+            sqlx::query(
+                "UPDATE mailbox.messages SET recent = false
+                  WHERE mailbox_id = $1 AND recent AND modseq > $2",
+            )
+            .bind(req.mailbox_id)
+            .bind(since)
+            .execute(&self.0.pool)
+            .await
+            .map_err(st)?;
+        }
         Ok(Response::new(ChangesResponse {
             changed: rows[1..]
                 .iter()

@@ -21,6 +21,7 @@ async fn changes(
         account_id: acc,
         mailbox_id: id,
         since_modseq: since,
+        claim_recent: false,
     })
     .await
     .expect("changes")
@@ -352,6 +353,7 @@ async fn changes_of_a_mailbox_not_owned_is_not_found() {
                 account_id: acc,
                 mailbox_id: id,
                 since_modseq: 0,
+                claim_recent: false,
             })
             .await
             .unwrap_err();

@@ -144,6 +144,7 @@ async fn flags_condstore_and_changes() {
             account_id: acc,
             mailbox_id: inbox,
             since_modseq: after_add,
+            claim_recent: false,
         })
         .await
         .unwrap()
@@ -190,6 +191,7 @@ async fn flags_condstore_and_changes() {
             account_id: acc,
             mailbox_id: inbox,
             since_modseq: mark.highestmodseq,
+            claim_recent: false,
         })
         .await
         .unwrap()
@@ -900,6 +902,7 @@ async fn pruned_change_log_is_reported_as_truncated() {
             account_id: acc,
             mailbox_id: inbox,
             since_modseq: 1,
+            claim_recent: false,
         })
         .await
         .unwrap()
@@ -918,6 +921,7 @@ async fn pruned_change_log_is_reported_as_truncated() {
             account_id: acc,
             mailbox_id: inbox,
             since_modseq: 1,
+            claim_recent: false,
         })
         .await
         .unwrap()
@@ -928,6 +932,7 @@ async fn pruned_change_log_is_reported_as_truncated() {
             account_id: acc,
             mailbox_id: inbox,
             since_modseq: ex.highestmodseq,
+            claim_recent: false,
         })
         .await
         .unwrap()
