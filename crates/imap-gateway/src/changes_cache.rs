@@ -195,14 +195,12 @@ impl ChangeCache {
         claim_recent: bool,
     ) -> StoreResult<Arc<Snapshot>> {
         let store = store.clone();
-        if own_poll && claim_recent {
-            counter_calls("own");
-            let resp = store.changes(account_id, mailbox_id, since, true).await?;
-            return Ok(Arc::new(Snapshot { since, resp }));
-        }
+        // Only an own poll claims: `changes_via` shares nothing when `own_poll` is set, and
+        // its fallback from a truncated shared answer (`own_poll` unset) claims nothing.
+        let claim = own_poll && claim_recent;
         let fetch = move |since: u64| {
             let store = store.clone();
-            async move { store.changes(account_id, mailbox_id, since, false).await }
+            async move { store.changes(account_id, mailbox_id, since, claim).await }
         };
         self.changes_via((account_id, mailbox_id), since, own_poll, fetch)
             .await

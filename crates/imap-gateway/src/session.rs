@@ -281,10 +281,7 @@ impl Selected {
     fn announce_keywords<W: AsyncWrite + Unpin>(&mut self, flags: &[String], out: &mut Out<'_, W>) {
         let mut new = false;
         for f in flags {
-            if !f.starts_with('\\')
-                && convert::flag(f).is_some()
-                && !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(f))
-            {
+            if is_keyword(f) && !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(f)) {
                 self.keywords.push(f.clone());
                 new = true;
             }
@@ -640,6 +637,11 @@ const SYSTEM_FLAGS: [Flag<'static>; 5] = [
     Flag::Seen,
     Flag::Draft,
 ];
+
+/// A keyword (not a `\` system flag) that can go on the wire as a flag atom.
+fn is_keyword(f: &str) -> bool {
+    !f.starts_with('\\') && convert::flag(f).is_some()
+}
 
 /// `* FLAGS (...)` and `* OK [PERMANENTFLAGS (...)]` for the system flags and `keywords`
 /// (PERMANENTFLAGS empty on a read-only mailbox, else with `\*`: new keywords may be made).
@@ -1455,7 +1457,7 @@ impl Session {
         let keywords: Vec<String> = r
             .keywords
             .iter()
-            .filter(|k| !k.starts_with('\\') && convert::flag(k).is_some())
+            .filter(|k| is_keyword(k))
             .cloned()
             .collect();
         flags_responses(&keywords, read_only, out);

@@ -89,14 +89,8 @@ async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Proxied, ProxyErro
         let h = ppp::v2::Header::try_from(buf.as_slice())
             .map_err(|e| ProxyError::Malformed(e.to_string()))?;
         return Ok(match (h.command, h.addresses) {
-            (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => Proxied::Tcp {
-                source: SocketAddr::new(a.source_address.into(), a.source_port),
-                destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-            },
-            (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => Proxied::Tcp {
-                source: SocketAddr::new(a.source_address.into(), a.source_port),
-                destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-            },
+            (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => tcp4(a),
+            (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => tcp6(a),
             _ => Proxied::Local,
         });
     }
@@ -113,16 +107,26 @@ async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Proxied, ProxyErro
     let h = ppp::v1::Header::try_from(buf.as_slice())
         .map_err(|e| ProxyError::Malformed(e.to_string()))?;
     Ok(match h.addresses {
-        ppp::v1::Addresses::Tcp4(a) => Proxied::Tcp {
-            source: SocketAddr::new(a.source_address.into(), a.source_port),
-            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
-        ppp::v1::Addresses::Tcp6(a) => Proxied::Tcp {
-            source: SocketAddr::new(a.source_address.into(), a.source_port),
-            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
+        ppp::v1::Addresses::Tcp4(a) => tcp4(a),
+        ppp::v1::Addresses::Tcp6(a) => tcp6(a),
         ppp::v1::Addresses::Unknown => Proxied::Local,
     })
+}
+
+/// A proxied TCP connection from what either header version says of IPv4 or IPv6 (`ppp`
+/// uses the same address types for both).
+fn tcp4(a: ppp::v1::IPv4) -> Proxied {
+    Proxied::Tcp {
+        source: SocketAddr::new(a.source_address.into(), a.source_port),
+        destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
+    }
+}
+
+fn tcp6(a: ppp::v1::IPv6) -> Proxied {
+    Proxied::Tcp {
+        source: SocketAddr::new(a.source_address.into(), a.source_port),
+        destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
+    }
 }
 
 #[cfg(test)]
