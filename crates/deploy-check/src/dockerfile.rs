@@ -273,7 +273,16 @@ pub fn check(df: &Dockerfile, workspace_bins: &BTreeMap<String, String>) -> Vec<
             p(format!("no Dockerfile target {bin}"));
             continue;
         };
-        let entry = stage.last("ENTRYPOINT").and_then(Instruction::exec_form);
+        let ancestry = df.ancestry(stage);
+        // The image settings live in `<bin>-prebuilt`, which the target is built on, so an
+        // image from the host's binaries (deploy/offline-images.sh) is configured the same.
+        if ancestry.get(1).and_then(|s| s.name.as_deref()) != Some(&format!("{bin}-prebuilt")) {
+            p(format!("target {bin}: is not built FROM {bin}-prebuilt"));
+        }
+        let entry = ancestry
+            .iter()
+            .find_map(|s| s.last("ENTRYPOINT"))
+            .and_then(Instruction::exec_form);
         if entry.as_ref().and_then(|e| e.first()).map(String::as_str) != Some(bin) {
             p(format!(
                 "target {bin}: ENTRYPOINT {entry:?} does not run {bin}"
@@ -293,7 +302,6 @@ pub fn check(df: &Dockerfile, workspace_bins: &BTreeMap<String, String>) -> Vec<
                 "target {bin}: does not copy {bin} from stage {builder_name} into /usr/local/bin"
             ));
         }
-        let ancestry = df.ancestry(stage);
         let user = ancestry.iter().find_map(|s| s.last("USER"));
         match user.map(|u| u.args.split(':').next().unwrap_or("").trim().to_string()) {
             Some(u) if u != "0" && u != "root" && !u.is_empty() => {}
