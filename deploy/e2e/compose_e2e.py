@@ -443,6 +443,41 @@ def step_faults(c, ports, result):
     assert not duplicated, f"{len(duplicated)} messages stored more than once: {duplicated[:10]}"
 
 
+def step_upgrade(c, ports, result, before_mid):
+    """The README's upgrade: new images, `docker compose up -d`: the migration job runs again
+    before the services restart on the new images, and the mail stays."""
+    new_tag = c.env["MAILSUITE_TAG"] + "-upgrade"
+    prefix = c.env.get("MAILSUITE_IMAGE_PREFIX", "mailsuite")
+    for image in ["mailbox-store", "relay-queue", "smtp-ingress", "pop3-gateway", "imap-gateway", "mailctl",
+                  "postgres", "haproxy"]:
+        docker("tag", f"{prefix}/{image}:{c.env['MAILSUITE_TAG']}", f"{prefix}/{image}:{new_tag}")
+    (old_migrate,) = c.containers("migrate")
+    c.env["MAILSUITE_TAG"] = new_tag
+    try:
+        c.run("up", "-d", "--no-build")
+        (migrate,) = wait_until(lambda: (m := c.containers("migrate")) and m[0] != old_migrate and m, 120,
+                                "a new migration job")
+        state = wait_until(lambda: (st := inspect(migrate)["State"])["Status"] == "exited" and st, 180,
+                           "the migration job to finish")
+        assert state["ExitCode"] == 0, f"migration job failed: {docker('logs', migrate)}"
+        wait_services_healthy(c, ["mailbox-store", "relay-queue", "smtp-ingress", "pop3-gateway", "imap-gateway"])
+        for svc in ["mailbox-store", "smtp-ingress", "imap-gateway"]:
+            images = {inspect(cid)["Config"]["Image"] for cid in c.containers(svc)}
+            assert images == {f"{prefix}/{svc}:{new_tag}"}, f"{svc} runs {images} after the upgrade"
+        assert wait_until(lambda: imap_header(ports, f"alice@{DOMAIN}", before_mid), 60,
+                          "mail from before the upgrade")
+        mid = "up-" + secrets.token_hex(6)
+        with smtplib.SMTP("127.0.0.1", ports["SMTP"], timeout=60) as s:
+            s.sendmail("someone@remote.test", [f"alice@{DOMAIN}"], message(mid, "someone@remote.test", f"alice@{DOMAIN}"))
+        wait_until(lambda: imap_header(ports, f"alice@{DOMAIN}", mid), 60, "mail after the upgrade")
+    finally:
+        for image in ["mailbox-store", "relay-queue", "smtp-ingress", "pop3-gateway", "imap-gateway", "mailctl",
+                      "postgres", "haproxy"]:
+            docker("rmi", "--no-prune", f"{prefix}/{image}:{new_tag}", check=False)
+    result["upgrade"] = {"tag": new_tag, "migration_job_exit": 0, "mail_kept": True}
+    log(f"upgrade: up -d with images {new_tag}: migration ran again, services replaced, mail kept")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--project", default="mailsuite-e2e")
@@ -457,6 +492,7 @@ def main():
     env.update({
         "MAIL_BIND": "127.0.0.1",
         "MAIL_HOSTNAME": "mail.example.test",
+        "MAILSUITE_TAG": os.environ.get("MAILSUITE_TAG", "dev"),
         "MAILSUITE_INTERNAL_TOKEN": secrets.token_hex(32),
         "POSTGRES_PASSWORD": secrets.token_hex(16),
         "MAILSUITE_CERTS_DIR": os.path.join(tmp, "certs"),
@@ -477,10 +513,11 @@ def main():
         gateway_ip = net["Gateway"]
         lb_ips = [container_ip(i) for i in c.containers("mail-lb")]
         step_inbound(c, ports, gateway_ip, lb_ips, result)
-        step_submission_relay(c, ports, result)
+        relayed = step_submission_relay(c, ports, result)
         step_trace(spans, result)
         step_scale_idle(c, ports, result)
         step_faults(c, ports, result)
+        step_upgrade(c, ports, result, relayed)
         ok = True
     finally:
         result["passed"] = ok
