@@ -8,11 +8,14 @@ use serde_json::Value;
 
 use crate::Error;
 
-/// Every non-empty document of a (multi-document) YAML text.
+/// Every non-empty document of a (multi-document) YAML text, with merge keys (`<<: *anchor`,
+/// as compose files use them) applied.
 pub fn parse_all(text: &str) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc).map_err(|e| e.to_string())?;
+        let mut y = serde_yaml_ng::Value::deserialize(doc).map_err(|e| e.to_string())?;
+        y.apply_merge().map_err(|e| e.to_string())?;
+        let v = serde_json::to_value(y).map_err(|e| e.to_string())?;
         if !v.is_null() {
             out.push(v);
         }
@@ -56,6 +59,12 @@ pub fn list_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_keys_are_applied() {
+        let v = parse_all("x: &e {A: '1', B: '2'}\ny:\n  <<: *e\n  B: '3'\n").unwrap();
+        assert_eq!(v[0]["y"], serde_json::json!({"A": "1", "B": "3"}));
+    }
 
     #[test]
     fn multi_document_with_anchors() {
