@@ -1,6 +1,7 @@
 //! Configuration of the IMAP gateway. Every limit has a documented default.
 
 use mailsuite_runtime::listener::ConnLimits;
+use mailsuite_runtime::proxy_protocol::ProxyProtocolConfig;
 use mailsuite_runtime::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,9 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    /// PROXY protocol (v1/v2) from trusted load balancers, per listener (README
+    /// "Configuration"); off by default.
+    pub proxy_protocol: ProxyProtocolConfig,
 }
 
 impl Default for Config {
@@ -36,6 +40,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -155,6 +160,63 @@ impl Default for Limits {
             store_timeout_secs: 60,
             changes_cache_mailboxes: 10_000,
             changes_cache_entries: 100_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailsuite_runtime::config::{ConfigSources, load};
+
+    /// The spelling docker compose uses: one variable per key, lists comma-separated.
+    #[test]
+    fn proxy_protocol_from_the_environment() {
+        let c: Config = load(&ConfigSources::default()).unwrap();
+        assert!(c.proxy_protocol.listeners.is_empty(), "off by default");
+        assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
+        let env = [
+            (
+                "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
+                "172.16.0.0/12, 10.0.0.5",
+            ),
+            ("MAILSUITE_PROXY_PROTOCOL__LISTENERS", "imap,imaps"),
+            ("MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS", "3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c: Config = load(&ConfigSources {
+            env,
+            ..Default::default()
+        })
+        .unwrap();
+        let p = &c.proxy_protocol;
+        assert_eq!(p.listeners, ["imap", "imaps"]);
+        assert_eq!(p.header_timeout_secs, 3);
+        for name in ["imap", "imaps"] {
+            let policy = p.policy(name).expect("enabled");
+            assert!(policy.trusts("172.20.0.9".parse().unwrap()));
+            assert!(policy.trusts("10.0.0.5".parse().unwrap()));
+            assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
+        }
+        // The TOML spelling, and unknown keys refused.
+        let c: Config = load(&ConfigSources {
+            overrides: vec![
+                "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
+                "proxy_protocol.listeners=[\"imap\"]".into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.proxy_protocol.policy("imap").is_some());
+        assert!(c.proxy_protocol.policy("imaps").is_none());
+        for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
+            let bad = ConfigSources {
+                overrides: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -41,7 +41,12 @@ pub enum Error {
     Tls(#[from] mailsuite_runtime::tls::TlsError),
     #[error("store_url: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
 }
+
+/// The listeners by the names `proxy_protocol.listeners` uses: STARTTLS, implicit TLS.
+pub const LISTENERS: [&str; 2] = ["imap", "imaps"];
 
 /// The bound address of every listener (`None`: disabled by an empty listen address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +71,23 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         Duration::from_secs(config.limits.store_timeout_secs.max(1)),
     )?;
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
+    config.proxy_protocol.validate(&LISTENERS)?;
     let limits = config.limits.connections;
-    let bind = |addr: String| async move {
-        if addr.is_empty() {
-            return Ok::<_, std::io::Error>(None);
+    let bind = |addr: String, name: &str| {
+        let proxy = config.proxy_protocol.policy(name);
+        async move {
+            if addr.is_empty() {
+                return Ok::<_, std::io::Error>(None);
+            }
+            Ok(Some(
+                LimitedListener::bind(&addr, limits)
+                    .await?
+                    .with_proxy(proxy),
+            ))
         }
-        Ok(Some(LimitedListener::bind(&addr, limits).await?))
     };
-    let imap = bind(config.listen_imap.clone()).await?;
-    let imaps = bind(config.listen_imaps.clone()).await?;
+    let imap = bind(config.listen_imap.clone(), LISTENERS[0]).await?;
+    let imaps = bind(config.listen_imaps.clone(), LISTENERS[1]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {
@@ -134,7 +147,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: LimitedListener, tls: bool) 
         listener,
         shared.shutdown.clone(),
         "mailsuite_imap_connections_total",
-        if tls { "imaps" } else { "imap" },
+        LISTENERS[usize::from(tls)],
         (!tls).then_some(refusal),
         move |stream, peer| connection::handle(shared.clone(), stream, peer, tls),
     )

@@ -35,7 +35,12 @@ pub enum Error {
     Tls(#[from] mailsuite_runtime::tls::TlsError),
     #[error("store_url: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
 }
+
+/// The listeners by the names `proxy_protocol.listeners` uses: STARTTLS, implicit TLS.
+pub const LISTENERS: [&str; 2] = ["pop3", "pop3s"];
 
 /// The bound address of every listener (`None`: disabled by an empty listen address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,15 +75,23 @@ pub async fn start_with<B: Backend>(
         );
     }
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
+    config.proxy_protocol.validate(&LISTENERS)?;
     let limits = config.limits.connections;
-    let bind = |addr: String| async move {
-        if addr.is_empty() {
-            return Ok::<_, std::io::Error>(None);
+    let bind = |addr: String, name: &str| {
+        let proxy = config.proxy_protocol.policy(name);
+        async move {
+            if addr.is_empty() {
+                return Ok::<_, std::io::Error>(None);
+            }
+            Ok(Some(
+                LimitedListener::bind(&addr, limits)
+                    .await?
+                    .with_proxy(proxy),
+            ))
         }
-        Ok(Some(LimitedListener::bind(&addr, limits).await?))
     };
-    let pop3 = bind(config.listen_pop3.clone()).await?;
-    let pop3s = bind(config.listen_pop3s.clone()).await?;
+    let pop3 = bind(config.listen_pop3.clone(), LISTENERS[0]).await?;
+    let pop3s = bind(config.listen_pop3s.clone(), LISTENERS[1]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {
@@ -137,7 +150,7 @@ async fn accept_loop<B: Backend>(shared: Arc<Shared<B>>, listener: LimitedListen
         listener,
         shared.shutdown.clone(),
         "mailsuite_pop3_connections_total",
-        if tls { "pop3s" } else { "pop3" },
+        LISTENERS[usize::from(tls)],
         (!tls).then_some(refusal),
         move |stream, peer| connection::handle(shared.clone(), stream, peer, tls),
     )

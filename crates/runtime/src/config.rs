@@ -5,6 +5,8 @@
 //! whose `#[serde(deny_unknown_fields)]` rejects unknown keys from the file and from flags.
 //! The environment is injected as a map (tests pass their own); a `MAILSUITE_*` variable
 //! only applies to a key the struct has, because other tools (e.g. `mailctl`) share the prefix.
+//! A list key takes a TOML array (`["a", "b"]`) or, from the environment and flags, a plain
+//! comma-separated value (`a,b`; empty: the empty list).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -160,9 +162,20 @@ fn set_path(t: &mut Table, path: &[String], value: Value) {
     match path {
         [] => {}
         [last] => {
-            // Keep strings for keys that are strings by default ("0123" stays a string).
+            // Keep strings for keys that are strings by default ("0123" stays a string);
+            // a list key given one plain value takes it as a comma-separated list
+            // (`MAILSUITE_PROXY_PROTOCOL__TRUSTED=10.0.0.0/8,fd00::/8`; TOML's `["a", "b"]`
+            // works too, and an empty value is the empty list).
             let value = match (t.get(last), value) {
                 (Some(Value::String(_)), v) if !v.is_str() => Value::String(scalar_text(&v)),
+                (Some(Value::Array(_)), v) if !v.is_array() => Value::Array(
+                    scalar_text(&v)
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.to_owned()))
+                        .collect(),
+                ),
                 (_, v) => v,
             };
             t.insert(last.clone(), value);
@@ -321,6 +334,61 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct WithLists {
+        names: Vec<String>,
+        nested: Lists,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Lists {
+        nets: Vec<String>,
+        ports: Vec<u16>,
+    }
+
+    #[test]
+    fn lists_from_env_and_flags_comma_separated_or_toml() {
+        let env = |pairs: &[(&str, &str)]| ConfigSources {
+            env: pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let c: WithLists = load(&env(&[
+            ("MAILSUITE_NAMES", "smtp, submission,submissions"),
+            ("MAILSUITE_NESTED__NETS", "172.16.0.0/12"),
+        ]))
+        .unwrap();
+        assert_eq!(c.names, ["smtp", "submission", "submissions"]);
+        assert_eq!(
+            c.nested.nets,
+            ["172.16.0.0/12"],
+            "one value is a list of one"
+        );
+        let c: WithLists = load(&env(&[
+            ("MAILSUITE_NAMES", "[\"a\", \"b\"]"),
+            ("MAILSUITE_NESTED__NETS", "10.0.0.1,fd00::/8"),
+        ]))
+        .unwrap();
+        assert_eq!(c.names, ["a", "b"], "TOML array syntax");
+        assert_eq!(c.nested.nets, ["10.0.0.1", "fd00::/8"]);
+        let c: WithLists = load(&env(&[("MAILSUITE_NAMES", "")])).unwrap();
+        assert!(c.names.is_empty(), "empty value: empty list");
+        let c: WithLists = load(&ConfigSources {
+            overrides: vec![
+                "nested.nets=10.0.0.0/8,192.0.2.1".into(),
+                "nested.ports=[25, 465]".into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.nested.nets, ["10.0.0.0/8", "192.0.2.1"]);
+        assert_eq!(c.nested.ports, [25, 465]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod limiter;
 pub mod listener;
 pub mod metrics;
+pub mod net;
 pub mod ops;
 pub mod pg;
 pub mod proxy_protocol;

@@ -11,7 +11,94 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::net::ClientNet;
+
+/// The `proxy_protocol` table of every service with client listeners (smtp-ingress,
+/// pop3-gateway, imap-gateway): which listeners sit behind a balancer that sends a PROXY
+/// header, and which peers are those balancers.
+///
+/// On a listed listener, a connection from a `trusted` peer must start with a PROXY header
+/// (v1 or v2) within `header_timeout_secs`, or it is closed without a greeting; the client
+/// address in the header is then the connection's address for every limit, check and log.
+/// A connection from any other peer is served as a direct one with its own address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolConfig {
+    /// The balancers: addresses or networks (`172.16.0.0/12`, `10.0.0.5`, `fd00::/8`).
+    pub trusted: Vec<ClientNet>,
+    /// The listeners that expect the header, by name (smtp-ingress: `smtp`, `submission`,
+    /// `submissions`; pop3-gateway: `pop3`, `pop3s`; imap-gateway: `imap`, `imaps`).
+    /// Empty: none.
+    pub listeners: Vec<String>,
+    /// How long a trusted peer has to send the whole header.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        ProxyProtocolConfig {
+            trusted: Vec::new(),
+            listeners: Vec::new(),
+            header_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProxyConfigError {
+    #[error("proxy_protocol.listeners: {0:?} is not a listener of this service (known: {1})")]
+    UnknownListener(String, String),
+    #[error(
+        "proxy_protocol.listeners is set but proxy_protocol.trusted is empty: \
+         no peer would be allowed to send the PROXY header"
+    )]
+    NoTrustedPeers,
+}
+
+impl ProxyProtocolConfig {
+    /// Refuse listener names the service does not have (`known`), and listeners without
+    /// any trusted peer (a setting that would silently do nothing).
+    pub fn validate(&self, known: &[&str]) -> Result<(), ProxyConfigError> {
+        if let Some(bad) = self.listeners.iter().find(|l| !known.contains(&l.as_str())) {
+            return Err(ProxyConfigError::UnknownListener(
+                bad.clone(),
+                known.join(", "),
+            ));
+        }
+        if !self.listeners.is_empty() && self.trusted.is_empty() {
+            return Err(ProxyConfigError::NoTrustedPeers);
+        }
+        Ok(())
+    }
+
+    /// The policy of the listener called `listener`, if it expects the header.
+    pub fn policy(&self, listener: &str) -> Option<ProxyPolicy> {
+        self.listeners
+            .iter()
+            .any(|l| l == listener)
+            .then(|| ProxyPolicy {
+                trusted: self.trusted.iter().map(ClientNet::net).collect(),
+                header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
+            })
+    }
+}
+
+/// What one PROXY-enabled listener does: who may send the header, and how long they have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPolicy {
+    pub trusted: Vec<ipnet::IpNet>,
+    pub header_timeout: Duration,
+}
+
+impl ProxyPolicy {
+    /// Must a connection from `peer` start with a PROXY header?
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        trusted(peer, &self.trusted)
+    }
+}
 
 /// What a v1 header can be at most, CRLF included (the spec's 107 octets).
 const V1_MAX: usize = 107;
@@ -270,6 +357,43 @@ mod tests {
         let (_w, mut r) = tokio::io::duplex(64);
         let got = read_header(&mut r, Duration::from_millis(50)).await;
         assert!(matches!(got, Err(ProxyError::Timeout(_))), "{got:?}");
+    }
+
+    #[test]
+    fn config_policy_per_listener_and_validation() {
+        let c = ProxyProtocolConfig {
+            trusted: vec![
+                "172.16.0.0/12".parse().unwrap(),
+                "10.0.0.5".parse().unwrap(),
+            ],
+            listeners: vec!["smtp".into(), "submissions".into()],
+            header_timeout_secs: 0,
+        };
+        assert_eq!(c.validate(&["smtp", "submission", "submissions"]), Ok(()));
+        let p = c.policy("smtp").expect("smtp expects the header");
+        assert!(p.trusts("172.20.0.3".parse().unwrap()));
+        assert!(p.trusts("::ffff:10.0.0.5".parse().unwrap()));
+        assert!(!p.trusts("10.0.0.6".parse().unwrap()));
+        assert_eq!(
+            p.header_timeout,
+            Duration::from_secs(1),
+            "0 is at least 1 s"
+        );
+        assert!(c.policy("submission").is_none());
+        assert!(matches!(
+            c.validate(&["pop3", "pop3s"]),
+            Err(ProxyConfigError::UnknownListener(l, _)) if l == "smtp"
+        ));
+        let untrusted = ProxyProtocolConfig {
+            trusted: vec![],
+            ..c.clone()
+        };
+        assert_eq!(
+            untrusted.validate(&["smtp", "submissions"]),
+            Err(ProxyConfigError::NoTrustedPeers)
+        );
+        assert_eq!(ProxyProtocolConfig::default().validate(&[]), Ok(()));
+        assert!(ProxyProtocolConfig::default().policy("smtp").is_none());
     }
 
     #[test]

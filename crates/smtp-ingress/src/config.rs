@@ -1,10 +1,9 @@
 //! smtp-ingress configuration. Every limit is here with its default; an empty listen address
 //! disables that listener.
 
-use std::net::IpAddr;
-use std::str::FromStr;
-
 use mailsuite_runtime::listener::ConnLimits;
+pub use mailsuite_runtime::net::{BadClientNet, ClientNet};
+use mailsuite_runtime::proxy_protocol::ProxyProtocolConfig;
 use mailsuite_runtime::tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +31,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub policy: Policy,
     pub dns: DnsConfig,
+    /// PROXY protocol (v1/v2) from trusted load balancers, per listener (README
+    /// "Configuration"); off by default.
+    pub proxy_protocol: ProxyProtocolConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             policy: Policy::default(),
             dns: DnsConfig::default(),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -236,50 +239,6 @@ impl Default for Policy {
     }
 }
 
-/// An IP address or network in CIDR notation, as written in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ClientNet(ipnet::IpNet);
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?} is neither an IP address nor a network (192.0.2.0/24, 2001:db8::/48)")]
-pub struct BadClientNet(String);
-
-impl ClientNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        // A v4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        self.0.contains(&ip)
-    }
-}
-
-impl FromStr for ClientNet {
-    type Err = BadClientNet;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        s.parse::<ipnet::IpNet>()
-            .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-            .map(ClientNet)
-            .map_err(|_| BadClientNet(s.to_string()))
-    }
-}
-
-impl TryFrom<String> for ClientNet {
-    type Error = BadClientNet;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<ClientNet> for String {
-    fn from(n: ClientNet) -> String {
-        n.0.to_string()
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
@@ -361,6 +320,60 @@ mod tests {
         assert!("mx.example".parse::<ClientNet>().is_err());
 
         for bad in ["limits.nope=1", "policy.iprev=maybe", "policy.iprev_nope=1"] {
+            let bad = ConfigSources {
+                overrides: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The spelling docker compose uses: one variable per key, lists comma-separated.
+    #[test]
+    fn proxy_protocol_from_the_environment() {
+        let c: Config = load(&ConfigSources::default()).unwrap();
+        assert!(c.proxy_protocol.listeners.is_empty(), "off by default");
+        assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
+        let env = [
+            (
+                "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
+                "172.16.0.0/12, 10.0.0.5",
+            ),
+            (
+                "MAILSUITE_PROXY_PROTOCOL__LISTENERS",
+                "smtp,submission,submissions",
+            ),
+            ("MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS", "3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c: Config = load(&ConfigSources {
+            env,
+            ..Default::default()
+        })
+        .unwrap();
+        let p = &c.proxy_protocol;
+        assert_eq!(p.listeners, ["smtp", "submission", "submissions"]);
+        assert_eq!(p.header_timeout_secs, 3);
+        for name in ["smtp", "submission", "submissions"] {
+            let policy = p.policy(name).expect("enabled");
+            assert!(policy.trusts("172.20.0.9".parse().unwrap()));
+            assert!(policy.trusts("10.0.0.5".parse().unwrap()));
+            assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
+        }
+        // The TOML spelling, and unknown keys refused.
+        let c: Config = load(&ConfigSources {
+            overrides: vec![
+                "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
+                "proxy_protocol.listeners=[\"smtp\"]".into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.proxy_protocol.policy("smtp").is_some());
+        assert!(c.proxy_protocol.policy("submission").is_none());
+        for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
             let bad = ConfigSources {
                 overrides: vec![bad.into()],
                 ..Default::default()

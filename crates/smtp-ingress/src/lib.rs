@@ -20,8 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mailsuite_runtime::Shutdown;
-use mailsuite_runtime::listener::{Admission, LimitedListener};
-use tokio::io::AsyncWriteExt;
+use mailsuite_runtime::listener::{self, LimitedListener};
 use tokio_rustls::TlsAcceptor;
 
 pub use backend::{Backend, GrpcBackend};
@@ -39,7 +38,13 @@ pub enum Error {
     Grpc(#[from] tonic::transport::Error),
     #[error("dns: {0}")]
     Verify(#[from] verify::VerifyError),
+    #[error("{0}")]
+    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
 }
+
+/// The listeners by the names `proxy_protocol.listeners` uses: MX, submission with STARTTLS,
+/// submission over implicit TLS.
+pub const LISTENERS: [&str; 3] = ["smtp", "submission", "submissions"];
 
 /// The bound address of every listener; `None` where disabled.
 #[derive(Debug, Clone, Copy)]
@@ -75,18 +80,26 @@ pub async fn start_with<B: Backend>(
     verifier: Option<Verifier>,
     shutdown: Shutdown,
 ) -> Result<Started, Error> {
+    config.proxy_protocol.validate(&LISTENERS)?;
     let tls = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     let limits = config.limits.conn_limits();
-    let bind = |addr: String| async move {
-        if addr.is_empty() {
-            Ok::<_, std::io::Error>(None)
-        } else {
-            Ok(Some(LimitedListener::bind(&addr, limits).await?))
+    let bind = |addr: String, name: &str| {
+        let proxy = config.proxy_protocol.policy(name);
+        async move {
+            if addr.is_empty() {
+                Ok::<_, std::io::Error>(None)
+            } else {
+                Ok(Some(
+                    LimitedListener::bind(&addr, limits)
+                        .await?
+                        .with_proxy(proxy),
+                ))
+            }
         }
     };
-    let smtp = bind(config.listen_smtp.clone()).await?;
-    let submission = bind(config.listen_submission.clone()).await?;
-    let submissions = bind(config.listen_submissions.clone()).await?;
+    let smtp = bind(config.listen_smtp.clone(), LISTENERS[0]).await?;
+    let submission = bind(config.listen_submission.clone(), LISTENERS[1]).await?;
+    let submissions = bind(config.listen_submissions.clone(), LISTENERS[2]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {
@@ -133,15 +146,16 @@ pub async fn start_with<B: Backend>(
             domains::MAX_DOMAINS,
         ),
     });
-    for (listener, port) in [
-        (smtp, Port::Mx),
-        (submission, Port::Submission),
-        (submissions, Port::Submissions),
+    for (listener, port, name) in [
+        (smtp, Port::Mx, LISTENERS[0]),
+        (submission, Port::Submission, LISTENERS[1]),
+        (submissions, Port::Submissions, LISTENERS[2]),
     ] {
         if let Some(l) = listener {
             shutdown.spawn(accept_loop(
                 l,
                 port,
+                name,
                 shared.clone(),
                 tls.clone(),
                 shutdown.clone(),
@@ -157,41 +171,44 @@ pub async fn start_with<B: Backend>(
     Ok(started)
 }
 
+/// Serve one listener on the runtime's accept loop (connection limits, PROXY header,
+/// refusals, shutdown). `peer` is the client: on a PROXY listener the address the trusted
+/// balancer's header gave, read before the TLS handshake of the implicit-TLS port.
 async fn accept_loop<B: Backend>(
     listener: LimitedListener,
     port: Port,
+    name: &'static str,
     shared: Arc<Shared<B>>,
     tls: TlsAcceptor,
     shutdown: Shutdown,
 ) {
     let listener_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    loop {
-        let admission = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.stopping() => return,
-        };
-        match admission {
-            Ok(Admission::Accepted {
-                stream,
-                peer,
-                guard,
-            }) => {
-                let shared = shared.clone();
-                let tls = tls.clone();
-                let sd = shutdown.clone();
-                // The root of every message's trace; OpenTelemetry semantic conventions for
-                // the connection (never addresses or content).
-                let span = tracing::info_span!(
-                    "smtp.session",
-                    otel.kind = "server",
-                    network.transport = "tcp",
-                    network.peer.address = %peer.ip(),
-                    network.peer.port = peer.port(),
-                    server.port = listener_port,
-                    port = ?port,
-                );
-                shutdown.spawn(tracing::Instrument::instrument(async move {
-                    let _guard = guard;
+    // Implicit TLS: a plaintext 421 would be garbage to the client's TLS stack, and a
+    // handshake just to refuse is what a flood wants us to spend. Close.
+    let refusal: Option<&'static [u8]> = (port != Port::Submissions)
+        .then_some(b"421 4.7.0 Too many connections, try again later\r\n");
+    let sd = shutdown.clone();
+    listener::accept_loop(
+        listener,
+        shutdown,
+        "mailsuite_smtp_connections_total",
+        name,
+        refusal,
+        move |stream, peer| {
+            let (shared, tls, sd) = (shared.clone(), tls.clone(), sd.clone());
+            // The root of every message's trace; OpenTelemetry semantic conventions for
+            // the connection (never addresses or content).
+            let span = tracing::info_span!(
+                "smtp.session",
+                otel.kind = "server",
+                network.transport = "tcp",
+                network.peer.address = %peer.ip(),
+                network.peer.port = peer.port(),
+                server.port = listener_port,
+                port = ?port,
+            );
+            tracing::Instrument::instrument(
+                async move {
                     let (io, info): (Box<dyn connection::Io>, _) = if port == Port::Submissions {
                         match connection::into_tls(stream, &tls).await {
                             Ok((io, info)) => (io, Some(info)),
@@ -205,44 +222,10 @@ async fn accept_loop<B: Backend>(
                     };
                     let session = Session::new(shared.clone(), port, peer, info);
                     connection::serve(io, session, shared, Some(tls), sd).await;
-                }, span));
-            }
-            Ok(Admission::Refused {
-                mut stream, reason, ..
-            }) => {
-                let which = match reason {
-                    mailsuite_runtime::listener::RefuseReason::TooManyFromIp => "per_ip",
-                    mailsuite_runtime::listener::RefuseReason::TooManyConnections => "total",
-                };
-                mailsuite_runtime::metrics::counter(
-                    "mailsuite_smtp_connections_refused_total",
-                    &[("reason", which)],
-                )
-                .inc();
-                if port == Port::Submissions {
-                    // Implicit TLS: a plaintext 421 would be garbage to the client's TLS stack,
-                    // and a handshake just to refuse is what a flood wants us to spend. Close.
-                    drop(stream);
-                    continue;
-                }
-                shutdown.spawn(async move {
-                    let text =
-                        format!("421 4.7.0 Too many connections ({reason:?}), try again later\r\n");
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        let _ = stream.write_all(text.as_bytes()).await;
-                        let _ = stream.shutdown().await;
-                    })
-                    .await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                // Out of file descriptors and similar: back off instead of spinning.
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-                    _ = shutdown.stopping() => return,
-                }
-            }
-        }
-    }
+                },
+                span,
+            )
+        },
+    )
+    .await
 }

@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod db;
 pub mod process;
+pub mod proxy;
 
 pub use certs::TestCerts;
 pub use db::TestDb;
