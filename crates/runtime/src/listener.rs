@@ -254,7 +254,8 @@ impl LimitedListener {
 /// gets `refusal` (if any, within 5 s) and is closed; accept errors (typically out of file
 /// descriptors) pause instead of spinning. Counts `metric{listener, result}` (`accepted`,
 /// `refused`, and `proxy_rejected` for a trusted balancer's connection without a valid PROXY
-/// header in time, which is closed without a word).
+/// header in time, which is closed without a word; `proxy_closed` when it closed before
+/// sending anything, as TCP health checks do).
 ///
 /// On a listener `with_proxy`, `handle` gets the client address from the PROXY header; the
 /// header is read in the connection's own task, never in the loop.
@@ -339,6 +340,15 @@ pub async fn accept_loop<H, Fut>(
                         }) => refuse(stream, peer, reason).await,
                         // `admit` reads one header and never answers Pending.
                         Ok(Admission::Pending(_)) => {}
+                        // A balancer's TCP health check: connect, close. Not worth a log
+                        // line every few seconds.
+                        Err(ProxyRejected {
+                            peer,
+                            error: ProxyError::Closed,
+                        }) => {
+                            count("proxy_closed");
+                            tracing::debug!(balancer = %peer, "closed before the PROXY header");
+                        }
                         Err(ProxyRejected { peer, error }) => {
                             count("proxy_rejected");
                             tracing::info!(
@@ -539,6 +549,14 @@ mod tests {
         };
         let err = p.admit().await.err().expect("no header");
         assert!(matches!(err.error, ProxyError::Missing), "{err:?}");
+        assert_eq!(l.open_connections(), 0);
+        // A health check: connect, close.
+        drop(TcpStream::connect(addr).await.unwrap());
+        let Admission::Pending(p) = l.accept().await.unwrap() else {
+            panic!("pending")
+        };
+        let err = p.admit().await.err().expect("no header");
+        assert!(matches!(err.error, ProxyError::Closed), "{err:?}");
         assert_eq!(l.open_connections(), 0);
     }
 

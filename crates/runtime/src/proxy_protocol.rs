@@ -114,6 +114,9 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("the connection does not start with a PROXY header")]
     Missing,
+    /// Closed before sending a single byte: typically a balancer's TCP health check.
+    #[error("closed before sending anything")]
+    Closed,
     #[error("malformed PROXY header: {0}")]
     Malformed(String),
 }
@@ -163,7 +166,12 @@ pub async fn read_header<S: AsyncRead + Unpin>(
 
 async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Proxied, ProxyError> {
     let mut buf = vec![0u8; PROBE];
-    stream.read_exact(&mut buf).await?;
+    // No header is shorter than the probe, so this never takes a byte past the header.
+    let first = stream.read(&mut buf).await?;
+    if first == 0 {
+        return Err(ProxyError::Closed);
+    }
+    stream.read_exact(&mut buf[first..]).await?;
     if buf == ppp::v2::PROTOCOL_PREFIX {
         let mut fixed = [0u8; 4];
         stream.read_exact(&mut fixed).await?;
@@ -353,6 +361,9 @@ mod tests {
         let full = v2("203.0.113.7:1", "10.0.0.2:25", ppp::v2::Command::Proxy);
         let (got, _) = fed(&full[..full.len() - 3], 2).await;
         assert!(matches!(got, Err(ProxyError::Io(_))), "{got:?}");
+        // Closed at once, as a balancer's TCP health check does.
+        let (got, _) = fed(b"", 1).await;
+        assert!(matches!(got, Err(ProxyError::Closed)), "{got:?}");
         // Silence: the time limit ends the wait.
         let (_w, mut r) = tokio::io::duplex(64);
         let got = read_header(&mut r, Duration::from_millis(50)).await;
