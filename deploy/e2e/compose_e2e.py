@@ -408,10 +408,12 @@ def step_faults(c, ports, result):
         for svc in ["smtp-ingress", "mailbox-store", "relay-queue", "imap-gateway", "pop3-gateway", "postgres"]:
             cid = c.containers(svc)[0]
             acked0, failed0 = load.count()
+            started0 = inspect(cid)["State"]["StartedAt"]
             docker("kill", cid)
             killed_at = time.monotonic()
             docker("start", cid)
             wait_until(lambda: is_healthy(cid), 180, f"{svc} healthy after kill")
+            assert inspect(cid)["State"]["StartedAt"] != started0, f"{svc} was not restarted"
             # Everything that depends on PostgreSQL must be healthy again too.
             wait_services_healthy(c, ["mailbox-store", "relay-queue", "smtp-ingress"], timeout=180)
             acked1, _ = load.count()
