@@ -66,7 +66,7 @@ pub enum Input {
 pub struct DecoderLimits {
     pub max_line: u32,
     pub max_command: u32,
-    pub max_append: u32,
+    pub max_message_bytes: u32,
     /// Largest command with literals before login (`Decoder::set_authenticated`).
     pub max_preauth_literal: u32,
 }
@@ -93,7 +93,7 @@ impl Decoder {
         // The fragmentizer keeps at most this much of one message; anything beyond is dropped
         // (and the message rejected), so memory per connection is bounded.
         let cap = limits
-            .max_append
+            .max_message_bytes
             .saturating_add(limits.max_command)
             .saturating_add(limits.max_line);
         Decoder {
@@ -159,7 +159,7 @@ impl Decoder {
                             // Literals are never part of AUTHENTICATE data or DONE, and this
                             // mode is reachable before login: consuming the literal (even to
                             // discard it) would make the fragmentizer store it up to its cap
-                            // of `max_append`, whatever the login state.
+                            // of `max_message_bytes`, whatever the login state.
                             return Some(match a.mode {
                                 LiteralMode::Sync => {
                                     // No "+": the client does not send the literal.
@@ -174,7 +174,7 @@ impl Decoder {
                         let limit = if !self.authenticated {
                             self.limits.max_preauth_literal
                         } else if append {
-                            self.limits.max_append
+                            self.limits.max_message_bytes
                         } else {
                             self.limits.max_command
                         };
@@ -332,7 +332,7 @@ mod tests {
         DecoderLimits {
             max_line: 200,
             max_command: 1000,
-            max_append: 5000,
+            max_message_bytes: 5000,
             max_preauth_literal: 300,
         }
     }

@@ -28,6 +28,13 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocolConfig,
 }
 
+/// Keys renamed so that every service spells a setting the same way; the old names are read,
+/// with a warning, until the next release (README "Configuration").
+pub const RENAMED: &mailsuite_runtime::config::Renamed = &[
+    ("limits.max_append", "limits.max_message_bytes"),
+    ("limits.auth_failure_table", "limits.max_tracked_clients"),
+];
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -63,7 +70,7 @@ pub struct Limits {
     /// Largest command other than APPEND, literals included, bytes. Default 1 MiB.
     pub max_command: u32,
     /// Largest message APPEND accepts, bytes. Default 64 MiB.
-    pub max_append: u32,
+    pub max_message_bytes: u32,
     /// Largest command with literals accepted before login, literals included, bytes.
     /// Default 8 KiB: enough for LOGIN, and what an unauthenticated client can make the
     /// gateway buffer. Before login APPEND is refused without a continuation request, and a
@@ -104,7 +111,7 @@ pub struct Limits {
     pub account_auth_failure_window_secs: u64,
     /// Addresses (and, separately, user names) tracked at once; when full, the least recently
     /// active tenth is evicted, expired entries first. Default 16384.
-    pub auth_failure_table: usize,
+    pub max_tracked_clients: usize,
     /// First delay after a failed login, milliseconds; doubles with each further failure.
     pub auth_failure_delay_ms: u64,
     /// Commands per second a connection may sustain (token bucket with a burst of 10x);
@@ -138,7 +145,7 @@ impl Default for Limits {
             connections: ConnLimits::default(),
             max_line: 64 * 1024,
             max_command: 1024 * 1024,
-            max_append: 64 * 1024 * 1024,
+            max_message_bytes: 64 * 1024 * 1024,
             max_preauth_literal: 8 * 1024,
             max_sequence_set: 10_000,
             max_list_pattern: 1024,
@@ -151,7 +158,7 @@ impl Default for Limits {
             auth_failure_window_secs: 900,
             max_auth_failures_per_account: 50,
             account_auth_failure_window_secs: 900,
-            auth_failure_table: 16384,
+            max_tracked_clients: 16384,
             auth_failure_delay_ms: 500,
             commands_per_second: 200,
             max_sessions_per_account: 100,
@@ -167,6 +174,12 @@ impl Default for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renamed_keys_lead_from_old_names_to_real_keys() {
+        mailsuite_runtime::config::check_renamed::<Config>(RENAMED).unwrap();
+        assert!(!RENAMED.is_empty());
+    }
     use mailsuite_runtime::config::{ConfigSources, load};
 
     /// The spelling docker compose uses: one variable per key, lists comma-separated.

@@ -46,7 +46,7 @@ impl Shared {
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
             fetch_batch: l.fetch_batch,
             fetch_buffer_bytes: l.fetch_buffer_bytes,
-            max_fetch_bytes: (l.max_append as u64).max(64 * 1024 * 1024) * 2,
+            max_fetch_bytes: (l.max_message_bytes as u64).max(64 * 1024 * 1024) * 2,
         }
     }
 
@@ -55,7 +55,7 @@ impl Shared {
         DecoderLimits {
             max_line: l.max_line,
             max_command: l.max_command,
-            max_append: l.max_append,
+            max_message_bytes: l.max_message_bytes,
             max_preauth_literal: l.max_preauth_literal,
         }
     }

@@ -111,7 +111,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         authlimit::AuthLimiter::new(
             config.limits.max_auth_failures_per_ip,
             std::time::Duration::from_secs(config.limits.auth_failure_window_secs),
-            config.limits.auth_failure_table,
+            config.limits.max_tracked_clients,
         )
         .with_account_limit(
             config.limits.max_auth_failures_per_account,

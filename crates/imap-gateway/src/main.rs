@@ -17,6 +17,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     Service::<mailsuite_imap_gateway::Config>::new("imap-gateway", Duration::from_secs(30))
+        .with_renamed(mailsuite_imap_gateway::config::RENAMED)
         .run(args.service, mailsuite_imap_gateway::start)
         .await
 }

@@ -574,7 +574,7 @@ async fn hierarchies_are_created_renamed_and_deleted() {
 async fn bad_syntax_gets_bad_and_the_connection_lives() {
     let env = env_with(|c| {
         c.limits.max_command = 4096;
-        c.limits.max_append = 8192;
+        c.limits.max_message_bytes = 8192;
     })
     .await;
     env.account("bob@example.test").await;

@@ -44,8 +44,8 @@ async fn main() -> Result<()> {
             json_logs,
         } => {
             let _telemetry = telemetry::init("mailsuite", json_logs);
-            let cfg: up::UpConfig =
-                config::load(&args.sources()).context("loading configuration")?;
+            let cfg: up::UpConfig = config::load_renamed(&args.sources(), up::renamed())
+                .context("loading configuration")?;
             let shutdown = Shutdown::new();
             let mut cfg = cfg;
             let token_file = if cfg.internal_token.is_empty() {

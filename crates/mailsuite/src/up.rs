@@ -316,9 +316,42 @@ pub async fn start(mut cfg: UpConfig, database_url: &str, shutdown: Shutdown) ->
     })
 }
 
+/// The services' renamed keys under their `mailsuite up` tables (`smtp.`, `pop3.`, `imap.`).
+pub fn renamed() -> &'static mailsuite_runtime::config::Renamed {
+    static RENAMED: std::sync::LazyLock<Vec<(&'static str, &'static str)>> =
+        std::sync::LazyLock::new(|| {
+            let under = |table: &str, keys: &mailsuite_runtime::config::Renamed| {
+                keys.iter()
+                    .map(|(old, new)| {
+                        let leak = |k: &str| -> &'static str {
+                            Box::leak(format!("{table}.{k}").into_boxed_str())
+                        };
+                        (leak(old), leak(new))
+                    })
+                    .collect::<Vec<_>>()
+            };
+            [
+                under("smtp", mailsuite_smtp_ingress::config::RENAMED),
+                under("pop3", mailsuite_pop3_gateway::config::RENAMED),
+                under("imap", mailsuite_imap_gateway::config::RENAMED),
+            ]
+            .concat()
+        });
+    &RENAMED
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_services_renamed_keys_hold_under_their_tables() {
+        mailsuite_runtime::config::check_renamed::<UpConfig>(renamed()).unwrap();
+        assert!(renamed().contains(&(
+            "smtp.limits.max_message_size",
+            "smtp.limits.max_message_bytes"
+        )));
+    }
 
     #[test]
     fn redacts_passwords() {

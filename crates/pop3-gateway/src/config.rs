@@ -34,6 +34,17 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocolConfig,
 }
 
+/// Keys renamed so that every service spells a setting the same way; the old names are read,
+/// with a warning, until the next release (README "Configuration").
+pub const RENAMED: &mailsuite_runtime::config::Renamed = &[
+    ("limits.ip_auth_failures", "limits.max_auth_failures_per_ip"),
+    (
+        "limits.ip_auth_failure_window_secs",
+        "limits.auth_failure_window_secs",
+    ),
+    ("limits.ip_table_capacity", "limits.max_tracked_clients"),
+];
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -91,15 +102,15 @@ pub struct Limits {
     /// Failed logins after which the connection is closed (default 5).
     pub max_auth_failures: u32,
     /// Failed logins per client address (IPv4, or IPv6 /64), counted over all connections to
-    /// this gateway process within `ip_auth_failure_window_secs` (default 20). Past it, every
+    /// this gateway process within `auth_failure_window_secs` (default 20). Past it, every
     /// login from that address is refused with `[LOGIN-DELAY]` after a growing delay,
     /// without asking the store, and the connection is closed. 0 = unlimited.
-    pub ip_auth_failures: u32,
-    /// The window over which `ip_auth_failures` counts (default 300).
-    pub ip_auth_failure_window_secs: u64,
+    pub max_auth_failures_per_ip: u32,
+    /// The window over which `max_auth_failures_per_ip` counts (default 300).
+    pub auth_failure_window_secs: u64,
     /// Client addresses tracked by the per-address limiter (default 100000); when full,
     /// the least recently active tenth goes, expired entries first.
-    pub ip_table_capacity: usize,
+    pub max_tracked_clients: usize,
     /// Unknown, malformed or out-of-state commands after which the connection is closed
     /// (default 20).
     pub max_bad_commands: u32,
@@ -136,9 +147,9 @@ impl Default for Limits {
             auth_failure_delay_ms: 1000,
             auth_failure_delay_max_ms: 16_000,
             max_auth_failures: 5,
-            ip_auth_failures: 20,
-            ip_auth_failure_window_secs: 300,
-            ip_table_capacity: 100_000,
+            max_auth_failures_per_ip: 20,
+            auth_failure_window_secs: 300,
+            max_tracked_clients: 100_000,
             max_bad_commands: 20,
             store_health_interval_secs: 5,
             store_timeout_secs: 30,
@@ -168,6 +179,12 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renamed_keys_lead_from_old_names_to_real_keys() {
+        mailsuite_runtime::config::check_renamed::<Config>(RENAMED).unwrap();
+        assert!(!RENAMED.is_empty());
+    }
     use mailsuite_runtime::config::{ConfigSources, load};
     use std::time::Duration;
 

@@ -34,7 +34,7 @@ pub struct Shared<B> {
     pub shutdown: Shutdown,
     /// Last successful login per account, for LOGIN-DELAY (this replica only).
     login_times: Mutex<HashMap<i64, Instant>>,
-    /// Failed logins per client address, across connections (max: `ip_auth_failures`).
+    /// Failed logins per client address, across connections (max: `max_auth_failures_per_ip`).
     auth_limiter: ClientWindows,
 }
 
@@ -47,10 +47,10 @@ impl<B: Backend> Shared<B> {
             login_times: Mutex::default(),
             auth_limiter: ClientWindows::new(
                 // A zero window would forget every failure at once.
-                Duration::from_secs(config.limits.ip_auth_failure_window_secs)
+                Duration::from_secs(config.limits.auth_failure_window_secs)
                     .max(Duration::from_secs(1)),
-                config.limits.ip_auth_failures,
-                config.limits.ip_table_capacity,
+                config.limits.max_auth_failures_per_ip,
+                config.limits.max_tracked_clients,
             ),
             config,
         }
@@ -360,7 +360,7 @@ impl<B: Backend> Conn<B> {
                     return Flow::StartTls;
                 }
                 Action::Login { user, password } => {
-                    let max = self.limits().ip_auth_failures;
+                    let max = self.limits().max_auth_failures_per_ip;
                     let client = client_key(self.peer.ip());
                     if !self.shared.auth_limiter.check(client, Instant::now()) {
                         // Refused without asking the store, so guessing gets nowhere; counted,
@@ -397,7 +397,7 @@ impl<B: Backend> Conn<B> {
                         .auth_limiter
                         .record(client_key(self.peer.ip()), Instant::now())
                         .count;
-                    let max = self.limits().ip_auth_failures;
+                    let max = self.limits().max_auth_failures_per_ip;
                     tracing::info!(
                         failures = self.session.auth_failures(),
                         ip_failures,

@@ -17,6 +17,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     Service::<mailsuite_pop3_gateway::Config>::new("pop3-gateway", Duration::from_secs(30))
+        .with_renamed(mailsuite_pop3_gateway::config::RENAMED)
         .run(args.service, mailsuite_pop3_gateway::start)
         .await
 }

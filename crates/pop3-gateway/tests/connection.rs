@@ -816,7 +816,7 @@ async fn a_trickled_command_line_is_cut_off() {
 #[tokio::test]
 async fn failed_logins_are_limited_per_address_across_connections() {
     let srv = Server::start(|c| {
-        c.limits.ip_auth_failures = 4;
+        c.limits.max_auth_failures_per_ip = 4;
         c.limits.max_auth_failures = 3;
         c.limits.auth_failure_delay_ms = 50;
         c.limits.auth_failure_delay_max_ms = 5000;

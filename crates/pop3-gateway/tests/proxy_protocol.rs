@@ -78,7 +78,7 @@ async fn env() -> Env {
     };
     c.limits.auth_failure_delay_ms = 10;
     c.limits.auth_failure_delay_max_ms = 20;
-    c.limits.ip_auth_failures = 2;
+    c.limits.max_auth_failures_per_ip = 2;
     c.proxy_protocol = ProxyProtocolConfig {
         trusted: vec!["127.0.0.1".parse().unwrap()],
         listeners: vec!["pop3".into(), "pop3s".into()],
@@ -144,7 +144,7 @@ impl Env {
 #[tokio::test(flavor = "multi_thread")]
 async fn login_failures_lock_out_the_proxied_client_not_everyone_behind_the_balancer() {
     let e = env().await;
-    // Client A guesses twice (ip_auth_failures = 2).
+    // Client A guesses twice (max_auth_failures_per_ip = 2).
     for _ in 0..2 {
         let r = e.login("203.0.113.10:4000", "wrong").await;
         assert!(r.starts_with("-ERR"), "{r}");

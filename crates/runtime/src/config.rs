@@ -75,6 +75,45 @@ pub fn load<T>(sources: &ConfigSources) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Serialize + Default,
 {
+    load_renamed(sources, &[])
+}
+
+/// Keys renamed in this release, as (old dotted path, new dotted path): the old spelling is
+/// still read, in the file, the environment and `--set`, with a warning, until the next
+/// release. Setting both spellings in one file is an error (which one would win is a guess).
+pub type Renamed = [(&'static str, &'static str)];
+
+/// Is every rename in `renamed` from a key `T` no longer has to one it has? (For each
+/// service's test of its own list.)
+pub fn check_renamed<T: Serialize + Default>(renamed: &Renamed) -> Result<(), String> {
+    let defaults = match Value::try_from(T::default()) {
+        Ok(Value::Table(t)) => t,
+        _ => return Err("config is not a table".into()),
+    };
+    for (old, new) in renamed {
+        let path = |k: &str| k.split('.').map(str::to_owned).collect::<Vec<_>>();
+        if get_path(&defaults, &path(new)).is_none() {
+            return Err(format!("{new} (new name of {old}) is not a key"));
+        }
+        if get_path(&defaults, &path(old)).is_some() {
+            return Err(format!("{old} is still a key, so it cannot be an old name"));
+        }
+    }
+    Ok(())
+}
+
+/// [`load`], reading the old spellings in `renamed` as their new keys.
+pub fn load_renamed<T>(sources: &ConfigSources, renamed: &Renamed) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let new_name = |path: &[String]| -> Option<Vec<String>> {
+        let dotted = path.join(".");
+        renamed
+            .iter()
+            .find(|(old, _)| *old == dotted)
+            .map(|(_, new)| new.split('.').map(str::to_owned).collect())
+    };
     let defaults = match Value::try_from(T::default()) {
         Ok(Value::Table(t)) => t,
         Ok(_) => return Err(ConfigError::Invalid("config is not a table".into())),
@@ -87,17 +126,34 @@ where
             path: path.clone(),
             source,
         })?;
-        let file: Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut file: Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        for (old, new) in renamed {
+            let old_path: Vec<String> = old.split('.').map(str::to_owned).collect();
+            let new_path: Vec<String> = new.split('.').map(str::to_owned).collect();
+            if let Some(v) = take_path(&mut file, &old_path) {
+                if get_path(&file, &new_path).is_some() {
+                    return Err(ConfigError::Parse {
+                        path: path.clone(),
+                        message: format!("{old} and {new} are the same setting: keep only {new}"),
+                    });
+                }
+                tracing::warn!(
+                    file = %path.display(),
+                    "{old} is the old name of {new} and will go in the next release"
+                );
+                insert_path(&mut file, &new_path, v);
+            }
+        }
         merge(&mut merged, file);
     }
 
     let mut env: Vec<(&String, &String)> = sources.env.iter().collect();
     env.sort();
     for (name, value) in env {
-        let path: Vec<String> = if name == "DATABASE_URL" {
+        let mut path: Vec<String> = if name == "DATABASE_URL" {
             vec!["database_url".into()]
         } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
             rest.to_ascii_lowercase()
@@ -107,6 +163,13 @@ where
         } else {
             continue;
         };
+        if let Some(new) = new_name(&path) {
+            tracing::warn!(
+                "{name} is the old name of {ENV_PREFIX}{} and will go in the next release",
+                new.join("__").to_ascii_uppercase()
+            );
+            path = new;
+        }
         if has_path(&defaults, &path) {
             set_path(&mut merged, &path, parse_scalar(value));
         }
@@ -116,9 +179,17 @@ where
         let (key, value) = o
             .split_once('=')
             .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
-        let path: Vec<String> = key.trim().split('.').map(str::to_owned).collect();
+        let mut path: Vec<String> = key.trim().split('.').map(str::to_owned).collect();
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::BadOverride(o.clone()));
+        }
+        if let Some(new) = new_name(&path) {
+            tracing::warn!(
+                "--set {} is the old name of {} and will go in the next release",
+                key.trim(),
+                new.join(".")
+            );
+            path = new;
         }
         set_path(&mut merged, &path, parse_scalar(value.trim()));
     }
@@ -142,6 +213,49 @@ fn merge(into: &mut Table, from: Table) {
             (Some(Value::Table(a)), Value::Table(b)) => merge(a, b),
             (_, v) => {
                 into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn get_path<'a>(t: &'a Table, path: &[String]) -> Option<&'a Value> {
+    match path {
+        [] => None,
+        [last] => t.get(last),
+        [first, rest @ ..] => match t.get(first) {
+            Some(Value::Table(sub)) => get_path(sub, rest),
+            _ => None,
+        },
+    }
+}
+
+fn take_path(t: &mut Table, path: &[String]) -> Option<Value> {
+    match path {
+        [] => None,
+        [last] => t.remove(last),
+        [first, rest @ ..] => match t.get_mut(first) {
+            Some(Value::Table(sub)) => take_path(sub, rest),
+            _ => None,
+        },
+    }
+}
+
+/// Put `value` at `path` as it is (a file's typed value), making the tables on the way.
+fn insert_path(t: &mut Table, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            t.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = t
+                .entry(first.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
+            if !entry.is_table() {
+                *entry = Value::Table(Table::new());
+            }
+            if let Value::Table(sub) = entry {
+                insert_path(sub, rest, value);
             }
         }
     }
@@ -317,6 +431,61 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, ConfigError::BadOverride(_)));
+    }
+
+    const RENAMED: &Renamed = &[("max_conns", "max_connections"), ("tls.crt", "tls.cert")];
+
+    #[test]
+    fn old_key_names_are_read_in_every_layer() {
+        let f = file("max_conns = 7\n[tls]\ncrt = \"old.pem\"\n");
+        let c: Sample = load_renamed(
+            &ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            },
+            RENAMED,
+        )
+        .unwrap();
+        assert_eq!((c.max_connections, c.tls.cert.as_str()), (7, "old.pem"));
+
+        let env = [("MAILSUITE_TLS__CRT".to_string(), "env.pem".to_string())];
+        let c: Sample = load_renamed(
+            &ConfigSources {
+                env: env.into_iter().collect(),
+                overrides: vec!["max_conns=9".into()],
+                ..Default::default()
+            },
+            RENAMED,
+        )
+        .unwrap();
+        assert_eq!((c.max_connections, c.tls.cert.as_str()), (9, "env.pem"));
+
+        // Without the rename list the old names are unknown keys, as before.
+        let f = file("max_conns = 7\n");
+        assert!(
+            load::<Sample>(&ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn old_and_new_name_together_in_a_file_is_an_error() {
+        let f = file("max_conns = 7\nmax_connections = 8\n");
+        let err = load_renamed::<Sample>(
+            &ConfigSources {
+                file: Some(f.path().to_path_buf()),
+                ..Default::default()
+            },
+            RENAMED,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("keep only max_connections"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Service<C> {
     pub default_grace: Duration,
     /// A grace period the service's configuration sets, if it has such a key (the flag wins).
     pub config_grace: fn(&C) -> Option<Duration>,
+    /// Configuration keys renamed in this release (read with a warning).
+    pub renamed: &'static config::Renamed,
 }
 
 impl<C> Service<C> {
@@ -70,7 +72,14 @@ impl<C> Service<C> {
             name,
             default_grace,
             config_grace: |_| None,
+            renamed: &[],
         }
+    }
+
+    /// Read these old key spellings as their new names, with a warning.
+    pub fn with_renamed(mut self, renamed: &'static config::Renamed) -> Service<C> {
+        self.renamed = renamed;
+        self
     }
 
     /// The grace period: the flag, else the configuration's, else the default.
@@ -96,7 +105,8 @@ impl<C> Service<C> {
             tracing::warn!("{old} is the old spelling of {new} and will go in the next release");
         }
         crate::tls::install_crypto_provider();
-        let config: C = config::load(&args.config.sources()).context("configuration")?;
+        let config: C =
+            config::load_renamed(&args.config.sources(), self.renamed).context("configuration")?;
         let grace = self.grace(&args, &config);
         let sd = Shutdown::new();
         let started = start(config, sd.clone())

@@ -1,8 +1,8 @@
 //! The process-wide budget of message body bytes held in memory (`limits.max_body_bytes_in_flight`),
 //! and each client's share of it (`limits.max_body_bytes_in_flight_per_ip`).
 //!
-//! Every connection may hold up to `max_message_size` of body, so without a global bound
-//! `max_connections × max_message_size` (terabytes) is reachable by anyone on port 25. Bytes are
+//! Every connection may hold up to `max_message_bytes` of body, so without a global bound
+//! `max_connections × max_message_bytes` (terabytes) is reachable by anyone on port 25. Bytes are
 //! reserved from one semaphore as a transaction's kept body grows and given back when the
 //! transaction ends in any way (hand-off done, refused, RSET, connection dropped mid-DATA),
 //! because the reservation is owned by the transaction and released on drop.

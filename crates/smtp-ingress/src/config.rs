@@ -71,20 +71,23 @@ pub struct Limits {
     /// its CRLF: RFC 4954 §4 asks for 12288; longer is `500 5.5.6`.
     pub max_auth_line_length: usize,
     /// Largest message (SIZE, enforced during DATA/BDAT too).
-    pub max_message_size: u64,
+    pub max_message_bytes: u64,
     /// Recipients per message (RFC 5321 §4.5.3.1.8: at least 100).
     pub max_recipients: usize,
     /// Messages per connection; then `421`.
     pub max_messages_per_session: u32,
     /// Protocol errors (5xx replies to bad or out-of-order commands) per connection; then `421`.
     pub max_errors: u32,
-    /// Connections open at once, overall and per IP (per listener).
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
+    /// Connections open at once per listener, overall and per client (IPv4 address, IPv6 /64):
+    /// `connections.max_connections` (10,000), `connections.max_per_ip` (50).
+    pub connections: ConnLimits,
     /// Messages accepted from one IP per minute (0 = unlimited); then `450 4.7.1`.
     pub max_messages_per_ip_per_minute: u32,
-    /// AUTH failures from one IP per minute before `421`; each failure waits longer.
-    pub max_auth_failures_per_ip_per_minute: u32,
+    /// AUTH failures from one client within `auth_failure_window_secs` before `421`; each
+    /// failure waits longer.
+    pub max_auth_failures_per_ip: u32,
+    /// The window over which `max_auth_failures_per_ip` counts (default 60).
+    pub auth_failure_window_secs: u64,
     /// Delay added per recent AUTH failure of that IP, in milliseconds (capped at 5 s).
     pub auth_failure_delay_ms: u64,
     /// Waiting for a command (RFC 5321 §4.5.3.2: 5 minutes).
@@ -111,14 +114,14 @@ pub struct Limits {
     /// gives its bytes back; the others go on. The default, 512 MiB, holds ten messages of
     /// the largest size at once, or thousands of ordinary ones; the process needs somewhat
     /// more than this (the hand-off copies one chunk at a time). Keep it at least
-    /// `max_message_size`, or a message of that size can never be accepted.
+    /// `max_message_bytes`, or a message of that size can never be accepted.
     pub max_body_bytes_in_flight: u64,
     /// The part of `max_body_bytes_in_flight` one client (IPv4 address, IPv6 /64) may hold
     /// with all its connections together; past it that client's transaction gets `452 4.3.1`
     /// while other clients still have the rest. Without it one client trickling a few large
     /// bodies holds the whole budget and starves everybody, submission included. The
     /// default, 64 MiB, is an eighth of the default budget; keep it at least
-    /// `max_message_size`.
+    /// `max_message_bytes`.
     pub max_body_bytes_in_flight_per_ip: u64,
     /// Addresses in the header `From:` and `Sender:` of one authenticated submission, each
     /// checked against the account like MAIL FROM; a message with more is refused with
@@ -132,14 +135,17 @@ impl Default for Limits {
             max_line_length: 512,
             max_mail_rcpt_line_length: 2512,
             max_auth_line_length: 12288,
-            max_message_size: 50 * 1024 * 1024,
+            max_message_bytes: 50 * 1024 * 1024,
             max_recipients: 100,
             max_messages_per_session: 100,
             max_errors: 10,
-            max_connections: 10_000,
-            max_connections_per_ip: 50,
+            connections: ConnLimits {
+                max_connections: 10_000,
+                max_per_ip: 50,
+            },
             max_messages_per_ip_per_minute: 600,
-            max_auth_failures_per_ip_per_minute: 10,
+            max_auth_failures_per_ip: 10,
+            auth_failure_window_secs: 60,
             auth_failure_delay_ms: 500,
             command_timeout_secs: 300,
             data_timeout_secs: 180,
@@ -158,12 +164,27 @@ impl Default for Limits {
 
 impl Limits {
     pub fn conn_limits(&self) -> ConnLimits {
-        ConnLimits {
-            max_connections: self.max_connections,
-            max_per_ip: self.max_connections_per_ip,
-        }
+        self.connections
     }
 }
+
+/// Keys renamed so that every service spells a setting the same way; the old names are read,
+/// with a warning, until the next release (README "Configuration").
+pub const RENAMED: &mailsuite_runtime::config::Renamed = &[
+    ("limits.max_message_size", "limits.max_message_bytes"),
+    (
+        "limits.max_connections",
+        "limits.connections.max_connections",
+    ),
+    (
+        "limits.max_connections_per_ip",
+        "limits.connections.max_per_ip",
+    ),
+    (
+        "limits.max_auth_failures_per_ip_per_minute",
+        "limits.max_auth_failures_per_ip",
+    ),
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -261,6 +282,12 @@ impl Default for DnsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renamed_keys_lead_from_old_names_to_real_keys() {
+        mailsuite_runtime::config::check_renamed::<Config>(RENAMED).unwrap();
+        assert!(!RENAMED.is_empty());
+    }
     use mailsuite_runtime::config::{ConfigSources, load};
 
     #[test]

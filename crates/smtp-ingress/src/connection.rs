@@ -157,7 +157,7 @@ impl<B: Backend> Driver<B> {
     }
 
     async fn read_data(&mut self) -> Result<(Vec<u8>, crate::codec::BodyEnd), Stop> {
-        let mut reader = DataReader::new(self.session.max_message_size(), self.bare);
+        let mut reader = DataReader::new(self.session.max_message_bytes(), self.bare);
         let total = Instant::now() + self.data_total;
         loop {
             if !self.input.is_empty() {
@@ -180,7 +180,7 @@ impl<B: Backend> Driver<B> {
 
     async fn read_bdat(&mut self, size: u64) -> Result<(), Stop> {
         let mut reader = BdatReader::new(size);
-        let max = self.session.max_message_size();
+        let max = self.session.max_message_bytes();
         let total = Instant::now() + self.data_total;
         let mut scratch = Vec::new();
         while reader.remaining() > 0 {

@@ -113,19 +113,19 @@ pub async fn start_with<B: Backend>(
     };
     let rates = limits::RateLimiter::new(&config.limits);
     let l = &config.limits;
-    if l.max_body_bytes_in_flight < l.max_message_size {
+    if l.max_body_bytes_in_flight < l.max_message_bytes {
         tracing::warn!(
             max_body_bytes_in_flight = l.max_body_bytes_in_flight,
-            max_message_size = l.max_message_size,
-            "limits.max_body_bytes_in_flight is below limits.max_message_size: \
+            max_message_bytes = l.max_message_bytes,
+            "limits.max_body_bytes_in_flight is below limits.max_message_bytes: \
              messages near the size limit will always get 452"
         );
     }
-    if l.max_body_bytes_in_flight_per_ip < l.max_message_size {
+    if l.max_body_bytes_in_flight_per_ip < l.max_message_bytes {
         tracing::warn!(
             max_body_bytes_in_flight_per_ip = l.max_body_bytes_in_flight_per_ip,
-            max_message_size = l.max_message_size,
-            "limits.max_body_bytes_in_flight_per_ip is below limits.max_message_size: \
+            max_message_bytes = l.max_message_bytes,
+            "limits.max_body_bytes_in_flight_per_ip is below limits.max_message_bytes: \
              messages near the size limit will always get 452"
         );
     }

@@ -26,9 +26,14 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(limits: &Limits) -> Self {
         let table = |max| ClientWindows::new(WINDOW, max, limits.max_tracked_clients);
+        let auth_window = Duration::from_secs(limits.auth_failure_window_secs.max(1));
         RateLimiter {
             messages: table(limits.max_messages_per_ip_per_minute),
-            auth_failures: table(limits.max_auth_failures_per_ip_per_minute),
+            auth_failures: ClientWindows::new(
+                auth_window,
+                limits.max_auth_failures_per_ip,
+                limits.max_tracked_clients,
+            ),
             etrn: table(limits.max_etrn_per_ip_per_minute),
         }
     }
@@ -54,7 +59,7 @@ impl RateLimiter {
             .count
     }
 
-    /// Has `ip` already failed more than `max_auth_failures_per_ip_per_minute` times this
+    /// Has `ip` already failed more than `max_auth_failures_per_ip` times this
     /// minute? The failure that goes past the limit closes its session, so "more than" lets
     /// every session of the client see the 421 it was promised, not a silent refusal.
     pub fn auth_blocked(&self, ip: IpAddr) -> bool {
@@ -70,7 +75,7 @@ mod tests {
     fn limits(messages: u32, auth: u32, etrn: u32, capacity: usize) -> Limits {
         Limits {
             max_messages_per_ip_per_minute: messages,
-            max_auth_failures_per_ip_per_minute: auth,
+            max_auth_failures_per_ip: auth,
             max_etrn_per_ip_per_minute: etrn,
             max_tracked_clients: capacity,
             ..Limits::default()

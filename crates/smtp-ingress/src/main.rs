@@ -17,6 +17,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     Service::<mailsuite_smtp_ingress::Config>::new("smtp-ingress", Duration::from_secs(30))
+        .with_renamed(mailsuite_smtp_ingress::config::RENAMED)
         .run(args.service, mailsuite_smtp_ingress::start)
         .await
 }

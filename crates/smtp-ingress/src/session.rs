@@ -209,8 +209,8 @@ impl<B: Backend> Session<B> {
         self.auth.as_ref()
     }
 
-    pub fn max_message_size(&self) -> u64 {
-        self.cfg().limits.max_message_size
+    pub fn max_message_bytes(&self) -> u64 {
+        self.cfg().limits.max_message_bytes
     }
 
     /// A protocol error: counted, and past the limit the connection ends with `421`.
@@ -277,7 +277,7 @@ impl<B: Backend> Session<B> {
         let mut lines = vec![
             format!("{} Hello {host} [{}]", self.cfg().hostname, self.peer.ip()),
             "PIPELINING".into(),
-            format!("SIZE {}", l.max_message_size),
+            format!("SIZE {}", l.max_message_bytes),
             "8BITMIME".into(),
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
@@ -537,7 +537,7 @@ impl<B: Backend> Session<B> {
                 let delay = Duration::from_millis(
                     (limits.auth_failure_delay_ms.saturating_mul(n as u64)).min(5000),
                 );
-                if n > limits.max_auth_failures_per_ip_per_minute {
+                if n > limits.max_auth_failures_per_ip {
                     return Outcome::then(
                         Reply::new(421, "4.7.0", "Too many authentication failures"),
                         Next::Close,
@@ -602,7 +602,7 @@ impl<B: Backend> Session<B> {
                 Next::Close,
             );
         }
-        if from.size as u64 > limits.max_message_size {
+        if from.size as u64 > limits.max_message_bytes {
             return Outcome::reply(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
         if !self.shared.rates.message_allowed(self.peer.ip()) {
@@ -984,7 +984,7 @@ impl<B: Backend> Session<B> {
         if let Some(r) = self.bdat_refusal.take() {
             return self.error(r);
         }
-        let max = self.max_message_size();
+        let max = self.max_message_bytes();
         let policy = self.cfg().policy.bare_line_end;
         let Some(tx) = &mut self.tx else {
             return self.bad_sequence("Need MAIL before BDAT");

@@ -192,7 +192,7 @@ async fn code(s: &mut Session<Fake>, l: &str) -> u16 {
 }
 
 async fn send_body(s: &mut Session<Fake>, data: &[u8]) -> Outcome {
-    let mut r = DataReader::new(s.max_message_size(), BareLineEnd::Reject);
+    let mut r = DataReader::new(s.max_message_bytes(), BareLineEnd::Reject);
     let (_, end) = r.feed(data);
     s.data_end(r.take_body(), end.expect("complete body")).await
 }
@@ -496,7 +496,7 @@ async fn plaintext_auth_on_loopback_only_when_allowed() {
 #[tokio::test]
 async fn auth_failures_per_ip_end_in_421() {
     let mut cfg = config();
-    cfg.limits.max_auth_failures_per_ip_per_minute = 2;
+    cfg.limits.max_auth_failures_per_ip = 2;
     let mut s = session_with(Port::Submissions, true, cfg, fake());
     code(&mut s, "EHLO c").await;
     let mut delays = Vec::new();
@@ -585,7 +585,7 @@ async fn bare_lf_and_oversize_refused() {
     assert!(s.shared.backend.delivered.lock().unwrap().is_empty());
 
     let mut cfg = config();
-    cfg.limits.max_message_size = 10;
+    cfg.limits.max_message_bytes = 10;
     let mut s = session_with(Port::Mx, false, cfg, fake());
     code(&mut s, "EHLO c").await;
     assert_eq!(

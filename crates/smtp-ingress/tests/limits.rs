@@ -39,7 +39,7 @@ async fn line_length_limit() {
 async fn message_size_limit_in_size_and_during_data() {
     let e = env_with(|c| {
         no_verify(c);
-        c.limits.max_message_size = 1000;
+        c.limits.max_message_bytes = 1000;
     })
     .await;
     let mut c = greeted(&e).await;
@@ -104,7 +104,7 @@ async fn messages_per_session_limit() {
 async fn connection_limits_overall_and_per_ip() {
     let e = env_with(|c| {
         no_verify(c);
-        c.limits.max_connections_per_ip = 2;
+        c.limits.connections.max_per_ip = 2;
     })
     .await;
     let _a = greeted(&e).await;
@@ -133,8 +133,8 @@ async fn connection_limits_overall_and_per_ip() {
 
     let e = env_with(|c| {
         no_verify(c);
-        c.limits.max_connections = 1;
-        c.limits.max_connections_per_ip = 0;
+        c.limits.connections.max_connections = 1;
+        c.limits.connections.max_per_ip = 0;
     })
     .await;
     let _a = greeted(&e).await;
@@ -155,7 +155,7 @@ async fn refusal_on_implicit_tls_port_sends_no_plaintext() {
     use tokio::io::AsyncReadExt;
     let e = env_with(|c| {
         no_verify(c);
-        c.limits.max_connections_per_ip = 1;
+        c.limits.connections.max_per_ip = 1;
     })
     .await;
     let addr = e.smtp.submissions.unwrap();
@@ -209,7 +209,7 @@ async fn auth_failures_are_delayed_then_cut_off() {
     let e = env_with(|c| {
         no_verify(c);
         c.auth.allow_plaintext_loopback = true;
-        c.limits.max_auth_failures_per_ip_per_minute = 3;
+        c.limits.max_auth_failures_per_ip = 3;
         c.limits.auth_failure_delay_ms = 200;
     })
     .await;

@@ -118,7 +118,7 @@ async fn per_ip_connection_limit_counts_proxied_clients_not_the_balancer() {
     let e = env_with(|c| {
         behind_balancer(c);
         c.policy.verify_inbound = false;
-        c.limits.max_connections_per_ip = 1;
+        c.limits.connections.max_per_ip = 1;
     })
     .await;
     let addr = e.smtp.smtp.unwrap();

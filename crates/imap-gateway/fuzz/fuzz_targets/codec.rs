@@ -18,7 +18,7 @@ use codec::{Decoder, DecoderLimits, Input, Mode};
 const LIMITS: DecoderLimits = DecoderLimits {
     max_line: 512,
     max_command: 2048,
-    max_append: 8192,
+    max_message_bytes: 8192,
     max_preauth_literal: 1024,
 };
 
