@@ -18,6 +18,10 @@ use crate::codec::{BdatReader, DataReader, Line, LineLimits, LineReader, parse_c
 use crate::reply::Reply;
 use crate::session::{Next, Outcome, Session, TlsInfo};
 
+/// Room in the DATA buffer, beyond the declared SIZE=, for the trace fields put in front of
+/// the body (Received:, Authentication-Results:), so adding them does not reallocate.
+const TRACE_ROOM: u64 = 4096;
+
 /// Any byte stream a session can run on (TCP, TLS over TCP, an in-memory pipe in tests).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -158,6 +162,11 @@ impl<B: Backend> Driver<B> {
 
     async fn read_data(&mut self) -> Result<(Vec<u8>, crate::codec::BodyEnd), Stop> {
         let mut reader = DataReader::new(self.session.max_message_size(), self.bare);
+        if let Some(n) = self.session.declared_size().checked_add(TRACE_ROOM)
+            && n > TRACE_ROOM
+        {
+            reader.reserve(n as usize);
+        }
         let total = Instant::now() + self.data_total;
         loop {
             if !self.input.is_empty() {

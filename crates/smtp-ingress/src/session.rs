@@ -213,6 +213,14 @@ impl<B: Backend> Session<B> {
         self.cfg().limits.max_message_size
     }
 
+    /// The body size the client declared with MAIL FROM's SIZE= (RFC 1870), within the
+    /// limit; 0 when it declared none. The DATA reader sizes its buffer by it, plus room for
+    /// the trace fields put in front, so the body is not re-copied as the buffer grows.
+    pub fn declared_size(&self) -> u64 {
+        let declared = self.tx.as_ref().map_or(0, |t| t.from.size as u64);
+        declared.min(self.max_message_size())
+    }
+
     /// A protocol error: counted, and past the limit the connection ends with `421`.
     fn error(&mut self, r: Reply) -> Outcome {
         self.errors += 1;
