@@ -1621,10 +1621,11 @@ impl<B: Backend> Session<B> {
 /// ones we add may carry our authserv-id.
 fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::Cow<'a, [u8]> {
     const NAME: &[u8] = b"authentication-results:";
-    let mut out = Vec::new();
+    // Made (with what came before) only at the first field dropped: a message with nothing
+    // to strip, nearly every one, is not copied.
+    let mut out: Option<Vec<u8>> = None;
     let mut pos = 0;
     let mut dropping = false;
-    let mut changed = false;
     while pos < msg.len() {
         let end = msg[pos..]
             .iter()
@@ -1632,7 +1633,9 @@ fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::
             .map_or(msg.len(), |i| pos + i + 1);
         let line = &msg[pos..end];
         if line == b"\r\n" || line == b"\n" {
-            out.extend_from_slice(&msg[pos..]);
+            if let Some(out) = &mut out {
+                out.extend_from_slice(&msg[pos..]);
+            }
             break;
         }
         let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
@@ -1648,17 +1651,16 @@ fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::
                     id.eq_ignore_ascii_case(authserv_id)
                 };
         }
-        if dropping {
-            changed = true;
-        } else {
-            out.extend_from_slice(line);
+        match (&mut out, dropping) {
+            (None, true) => out = Some(msg[..pos].to_vec()),
+            (Some(out), false) => out.extend_from_slice(line),
+            _ => {}
         }
         pos = end;
     }
-    if changed {
-        std::borrow::Cow::Owned(out)
-    } else {
-        std::borrow::Cow::Borrowed(msg)
+    match out {
+        Some(out) => std::borrow::Cow::Owned(out),
+        None => std::borrow::Cow::Borrowed(msg),
     }
 }
 
