@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imap_codec::ResponseCodec;
-use imap_codec::encode::Encoder;
+use imap_codec::encode::{Encoder, Fragment};
 use imap_codec::imap_types::auth::AuthMechanism;
 use imap_codec::imap_types::command::{
     Command, CommandBody, FetchModifier, SelectParameter, StoreModifier,
@@ -54,6 +54,9 @@ pub const DELIMITER: char = '/';
 /// responses once the buffer grows.
 pub struct Out<'w, W> {
     w: &'w mut W,
+    /// Large fragments (a message literal, typically), in order, moved here as the encoder
+    /// made them instead of being copied into `buf`; they go out before `buf`.
+    queued: Vec<Vec<u8>>,
     buf: Vec<u8>,
 }
 
@@ -61,11 +64,29 @@ const FLUSH_AT: usize = 64 * 1024;
 
 impl<'w, W: AsyncWrite + Unpin> Out<'w, W> {
     pub fn new(w: &'w mut W) -> Self {
-        Out { w, buf: Vec::new() }
+        Out {
+            w,
+            queued: Vec::new(),
+            buf: Vec::new(),
+        }
     }
 
     pub fn response(&mut self, r: &Response<'_>) {
-        self.buf.extend(ResponseCodec::default().encode(r).dump());
+        for fragment in ResponseCodec::default().encode(r) {
+            let (Fragment::Line { data } | Fragment::Literal { data, .. }) = fragment;
+            if data.len() >= FLUSH_AT {
+                if !self.buf.is_empty() {
+                    self.queued.push(std::mem::take(&mut self.buf));
+                }
+                self.queued.push(data);
+            } else {
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queued.iter().map(Vec::len).sum::<usize>() + self.buf.len()
     }
 
     pub fn data(&mut self, d: Data<'_>) {
@@ -110,6 +131,9 @@ impl<'w, W: AsyncWrite + Unpin> Out<'w, W> {
     }
 
     pub async fn flush(&mut self) -> std::io::Result<()> {
+        for q in std::mem::take(&mut self.queued) {
+            self.w.write_all(&q).await?;
+        }
         if !self.buf.is_empty() {
             self.w.write_all(&self.buf).await?;
             self.buf.clear();
@@ -118,7 +142,7 @@ impl<'w, W: AsyncWrite + Unpin> Out<'w, W> {
     }
 
     async fn maybe_flush(&mut self) -> std::io::Result<()> {
-        if self.buf.len() >= FLUSH_AT {
+        if self.len() >= FLUSH_AT {
             self.flush().await?;
         }
         Ok(())
@@ -130,7 +154,9 @@ impl<'w, W: AsyncWrite + Unpin> Out<'w, W> {
 
     #[cfg(test)]
     pub fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf)
+        let mut all = std::mem::take(&mut self.queued).concat();
+        all.append(&mut self.buf);
+        all
     }
 }
 
@@ -3399,7 +3425,7 @@ mod tests {
         let mut sink: Vec<u8> = Vec::new();
         let mut out = Out::new(&mut sink);
         sel.apply_changes(&expunged, &new, 2, allow, false, &mut out);
-        String::from_utf8(std::mem::take(&mut out.buf)).unwrap()
+        String::from_utf8(out.take()).unwrap()
     }
 
     #[test]

@@ -240,9 +240,13 @@ impl Store {
         let mut chunks = vec![pb::AppendChunk {
             part: Some(pb::append_chunk::Part::Header(header)),
         }];
-        for c in data.chunks(CHUNK) {
+        // Slices of the one buffer (the body fields are `Bytes`), not a copy per chunk.
+        let data = bytes::Bytes::from(data);
+        for at in (0..data.len()).step_by(CHUNK) {
             chunks.push(pb::AppendChunk {
-                part: Some(pb::append_chunk::Part::Data(c.to_vec())),
+                part: Some(pb::append_chunk::Part::Data(
+                    data.slice(at..(at + CHUNK).min(data.len())),
+                )),
             });
         }
         Ok(self

@@ -86,7 +86,7 @@ async fn deliver(d: &mut DeliveryClient<Channel>, to: &str, n: usize) {
                 part: Some(deliver_chunk::Part::Header(header)),
             },
             DeliverChunk {
-                part: Some(deliver_chunk::Part::Data(data)),
+                part: Some(deliver_chunk::Part::Data(data.into())),
             },
         ]))
         .await

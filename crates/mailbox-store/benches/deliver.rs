@@ -64,7 +64,7 @@ async fn run(url: &str, callers: usize, total: usize, offset: usize) -> (Duratio
                         part: Some(deliver_chunk::Part::Header(header)),
                     },
                     DeliverChunk {
-                        part: Some(deliver_chunk::Part::Data(data)),
+                        part: Some(deliver_chunk::Part::Data(data.into())),
                     },
                 ];
                 let t = Instant::now();

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use bytes::Bytes;
 use mailsuite_proto::{ChangeKind, DeliverResponse, RecipientResult, RecipientStatus};
 use mailsuite_runtime::{ServiceError, Shutdown};
 use prost::Message as _;
@@ -32,7 +33,7 @@ use crate::store::{self, PreparedBlob};
 /// One delivery, ready to be written: everything that needs no lock was done.
 pub struct Prepared {
     pub key: String,
-    pub data: Arc<Vec<u8>>,
+    pub data: Bytes,
     /// None when no recipient resolved to a local account.
     pub blob: Option<PreparedBlob>,
     pub results: Vec<RecipientResult>,
@@ -276,6 +277,9 @@ async fn attempt(
     r
 }
 
+/// A batch with more message data than this gives its connection's buffers back afterwards.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
 async fn attempt_inner(
     pool: &PgPool,
     ds: &[Prepared],
@@ -291,6 +295,11 @@ async fn attempt_inner(
             return Err(Failed::Statement(e));
         }
     };
+    // The connection's write buffer grew to hold the batch's blobs; a pooled connection would
+    // keep that capacity for good (one per connection, the size of the largest batch ever).
+    if ds.iter().map(|d| d.data.len()).sum::<usize>() > SHRINK_ABOVE {
+        sqlx::Connection::shrink_buffers(&mut *tx);
+    }
     tx.commit().await.map_err(|e| Failed::Commit(e.into()))?;
     Ok(outcomes)
 }
@@ -765,7 +774,7 @@ impl<'a> BlobRows<'a> {
                     r.new_ids.push(id);
                     r.new_refs.push(*refs);
                     r.sizes.push(b.size);
-                    r.datas.push(d.data.as_slice());
+                    r.datas.push(&d.data[..]);
                     r.envs.push(&m.envelope);
                     r.bodies.push(&m.body);
                     r.headers.push(m.headers.to_string());

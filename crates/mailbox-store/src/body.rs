@@ -1,6 +1,7 @@
 //! FETCH BODY[...] / BINARY[...]: resolve a section against the stored structure, read only
 //! those bytes, convert (HEADER.FIELDS filter, content decoding, CRLF) and cut the partial.
 
+use bytes::Bytes;
 use mailsuite_proto::{BodyPart, Section, SectionKind};
 use mailsuite_runtime::ServiceError;
 use sqlx::PgConnection;
@@ -18,69 +19,87 @@ pub const INLINE: u64 = 64 * 1024;
 
 pub struct Stored<'a> {
     pub blob_id: &'a [u8],
-    pub prefix: &'a [u8],
+    pub prefix: Bytes,
     /// The whole blob when it was read with the row (at most [`INLINE`] bytes).
-    pub data: Option<&'a [u8]>,
+    pub data: Option<Bytes>,
     pub size: u64,
     pub structure: &'a BodyPart,
 }
 
-/// Bytes [start, end) of the entry (prefix followed by the blob): sliced from the blob read
-/// with the row when there is one, otherwise read from the database by range.
-async fn read(
+/// A plain section is read and sent in windows of this size: the store never holds more of a
+/// large message than this per FetchBody stream, however large the section.
+pub const WINDOW: u64 = 1024 * 1024;
+
+/// Bytes [start, end) of the entry (prefix followed by the blob), as at most two pieces (of
+/// the prefix, of the blob) that share the buffers they were read into: sliced from the blob
+/// read with the row when there is one, otherwise read from the database by range.
+pub async fn read(
     conn: &mut PgConnection,
     msg: &Stored<'_>,
     start: u64,
     end: u64,
-) -> Result<Vec<u8>, ServiceError> {
-    let Some(blob) = msg.data else {
-        return store::read_range(conn, msg.blob_id, msg.prefix, start, end).await;
+) -> Result<Vec<Bytes>, ServiceError> {
+    let Some(blob) = &msg.data else {
+        return store::read_range(conn, msg.blob_id, &msg.prefix, start, end).await;
     };
     let plen = msg.prefix.len() as u64;
-    let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+    let mut out = Vec::with_capacity(2);
     if start < plen {
-        out.extend_from_slice(&msg.prefix[start as usize..end.min(plen) as usize]);
+        out.push(msg.prefix.slice(start as usize..end.min(plen) as usize));
     }
     if end > plen {
         let bs = (start.max(plen) - plen).min(blob.len() as u64) as usize;
         let be = ((end - plen) as usize).min(blob.len());
         if be > bs {
-            out.extend_from_slice(&blob[bs..be]);
+            out.push(blob.slice(bs..be));
         }
     }
     Ok(out)
 }
 
-/// The bytes of one section, or None when the message has no such section.
+/// What a section is made of.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Bytes [start, end) of the entry, unchanged (BODY[], BODY[TEXT], BODY[HEADER], their
+    /// partials): the caller reads them with [`read`], in windows, without a copy of its own.
+    Range(u64, u64),
+    /// The section converted (header fields filtered, content decoded, line ends changed).
+    Converted(Vec<u8>),
+}
+
+/// What one section is, or None when the message has no such section.
 pub async fn render(
     conn: &mut PgConnection,
     msg: &Stored<'_>,
     section: &Section,
-) -> Result<Option<Vec<u8>>, ServiceError> {
+) -> Result<Option<Output>, ServiceError> {
     let kind = SectionKind::try_from(section.kind).unwrap_or(SectionKind::Full);
     let (start, end, part) = match mime::section_range(msg.structure, msg.size, &section.part, kind)
     {
         SectionRange::Bytes { start, end, part } => (start, end.min(msg.size), part),
         SectionRange::Missing => return Ok(None),
     };
-    // Read only what the partial needs when nothing changes the length of the output.
+    // Only the range (of the partial) is read when nothing changes the length of the output.
     let plain = !section.decode
         && !section.crlf
         && matches!(
             kind,
             SectionKind::Full | SectionKind::Text | SectionKind::Header | SectionKind::Mime
         );
-    if plain && section.has_partial {
+    if plain {
+        if !section.has_partial {
+            return Ok(Some(Output::Range(start, end.max(start))));
+        }
         let s = (start + section.offset).min(end);
         let e = if section.length == 0 {
             end
         } else {
             (s + section.length).min(end)
         };
-        return Ok(Some(read(conn, msg, s, e).await?));
+        return Ok(Some(Output::Range(s, e)));
     }
-    let data = read(conn, msg, start, end.max(start)).await?;
-    shape(data, section, kind, part).map(Some)
+    let data = read(conn, msg, start, end.max(start)).await?.concat();
+    shape(data, section, kind, part).map(|d| Some(Output::Converted(d)))
 }
 
 /// What a section's bytes become on the way out: the HEADER.FIELDS filter, content decoding

@@ -2,9 +2,9 @@
 //! entry per mailbox), idempotent by key, replying only after commit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use futures::StreamExt;
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use mailsuite_proto::delivery_server::Delivery;
 use mailsuite_proto::{
     AddressKind, DeliverChunk, DeliverHeader, DeliverResponse, RecipientResult, RecipientStatus,
@@ -27,14 +27,18 @@ fn st(e: impl Into<ServiceError>) -> Status {
 }
 
 /// Read a header chunk followed by data chunks, bounded by `max` bytes.
+///
+/// The data chunks are `Bytes` slices of the frames tonic received (the proto's body fields
+/// are `Bytes`, see crates/proto/build.rs). A message that came in one chunk is returned as
+/// that chunk, not copied; a longer one is copied once, chunk by chunk as they arrive, into
+/// one buffer sized by `hint` (the header's announced size, bounded by `max`; it grows if the
+/// announcement was short), so the message is never re-assembled through a growing `Vec`.
 pub async fn read_upload<H, C>(
-    stream: &mut Streaming<C>,
+    stream: &mut (impl Stream<Item = Result<C, Status>> + Unpin),
     max: u64,
-    split: impl Fn(C) -> Option<Result<H, Vec<u8>>>,
-) -> Result<(H, Vec<u8>), ServiceError>
-where
-    C: Send + 'static,
-{
+    split: impl Fn(C) -> Option<Result<H, Bytes>>,
+    hint: impl Fn(&H) -> u64,
+) -> Result<(H, Bytes), ServiceError> {
     let first = stream
         .next()
         .await
@@ -48,17 +52,35 @@ where
             ));
         }
     };
-    let mut data = Vec::new();
+    let mut len = 0u64;
+    // The only data chunk so far, kept as received.
+    let mut single: Option<Bytes> = None;
+    // Two or more chunks: the one copy of the message.
+    let mut joined: Option<BytesMut> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| ServiceError::InvalidArgument(s.message().to_string()))?;
         match split(chunk) {
             Some(Err(bytes)) => {
-                if (data.len() + bytes.len()) as u64 > max {
+                len += bytes.len() as u64;
+                if len > max {
                     return Err(ServiceError::TooLarge(format!(
                         "message larger than {max} bytes"
                     )));
                 }
-                data.extend_from_slice(&bytes);
+                if bytes.is_empty() {
+                    continue;
+                }
+                if let Some(buf) = &mut joined {
+                    buf.extend_from_slice(&bytes);
+                } else if let Some(one) = single.take() {
+                    let cap = hint(&header).min(max).max(len) as usize;
+                    let mut buf = BytesMut::with_capacity(cap);
+                    buf.extend_from_slice(&one);
+                    buf.extend_from_slice(&bytes);
+                    joined = Some(buf);
+                } else {
+                    single = Some(bytes);
+                }
             }
             _ => {
                 return Err(ServiceError::InvalidArgument(
@@ -67,6 +89,10 @@ where
             }
         }
     }
+    let data = match joined {
+        Some(buf) => buf.freeze(),
+        None => single.unwrap_or_default(),
+    };
     Ok((header, data))
 }
 
@@ -82,7 +108,7 @@ impl DeliverySvc {
     async fn deliver_inner(
         &self,
         header: &DeliverHeader,
-        data: &Arc<Vec<u8>>,
+        data: &Bytes,
     ) -> Result<DeliverResponse, ServiceError> {
         let ctx = &self.0;
         let lim = &ctx.config.limits;
@@ -231,13 +257,17 @@ impl Delivery for DeliverySvc {
     ) -> Result<Response<DeliverResponse>, Status> {
         let mut stream = req.into_inner();
         let max = self.0.config.limits.max_message_bytes;
-        let (header, data) = read_upload(&mut stream, max, |c: DeliverChunk| match c.part? {
-            deliver_chunk::Part::Header(h) => Some(Ok(h)),
-            deliver_chunk::Part::Data(d) => Some(Err(d)),
-        })
+        let (header, data) = read_upload(
+            &mut stream,
+            max,
+            |c: DeliverChunk| match c.part? {
+                deliver_chunk::Part::Header(h) => Some(Ok(h)),
+                deliver_chunk::Part::Data(d) => Some(Err(d)),
+            },
+            |h| h.size_hint,
+        )
         .await
         .map_err(st)?;
-        let data = Arc::new(data);
         if header.size_hint > max {
             return Err(st(ServiceError::TooLarge(format!(
                 "message larger than {max} bytes"
@@ -269,5 +299,71 @@ impl Delivery for DeliverySvc {
                 r => return r.map(Response::new).map_err(st),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(hint: u64, parts: &[Bytes]) -> Vec<Result<DeliverChunk, Status>> {
+        let header = DeliverChunk {
+            part: Some(deliver_chunk::Part::Header(DeliverHeader {
+                size_hint: hint,
+                ..Default::default()
+            })),
+        };
+        std::iter::once(header)
+            .chain(parts.iter().map(|p| DeliverChunk {
+                part: Some(deliver_chunk::Part::Data(p.clone())),
+            }))
+            .map(Ok)
+            .collect()
+    }
+
+    async fn read(hint: u64, parts: &[Bytes], max: u64) -> Result<Bytes, ServiceError> {
+        let mut s = futures::stream::iter(upload(hint, parts));
+        let split = |c: DeliverChunk| match c.part? {
+            deliver_chunk::Part::Header(h) => Some(Ok(h)),
+            deliver_chunk::Part::Data(d) => Some(Err(d)),
+        };
+        read_upload(&mut s, max, split, |h| h.size_hint)
+            .await
+            .map(|(_, d)| d)
+    }
+
+    /// A message in one chunk is that chunk: the same buffer, not a copy of it.
+    #[tokio::test]
+    async fn one_chunk_is_kept_without_a_copy() {
+        let chunk = Bytes::from(vec![b'a'; 1000]);
+        let data = read(1000, std::slice::from_ref(&chunk), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(data, chunk);
+        assert_eq!(data.as_ptr(), chunk.as_ptr(), "the received chunk itself");
+        // Empty chunks around it change nothing.
+        let parts = [Bytes::new(), chunk.clone(), Bytes::new()];
+        let data = read(0, &parts, 1 << 20).await.unwrap();
+        assert_eq!(data.as_ptr(), chunk.as_ptr());
+    }
+
+    /// Several chunks are copied once, in order, into one buffer, whatever the hint says.
+    #[tokio::test]
+    async fn chunks_are_joined_in_order_once() {
+        let whole: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let whole = Bytes::from(whole);
+        let parts: Vec<Bytes> = (0..whole.len())
+            .step_by(64 * 1024)
+            .map(|at| whole.slice(at..(at + 64 * 1024).min(whole.len())))
+            .collect();
+        for hint in [0, 10, whole.len() as u64, 1 << 40] {
+            let data = read(hint, &parts, 1 << 20).await.unwrap();
+            assert_eq!(data, whole, "hint {hint}");
+        }
+        assert!(matches!(
+            read(0, &parts, 100_000).await,
+            Err(ServiceError::TooLarge(_))
+        ));
+        assert!(read(0, &[], 10).await.unwrap().is_empty());
     }
 }

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use mailsuite_proto::mailbox_server::Mailbox;
 use mailsuite_proto::*;
@@ -195,7 +196,7 @@ impl MailboxSvc {
     async fn append_inner(
         &self,
         h: &AppendHeader,
-        data: &[u8],
+        data: &Bytes,
     ) -> Result<AppendResponse, ServiceError> {
         let name = normalize_mailbox(&h.mailbox)?;
         let flags = store::normalize_flags(&h.flags);
@@ -957,38 +958,63 @@ impl Mailbox for MailboxSvc {
                     last = r.get("uid");
                     let uid = last as u32;
                     let blob_id: Vec<u8> = r.get("blob_id");
-                    let prefix: Vec<u8> = r.get("prefix");
+                    let prefix = Bytes::from(r.get::<Vec<u8>, _>("prefix"));
                     let data: Option<Vec<u8>> = r.get("data");
                     let structure = store::decode_structure(&r.get::<Vec<u8>, _>("body"), prefix.len() as u64);
                     let stored = Stored {
                         blob_id: &blob_id,
-                        prefix: &prefix,
-                        data: data.as_deref(),
+                        prefix,
+                        data: data.map(Bytes::from),
                         size: r.get::<i64, _>("size") as u64,
                         structure: &structure,
                     };
                     for (i, section) in req.sections.iter().enumerate() {
-                        let data = body::render(&mut conn, &stored, section).await.map_err(st)?;
-                        let Some(data) = data else {
-                            yield BodyChunk { uid, section: i as u32, first: true, last: true, missing: true, ..Default::default() };
-                            continue;
+                        let out = body::render(&mut conn, &stored, section).await.map_err(st)?;
+                        let (start, total, converted) = match out {
+                            None => {
+                                yield BodyChunk { uid, section: i as u32, first: true, last: true, missing: true, ..Default::default() };
+                                continue;
+                            }
+                            Some(body::Output::Range(s, e)) => (s, e - s, None),
+                            Some(body::Output::Converted(d)) => (0, d.len() as u64, Some(Bytes::from(d))),
                         };
-                        let total = data.len() as u64;
-                        if data.is_empty() {
+                        if total == 0 {
                             yield BodyChunk { uid, section: i as u32, total, first: true, last: true, ..Default::default() };
                             continue;
                         }
-                        let n = data.len().div_ceil(CHUNK);
-                        for (k, c) in data.chunks(CHUNK).enumerate() {
-                            yield BodyChunk {
-                                uid,
-                                section: i as u32,
-                                total: if k == 0 { total } else { 0 },
-                                data: c.to_vec(),
-                                first: k == 0,
-                                last: k + 1 == n,
-                                missing: false,
+                        // A window at a time (a large plain section is read from the database
+                        // by range, never whole); each chunk a slice of what was read, at most
+                        // CHUNK long.
+                        let mut sent = 0u64;
+                        while sent < total {
+                            let n = (total - sent).min(body::WINDOW);
+                            let pieces = match &converted {
+                                Some(d) => vec![d.slice(sent as usize..(sent + n) as usize)],
+                                None => body::read(&mut conn, &stored, start + sent, start + sent + n)
+                                    .await
+                                    .map_err(st)?,
                             };
+                            if pieces.iter().map(|p| p.len() as u64).sum::<u64>() != n {
+                                Err(st(ServiceError::Internal(format!(
+                                    "message {uid} is shorter than its recorded size"
+                                ))))?;
+                            }
+                            for piece in pieces {
+                                for at in (0..piece.len()).step_by(CHUNK) {
+                                    let data = piece.slice(at..(at + CHUNK).min(piece.len()));
+                                    let first = sent == 0;
+                                    sent += data.len() as u64;
+                                    yield BodyChunk {
+                                        uid,
+                                        section: i as u32,
+                                        total: if first { total } else { 0 },
+                                        data,
+                                        first,
+                                        last: sent == total,
+                                        missing: false,
+                                    };
+                                }
+                            }
                         }
                     }
                 }
@@ -1031,10 +1057,15 @@ impl Mailbox for MailboxSvc {
     ) -> Result<Response<AppendResponse>, Status> {
         let mut stream = req.into_inner();
         let max = self.0.config.limits.max_message_bytes;
-        let (header, data) = read_upload(&mut stream, max, |c: AppendChunk| match c.part? {
-            append_chunk::Part::Header(h) => Some(Ok(h)),
-            append_chunk::Part::Data(d) => Some(Err(d)),
-        })
+        let (header, data) = read_upload(
+            &mut stream,
+            max,
+            |c: AppendChunk| match c.part? {
+                append_chunk::Part::Header(h) => Some(Ok(h)),
+                append_chunk::Part::Data(d) => Some(Err(d)),
+            },
+            |h| h.size,
+        )
         .await
         .map_err(st)?;
         if data.is_empty() {

@@ -8,6 +8,8 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
+use bytes::Bytes;
+
 use crate::mime;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -60,8 +62,10 @@ fn pool() -> std::io::Result<&'static Pool> {
         .map_err(|e| std::io::Error::other(e.clone()))
 }
 
-/// `mime::parse` of `raw` on one of the pool's big-stack threads.
-pub async fn parse(raw: Vec<u8>) -> std::io::Result<mime::Parsed> {
+/// `mime::parse` of `raw` on one of the pool's big-stack threads (`raw` is shared with the
+/// caller, not copied).
+pub async fn parse(raw: impl Into<Bytes>) -> std::io::Result<mime::Parsed> {
+    let raw: Bytes = raw.into();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let parsed = std::panic::catch_unwind(AssertUnwindSafe(|| mime::parse(&raw)));

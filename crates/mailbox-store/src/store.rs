@@ -1,6 +1,7 @@
 //! Storage primitives shared by the services: names, flags, blobs, UID allocation, entry
 //! insertion and removal. Every function works inside the caller's transaction.
 
+use bytes::Bytes;
 use mailsuite_proto::{BodyPart, ChangeEvent, ChangeKind, Envelope, SpecialUse};
 use mailsuite_runtime::ServiceError;
 use prost::Message as _;
@@ -171,7 +172,7 @@ pub struct BlobMeta {
 
 /// Hash and parse `raw` for `insert_blob`. Run it before `BEGIN`: the parse is the slow part
 /// of storing a message and must not hold row locks, a transaction or a pool connection.
-pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &[u8]) -> Result<PreparedBlob, ServiceError> {
+pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &Bytes) -> Result<PreparedBlob, ServiceError> {
     let id = sha2::Sha256::digest(raw).to_vec();
     // Most content is new: parsing a small message costs less than a round trip to look for
     // it first. Large ones are looked up before they are parsed.
@@ -197,9 +198,10 @@ pub async fn prepare_blob(pool: &sqlx::PgPool, raw: &[u8]) -> Result<PreparedBlo
 }
 
 /// Parse `raw` (on its own big-stack thread) and encode the metadata columns.
-pub async fn blob_meta(raw: &[u8]) -> Result<BlobMeta, ServiceError> {
-    // On a big-stack parser thread (see mime::PARSE_STACK_BYTES and crate::parse_pool).
-    let parsed = crate::parse_pool::parse(raw.to_vec())
+pub async fn blob_meta(raw: &Bytes) -> Result<BlobMeta, ServiceError> {
+    // On a big-stack parser thread (see mime::PARSE_STACK_BYTES and crate::parse_pool); the
+    // thread gets a shared handle on the message, not a copy of it.
+    let parsed = crate::parse_pool::parse(raw.clone())
         .await
         .map_err(|e| ServiceError::Internal(format!("parsing the message structure: {e}")))?;
     if mime::structure_depth(&parsed.body) >= mime::MAX_MIME_DEPTH {
@@ -229,7 +231,7 @@ pub async fn blob_meta(raw: &[u8]) -> Result<BlobMeta, ServiceError> {
 pub async fn insert_blob(
     tx: &mut PgConnection,
     blob: &PreparedBlob,
-    raw: &[u8],
+    raw: &Bytes,
     refs: i64,
 ) -> Result<(), ServiceError> {
     let parsed_now;
@@ -259,7 +261,7 @@ pub async fn insert_blob(
     .bind(&blob.id)
     .bind(blob.size)
     .bind(refs)
-    .bind(raw)
+    .bind(&raw[..])
     .bind(&meta.envelope)
     .bind(&meta.body)
     .bind(&meta.headers)
@@ -535,18 +537,20 @@ pub fn decode_envelope(b: &[u8]) -> Envelope {
     Envelope::decode(b).unwrap_or_default()
 }
 
-/// Bytes [start, end) of an entry (prefix followed by the blob), reading only that range.
+/// Bytes [start, end) of an entry (prefix followed by the blob), reading only that range, as
+/// at most two pieces: a slice of `prefix` and the range of the blob as read (not copied
+/// again into one buffer with the prefix).
 pub async fn read_range(
     conn: &mut PgConnection,
     blob_id: &[u8],
-    prefix: &[u8],
+    prefix: &Bytes,
     start: u64,
     end: u64,
-) -> Result<Vec<u8>, ServiceError> {
+) -> Result<Vec<Bytes>, ServiceError> {
     let plen = prefix.len() as u64;
-    let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+    let mut out = Vec::with_capacity(2);
     if start < plen {
-        out.extend_from_slice(&prefix[start as usize..end.min(plen) as usize]);
+        out.push(prefix.slice(start as usize..end.min(plen) as usize));
     }
     if end > plen {
         let bs = start.max(plen) - plen;
@@ -560,9 +564,9 @@ pub async fn read_range(
             .bind((be - bs) as i64)
             .fetch_optional(&mut *conn)
             .await?;
-            out.extend_from_slice(
-                &chunk.ok_or_else(|| ServiceError::Internal("blob missing".into()))?,
-            );
+            out.push(Bytes::from(
+                chunk.ok_or_else(|| ServiceError::Internal("blob missing".into()))?,
+            ));
         }
     }
     Ok(out)

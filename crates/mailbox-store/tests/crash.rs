@@ -76,7 +76,7 @@ async fn deliver(
             })),
         },
         DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(data)),
+            part: Some(deliver_chunk::Part::Data(data.into())),
         },
     ];
     d.deliver(tokio_stream::iter(chunks))

@@ -504,7 +504,7 @@ async fn quota_is_enforced() {
         })),
     }];
     v.push(AppendChunk {
-        part: Some(append_chunk::Part::Data(m.clone())),
+        part: Some(append_chunk::Part::Data(m.clone().into())),
     });
     let err = mb.append(tokio_stream::iter(v)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);

@@ -110,7 +110,9 @@ async fn queue_and_dkim_commands() {
         },
         EnqueueChunk {
             part: Some(enqueue_chunk::Part::Data(
-                b"From: a@example.test\r\nSubject: q\r\n\r\nbody\r\n".to_vec(),
+                b"From: a@example.test\r\nSubject: q\r\n\r\nbody\r\n"
+                    .to_vec()
+                    .into(),
             )),
         },
     ];

@@ -130,7 +130,7 @@ async fn c1_deeply_nested_mime_via_smtp_append_and_relay_is_stored_and_readable(
         })),
     }];
     chunks.extend(relay_raw.chunks(64 * 1024).map(|c| EnqueueChunk {
-        part: Some(enqueue_chunk::Part::Data(c.to_vec())),
+        part: Some(enqueue_chunk::Part::Data(c.to_vec().into())),
     }));
     queue
         .enqueue(tokio_stream::iter(chunks))

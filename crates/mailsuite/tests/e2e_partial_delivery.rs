@@ -60,7 +60,7 @@ async fn partial_local_delivery_is_handed_to_the_queue() {
             })),
         },
         DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(filler.into_bytes())),
+            part: Some(deliver_chunk::Part::Data(filler.into_bytes().into())),
         },
     ];
     delivery

@@ -29,8 +29,9 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// A message's content in order, in chunks of any size.
-pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Failure>> + Send>>;
+/// A message's content in order, in chunks of any size (`Bytes`: the chunks the store sent,
+/// passed on without a copy).
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, Failure>> + Send>>;
 
 pub trait Backend: Send + Sync + 'static {
     /// Held for the whole session: exclusive access to the maildrop (RFC 1939 §8) ends when

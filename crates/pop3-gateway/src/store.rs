@@ -50,7 +50,7 @@ struct WindowReader {
 }
 
 impl WindowReader {
-    async fn next(&mut self) -> Option<Result<Vec<u8>, Failure>> {
+    async fn next(&mut self) -> Option<Result<bytes::Bytes, Failure>> {
         loop {
             if self.done {
                 return None;

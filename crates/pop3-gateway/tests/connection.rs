@@ -128,14 +128,16 @@ impl Backend for Mem {
                 };
                 chunk.extend((start..end).map(big_line));
                 pulled.fetch_add(chunk.len(), Ordering::SeqCst);
-                Ok(chunk.into_bytes())
+                Ok(chunk.into_bytes().into())
             });
             return Ok(Box::pin(chunks));
         }
         let body = s.messages.get(&uid).cloned().ok_or(Failure::Gone)?;
         // Odd-sized chunks, so lines and dots straddle chunk boundaries.
-        let chunks: Vec<Result<Vec<u8>, Failure>> =
-            body.chunks(7).map(|c| Ok(c.to_vec())).collect();
+        let chunks: Vec<Result<bytes::Bytes, Failure>> = body
+            .chunks(7)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
         Ok(Box::pin(futures::stream::iter(chunks)))
     }
 

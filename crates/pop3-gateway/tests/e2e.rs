@@ -118,7 +118,7 @@ async fn env() -> Env {
             part: Some(deliver_chunk::Part::Header(header)),
         }];
         chunks.extend(m.chunks(64 * 1024).map(|c| DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(c.to_vec())),
+            part: Some(deliver_chunk::Part::Data(c.to_vec().into())),
         }));
         let r = delivery
             .deliver(tokio_stream::iter(chunks))

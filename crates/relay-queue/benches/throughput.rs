@@ -128,7 +128,7 @@ async fn run(n: usize, size: usize) {
                         })),
                     },
                     EnqueueChunk {
-                        part: Some(Part::Data(body.clone())),
+                        part: Some(Part::Data(body.clone().into())),
                     },
                 ];
                 client.enqueue(tokio_stream::iter(chunks)).await.unwrap();

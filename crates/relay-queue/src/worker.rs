@@ -494,7 +494,9 @@ impl Engine {
         }];
         for c in msg.raw.chunks(64 * 1024) {
             chunks.push(DeliverChunk {
-                part: Some(mailsuite_proto::deliver_chunk::Part::Data(c.to_vec())),
+                part: Some(mailsuite_proto::deliver_chunk::Part::Data(
+                    bytes::Bytes::copy_from_slice(c),
+                )),
             });
         }
         let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));

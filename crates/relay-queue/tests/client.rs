@@ -98,7 +98,7 @@ async fn enqueue_without_an_idempotency_key_is_refused() {
         },
         mailsuite_proto::EnqueueChunk {
             part: Some(mailsuite_proto::enqueue_chunk::Part::Data(
-                b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+                b"Subject: x\r\n\r\nbody\r\n".to_vec().into(),
             )),
         },
     ];

@@ -94,7 +94,7 @@ async fn queued_mail_survives_a_postgresql_restart() {
         },
         mailsuite_proto::EnqueueChunk {
             part: Some(mailsuite_proto::enqueue_chunk::Part::Data(
-                b"Subject: x\r\n\r\ny\r\n".to_vec(),
+                b"Subject: x\r\n\r\ny\r\n".to_vec().into(),
             )),
         },
     ];

@@ -101,8 +101,9 @@ impl GrpcBackend {
     }
 }
 
-/// The body as a lazy sequence of chunk messages: each chunk is copied into its message only
-/// when the stream is polled, so a hand-off never holds a second whole copy of the body.
+/// The body as a lazy sequence of chunk messages, each a slice of `body` (shared, not copied:
+/// the proto's body fields are `Bytes`), so a hand-off never holds a second copy of the body;
+/// the only copy is tonic encoding each chunk into its frame.
 fn chunks<T>(body: Bytes, wrap: impl Fn(Bytes) -> T) -> impl Iterator<Item = T> {
     (0..body.len())
         .step_by(CHUNK)
@@ -160,7 +161,7 @@ impl Backend for GrpcBackend {
             part: Some(deliver_chunk::Part::Header(header)),
         };
         let msgs = std::iter::once(header).chain(chunks(body, |b| DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(b.to_vec())),
+            part: Some(deliver_chunk::Part::Data(b)),
         }));
         self.bounded(self.delivery.clone().deliver(tokio_stream::iter(msgs)))
             .await
@@ -171,7 +172,7 @@ impl Backend for GrpcBackend {
             part: Some(enqueue_chunk::Part::Header(header)),
         };
         let msgs = std::iter::once(header).chain(chunks(body, |b| EnqueueChunk {
-            part: Some(enqueue_chunk::Part::Data(b.to_vec())),
+            part: Some(enqueue_chunk::Part::Data(b)),
         }));
         self.bounded(self.queue.clone().enqueue(tokio_stream::iter(msgs)))
             .await
@@ -219,5 +220,32 @@ mod tests {
         let c: Vec<usize> = chunks(body, |b| b.len()).collect();
         assert_eq!(c, vec![CHUNK, CHUNK, 5]);
         assert_eq!(chunks(Bytes::new(), |b| b.len()).count(), 0);
+    }
+
+    /// The chunk messages carry slices of the message buffer, not copies of its bytes: every
+    /// chunk points into the one buffer, in order, and together they are the message.
+    #[test]
+    fn chunks_share_the_message_buffer() {
+        let body = Bytes::from((0..CHUNK * 3 + 100).map(|i| i as u8).collect::<Vec<u8>>());
+        let base = body.as_ptr() as usize;
+        let parts: Vec<Bytes> = chunks(body.clone(), |b| {
+            match (DeliverChunk {
+                part: Some(deliver_chunk::Part::Data(b)),
+            })
+            .part
+            {
+                Some(deliver_chunk::Part::Data(d)) => d,
+                _ => unreachable!(),
+            }
+        })
+        .collect();
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(
+                p.as_ptr() as usize,
+                base + i * CHUNK,
+                "chunk {i} is a slice"
+            );
+        }
+        assert_eq!(parts.concat(), body);
     }
 }

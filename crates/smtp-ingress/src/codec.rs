@@ -373,6 +373,14 @@ impl DataReader {
         }
     }
 
+    /// Room for `n` more octets of body, allocated now (the size declared with SIZE=). The
+    /// budget counts what is kept, not this capacity.
+    pub fn reserve(&mut self, n: usize) {
+        if self.keep {
+            self.body.reserve_exact(n);
+        }
+    }
+
     /// Octets of body kept so far.
     pub fn kept(&self) -> usize {
         self.body.len()

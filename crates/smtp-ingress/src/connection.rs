@@ -18,6 +18,15 @@ use crate::codec::{BdatReader, DataReader, Line, LineLimits, LineReader, parse_c
 use crate::reply::Reply;
 use crate::session::{Next, Outcome, Session, TlsInfo};
 
+/// Room in the DATA buffer, beyond the declared SIZE=, for the trace fields put in front of
+/// the body (Received:, Authentication-Results:), so adding them does not reallocate.
+const TRACE_ROOM: u64 = 4096;
+
+/// At most this much is reserved up front from SIZE=: a larger message grows its buffer from
+/// there (a few doublings), so a client that declares 50 MB and sends nothing does not
+/// reserve 50 MB per connection.
+const MAX_RESERVE: u64 = 8 * 1024 * 1024;
+
 /// Any byte stream a session can run on (TCP, TLS over TCP, an in-memory pipe in tests).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -158,6 +167,13 @@ impl<B: Backend> Driver<B> {
 
     async fn read_data(&mut self) -> Result<(Vec<u8>, crate::codec::BodyEnd), Stop> {
         let mut reader = DataReader::new(self.session.max_message_bytes(), self.bare);
+        // Room for the declared SIZE (RFC 1870), so the body is not copied as it grows; capped,
+        // because SIZE is only the client's word and a reservation per connection adds up.
+        if let Some(n) = self.session.declared_size().checked_add(TRACE_ROOM)
+            && n > TRACE_ROOM
+        {
+            reader.reserve(n.min(MAX_RESERVE) as usize);
+        }
         let total = Instant::now() + self.data_total;
         loop {
             if !self.input.is_empty() {

@@ -213,6 +213,14 @@ impl<B: Backend> Session<B> {
         self.cfg().limits.max_message_bytes
     }
 
+    /// The body size the client declared with MAIL FROM's SIZE= (RFC 1870), within the
+    /// limit; 0 when it declared none. The DATA reader sizes its buffer by it, plus room for
+    /// the trace fields put in front, so the body is not re-copied as the buffer grows.
+    pub fn declared_size(&self) -> u64 {
+        let declared = self.tx.as_ref().map_or(0, |t| t.from.size as u64);
+        declared.min(self.max_message_bytes())
+    }
+
     /// A protocol error: counted, and past the limit the connection ends with `421`.
     fn error(&mut self, r: Reply) -> Outcome {
         self.errors += 1;
@@ -1613,10 +1621,11 @@ impl<B: Backend> Session<B> {
 /// ones we add may carry our authserv-id.
 fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::Cow<'a, [u8]> {
     const NAME: &[u8] = b"authentication-results:";
-    let mut out = Vec::new();
+    // Made (with what came before) only at the first field dropped: a message with nothing
+    // to strip, nearly every one, is not copied.
+    let mut out: Option<Vec<u8>> = None;
     let mut pos = 0;
     let mut dropping = false;
-    let mut changed = false;
     while pos < msg.len() {
         let end = msg[pos..]
             .iter()
@@ -1624,7 +1633,9 @@ fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::
             .map_or(msg.len(), |i| pos + i + 1);
         let line = &msg[pos..end];
         if line == b"\r\n" || line == b"\n" {
-            out.extend_from_slice(&msg[pos..]);
+            if let Some(out) = &mut out {
+                out.extend_from_slice(&msg[pos..]);
+            }
             break;
         }
         let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
@@ -1640,17 +1651,16 @@ fn strip_our_auth_results<'a>(msg: &'a [u8], authserv_id: &str) -> std::borrow::
                     id.eq_ignore_ascii_case(authserv_id)
                 };
         }
-        if dropping {
-            changed = true;
-        } else {
-            out.extend_from_slice(line);
+        match (&mut out, dropping) {
+            (None, true) => out = Some(msg[..pos].to_vec()),
+            (Some(out), false) => out.extend_from_slice(line),
+            _ => {}
         }
         pos = end;
     }
-    if changed {
-        std::borrow::Cow::Owned(out)
-    } else {
-        std::borrow::Cow::Borrowed(msg)
+    match out {
+        Some(out) => std::borrow::Cow::Owned(out),
+        None => std::borrow::Cow::Borrowed(msg),
     }
 }
 

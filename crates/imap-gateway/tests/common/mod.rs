@@ -123,7 +123,7 @@ impl Env {
         }];
         for c in data.chunks(64 * 1024) {
             v.push(DeliverChunk {
-                part: Some(deliver_chunk::Part::Data(c.to_vec())),
+                part: Some(deliver_chunk::Part::Data(c.to_vec().into())),
             });
         }
         let r = d

@@ -114,7 +114,7 @@ pub fn chunks(header: DeliverHeader, data: &[u8]) -> Vec<DeliverChunk> {
     }];
     for c in data.chunks(64 * 1024) {
         v.push(DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(c.to_vec())),
+            part: Some(deliver_chunk::Part::Data(c.to_vec().into())),
         });
     }
     v
@@ -158,7 +158,7 @@ pub async fn append(
     }];
     for c in data.chunks(64 * 1024) {
         v.push(AppendChunk {
-            part: Some(append_chunk::Part::Data(c.to_vec())),
+            part: Some(append_chunk::Part::Data(c.to_vec().into())),
         });
     }
     client

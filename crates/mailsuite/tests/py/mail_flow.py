@@ -1,6 +1,7 @@
 """Independent clients (Python stdlib) exercise the whole system:
 an MTA delivers over SMTP (port-25 role), the user reads it over IMAP (STARTTLS) and POP3 (STLS),
-submits a message over submission (STARTTLS + AUTH) to another local user, and that arrives too.
+submits a message over submission (STARTTLS + AUTH) to another local user, and that arrives too;
+then a ~3 MB message goes in over SMTP and comes out byte-exact over IMAP and POP3.
 
 usage: mail_flow.py SMTP SUBMISSION IMAP POP3 CAFILE USER PASSWORD OTHER_USER OTHER_PASSWORD
 Exits non-zero with a message on the first failure; prints OK lines as it goes.
@@ -102,4 +103,28 @@ with smtplib.SMTP("127.0.0.1", sub_port, timeout=30) as s:
     check(s.sendmail(user, [other], sub) == {}, "submission accepted after STARTTLS+AUTH")
 raw = imap_fetch_all("internal note", login=(other, other_password))
 check(b"hi colleague" in raw, "the submitted message reached the other user's INBOX")
+# 5. A large message, byte-exact both ways out: many 64 KiB gRPC chunks in and out, read by
+# range in the store (beyond the inline size), beyond the IMAP gateway's read-ahead buffer and
+# the POP3 gateway's window (1 MiB each), lines with leading dots throughout.
+big_lines = []
+for i in range(40000):
+    lead = b".." if i % 5 == 0 else b""
+    big_lines.append(lead + b"big line %06d " % i + bytes(range(33, 33 + 50)) + b"\r\n")
+big = (
+    f"From: Outside Sender <sender@outside.example>\r\nTo: {user}\r\n"
+    "Subject: a large one\r\nMessage-ID: <flow-big@outside.example>\r\n\r\n"
+).encode() + b"".join(big_lines)
+with smtplib.SMTP("127.0.0.1", smtp_port, local_hostname="mta.outside.example", timeout=60) as s:
+    check(s.sendmail("sender@outside.example", [user], big) == {}, f"MX accepted {len(big)} bytes")
+raw = imap_fetch_all("a large one")
+check(raw.endswith(big) and len(raw) - len(big) < 4096, "IMAP BODY[] of the large message is byte-exact")
+p = poplib.POP3("127.0.0.1", pop3_port, timeout=60)
+p.stls(context=ctx)
+p.user(user)
+p.pass_(password)
+count, size = p.stat()
+resp, lines, octets = p.retr(count)
+p.quit()
+got = b"\r\n".join(lines) + b"\r\n"
+check(got.endswith(big) and len(got) - len(big) < 4096, "POP3 RETR of the large message is byte-exact")
 print("ALL OK", flush=True)

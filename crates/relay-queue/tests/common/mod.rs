@@ -363,7 +363,7 @@ pub async fn enqueue(addr: SocketAddr, h: EnqueueHeader, body: &[u8]) -> Enqueue
     }];
     for c in body.chunks(1000) {
         chunks.push(EnqueueChunk {
-            part: Some(enqueue_chunk::Part::Data(c.to_vec())),
+            part: Some(enqueue_chunk::Part::Data(c.to_vec().into())),
         });
     }
     client(addr)
