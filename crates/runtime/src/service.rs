@@ -183,6 +183,7 @@ mod tests {
             name: "t",
             default_grace: Duration::from_secs(30),
             config_grace: |c| c.grace.map(Duration::from_secs),
+            renamed: &[],
         };
         let with = Conf { grace: Some(12) };
         let without = Conf::default();
