@@ -56,6 +56,7 @@ impl Shared {
             max_line: l.max_line,
             max_command: l.max_command,
             max_append: l.max_append,
+            max_multiappend: l.max_multiappend,
             max_preauth_literal: l.max_preauth_literal,
         }
     }
