@@ -66,7 +66,10 @@ pub enum Input {
 pub struct DecoderLimits {
     pub max_line: u32,
     pub max_command: u32,
+    /// Largest literal of an APPEND (one message).
     pub max_message_bytes: u32,
+    /// Largest APPEND command, all literals together (MULTIAPPEND); at least `max_message_bytes`.
+    pub max_multiappend: u32,
     /// Largest command with literals before login (`Decoder::set_authenticated`).
     pub max_preauth_literal: u32,
 }
@@ -94,6 +97,7 @@ impl Decoder {
         // (and the message rejected), so memory per connection is bounded.
         let cap = limits
             .max_message_bytes
+            .max(limits.max_multiappend)
             .saturating_add(limits.max_command)
             .saturating_add(limits.max_line);
         Decoder {
@@ -179,7 +183,14 @@ impl Decoder {
                             self.limits.max_command
                         };
                         let total = self.frag.message_bytes().len() as u64 + a.length as u64;
-                        let over = total > limit as u64;
+                        // An APPEND may carry several messages (MULTIAPPEND): each literal is
+                        // held to `max_message_bytes`, the whole command to `max_multiappend`.
+                        let over = if append && self.authenticated {
+                            let whole = self.limits.max_multiappend.max(limit);
+                            a.length as u64 > limit as u64 || total > whole as u64
+                        } else {
+                            total > limit as u64
+                        };
                         if !self.authenticated && (append || over) {
                             let tag = || self.frag.decode_tag().map(|t| t.into_static());
                             let refuse = |tag| {
@@ -333,6 +344,7 @@ mod tests {
             max_line: 200,
             max_command: 1000,
             max_message_bytes: 5000,
+            max_multiappend: 8000,
             max_preauth_literal: 300,
         }
     }
@@ -711,6 +723,72 @@ a6 NOOP\r\n";
             matches!(&out[6], Input::Command(c, e) if c.name() == "NOOP" && *e == Ext::default())
         );
         assert_eq!(out.len(), 7);
+    }
+
+    #[test]
+    fn multiappend_decodes_in_any_chunking_with_limits_per_literal_and_per_command() {
+        use imap_codec::imap_types::flag::Flag;
+        // Three messages: a continuation for each synchronizing literal, then one command.
+        let input = b"a1 APPEND INBOX (\\Seen) {3}\r\none \"14-Jul-2021 02:44:25 +0200\" {3+}\r\ntwo ~{5}\r\nth\0ee\r\na2 NOOP\r\n";
+        let out = same_in_all_chunkings(input, &[]);
+        assert_eq!(out[0], Input::ContinueLiteral);
+        assert_eq!(out[1], Input::ContinueLiteral);
+        match &out[2] {
+            Input::Command(c, ext) => {
+                assert!(matches!(&c.body, CommandBody::Append { .. }), "{c:?}");
+                let msgs = ext.append.as_ref().expect("several messages");
+                assert_eq!(msgs.len(), 3);
+                assert_eq!(msgs[0].flags, vec![Flag::Seen]);
+                assert_eq!(msgs[0].data, b"one");
+                assert!(msgs[0].date.is_none());
+                assert!(msgs[1].flags.is_empty());
+                assert!(msgs[1].date.is_some());
+                assert_eq!(msgs[1].data, b"two");
+                assert_eq!(msgs[2].data, b"th\0ee");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&out[3], Input::Command(c, _) if c.name() == "NOOP"));
+        assert_eq!(out.len(), 4);
+        // One message stays imap-codec's alone.
+        let out = same_in_all_chunkings(b"a1 APPEND INBOX {3+}\r\none\r\n", &[]);
+        assert!(matches!(&out[0], Input::Command(_, e) if e.append.is_none()));
+        // NUL in a plain literal, bad options of a later message, garbage after a message.
+        for bad in [
+            &b"a1 APPEND INBOX {3+}\r\none {3+}\r\nt\0o\r\n"[..],
+            b"a1 APPEND INBOX {3+}\r\none (\\Seen \"x\") {3+}\r\ntwo\r\n",
+            b"a1 APPEND INBOX {3+}\r\none {3+}\r\ntwo x\r\n",
+        ] {
+            assert_eq!(
+                same_in_all_chunkings(bad, &[]),
+                vec![Input::Bad { tag: tag("a1") }]
+            );
+        }
+        // max_message_bytes (5000) per literal: the third message is refused before its "+".
+        let out = same_in_all_chunkings(
+            b"a1 APPEND INBOX {3+}\r\none {3+}\r\ntwo {5001}\r\na2 NOOP\r\n",
+            &[],
+        );
+        assert_eq!(
+            out[0],
+            Input::TooBig {
+                tag: tag("a1"),
+                append: true
+            }
+        );
+        assert!(matches!(&out[1], Input::Command(c, _) if c.name() == "NOOP"));
+        // max_multiappend (8000) for the whole command: each literal fits, all do not.
+        let mut input = b"a1 APPEND INBOX {4000+}\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 4000));
+        input.extend(b" {4000}\r\n");
+        let out = same_in_all_chunkings(&input, &[]);
+        assert_eq!(
+            out,
+            vec![Input::TooBig {
+                tag: tag("a1"),
+                append: true
+            }]
+        );
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct Limits {
     pub max_command: u32,
     /// Largest message APPEND accepts, bytes. Default 64 MiB.
     pub max_message_bytes: u32,
+    /// Largest APPEND command, all its messages (MULTIAPPEND, RFC 3502) and command bytes
+    /// together; each message is also held to `max_message_bytes`, and a smaller value than
+    /// `max_message_bytes` counts as `max_message_bytes`. Default 64 MiB: what one connection may make the
+    /// gateway buffer stays what it was before MULTIAPPEND.
+    pub max_multiappend: u32,
     /// Largest command with literals accepted before login, literals included, bytes.
     /// Default 8 KiB: enough for LOGIN, and what an unauthenticated client can make the
     /// gateway buffer. Before login APPEND is refused without a continuation request, and a
@@ -146,6 +151,7 @@ impl Default for Limits {
             max_line: 64 * 1024,
             max_command: 1024 * 1024,
             max_message_bytes: 64 * 1024 * 1024,
+            max_multiappend: 64 * 1024 * 1024,
             max_preauth_literal: 8 * 1024,
             max_sequence_set: 10_000,
             max_list_pattern: 1024,

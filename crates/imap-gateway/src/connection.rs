@@ -56,6 +56,7 @@ impl Shared {
             max_line: l.max_line,
             max_command: l.max_command,
             max_message_bytes: l.max_message_bytes,
+            max_multiappend: l.max_multiappend,
             max_preauth_literal: l.max_preauth_literal,
         }
     }

@@ -11,9 +11,19 @@
 //! - a `$` token in a sequence-set position is replaced by [`SAVED_MARKER`], a reversed range
 //!   that the session recognizes (a client that writes the marker itself gets the same range
 //!   in ascending order, which means the same);
-//! - an extended LIST is parsed here completely and replaced by `LIST "" ""`.
+//! - an extended LIST is parsed here completely and replaced by `LIST "" ""`;
+//! - an APPEND of several messages (RFC 3502 MULTIAPPEND) is parsed here (each message's
+//!   flags and date by imap-codec, on a one-message APPEND built for it) and replaced by an
+//!   APPEND of one placeholder byte to the same mailbox; the messages are in [`Ext::append`].
 //!
 //! Pure: no I/O, no tokio. Anything it does not recognize is left for imap-codec to judge.
+
+use bounded_static::IntoBoundedStatic;
+use imap_codec::CommandCodec;
+use imap_codec::decode::Decoder as _;
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::datetime::DateTime;
+use imap_codec::imap_types::flag::Flag;
 
 /// What replaces `$`: the range 4294967295:4294967294 (see the module docs).
 pub const SAVED_MARKER: &[u8] = b"4294967295:4294967294";
@@ -67,6 +77,17 @@ pub struct Ext {
     pub saved: bool,
     /// An extended LIST (the message handed on is `tag LIST "" ""`).
     pub list: Option<Box<ListExt>>,
+    /// The messages of a MULTIAPPEND (the message handed on is `tag APPEND mailbox {1}x`,
+    /// whose placeholder byte is not a message).
+    pub append: Option<Vec<AppendMsg>>,
+}
+
+/// One message of a MULTIAPPEND.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendMsg {
+    pub flags: Vec<Flag<'static>>,
+    pub date: Option<DateTime>,
+    pub data: Vec<u8>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -322,6 +343,7 @@ pub fn preparse(msg: &[u8]) -> Pre {
         b"EXPUNGE",
         b"SEARCH",
         b"LIST",
+        b"APPEND",
     ]
     .iter()
     .any(|v| verb.eq_ignore_ascii_case(v));
@@ -365,6 +387,20 @@ pub fn preparse(msg: &[u8]) -> Pre {
             if let Err(m) = search(&mut p, &mut ext, &mut edits) {
                 return Pre::Bad(m);
             }
+        }
+        b"APPEND" if !uid => {
+            return match multiappend(&mut p) {
+                Ok(None) => Pre::Unchanged,
+                Ok(Some((mailbox, msgs))) => {
+                    let mut bytes = msg[..tag.end].to_vec();
+                    bytes.extend_from_slice(b" APPEND ");
+                    bytes.extend_from_slice(&msg[mailbox.start..mailbox.end]);
+                    bytes.extend_from_slice(b" {1}\r\nx\r\n");
+                    ext.append = Some(msgs);
+                    Pre::Rewritten(bytes, ext)
+                }
+                Err(m) => Pre::Bad(m),
+            };
         }
         b"LIST" if !uid => match list(&mut p) {
             Ok(None) => return Pre::Unchanged,
@@ -505,6 +541,81 @@ fn search_keys(p: &mut P<'_>, ext: &mut Ext, edits: &mut Edits) {
             }
         }
     }
+}
+
+/// MULTIAPPEND (RFC 3502 §6): `APPEND SP mailbox 1*(append-opts SP literal)`, with
+/// `append-opts = [SP flag-list] [SP date-time]`. `Ok(None)`: one message (or a form this
+/// does not know), left to imap-codec. Returns the mailbox token and the messages.
+fn multiappend(p: &mut P<'_>) -> Result<Option<(Token, Vec<AppendMsg>)>, &'static str> {
+    if !p.space() {
+        return Ok(None);
+    }
+    let Some(mailbox) = p.next() else {
+        return Ok(None);
+    };
+    if !matches!(mailbox.kind, Tok::Atom | Tok::Quoted | Tok::Literal) {
+        return Ok(None);
+    }
+    // (start of the options, the literal token) per message
+    let mut found: Vec<(usize, Token)> = Vec::new();
+    loop {
+        if p.kind() == Some(Tok::End) {
+            break;
+        }
+        if !p.space() {
+            return Ok(None);
+        }
+        let opts = p.peek().map_or(0, |t| t.start);
+        if p.kind() == Some(Tok::Open) {
+            while let Some(t) = p.next() {
+                if t.kind == Tok::Close {
+                    break;
+                }
+            }
+            if !p.space() {
+                return Ok(None);
+            }
+        }
+        if p.kind() == Some(Tok::Quoted) {
+            p.i += 1;
+            if !p.space() {
+                return Ok(None);
+            }
+        }
+        match p.next() {
+            Some(t) if t.kind == Tok::Literal => found.push((opts, t)),
+            _ => return Ok(None),
+        }
+    }
+    if found.len() < 2 {
+        return Ok(None);
+    }
+    let mut msgs = Vec::with_capacity(found.len());
+    for (opts, lit) in found {
+        // The options are judged by imap-codec on a one-message APPEND with a placeholder.
+        let mut one = b"a APPEND INBOX ".to_vec();
+        one.extend_from_slice(&p.msg[opts..lit.start]);
+        one.extend_from_slice(b"{1}\r\nx\r\n");
+        let (flags, date) = match CommandCodec::default().decode(&one) {
+            Ok((b"", cmd)) => match cmd.body {
+                CommandBody::Append { flags, date, .. } => (flags.into_static(), date),
+                _ => return Err("Bad APPEND message options"),
+            },
+            _ => return Err("Bad APPEND message options"),
+        };
+        let data = p.text(&lit);
+        // A literal (not literal8, `~{n}`) holds no NUL (RFC 3501 CHAR8), as imap-codec says.
+        let literal8 = p.msg[lit.start] == b'~';
+        if !literal8 && data.contains(&0) {
+            return Err("NUL in a literal");
+        }
+        msgs.push(AppendMsg {
+            flags,
+            date,
+            data: data.to_vec(),
+        });
+    }
+    Ok(Some((mailbox, msgs)))
 }
 
 /// Extended LIST (RFC 5258 §6):

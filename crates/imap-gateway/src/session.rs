@@ -44,7 +44,7 @@ use crate::convert;
 use crate::esearch;
 use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
-use crate::preparse::{Ext, ListExt, ReturnOpt, StatusItem};
+use crate::preparse::{AppendMsg, Ext, ListExt, ReturnOpt, StatusItem};
 use crate::seqmap::SeqMap;
 use crate::store::{Listing, Store};
 
@@ -399,6 +399,39 @@ fn error_reply(e: &ServiceError) -> (StatusKind, Option<Code<'static>>, String) 
 
 fn flag_strings(flags: &[Flag<'_>]) -> Vec<String> {
     flags.iter().map(convert::flag_name).collect()
+}
+
+/// APPEND's date-time as seconds since the epoch and the offset in minutes (0/0: now).
+fn append_date(date: Option<imap_codec::imap_types::datetime::DateTime>) -> (i64, i32) {
+    date.map(|d| {
+        let dt: &chrono::DateTime<chrono::FixedOffset> = d.as_ref();
+        (dt.timestamp(), dt.offset().local_minus_utc() / 60)
+    })
+    .unwrap_or((0, 0))
+}
+
+/// UIDs as an IMAP uid-set (`5:7,9`), in the order given, runs of +1 joined.
+fn uid_set_text(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end.wrapping_add(1) {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -768,6 +801,7 @@ impl Session {
             c("SEARCHRES"),
             c("LIST-EXTENDED"),
             c("LIST-STATUS"),
+            c("MULTIAPPEND"),
         ]);
         caps
     }
@@ -1162,6 +1196,10 @@ impl Session {
                 mailbox,
                 item_names,
             } => self.status(&tag, &mailbox, &item_names, out).await?,
+            C::Append { mailbox, .. } if ext.append.is_some() => {
+                let msgs = ext.append.expect("checked");
+                self.multiappend(&tag, &mailbox, msgs, out).await?
+            }
             C::Append {
                 mailbox,
                 flags,
@@ -2031,12 +2069,7 @@ impl Session {
             LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
             LiteralOrLiteral8::Literal8(l) => l.data.to_vec(),
         };
-        let (secs, offset) = date
-            .map(|d| {
-                let dt: &chrono::DateTime<chrono::FixedOffset> = d.as_ref();
-                (dt.timestamp(), dt.offset().local_minus_utc() / 60)
-            })
-            .unwrap_or((0, 0));
+        let (secs, offset) = append_date(date);
         let header = pb::AppendHeader {
             account_id: self.account_id(),
             mailbox: name.clone(),
@@ -2060,6 +2093,72 @@ impl Session {
                         uid_validity: nz(r.uidvalidity),
                         uid: nz(r.uid),
                     }),
+                    "APPEND completed",
+                );
+            }
+            Err(ServiceError::NotFound(_)) => out.tagged(
+                tag,
+                StatusKind::No,
+                Some(Code::TryCreate),
+                "No such mailbox",
+            ),
+            Err(e) => self.fail(tag, &e, out),
+        }
+        Ok(())
+    }
+
+    /// MULTIAPPEND (RFC 3502): every message in one store transaction, all or none; the
+    /// tagged OK (with every UID in APPENDUID) only after it committed.
+    async fn multiappend<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        mailbox: &Mailbox<'_>,
+        msgs: Vec<AppendMsg>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let Some(name) = self.name_in(mailbox) else {
+            out.tagged(
+                tag,
+                StatusKind::No,
+                Some(Code::TryCreate),
+                "No such mailbox",
+            );
+            return Ok(());
+        };
+        let account_id = self.account_id();
+        let batch = msgs
+            .into_iter()
+            .map(|m| {
+                let (secs, offset) = append_date(m.date);
+                let header = pb::AppendHeader {
+                    account_id,
+                    mailbox: name.clone(),
+                    flags: flag_strings(&m.flags),
+                    internal_date: secs,
+                    internal_date_offset: offset,
+                    size: m.data.len() as u64,
+                };
+                (header, m.data)
+            })
+            .collect();
+        match self.store.append_multi(batch).await {
+            Ok(r) => {
+                if let Some(sel) = self.selected.as_mut()
+                    && sel.mailbox_id == r.mailbox_id
+                {
+                    sel.dirty = true;
+                    sel.own_change = true;
+                }
+                // Consecutive (one allocation): `first:last`.
+                let uids = uid_set_text(&r.uids);
+                out.tagged(
+                    tag,
+                    StatusKind::Ok,
+                    Some(other_code(&format!(
+                        "APPENDUID {} {}",
+                        nz(r.uidvalidity),
+                        uids
+                    ))),
                     "APPEND completed",
                 );
             }

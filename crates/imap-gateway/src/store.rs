@@ -256,6 +256,30 @@ impl Store {
             .into_inner())
     }
 
+    /// MULTIAPPEND: every message in one store transaction, all or none.
+    pub async fn append_multi(
+        &self,
+        msgs: Vec<(pb::AppendHeader, Vec<u8>)>,
+    ) -> StoreResult<pb::AppendMultiResponse> {
+        let chunks = msgs.into_iter().flat_map(|(header, data)| {
+            let head = pb::AppendChunk {
+                part: Some(pb::append_chunk::Part::Header(header)),
+            };
+            let body: Vec<pb::AppendChunk> = data
+                .chunks(CHUNK)
+                .map(|c| pb::AppendChunk {
+                    part: Some(pb::append_chunk::Part::Data(c.to_vec())),
+                })
+                .collect();
+            std::iter::once(head).chain(body)
+        });
+        Ok(self
+            .mailbox()
+            .append_multi(futures::stream::iter(chunks))
+            .await?
+            .into_inner())
+    }
+
     pub async fn search(&self, req: pb::SearchRequest) -> StoreResult<pb::SearchResponse> {
         Ok(self.mailbox().search(req).await?.into_inner())
     }

@@ -30,6 +30,11 @@ pub struct Config {
 pub struct Limits {
     /// Largest message Deliver/Append accept, in bytes.
     pub max_message_bytes: u64,
+    /// Most message bytes of one AppendMulti call (MULTIAPPEND), all messages together;
+    /// each message is also held to `max_message_bytes`.
+    pub max_append_multi_bytes: u64,
+    /// Most messages of one AppendMulti call.
+    pub max_append_multi_messages: usize,
     /// Most recipients of one Deliver call.
     pub max_recipients: usize,
     /// Alias/list expansion depth (loops are cut regardless).
@@ -82,6 +87,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message_bytes: 64 * 1024 * 1024,
+            max_append_multi_bytes: 128 * 1024 * 1024,
+            max_append_multi_messages: 1000,
             max_recipients: 1000,
             max_alias_depth: 8,
             max_expansion: 1000,

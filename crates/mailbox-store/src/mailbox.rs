@@ -251,6 +251,82 @@ impl MailboxSvc {
         })
     }
 
+    /// MULTIAPPEND: every message into one mailbox in one transaction (all or none), with one
+    /// quota check for all of them, consecutive UIDs and one modseq.
+    async fn append_multi_inner(
+        &self,
+        msgs: &[(AppendHeader, Vec<u8>)],
+    ) -> Result<AppendMultiResponse, ServiceError> {
+        let Some((first, _)) = msgs.first() else {
+            return Err(ServiceError::InvalidArgument("no messages".into()));
+        };
+        let account_id = first.account_id;
+        let name = normalize_mailbox(&first.mailbox)?;
+        for (h, data) in msgs {
+            if h.account_id != account_id || normalize_mailbox(&h.mailbox)? != name {
+                return Err(ServiceError::InvalidArgument(
+                    "every message of AppendMulti must go to the same mailbox".into(),
+                ));
+            }
+            if data.is_empty() {
+                return Err(ServiceError::InvalidArgument("empty message".into()));
+            }
+        }
+        // Hash and parse before the transaction: no locks held meanwhile.
+        let mut prepared = Vec::with_capacity(msgs.len());
+        for (_, data) in msgs {
+            prepared.push(store::prepare_blob(&self.0.pool, data).await?);
+        }
+        let n = msgs.len() as i64;
+        let bytes: i64 = msgs.iter().map(|(_, d)| d.len() as i64).sum();
+        let mut tx = self.0.pool.begin().await?;
+        store::check_quota(&mut tx, account_id, bytes, n).await?;
+        let mb: i64 = sqlx::query_scalar(
+            "SELECT id FROM mailbox.mailboxes WHERE account_id = $1 AND name = $2",
+        )
+        .bind(account_id)
+        .bind(&name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("mailbox {name}")))?;
+        let (uid0, modseq, uidvalidity) = store::alloc_uids(&mut tx, mb, n).await?;
+        let mut uids = Vec::with_capacity(msgs.len());
+        for (i, ((h, data), blob)) in msgs.iter().zip(&prepared).enumerate() {
+            store::insert_blob(&mut tx, blob, data, 1).await?;
+            let flags = store::normalize_flags(&h.flags);
+            let uid = uid0 + i as i64;
+            store::insert_entry(
+                &mut tx,
+                &NewEntry {
+                    mailbox_id: mb,
+                    uid,
+                    modseq,
+                    flags: &flags,
+                    internal_date: internal_date(h.internal_date),
+                    date_offset: h.internal_date_offset,
+                    size: data.len() as i64,
+                    blob_id: &blob.id,
+                    prefix: &[],
+                },
+            )
+            .await?;
+            uids.push(uid as u32);
+        }
+        store::add_usage(&mut tx, account_id, bytes, n).await?;
+        store::publish(
+            &mut tx,
+            &notify::event(account_id, mb, ChangeKind::New, uids.clone(), modseq as u64),
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::inc(&metrics::APPENDS, uids.len() as u64);
+        Ok(AppendMultiResponse {
+            mailbox_id: mb,
+            uidvalidity: uidvalidity as u32,
+            uids,
+        })
+    }
+
     async fn store_inner(
         &self,
         req: StoreFlagsRequest,
@@ -1073,6 +1149,56 @@ impl Mailbox for MailboxSvc {
         }
         Ok(Response::new(
             self.append_inner(&header, &data).await.map_err(st)?,
+        ))
+    }
+
+    async fn append_multi(
+        &self,
+        req: Request<Streaming<AppendChunk>>,
+    ) -> Result<Response<AppendMultiResponse>, Status> {
+        let mut stream = req.into_inner();
+        let lim = &self.0.config.limits;
+        let mut msgs: Vec<(AppendHeader, Vec<u8>)> = Vec::new();
+        let mut total: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|s| st(ServiceError::InvalidArgument(s.message().to_string())))?;
+            match chunk.part {
+                Some(append_chunk::Part::Header(h)) => {
+                    if msgs.len() >= lim.max_append_multi_messages {
+                        return Err(st(ServiceError::TooLarge(format!(
+                            "more than {} messages",
+                            lim.max_append_multi_messages
+                        ))));
+                    }
+                    msgs.push((h, Vec::new()));
+                }
+                Some(append_chunk::Part::Data(d)) => {
+                    let Some((_, data)) = msgs.last_mut() else {
+                        return Err(st(ServiceError::InvalidArgument(
+                            "the first chunk must be a header".into(),
+                        )));
+                    };
+                    total += d.len() as u64;
+                    if (data.len() + d.len()) as u64 > lim.max_message_bytes {
+                        return Err(st(ServiceError::TooLarge(format!(
+                            "message larger than {} bytes",
+                            lim.max_message_bytes
+                        ))));
+                    }
+                    if total > lim.max_append_multi_bytes {
+                        return Err(st(ServiceError::TooLarge(format!(
+                            "messages larger than {} bytes together",
+                            lim.max_append_multi_bytes
+                        ))));
+                    }
+                    data.extend_from_slice(&d);
+                }
+                None => {}
+            }
+        }
+        Ok(Response::new(
+            self.append_multi_inner(&msgs).await.map_err(st)?,
         ))
     }
 

@@ -19,6 +19,7 @@ const LIMITS: DecoderLimits = DecoderLimits {
     max_line: 512,
     max_command: 2048,
     max_message_bytes: 8192,
+    max_multiappend: 16384,
     max_preauth_literal: 1024,
 };
 
