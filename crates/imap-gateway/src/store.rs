@@ -265,10 +265,14 @@ impl Store {
             let head = pb::AppendChunk {
                 part: Some(pb::append_chunk::Part::Header(header)),
             };
-            let body: Vec<pb::AppendChunk> = data
-                .chunks(CHUNK)
-                .map(|c| pb::AppendChunk {
-                    part: Some(pb::append_chunk::Part::Data(c.to_vec())),
+            // Slices of each message's one buffer, as for APPEND.
+            let data = bytes::Bytes::from(data);
+            let body: Vec<pb::AppendChunk> = (0..data.len())
+                .step_by(CHUNK)
+                .map(|at| pb::AppendChunk {
+                    part: Some(pb::append_chunk::Part::Data(
+                        data.slice(at..(at + CHUNK).min(data.len())),
+                    )),
                 })
                 .collect();
             std::iter::once(head).chain(body)

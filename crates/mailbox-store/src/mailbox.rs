@@ -255,7 +255,7 @@ impl MailboxSvc {
     /// quota check for all of them, consecutive UIDs and one modseq.
     async fn append_multi_inner(
         &self,
-        msgs: &[(AppendHeader, Vec<u8>)],
+        msgs: &[(AppendHeader, Bytes)],
     ) -> Result<AppendMultiResponse, ServiceError> {
         let Some((first, _)) = msgs.first() else {
             return Err(ServiceError::InvalidArgument("no messages".into()));
@@ -1197,6 +1197,8 @@ impl Mailbox for MailboxSvc {
                 None => {}
             }
         }
+        let msgs: Vec<(AppendHeader, Bytes)> =
+            msgs.into_iter().map(|(h, d)| (h, Bytes::from(d))).collect();
         Ok(Response::new(
             self.append_multi_inner(&msgs).await.map_err(st)?,
         ))

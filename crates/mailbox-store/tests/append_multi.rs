@@ -24,7 +24,7 @@ fn batch(acc: i64, msgs: &[(&str, Vec<u8>)]) -> Vec<AppendChunk> {
         let (a, b) = data.split_at(data.len() / 2);
         for part in [a, b] {
             v.push(AppendChunk {
-                part: Some(append_chunk::Part::Data(part.to_vec())),
+                part: Some(append_chunk::Part::Data(part.to_vec().into())),
             });
         }
     }
