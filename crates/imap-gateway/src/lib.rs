@@ -19,7 +19,9 @@ pub mod mutf7;
 pub mod preparse;
 pub mod seqmap;
 pub mod session;
+pub mod sort;
 pub mod store;
+pub mod thread;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

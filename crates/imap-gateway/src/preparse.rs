@@ -7,7 +7,7 @@
 //! (atoms, quoted strings, literals, parentheses), so bytes inside quoted strings and literals
 //! are never mistaken for syntax. What it recognizes is taken out of the message and returned
 //! as [`Ext`]; the rest is handed to imap-codec unchanged:
-//! - `RETURN (...)` right after `SEARCH` is removed;
+//! - `RETURN (...)` right after `SEARCH` (or `SORT`, RFC 5267 ESORT) is removed;
 //! - a `$` token in a sequence-set position is replaced by [`SAVED_MARKER`], a reversed range
 //!   that the session recognizes (a client that writes the marker itself gets the same range
 //!   in ascending order, which means the same);
@@ -73,6 +73,8 @@ pub struct ListExt {
 pub struct Ext {
     /// `SEARCH RETURN (...)` options in the order given; `Some(empty)` for `RETURN ()`.
     pub search_return: Option<Vec<ReturnOpt>>,
+    /// `SORT RETURN (...)` options (RFC 5267 ESORT); `Some(empty)` for `RETURN ()`.
+    pub sort_return: Option<Vec<ReturnOpt>>,
     /// At least one `$` was replaced by [`SAVED_MARKER`].
     pub saved: bool,
     /// An extended LIST (the message handed on is `tag LIST "" ""`).
@@ -342,6 +344,7 @@ pub fn preparse(msg: &[u8]) -> Pre {
         b"MOVE",
         b"EXPUNGE",
         b"SEARCH",
+        b"SORT",
         b"LIST",
         b"APPEND",
     ]
@@ -402,6 +405,10 @@ pub fn preparse(msg: &[u8]) -> Pre {
                 Err(m) => Pre::Bad(m),
             };
         }
+        b"SORT" => match sort_return(&mut p, &mut edits) {
+            Ok(r) => ext.sort_return = r,
+            Err(m) => return Pre::Bad(m),
+        },
         b"LIST" if !uid => match list(&mut p) {
             Ok(None) => return Pre::Unchanged,
             Ok(Some(l)) => {
@@ -489,6 +496,39 @@ fn search(p: &mut P<'_>, ext: &mut Ext, edits: &mut Edits) -> Result<(), &'stati
     }
     search_keys(p, ext, edits);
     Ok(())
+}
+
+/// `SORT RETURN (...)` (RFC 5267): the options, the clause taken out of the message.
+fn sort_return(p: &mut P<'_>, edits: &mut Edits) -> Result<Option<Vec<ReturnOpt>>, &'static str> {
+    let before = p.i;
+    if !p.space() || !p.is_atom("RETURN") {
+        return Ok(None);
+    }
+    let start = p.toks[before].start;
+    p.i += 1;
+    if !p.space() || p.kind() != Some(Tok::Open) {
+        return Err("RETURN needs a list of options");
+    }
+    p.i += 1;
+    let mut opts = Vec::new();
+    for a in atoms_in_parens(p)? {
+        let o = match a.to_ascii_uppercase().as_slice() {
+            b"MIN" => ReturnOpt::Min,
+            b"MAX" => ReturnOpt::Max,
+            b"ALL" => ReturnOpt::All,
+            b"COUNT" => ReturnOpt::Count,
+            _ => return Err("Unknown RETURN option"),
+        };
+        if !opts.contains(&o) {
+            opts.push(o);
+        }
+    }
+    let end = p.toks[p.i - 1].end;
+    if p.kind() != Some(Tok::Space) {
+        return Err("Sort criteria missing");
+    }
+    edits.0.push((start, end, Vec::new()));
+    Ok(Some(opts))
 }
 
 /// Walk search keys (leaving validation to imap-codec), replacing `$` where a key or a
@@ -914,6 +954,21 @@ mod tests {
         m.extend_from_slice(b"\r\n");
         assert_eq!(preparse(&m), Pre::Unchanged);
         assert_eq!(preparse(b"a APPEND INBOX {3+}\r\n$ $\r\n"), Pre::Unchanged);
+    }
+
+    #[test]
+    fn sort_return_is_taken_out() {
+        let (m, e) = rw(b"a UID SORT RETURN (MIN count) (DATE) UTF-8 ALL\r\n");
+        assert_eq!(m, "a UID SORT (DATE) UTF-8 ALL\r\n");
+        assert_eq!(e.sort_return, Some(vec![ReturnOpt::Min, ReturnOpt::Count]));
+        let (m, e) = rw(b"a SORT RETURN () (DATE) UTF-8 ALL\r\n");
+        assert_eq!(m, "a SORT (DATE) UTF-8 ALL\r\n");
+        assert_eq!(e.sort_return, Some(vec![]));
+        assert_eq!(preparse(b"a SORT (DATE) UTF-8 ALL\r\n"), Pre::Unchanged);
+        assert_eq!(
+            preparse(b"a SORT RETURN (SAVE) (DATE) UTF-8 ALL\r\n"),
+            Pre::Bad("Unknown RETURN option")
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::extensions::enable::CapabilityEnable;
 use imap_codec::imap_types::extensions::namespace::Namespace;
 use imap_codec::imap_types::extensions::quota::{QuotaGet, Resource};
+use imap_codec::imap_types::extensions::sort::SortKey;
+use imap_codec::imap_types::extensions::thread::ThreadingAlgorithm;
 use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet as ImapUidSet};
 use imap_codec::imap_types::extensions::utf8::Utf8Kind;
 use imap_codec::imap_types::fetch::{
@@ -46,7 +48,9 @@ use crate::hub::{Hub, Subscription, is_resync};
 use crate::mutf7;
 use crate::preparse::{AppendMsg, Ext, ListExt, ReturnOpt, StatusItem};
 use crate::seqmap::SeqMap;
+use crate::sort;
 use crate::store::{Listing, Store};
+use crate::thread;
 
 pub const DELIMITER: char = '/';
 
@@ -640,6 +644,21 @@ pub fn merged_intervals(set: &SequenceSet, star: u32) -> Vec<(u32, u32)> {
     merged
 }
 
+/// The pure sort module's key for imap-codec's.
+fn sort_key(k: &SortKey) -> sort::Key {
+    match k {
+        SortKey::Arrival => sort::Key::Arrival,
+        SortKey::Cc => sort::Key::Cc,
+        SortKey::Date => sort::Key::Date,
+        SortKey::From => sort::Key::From,
+        SortKey::Size => sort::Key::Size,
+        SortKey::Subject => sort::Key::Subject,
+        SortKey::To => sort::Key::To,
+        SortKey::DisplayFrom => sort::Key::DisplayFrom,
+        SortKey::DisplayTo => sort::Key::DisplayTo,
+    }
+}
+
 /// Sequence set elements in a search key, nested keys included.
 fn set_elements(k: &SearchKey<'_>) -> usize {
     match k {
@@ -803,6 +822,15 @@ impl Session {
             c("LIST-STATUS"),
             c("MULTIAPPEND"),
         ]);
+        if self.state != StateKind::NotAuthenticated {
+            caps.extend([
+                c("SORT"),
+                c("SORT=DISPLAY"),
+                c("ESORT"),
+                c("THREAD=ORDEREDSUBJECT"),
+                c("THREAD=REFERENCES"),
+            ]);
+        }
         caps
     }
 
@@ -916,7 +944,11 @@ impl Session {
         // forms are allowed to, but holding them back is simpler and equally correct.
         let allow_expunge = !matches!(
             cmd.body,
-            CommandBody::Fetch { .. } | CommandBody::Store { .. } | CommandBody::Search { .. }
+            CommandBody::Fetch { .. }
+                | CommandBody::Store { .. }
+                | CommandBody::Search { .. }
+                | CommandBody::Sort { .. }
+                | CommandBody::Thread { .. }
         );
         // Commands that change the selected mailbox themselves also ask the store when they
         // end, rather than wait for the change event: another session's EXPUNGE of the same
@@ -984,6 +1016,8 @@ impl Session {
                 | C::Expunge
                 | C::ExpungeUid { .. }
                 | C::Search { .. }
+                | C::Sort { .. }
+                | C::Thread { .. }
                 | C::Fetch { .. }
                 | C::Store { .. }
                 | C::Copy { .. }
@@ -1270,6 +1304,37 @@ impl Session {
                 uid,
             } => {
                 self.search(&tag, charset, criteria, uid, ext.search_return, out)
+                    .await?
+            }
+            C::Sort {
+                sort_criteria,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                let criteria: Vec<(sort::Key, bool)> = sort_criteria
+                    .as_ref()
+                    .iter()
+                    .map(|c| (sort_key(&c.key), c.reverse))
+                    .collect();
+                self.sort_cmd(
+                    &tag,
+                    &criteria,
+                    charset,
+                    search_criteria,
+                    uid,
+                    ext.sort_return,
+                    out,
+                )
+                .await?
+            }
+            C::Thread {
+                algorithm,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                self.thread_cmd(&tag, algorithm, charset, search_criteria, uid, out)
                     .await?
             }
             C::Fetch {
@@ -2892,6 +2957,191 @@ impl Session {
         }
         out.tagged(tag, StatusKind::Ok, None, "SEARCH completed");
         Ok(())
+    }
+
+    /// SORT / UID SORT (RFC 5256), SORT=DISPLAY keys (RFC 5957), with `RETURN (...)` the
+    /// ESORT answer (RFC 5267).
+    #[allow(clippy::too_many_arguments)]
+    async fn sort_cmd<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        criteria: &[(sort::Key, bool)],
+        charset: Charset<'static>,
+        search_criteria: Vec1<SearchKey<'static>>,
+        uid: bool,
+        ret: Option<Vec<ReturnOpt>>,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let Some((uids, _)) = self
+            .search_uids(tag, Some(charset), search_criteria, out)
+            .await
+        else {
+            return Ok(());
+        };
+        let metas = match self.sort_metadata(&uids).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let sel = self.sel();
+        let msgs: Vec<sort::SortMsg> = metas
+            .iter()
+            .filter_map(|m| {
+                let num = if uid { m.uid } else { sel.seq.seq(m.uid)? };
+                Some(sort::SortMsg::new(
+                    num,
+                    m.size,
+                    m.internal_date,
+                    m.envelope.as_ref(),
+                ))
+            })
+            .collect();
+        let nums = sort::sort(msgs, criteria);
+        match ret {
+            Some(opts) => {
+                // ESORT: MIN/MAX are the first and last in sort order, ALL is in sort order.
+                let result = esearch::compute(&opts, &nums, None);
+                out.raw(&esearch::serialize(tag.as_ref(), uid, &result));
+            }
+            None => {
+                let mut line = String::from("* SORT");
+                for n in &nums {
+                    line.push_str(&format!(" {n}"));
+                }
+                line.push_str("\r\n");
+                out.raw(line.as_bytes());
+            }
+        }
+        out.tagged(tag, StatusKind::Ok, None, "SORT completed");
+        Ok(())
+    }
+
+    /// THREAD / UID THREAD (RFC 5256): ORDEREDSUBJECT and REFERENCES.
+    async fn thread_cmd<W: AsyncWrite + Unpin>(
+        &mut self,
+        tag: &Tag<'static>,
+        algorithm: ThreadingAlgorithm<'static>,
+        charset: Charset<'static>,
+        search_criteria: Vec1<SearchKey<'static>>,
+        uid: bool,
+        out: &mut Out<'_, W>,
+    ) -> std::io::Result<()> {
+        let refs = match algorithm {
+            ThreadingAlgorithm::OrderedSubject => false,
+            ThreadingAlgorithm::References => true,
+            ThreadingAlgorithm::Other(_) => {
+                out.tagged(
+                    tag,
+                    StatusKind::Bad,
+                    None,
+                    "Unsupported threading algorithm",
+                );
+                return Ok(());
+            }
+        };
+        let Some((uids, _)) = self
+            .search_uids(tag, Some(charset), search_criteria, out)
+            .await
+        else {
+            return Ok(());
+        };
+        let metas = match self.sort_metadata(&uids).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(tag, &e, out);
+                return Ok(());
+            }
+        };
+        let mut references: HashMap<u32, Vec<u8>> = HashMap::new();
+        if refs && !uids.is_empty() {
+            match self.references_of(&uids).await {
+                Ok(r) => references = r,
+                Err(e) => {
+                    self.fail(tag, &e, out);
+                    return Ok(());
+                }
+            }
+        }
+        let sel = self.sel();
+        let msgs: Vec<thread::ThreadMsg> = metas
+            .iter()
+            .filter_map(|m| {
+                let num = if uid { m.uid } else { sel.seq.seq(m.uid)? };
+                let env = m.envelope.clone().unwrap_or_default();
+                let (subject, reply) =
+                    sort::base_subject(env.subject.as_deref().unwrap_or_default());
+                Some(thread::ThreadMsg {
+                    num,
+                    date: env
+                        .date
+                        .as_deref()
+                        .and_then(sort::parse_date)
+                        .unwrap_or(m.internal_date),
+                    subject,
+                    reply,
+                    message_id: env.message_id.unwrap_or_default(),
+                    in_reply_to: env.in_reply_to.unwrap_or_default(),
+                    references: references.remove(&m.uid).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let threads = if refs {
+            thread::references(&msgs)
+        } else {
+            thread::ordered_subject(&msgs)
+        };
+        out.raw(&thread::serialize(&threads));
+        out.tagged(tag, StatusKind::Ok, None, "THREAD completed");
+        Ok(())
+    }
+
+    /// Size, internal date and ENVELOPE of these UIDs of the selected mailbox, in one store
+    /// call (the UIDs are a search result, so bounded by the mailbox).
+    async fn sort_metadata(&self, uids: &[u32]) -> Res<Vec<pb::MessageMeta>> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store
+            .fetch(pb::FetchRequest {
+                account_id: self.account_id(),
+                mailbox_id: self.sel().mailbox_id,
+                uids: Some(pb::UidSet::from_uids(uids.iter().copied())),
+                envelope: true,
+                body_structure: false,
+                changed_since: 0,
+            })
+            .await
+    }
+
+    /// The raw `References` header value of each of these UIDs (absent when the message has
+    /// none), in one FetchBody call.
+    async fn references_of(&self, uids: &[u32]) -> Res<HashMap<u32, Vec<u8>>> {
+        const MAX_REFERENCES: u64 = 1 << 20;
+        let mut stream = self
+            .store
+            .fetch_bodies(
+                self.account_id(),
+                self.sel().mailbox_id,
+                pb::UidSet::from_uids(uids.iter().copied()),
+                vec![pb::Section {
+                    kind: pb::SectionKind::HeaderFields as i32,
+                    fields: vec!["References".into()],
+                    ..Default::default()
+                }],
+                MAX_REFERENCES,
+            )
+            .await?;
+        let mut out = HashMap::new();
+        while let Some((uid, mut sections)) = stream.next_message().await? {
+            if let Some(block) = sections.pop().flatten()
+                && let Some(colon) = block.iter().position(|b| *b == b':')
+            {
+                out.insert(uid, block[colon + 1..].to_vec());
+            }
+        }
+        Ok(out)
     }
 
     /// The highest modseq among these UIDs of the selected mailbox (0 for none).
