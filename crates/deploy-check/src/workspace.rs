@@ -160,9 +160,10 @@ pub fn config_keys(root: &Path) -> Result<std::collections::BTreeSet<String>, Er
         if let Ok(dir) = std::fs::read_dir(src.join("config")) {
             files.extend(dir.flatten().map(|e| e.path()));
         }
-        // The runtime's shared sections (tls, listener limits).
+        // The runtime's shared sections (tls, listener limits, PROXY protocol).
         files.push(src.join("tls.rs"));
         files.push(src.join("listener.rs"));
+        files.push(src.join("proxy_protocol.rs"));
         for f in files.iter().filter(|f| f.is_file()) {
             for line in crate::read(f)?.lines() {
                 let Some(rest) = line.trim_start().strip_prefix("pub ") else {
