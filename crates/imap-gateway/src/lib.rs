@@ -75,21 +75,12 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     config.proxy_protocol.validate(&LISTENERS)?;
     let limits = config.limits.connections;
-    let bind = |addr: String, name: &str| {
-        let proxy = config.proxy_protocol.policy(name);
-        async move {
-            if addr.is_empty() {
-                return Ok::<_, std::io::Error>(None);
-            }
-            Ok(Some(
-                LimitedListener::bind(&addr, limits)
-                    .await?
-                    .with_proxy(proxy),
-            ))
-        }
+    let bind = |addr: &str, name: &str| {
+        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
+        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
     };
-    let imap = bind(config.listen_imap.clone(), LISTENERS[0]).await?;
-    let imaps = bind(config.listen_imaps.clone(), LISTENERS[1]).await?;
+    let imap = bind(&config.listen_imap, LISTENERS[0]).await?;
+    let imaps = bind(&config.listen_imaps, LISTENERS[1]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {

@@ -77,21 +77,12 @@ pub async fn start_with<B: Backend>(
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     config.proxy_protocol.validate(&LISTENERS)?;
     let limits = config.limits.connections;
-    let bind = |addr: String, name: &str| {
-        let proxy = config.proxy_protocol.policy(name);
-        async move {
-            if addr.is_empty() {
-                return Ok::<_, std::io::Error>(None);
-            }
-            Ok(Some(
-                LimitedListener::bind(&addr, limits)
-                    .await?
-                    .with_proxy(proxy),
-            ))
-        }
+    let bind = |addr: &str, name: &str| {
+        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
+        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
     };
-    let pop3 = bind(config.listen_pop3.clone(), LISTENERS[0]).await?;
-    let pop3s = bind(config.listen_pop3s.clone(), LISTENERS[1]).await?;
+    let pop3 = bind(&config.listen_pop3, LISTENERS[0]).await?;
+    let pop3s = bind(&config.listen_pop3s, LISTENERS[1]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {

@@ -174,6 +174,19 @@ impl LimitedListener {
         Ok(Self::from_listener(inner, limits))
     }
 
+    /// A configured listener: bound at `addr` with `limits`, expecting PROXY headers as `proxy`
+    /// says; `None` when `addr` is empty (the listener is disabled).
+    pub async fn bind_configured(
+        addr: &str,
+        limits: ConnLimits,
+        proxy: Option<ProxyPolicy>,
+    ) -> std::io::Result<Option<Self>> {
+        if addr.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self::bind(addr, limits).await?.with_proxy(proxy)))
+    }
+
     pub fn from_listener(inner: TcpListener, limits: ConnLimits) -> Self {
         LimitedListener {
             inner,

@@ -83,23 +83,13 @@ pub async fn start_with<B: Backend>(
     config.proxy_protocol.validate(&LISTENERS)?;
     let tls = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     let limits = config.limits.conn_limits();
-    let bind = |addr: String, name: &str| {
-        let proxy = config.proxy_protocol.policy(name);
-        async move {
-            if addr.is_empty() {
-                Ok::<_, std::io::Error>(None)
-            } else {
-                Ok(Some(
-                    LimitedListener::bind(&addr, limits)
-                        .await?
-                        .with_proxy(proxy),
-                ))
-            }
-        }
+    let bind = |addr: &str, name: &str| {
+        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
+        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
     };
-    let smtp = bind(config.listen_smtp.clone(), LISTENERS[0]).await?;
-    let submission = bind(config.listen_submission.clone(), LISTENERS[1]).await?;
-    let submissions = bind(config.listen_submissions.clone(), LISTENERS[2]).await?;
+    let smtp = bind(&config.listen_smtp, LISTENERS[0]).await?;
+    let submission = bind(&config.listen_submission, LISTENERS[1]).await?;
+    let submissions = bind(&config.listen_submissions, LISTENERS[2]).await?;
     let ops = if config.listen_ops.is_empty() {
         None
     } else {
