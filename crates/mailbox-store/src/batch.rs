@@ -321,19 +321,67 @@ async fn write(
 ) -> Result<Vec<Result<Outcome, ServiceError>>, ServiceError> {
     let mut out: Vec<Option<Result<Outcome, ServiceError>>> = (0..ds.len()).map(|_| None).collect();
 
-    // 1. Claim the idempotency keys, sorted (concurrent batches wait on each other's keys in
-    // the same order). A key twice in one batch: the first call claims it.
+    // 1+2. ONE statement (a round trip each cost more than its work): claim the idempotency
+    // keys, sorted (concurrent batches wait on each other's keys in the same order; a key
+    // twice in one batch: the first call claims it); then lock every target account of the
+    // batch in id order and find the mailbox of each (account, asked name) it is asked for
+    // (the one asked for, else INBOX; NULL when the account has no INBOX); then lock those
+    // mailboxes in id order and read their UID and modseq counters. Each step's input is an
+    // InitPlan over the one before, so the locks are taken in the documented order. Accounts
+    // of deliveries whose key turns out taken are locked too: rare, and harmless.
     let mut keys: Vec<&str> = ds.iter().map(|d| d.key.as_str()).collect();
     keys.sort_unstable();
     keys.dedup();
-    let claimed: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO mailbox.deliveries (idempotency_key)
-         SELECT k FROM unnest($1::text[]) WITH ORDINALITY AS t(k, i) ORDER BY i
-         ON CONFLICT DO NOTHING RETURNING idempotency_key",
+    let mut pairs: Vec<(&str, &str)> = ds
+        .iter()
+        .flat_map(|d| {
+            d.targets
+                .keys()
+                .map(move |a| (a.as_str(), d.mailbox.as_str()))
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut addrs: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    addrs.dedup();
+    let wanted_by: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    let wants: Vec<&str> = pairs.iter().map(|p| p.1).collect();
+    let row = sqlx::query(
+        "WITH k AS (
+            INSERT INTO mailbox.deliveries (idempotency_key)
+            SELECT k FROM unnest($1::text[]) WITH ORDINALITY AS t(k, i) ORDER BY i
+            ON CONFLICT DO NOTHING RETURNING idempotency_key),
+         kc AS MATERIALIZED (SELECT coalesce(array_agg(idempotency_key), '{}') AS keys FROM k),
+         a AS MATERIALIZED (
+            SELECT id, address, quota_bytes, quota_messages, used_bytes, used_messages
+              FROM mailbox.accounts
+             WHERE address = ANY($2) AND enabled AND (SELECT cardinality(keys) >= 0 FROM kc)
+             ORDER BY id FOR UPDATE),
+         w AS MATERIALIZED (
+            SELECT a.*, w.want, coalesce(m.id, i.id) AS mbox
+              FROM a
+              JOIN unnest($3::text[], $4::text[]) AS w(address, want) ON w.address = a.address
+              LEFT JOIN mailbox.mailboxes i ON i.account_id = a.id AND i.name = 'INBOX'
+              LEFT JOIN mailbox.mailboxes m ON m.account_id = a.id AND m.name = w.want),
+         l AS MATERIALIZED (
+            SELECT id, uidnext, highestmodseq FROM mailbox.mailboxes
+             WHERE id = ANY (ARRAY(SELECT mbox FROM w WHERE mbox IS NOT NULL))
+             ORDER BY id FOR UPDATE)
+         SELECT (SELECT keys FROM kc),
+                (SELECT array_agg(id) FROM w), (SELECT array_agg(address) FROM w),
+                (SELECT array_agg(quota_bytes) FROM w), (SELECT array_agg(quota_messages) FROM w),
+                (SELECT array_agg(used_bytes) FROM w), (SELECT array_agg(used_messages) FROM w),
+                (SELECT array_agg(want) FROM w), (SELECT array_agg(mbox) FROM w),
+                (SELECT array_agg(id) FROM l), (SELECT array_agg(uidnext) FROM l),
+                (SELECT array_agg(highestmodseq) FROM l)",
     )
     .bind(&keys)
-    .fetch_all(&mut *tx)
+    .bind(&addrs)
+    .bind(&wanted_by)
+    .bind(&wants)
+    .fetch_one(&mut *tx)
     .await?;
+    let claimed: Vec<String> = row.get(0);
     let mut claimed: HashMap<String, ()> = claimed.into_iter().map(|k| (k, ())).collect();
     let mut live = Vec::new();
     for (j, d) in ds.iter().enumerate() {
@@ -343,58 +391,33 @@ async fn write(
             out[j] = Some(Ok(Outcome::NotClaimed));
         }
     }
-
-    // 2. Every target account of the batch, locked in id order, with the mailbox of each
-    // (account, asked name) it is asked for: the one asked for, else INBOX (NULL when the
-    // account has no INBOX). One statement.
-    let mut pairs: Vec<(&str, &str)> = live
-        .iter()
-        .flat_map(|&j| {
-            ds[j]
-                .targets
-                .keys()
-                .map(move |a| (a.as_str(), ds[j].mailbox.as_str()))
-        })
-        .collect();
-    pairs.sort_unstable();
-    pairs.dedup();
+    let column = |i: usize| -> Vec<i64> { row.get::<Option<Vec<i64>>, _>(i).unwrap_or_default() };
+    let (ids, quota_bytes, quota_messages, used_bytes, used_messages) =
+        (column(1), column(3), column(4), column(5), column(6));
+    let addresses: Vec<String> = row.get::<Option<Vec<String>>, _>(2).unwrap_or_default();
+    let asked: Vec<String> = row.get::<Option<Vec<String>>, _>(7).unwrap_or_default();
+    let mboxes: Vec<Option<i64>> = row
+        .get::<Option<Vec<Option<i64>>>, _>(8)
+        .unwrap_or_default();
     let mut accounts: HashMap<String, Account> = HashMap::new();
     let mut boxes: HashMap<(i64, String), i64> = HashMap::new();
-    if !pairs.is_empty() {
-        let mut addrs: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-        addrs.dedup();
-        let wanted_by: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-        let wants: Vec<&str> = pairs.iter().map(|p| p.1).collect();
-        let rows = sqlx::query(
-            "WITH a AS (
-                SELECT id, address, quota_bytes, quota_messages, used_bytes, used_messages
-                  FROM mailbox.accounts WHERE address = ANY($1) AND enabled ORDER BY id FOR UPDATE)
-             SELECT a.id, a.address, a.quota_bytes, a.quota_messages, a.used_bytes, a.used_messages,
-                    w.want, coalesce(m.id, i.id)
-               FROM a
-               JOIN unnest($2::text[], $3::text[]) AS w(address, want) ON w.address = a.address
-               LEFT JOIN mailbox.mailboxes i ON i.account_id = a.id AND i.name = 'INBOX'
-               LEFT JOIN mailbox.mailboxes m ON m.account_id = a.id AND m.name = w.want",
-        )
-        .bind(&addrs)
-        .bind(&wanted_by)
-        .bind(&wants)
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in rows {
-            let id: i64 = r.get(0);
-            accounts.entry(r.get(1)).or_insert_with(|| Account {
-                id,
-                quota_bytes: r.get(2),
-                quota_messages: r.get(3),
-                used_bytes: r.get(4),
-                used_messages: r.get(5),
-            });
-            if let Some(mailbox) = r.get::<Option<i64>, _>(7) {
-                boxes.insert((id, r.get(6)), mailbox);
-            }
+    for (i, (address, want)) in addresses.into_iter().zip(asked).enumerate() {
+        let id = ids[i];
+        if let Some(mailbox) = mboxes[i] {
+            boxes.insert((id, want), mailbox);
         }
+        accounts.entry(address).or_insert_with(|| Account {
+            id,
+            quota_bytes: quota_bytes[i],
+            quota_messages: quota_messages[i],
+            used_bytes: used_bytes[i],
+            used_messages: used_messages[i],
+        });
     }
+    let counters: HashMap<i64, (i64, i64)> = column(9)
+        .into_iter()
+        .zip(column(10).into_iter().zip(column(11)))
+        .collect();
 
     // 3. Decide each delivery in Rust, in queue order, against the running usage.
     let mut entries: Vec<Entry> = Vec::new();
@@ -415,9 +438,9 @@ async fn write(
         }
     }
 
-    // 4. UIDs and modseqs: one UPDATE for every mailbox of the batch, rows locked in id order
-    // first. Each entry gets its own UID and modseq, consecutive per mailbox.
-    let (uids, modseqs) = allocate_uids(tx, &entries).await?;
+    // 4. UIDs and modseqs from the locked counters: each entry gets its own, consecutive per
+    // mailbox; the counters are written back in step 6.
+    let (uids, modseqs, counters) = allocate_uids(&counters, &entries)?;
 
     // 5. Blobs, once per content, sorted by id: new ones inserted (or referenced when a
     // concurrent delivery inserted them meanwhile), known ones referenced.
@@ -530,7 +553,11 @@ async fn write(
              rl AS (
                 DELETE FROM mailbox.deliveries WHERE idempotency_key = ANY($25::text[])),
              ev AS (
-                SELECT pg_notify($26, p) FROM unnest($27::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i)
+                SELECT pg_notify($26, p) FROM unnest($27::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i),
+             mu AS (
+                UPDATE mailbox.mailboxes mb SET uidnext = c.u, highestmodseq = c.h
+                  FROM unnest($28::bigint[], $29::bigint[], $30::bigint[]) AS c(id, u, h)
+                 WHERE mb.id = c.id)
              SELECT (SELECT count(*) FROM kb) + 0 * (SELECT count(*) FROM ev)",
         )
         .bind(&blobs.new_ids)
@@ -560,6 +587,9 @@ async fn write(
         .bind(&release)
         .bind(notify::CHANNEL)
         .bind(&events)
+        .bind(&counters.0)
+        .bind(&counters.1)
+        .bind(&counters.2)
         .fetch_one(&mut *tx)
         .await?;
         if known_updated != blobs.known_ids.len() as i64 {
@@ -695,39 +725,31 @@ fn decide(
     })
 }
 
-/// Step 4: the UIDs and modseqs of `entries`, in their order.
-async fn allocate_uids(
-    tx: &mut PgConnection,
+/// Step 4: the UIDs and modseqs of `entries`, in their order, from the locked mailboxes'
+/// counters (id → (uidnext, highestmodseq)); and each used mailbox's new counters, as
+/// (ids, uidnexts, highestmodseqs).
+#[allow(clippy::type_complexity)]
+fn allocate_uids(
+    counters: &HashMap<i64, (i64, i64)>,
     entries: &[Entry],
-) -> Result<(Vec<i64>, Vec<i64>), ServiceError> {
-    if entries.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
-    }
+) -> Result<(Vec<i64>, Vec<i64>, (Vec<i64>, Vec<i64>, Vec<i64>)), ServiceError> {
     let mut per_box: BTreeMap<i64, i64> = BTreeMap::new();
     for e in entries {
         *per_box.entry(e.mailbox).or_default() += 1;
     }
-    let ids: Vec<i64> = per_box.keys().copied().collect();
-    let ns: Vec<i64> = per_box.values().copied().collect();
-    let rows = sqlx::query(
-        "WITH l AS (SELECT id FROM mailbox.mailboxes WHERE id = ANY($1) ORDER BY id FOR UPDATE)
-         UPDATE mailbox.mailboxes mb
-            SET uidnext = mb.uidnext + c.n, highestmodseq = mb.highestmodseq + c.n
-           FROM l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, n) ON c.id = l.id
-          WHERE mb.id = l.id
-      RETURNING mb.id, mb.uidnext - c.n, mb.highestmodseq - c.n + 1",
-    )
-    .bind(&ids)
-    .bind(&ns)
-    .fetch_all(&mut *tx)
-    .await?;
     let mut next: HashMap<i64, (i64, i64)> = HashMap::new();
-    for r in rows {
-        let (id, first, modseq): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
-        if first + per_box[&id] > u32::MAX as i64 {
+    let mut updated = (Vec::new(), Vec::new(), Vec::new());
+    for (&id, &n) in &per_box {
+        let &(uidnext, modseq) = counters
+            .get(&id)
+            .ok_or_else(|| ServiceError::NotFound(format!("mailbox {id}")))?;
+        if uidnext + n > u32::MAX as i64 {
             return Err(ServiceError::Cannot("mailbox UID space exhausted".into()));
         }
-        next.insert(id, (first, modseq));
+        next.insert(id, (uidnext, modseq + 1));
+        updated.0.push(id);
+        updated.1.push(uidnext + n);
+        updated.2.push(modseq + n);
     }
     let mut uids = Vec::with_capacity(entries.len());
     let mut modseqs = Vec::with_capacity(entries.len());
@@ -740,7 +762,7 @@ async fn allocate_uids(
         n.0 += 1;
         n.1 += 1;
     }
-    Ok((uids, modseqs))
+    Ok((uids, modseqs, updated))
 }
 
 /// The batch's blobs as statement parameters: new contents (with their parsed metadata) to

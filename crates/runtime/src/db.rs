@@ -13,6 +13,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 /// connection (and a PostgreSQL backend) indefinitely.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A pooled connection idle at least this long is pinged before it is handed out.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// What a pool is opened with besides its URL.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
@@ -51,6 +54,19 @@ pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<PgPool, s
     PgPoolOptions::new()
         .max_connections(settings.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
+        // sqlx pings every connection it hands out, a round trip on every acquire (two per
+        // delivered message). A connection that was in use moments ago is as good as the
+        // statement that follows can tell; one idle longer may have been cut (a restarted
+        // server, a middlebox), so only those are pinged. sqlx still pings on release.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(opts)
         .await
 }
