@@ -11,6 +11,10 @@ pub struct Config {
     pub listen_ops: String,
     pub database_url: String,
     pub db_max_connections: u32,
+    /// A second pool for the delivery path (group commit and recipient resolution), whose
+    /// connections plan each statement once; holds `limits.delivery_committers` of them
+    /// while deliveries are committing.
+    pub db_delivery_connections: u32,
     /// PostgreSQL `statement_timeout` of every pool connection, in milliseconds (0 = none):
     /// no single query (a SEARCH over a large mailbox, say) may hold a pool connection longer.
     pub db_statement_timeout_ms: u64,
@@ -115,6 +119,7 @@ impl Default for Config {
             listen_ops: "0.0.0.0:9051".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/mailsuite".into(),
             db_max_connections: 32,
+            db_delivery_connections: 8,
             db_statement_timeout_ms: 30_000,
             migrate_on_start: true,
             internal_token: Default::default(),

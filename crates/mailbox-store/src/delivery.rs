@@ -156,7 +156,7 @@ impl DeliverySvc {
                     None => {
                         let c = match &mut conn {
                             Some(c) => c,
-                            None => conn.insert(ctx.pool.acquire().await?),
+                            None => conn.insert(ctx.hot.acquire().await?),
                         };
                         directory::resolve(c, rcpt, lim.max_alias_depth, lim.max_expansion)
                             .await

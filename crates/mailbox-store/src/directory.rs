@@ -261,7 +261,7 @@ impl Directory for DirectorySvc {
         req: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
         let req = req.into_inner();
-        let mut conn = self.0.pool.acquire().await.map_err(st)?;
+        let mut conn = self.0.hot.acquire().await.map_err(st)?;
         let lim = &self.0.config.limits;
         let r = resolve(
             &mut conn,
@@ -325,7 +325,7 @@ impl Directory for DirectorySvc {
         req: Request<ExpandRequest>,
     ) -> Result<Response<ExpandResponse>, Status> {
         let req = req.into_inner();
-        let mut conn = self.0.pool.acquire().await.map_err(st)?;
+        let mut conn = self.0.hot.acquire().await.map_err(st)?;
         let lim = &self.0.config.limits;
         let r = resolve(
             &mut conn,

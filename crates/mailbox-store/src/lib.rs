@@ -78,6 +78,10 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Ctx {
     pub pool: PgPool,
+    /// The delivery path's pool (group commit, recipient resolution): its statements have a
+    /// fixed shape and were planned on every execution at a cost above their execution, so
+    /// its connections plan each once (`PoolSettings::generic_plans`).
+    pub hot: PgPool,
     pub config: Arc<Config>,
     pub hub: notify::Hub,
     pub shutdown: Shutdown,
@@ -96,6 +100,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         mailsuite_runtime::db::PoolSettings {
             max_connections: config.db_max_connections,
             statement_timeout: std::time::Duration::from_millis(config.db_statement_timeout_ms),
+            generic_plans: false,
+        },
+    )
+    .await?;
+    let hot = mailsuite_runtime::db::connect_with(
+        &config.database_url,
+        mailsuite_runtime::db::PoolSettings {
+            max_connections: config.db_delivery_connections,
+            statement_timeout: std::time::Duration::from_millis(config.db_statement_timeout_ms),
+            generic_plans: true,
         },
     )
     .await?;
@@ -109,6 +123,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     }
     let ctx = Ctx {
         pool: pool.clone(),
+        hot: hot.clone(),
         config: Arc::new(config.clone()),
         hub,
         shutdown: shutdown.clone(),
@@ -122,7 +137,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
             &shutdown,
         ),
         deliveries: batch::DeliveryBatcher::start(
-            pool.clone(),
+            hot.clone(),
             config.limits.delivery_committers,
             config.limits.delivery_batch_max,
             config.limits.delivery_batch_max_bytes,
@@ -197,6 +212,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
             tracing::error!("gRPC server: {e}");
         }
         pool.close().await;
+        hot.close().await;
     });
     tracing::info!(grpc = %grpc_addr, ops = ?ops_addr, "mailbox-store started");
     Ok(Started {

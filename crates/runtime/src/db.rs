@@ -22,6 +22,11 @@ pub struct PoolSettings {
     pub max_connections: u32,
     /// PostgreSQL `statement_timeout` of every connection; zero disables it.
     pub statement_timeout: Duration,
+    /// `plan_cache_mode = force_generic_plan`: each prepared statement is planned once per
+    /// connection instead of on every execution. For a pool that runs only fixed-shape
+    /// statements whose best plan does not depend on the values (the delivery path), where
+    /// planning cost more than executing.
+    pub generic_plans: bool,
 }
 
 /// Connect a pool with `synchronous_commit = on`: an acknowledged message must survive a
@@ -32,6 +37,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         PoolSettings {
             max_connections,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            generic_plans: false,
         },
     )
     .await
@@ -44,13 +50,16 @@ pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<PgPool, s
     // Set explicitly: a server or role default of `off` would make a crash lose mail that
     // was already acknowledged with 250 / OK. The timeout is a startup option so it holds
     // for every connection the pool ever opens, and RESET returns to it.
-    let opts = opts
+    let mut opts = opts
         .application_name("mailsuite")
         .options([
             ("synchronous_commit", "on"),
             ("statement_timeout", timeout.as_str()),
         ])
         .disable_statement_logging();
+    if settings.generic_plans {
+        opts = opts.options([("plan_cache_mode", "force_generic_plan")]);
+    }
     PgPoolOptions::new()
         .max_connections(settings.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
@@ -119,6 +128,7 @@ mod tests {
         let settings = super::PoolSettings {
             max_connections: 2,
             statement_timeout: std::time::Duration::from_millis(1234),
+            generic_plans: false,
         };
         let pool = super::connect_with(&server, settings).await.unwrap();
         // Both connections of the pool, not only the first.
