@@ -101,6 +101,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
             max_connections: config.db_max_connections,
             statement_timeout: std::time::Duration::from_millis(config.db_statement_timeout_ms),
             generic_plans: false,
+            ping_if_idle_for: mailsuite_runtime::db::PING_IF_IDLE_FOR,
         },
     )
     .await?;
@@ -110,6 +111,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
             max_connections: config.db_delivery_connections,
             statement_timeout: std::time::Duration::from_millis(config.db_statement_timeout_ms),
             generic_plans: true,
+            ping_if_idle_for: mailsuite_runtime::db::PING_IF_IDLE_FOR,
         },
     )
     .await?;

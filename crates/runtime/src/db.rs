@@ -13,7 +13,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 /// connection (and a PostgreSQL backend) indefinitely.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A pooled connection idle at least this long is pinged before it is handed out.
+/// How long a pooled connection may sit idle before it is pinged on acquire.
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// What a pool is opened with besides its URL.
@@ -27,6 +27,9 @@ pub struct PoolSettings {
     /// statements whose best plan does not depend on the values (the delivery path), where
     /// planning cost more than executing.
     pub generic_plans: bool,
+    /// A pooled connection idle at least this long is pinged before it is handed out
+    /// ([`PING_IF_IDLE_FOR`] unless a test says otherwise).
+    pub ping_if_idle_for: Duration,
 }
 
 /// Connect a pool with `synchronous_commit = on`: an acknowledged message must survive a
@@ -38,6 +41,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
             max_connections,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             generic_plans: false,
+            ping_if_idle_for: PING_IF_IDLE_FOR,
         },
     )
     .await
@@ -68,9 +72,10 @@ pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<PgPool, s
         // statement that follows can tell; one idle longer may have been cut (a restarted
         // server, a middlebox), so only those are pinged. sqlx still pings on release.
         .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let ping_after = settings.ping_if_idle_for;
             Box::pin(async move {
-                if meta.idle_for >= PING_IF_IDLE_FOR {
+                if meta.idle_for >= ping_after {
                     sqlx::Connection::ping(conn).await?;
                 }
                 Ok(true)
@@ -129,6 +134,7 @@ mod tests {
             max_connections: 2,
             statement_timeout: std::time::Duration::from_millis(1234),
             generic_plans: false,
+            ping_if_idle_for: super::PING_IF_IDLE_FOR,
         };
         let pool = super::connect_with(&server, settings).await.unwrap();
         // Both connections of the pool, not only the first.
@@ -157,5 +163,103 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v, "30s");
+    }
+
+    fn server() -> String {
+        crate::pg::locate(&std::env::temp_dir().join("mailsuite-testkit-pg"))
+            .expect("a PostgreSQL server")
+            .0
+    }
+
+    fn settings(generic_plans: bool, ping_if_idle_for: std::time::Duration) -> super::PoolSettings {
+        super::PoolSettings {
+            max_connections: 1,
+            statement_timeout: super::DEFAULT_STATEMENT_TIMEOUT,
+            generic_plans,
+            ping_if_idle_for,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generic_plans_pool_plans_each_statement_once() {
+        let hot = super::connect_with(&server(), settings(true, super::PING_IF_IDLE_FOR))
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&hot)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_generic_plan");
+        let plain = super::connect(&server(), 1).await.unwrap();
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&plain)
+            .await
+            .unwrap();
+        assert_eq!(mode, "auto");
+    }
+
+    /// The pool's only connection is cut by the server while idle in the pool; returns what
+    /// the next statement on the pool gave.
+    async fn statement_after_idle_cut(
+        ping_if_idle_for: std::time::Duration,
+    ) -> Result<i32, sqlx::Error> {
+        let pool = super::connect_with(&server(), settings(false, ping_if_idle_for))
+            .await
+            .unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        // sqlx returns a connection to the pool after a ping of its own; cut it only once it
+        // is back, idle.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pool.num_idle() < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connection never returned"
+            );
+            tokio::task::yield_now().await;
+        }
+        let admin = super::connect(&server(), 1).await.unwrap();
+        let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(cut);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let alive: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                    .bind(pid)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+            if !alive {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend {pid} still alive"
+            );
+            tokio::task::yield_now().await;
+        }
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_threshold_is_pinged_and_replaced_when_cut() {
+        let pid = statement_after_idle_cut(std::time::Duration::ZERO).await;
+        assert!(pid.is_ok(), "the dead connection was handed out: {pid:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_used_moments_ago_is_handed_out_without_a_ping() {
+        // The round trip saved on every acquire: a connection cut within the threshold
+        // reaches the caller, whose statement fails (and is retried as any database error).
+        let r = statement_after_idle_cut(std::time::Duration::from_secs(3600)).await;
+        assert!(r.is_err(), "expected the cut connection to fail, got {r:?}");
     }
 }
