@@ -134,6 +134,9 @@ pub struct Limits {
     pub fetch_buffer_bytes: u64,
     /// Seconds to wait for the store to answer a call.
     pub store_timeout_secs: u64,
+    /// How often the store's gRPC health is checked for `/readyz` (each check bounded by
+    /// `store_timeout_secs`).
+    pub store_health_interval_secs: u64,
     /// Mailboxes whose last `Changes` answer the gateway keeps for the sessions that wake up
     /// after it arrived (one store call per mailbox change, not one per session); an answer
     /// is dropped at the mailbox's next change anyway. 0 keeps none (polls in flight are
@@ -171,6 +174,7 @@ impl Default for Limits {
             fetch_batch: 256,
             fetch_buffer_bytes: 1024 * 1024,
             store_timeout_secs: 60,
+            store_health_interval_secs: 5,
             changes_cache_mailboxes: 10_000,
             changes_cache_entries: 100_000,
         }
@@ -186,56 +190,14 @@ mod tests {
         mailsuite_runtime::config::check_renamed::<Config>(RENAMED).unwrap();
         assert!(!RENAMED.is_empty());
     }
-    use mailsuite_runtime::config::{ConfigSources, load};
 
-    /// The spelling docker compose uses: one variable per key, lists comma-separated.
+    /// Every spelling an operator may use: one variable per key with comma lists (docker
+    /// compose), TOML arrays; unknown keys refused.
     #[test]
     fn proxy_protocol_from_the_environment() {
-        let c: Config = load(&ConfigSources::default()).unwrap();
-        assert!(c.proxy_protocol.listeners.is_empty(), "off by default");
-        assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
-        let env = [
-            (
-                "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
-                "172.16.0.0/12, 10.0.0.5",
-            ),
-            ("MAILSUITE_PROXY_PROTOCOL__LISTENERS", "imap,imaps"),
-            ("MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS", "3"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let c: Config = load(&ConfigSources {
-            env,
-            ..Default::default()
-        })
-        .unwrap();
-        let p = &c.proxy_protocol;
-        assert_eq!(p.listeners, ["imap", "imaps"]);
-        assert_eq!(p.header_timeout_secs, 3);
-        for name in ["imap", "imaps"] {
-            let policy = p.policy(name).expect("enabled");
-            assert!(policy.trusts("172.20.0.9".parse().unwrap()));
-            assert!(policy.trusts("10.0.0.5".parse().unwrap()));
-            assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
-        }
-        // The TOML spelling, and unknown keys refused.
-        let c: Config = load(&ConfigSources {
-            overrides: vec![
-                "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
-                "proxy_protocol.listeners=[\"imap\"]".into(),
-            ],
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(c.proxy_protocol.policy("imap").is_some());
-        assert!(c.proxy_protocol.policy("imaps").is_none());
-        for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
-            let bad = ConfigSources {
-                overrides: vec![bad.into()],
-                ..Default::default()
-            };
-            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
-        }
+        mailsuite_testkit::proxy::assert_proxy_protocol_spellings::<Config>(
+            &crate::LISTENERS,
+            |c| &c.proxy_protocol,
+        );
     }
 }

@@ -158,8 +158,12 @@ impl Hub {
             }
             let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
             let mut client = store.mailbox();
+            // Only the opening is bounded: the stream itself lives as long as the gateway.
+            let deadline = store.client().deadline();
             let opened = tokio::select! {
-                r = client.watch(requests) => r,
+                r = tokio::time::timeout(deadline, client.watch(requests)) => r.unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded("the mail store did not open Watch in time"))
+                }),
                 _ = shutdown.stopping() => break,
             };
             match opened {

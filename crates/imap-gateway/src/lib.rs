@@ -35,17 +35,8 @@ use tokio_rustls::TlsAcceptor;
 pub use config::Config;
 use connection::Shared;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("tls: {0}")]
-    Tls(#[from] mailsuite_runtime::tls::TlsError),
-    #[error("store_url: {0}")]
-    Grpc(#[from] tonic::transport::Error),
-    #[error("{0}")]
-    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
-}
+/// Why the gateway could not start.
+pub use mailsuite_runtime::service::StartError as Error;
 
 /// The listeners by the names `proxy_protocol.listeners` uses: STARTTLS, implicit TLS.
 pub const LISTENERS: [&str; 2] = ["imap", "imaps"];
@@ -127,7 +118,22 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
     }
     if let Some(l) = ops {
         let ops = metrics::ops();
-        ops.set_ready(true);
+        let l_ = &shared.config.limits;
+        let (interval, deadline) = (
+            Duration::from_secs(l_.store_health_interval_secs.max(1)),
+            Duration::from_secs(l_.store_timeout_secs.max(1)),
+        );
+        let store = shared.store.client().clone();
+        shutdown.spawn(mailsuite_store_client::track_readiness(
+            move || {
+                let s = store.clone();
+                async move { s.ready().await }
+            },
+            ops.clone(),
+            shutdown.clone(),
+            interval,
+            deadline,
+        ));
         shutdown.spawn(ops.serve(l, shutdown.clone()));
     }
     tracing::info!(?started, "imap-gateway listening");

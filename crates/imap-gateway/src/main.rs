@@ -2,22 +2,18 @@
 
 use std::time::Duration;
 
-use clap::Parser;
-use mailsuite_runtime::service::{Service, ServiceArgs};
+use mailsuite_runtime::service::Service;
 
-/// mailsuite IMAP gateway: IMAP on 143 (STARTTLS) and 993 (implicit TLS) in front of mailbox-store.
-#[derive(Debug, Parser)]
-#[command(name = "imap-gateway", version, about)]
-struct Args {
-    #[command(flatten)]
-    service: ServiceArgs,
-}
+const ABOUT: &str = "mailsuite IMAP gateway: IMAP on 143 (STARTTLS) and 993 (implicit TLS) in front of mailbox-store";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
     Service::<mailsuite_imap_gateway::Config>::new("imap-gateway", Duration::from_secs(30))
         .with_renamed(mailsuite_imap_gateway::config::RENAMED)
-        .run(args.service, mailsuite_imap_gateway::start)
+        .main(
+            ABOUT,
+            env!("CARGO_PKG_VERSION"),
+            mailsuite_imap_gateway::start,
+        )
         .await
 }

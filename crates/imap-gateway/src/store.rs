@@ -1,14 +1,14 @@
-//! The gRPC clients of mailbox-store, with `tonic::Status` turned into `ServiceError` (the
-//! one mapping lives in mailsuite-runtime) and streams collected with bounded sizes.
+//! mailbox-store as IMAP uses it, over the shared `StoreClient` (one deadline, one error
+//! mapping into `ServiceError`, chunked uploads), with streams collected with bounded sizes.
 
 use futures::StreamExt;
 use mailsuite_proto as pb;
-use mailsuite_proto::directory_client::DirectoryClient;
 use mailsuite_proto::mailbox_client::MailboxClient;
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::GrpcChannel;
+use mailsuite_store_client::{StoreClient, chunks};
 
-pub type StoreResult<T> = Result<T, ServiceError>;
+pub use mailsuite_store_client::StoreResult;
 
 /// The account's mailboxes and its subscriptions, which are names that need not exist.
 pub struct Listing {
@@ -16,19 +16,13 @@ pub struct Listing {
     pub subscribed: std::collections::HashSet<String>,
 }
 
-/// Every call has a deadline, so a stuck store turns into `NO [UNAVAILABLE]`/`[SERVERBUG]`
-/// replies instead of sessions that hang. (It bounds the wait for the reply's headers: a
-/// unary reply, or the start of a stream.)
-type Channel = tower::timeout::Timeout<GrpcChannel>;
-
+/// Every call has the client's deadline, so a stuck store turns into `NO [UNAVAILABLE]`
+/// replies instead of sessions that hang. (For a streamed reply it bounds the wait for the
+/// stream to start.)
 #[derive(Clone)]
 pub struct Store {
-    mailbox: MailboxClient<Channel>,
-    directory: DirectoryClient<Channel>,
+    c: StoreClient,
 }
-
-/// APPEND data goes to the store in chunks of this size (CONVENTIONS: at most 64 KiB).
-const CHUNK: usize = 64 * 1024;
 
 impl Store {
     pub fn connect(
@@ -36,19 +30,22 @@ impl Store {
         token: &str,
         timeout: std::time::Duration,
     ) -> Result<Store, tonic::transport::Error> {
-        let channel = tower::timeout::Timeout::new(
-            mailsuite_runtime::grpc::connect_lazy_with_token(url, token)?,
-            timeout,
-        );
         Ok(Store {
-            mailbox: MailboxClient::new(channel.clone())
-                .max_decoding_message_size(128 * 1024 * 1024),
-            directory: DirectoryClient::new(channel),
+            c: StoreClient::connect(url, token, timeout)?,
         })
     }
 
-    pub fn mailbox(&self) -> MailboxClient<Channel> {
-        self.mailbox.clone()
+    pub fn client(&self) -> &StoreClient {
+        &self.c
+    }
+
+    /// For the long-lived Watch stream, which has no deadline.
+    pub fn mailbox(&self) -> MailboxClient<GrpcChannel> {
+        self.c.mailbox()
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        self.c.request(msg)
     }
 
     /// `Ok(None)` for wrong credentials.
@@ -58,37 +55,22 @@ impl Store {
         password: &str,
         remote_ip: &str,
     ) -> StoreResult<Option<pb::Account>> {
-        let r = self
-            .directory
-            .clone()
-            .authenticate(pb::AuthenticateRequest {
-                username: username.into(),
-                password: password.into(),
-                remote_ip: remote_ip.into(),
-                protocol: "imap".into(),
-            })
-            .await;
-        match r {
-            Ok(r) => {
-                let r = r.into_inner();
-                Ok(if r.ok { r.account } else { None })
-            }
-            Err(s) => match ServiceError::from(s) {
-                ServiceError::Unauthenticated | ServiceError::PermissionDenied(_) => Ok(None),
-                e => Err(e),
-            },
-        }
+        self.c
+            .authenticate(username, password, remote_ip, "imap")
+            .await
     }
 
     pub async fn list(&self, account_id: i64, with_status: bool) -> StoreResult<Listing> {
         let r = self
-            .mailbox()
-            .list_mailboxes(pb::ListMailboxesRequest {
-                account_id,
-                with_status,
-            })
-            .await?
-            .into_inner();
+            .c
+            .call(
+                self.mailbox()
+                    .list_mailboxes(self.req(pb::ListMailboxesRequest {
+                        account_id,
+                        with_status,
+                    })),
+            )
+            .await?;
         let subscribed = if r.subscriptions_listed {
             r.subscriptions.into_iter().collect()
         } else {
@@ -106,58 +88,66 @@ impl Store {
     }
 
     pub async fn create(&self, account_id: i64, name: &str) -> StoreResult<pb::MailboxInfo> {
-        Ok(self
-            .mailbox()
-            .create_mailbox(pb::CreateMailboxRequest {
-                account_id,
-                name: name.into(),
-                special_use: pb::SpecialUse::None as i32,
-            })
-            .await?
-            .into_inner())
+        self.c
+            .call(
+                self.mailbox()
+                    .create_mailbox(self.req(pb::CreateMailboxRequest {
+                        account_id,
+                        name: name.into(),
+                        special_use: pb::SpecialUse::None as i32,
+                    })),
+            )
+            .await
     }
 
     pub async fn delete(&self, account_id: i64, name: &str) -> StoreResult<()> {
-        self.mailbox()
-            .delete_mailbox(pb::DeleteMailboxRequest {
-                account_id,
-                name: name.into(),
-            })
+        self.c
+            .call(
+                self.mailbox()
+                    .delete_mailbox(self.req(pb::DeleteMailboxRequest {
+                        account_id,
+                        name: name.into(),
+                    })),
+            )
             .await?;
         Ok(())
     }
 
     pub async fn rename(&self, account_id: i64, from: &str, to: &str) -> StoreResult<()> {
-        self.mailbox()
-            .rename_mailbox(pb::RenameMailboxRequest {
-                account_id,
-                from: from.into(),
-                to: to.into(),
-            })
+        self.c
+            .call(
+                self.mailbox()
+                    .rename_mailbox(self.req(pb::RenameMailboxRequest {
+                        account_id,
+                        from: from.into(),
+                        to: to.into(),
+                    })),
+            )
             .await?;
         Ok(())
     }
 
     pub async fn subscribe(&self, account_id: i64, name: &str, on: bool) -> StoreResult<()> {
-        self.mailbox()
-            .set_subscribed(pb::SetSubscribedRequest {
-                account_id,
-                name: name.into(),
-                subscribed: on,
-            })
+        self.c
+            .call(
+                self.mailbox()
+                    .set_subscribed(self.req(pb::SetSubscribedRequest {
+                        account_id,
+                        name: name.into(),
+                        subscribed: on,
+                    })),
+            )
             .await?;
         Ok(())
     }
 
     pub async fn status(&self, account_id: i64, name: &str) -> StoreResult<pb::MailboxInfo> {
-        Ok(self
-            .mailbox()
-            .status(pb::StatusRequest {
+        self.c
+            .call(self.mailbox().status(self.req(pb::StatusRequest {
                 account_id,
                 name: name.into(),
-            })
-            .await?
-            .into_inner())
+            })))
+            .await
     }
 
     pub async fn select(
@@ -166,19 +156,17 @@ impl Store {
         name: &str,
         read_only: bool,
     ) -> StoreResult<pb::SelectResponse> {
-        Ok(self
-            .mailbox()
-            .select(pb::SelectRequest {
+        self.c
+            .call(self.mailbox().select(self.req(pb::SelectRequest {
                 account_id,
                 name: name.into(),
                 read_only,
-            })
-            .await?
-            .into_inner())
+            })))
+            .await
     }
 
     pub async fn fetch(&self, req: pb::FetchRequest) -> StoreResult<Vec<pb::MessageMeta>> {
-        let mut stream = self.mailbox().fetch(req).await?.into_inner();
+        let mut stream = self.c.call(self.mailbox().fetch(self.req(req))).await?;
         let mut out = Vec::new();
         while let Some(m) = stream.next().await {
             out.push(m?);
@@ -200,15 +188,14 @@ impl Store {
     ) -> StoreResult<BodyStream> {
         let n = sections.len();
         let stream = self
-            .mailbox()
-            .fetch_body(pb::FetchBodyRequest {
+            .c
+            .call(self.mailbox().fetch_body(self.req(pb::FetchBodyRequest {
                 account_id,
                 mailbox_id,
                 uids: Some(uids),
                 sections,
-            })
-            .await?
-            .into_inner();
+            })))
+            .await?;
         Ok(BodyStream {
             stream,
             sections: n,
@@ -221,15 +208,15 @@ impl Store {
         &self,
         req: pb::StoreFlagsRequest,
     ) -> StoreResult<pb::StoreFlagsResponse> {
-        Ok(self.mailbox().store_flags(req).await?.into_inner())
+        self.c.call(self.mailbox().store_flags(self.req(req))).await
     }
 
     pub async fn copy(&self, req: pb::CopyRequest) -> StoreResult<pb::CopyResponse> {
-        Ok(self.mailbox().copy(req).await?.into_inner())
+        self.c.call(self.mailbox().copy(self.req(req))).await
     }
 
     pub async fn expunge(&self, req: pb::ExpungeRequest) -> StoreResult<pb::ExpungeResponse> {
-        Ok(self.mailbox().expunge(req).await?.into_inner())
+        self.c.call(self.mailbox().expunge(self.req(req))).await
     }
 
     pub async fn append(
@@ -237,23 +224,13 @@ impl Store {
         header: pb::AppendHeader,
         data: Vec<u8>,
     ) -> StoreResult<pb::AppendResponse> {
-        let mut chunks = vec![pb::AppendChunk {
+        let head = pb::AppendChunk {
             part: Some(pb::append_chunk::Part::Header(header)),
-        }];
-        // Slices of the one buffer (the body fields are `Bytes`), not a copy per chunk.
-        let data = bytes::Bytes::from(data);
-        for at in (0..data.len()).step_by(CHUNK) {
-            chunks.push(pb::AppendChunk {
-                part: Some(pb::append_chunk::Part::Data(
-                    data.slice(at..(at + CHUNK).min(data.len())),
-                )),
-            });
-        }
-        Ok(self
-            .mailbox()
-            .append(futures::stream::iter(chunks))
-            .await?
-            .into_inner())
+        };
+        let msgs = std::iter::once(head).chain(append_chunks(data));
+        self.c
+            .call(self.mailbox().append(self.req(futures::stream::iter(msgs))))
+            .await
     }
 
     /// MULTIAPPEND: every message in one store transaction, all or none.
@@ -261,31 +238,22 @@ impl Store {
         &self,
         msgs: Vec<(pb::AppendHeader, Vec<u8>)>,
     ) -> StoreResult<pb::AppendMultiResponse> {
-        let chunks = msgs.into_iter().flat_map(|(header, data)| {
+        let msgs = msgs.into_iter().flat_map(|(header, data)| {
             let head = pb::AppendChunk {
                 part: Some(pb::append_chunk::Part::Header(header)),
             };
-            // Slices of each message's one buffer, as for APPEND.
-            let data = bytes::Bytes::from(data);
-            let body: Vec<pb::AppendChunk> = (0..data.len())
-                .step_by(CHUNK)
-                .map(|at| pb::AppendChunk {
-                    part: Some(pb::append_chunk::Part::Data(
-                        data.slice(at..(at + CHUNK).min(data.len())),
-                    )),
-                })
-                .collect();
-            std::iter::once(head).chain(body)
+            std::iter::once(head).chain(append_chunks(data))
         });
-        Ok(self
-            .mailbox()
-            .append_multi(futures::stream::iter(chunks))
-            .await?
-            .into_inner())
+        self.c
+            .call(
+                self.mailbox()
+                    .append_multi(self.req(futures::stream::iter(msgs))),
+            )
+            .await
     }
 
     pub async fn search(&self, req: pb::SearchRequest) -> StoreResult<pb::SearchResponse> {
-        Ok(self.mailbox().search(req).await?.into_inner())
+        self.c.call(self.mailbox().search(self.req(req))).await
     }
 
     pub async fn changes(
@@ -295,25 +263,31 @@ impl Store {
         since_modseq: u64,
         claim_recent: bool,
     ) -> StoreResult<pb::ChangesResponse> {
-        Ok(self
-            .mailbox()
-            .changes(pb::ChangesRequest {
+        self.c
+            .call(self.mailbox().changes(self.req(pb::ChangesRequest {
                 account_id,
                 mailbox_id,
                 since_modseq,
                 claim_recent,
-            })
-            .await?
-            .into_inner())
+            })))
+            .await
     }
 
     pub async fn quota(&self, account_id: i64) -> StoreResult<pb::QuotaInfo> {
-        Ok(self
-            .mailbox()
-            .get_quota(pb::GetQuotaRequest { account_id })
-            .await?
-            .into_inner())
+        self.c
+            .call(
+                self.mailbox()
+                    .get_quota(self.req(pb::GetQuotaRequest { account_id })),
+            )
+            .await
     }
+}
+
+/// A message's data chunks: slices of its one buffer, not a copy per chunk.
+fn append_chunks(data: Vec<u8>) -> impl Iterator<Item = pb::AppendChunk> {
+    chunks(bytes::Bytes::from(data), |b| pb::AppendChunk {
+        part: Some(pb::append_chunk::Part::Data(b)),
+    })
 }
 
 /// The messages of one FetchBody stream, one at a time (see [`Store::fetch_bodies`]).

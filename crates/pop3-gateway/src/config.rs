@@ -238,54 +238,13 @@ mod tests {
         assert_eq!(l.auth_failure_delay(u32::MAX), Duration::from_millis(1000));
     }
 
-    /// The spelling docker compose uses: one variable per key, lists comma-separated.
+    /// Every spelling an operator may use: one variable per key with comma lists (docker
+    /// compose), TOML arrays; unknown keys refused.
     #[test]
     fn proxy_protocol_from_the_environment() {
-        let c: Config = load(&ConfigSources::default()).unwrap();
-        assert!(c.proxy_protocol.listeners.is_empty(), "off by default");
-        assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
-        let env = [
-            (
-                "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
-                "172.16.0.0/12, 10.0.0.5",
-            ),
-            ("MAILSUITE_PROXY_PROTOCOL__LISTENERS", "pop3,pop3s"),
-            ("MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS", "3"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let c: Config = load(&ConfigSources {
-            env,
-            ..Default::default()
-        })
-        .unwrap();
-        let p = &c.proxy_protocol;
-        assert_eq!(p.listeners, ["pop3", "pop3s"]);
-        assert_eq!(p.header_timeout_secs, 3);
-        for name in ["pop3", "pop3s"] {
-            let policy = p.policy(name).expect("enabled");
-            assert!(policy.trusts("172.20.0.9".parse().unwrap()));
-            assert!(policy.trusts("10.0.0.5".parse().unwrap()));
-            assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
-        }
-        // The TOML spelling, and unknown keys refused.
-        let c: Config = load(&ConfigSources {
-            overrides: vec![
-                "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
-                "proxy_protocol.listeners=[\"pop3\"]".into(),
-            ],
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(c.proxy_protocol.policy("pop3").is_some());
-        assert!(c.proxy_protocol.policy("pop3s").is_none());
-        for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
-            let bad = ConfigSources {
-                overrides: vec![bad.into()],
-                ..Default::default()
-            };
-            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
-        }
+        mailsuite_testkit::proxy::assert_proxy_protocol_spellings::<Config>(
+            &crate::LISTENERS,
+            |c| &c.proxy_protocol,
+        );
     }
 }

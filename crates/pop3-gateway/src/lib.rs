@@ -27,17 +27,8 @@ pub use config::Config;
 use connection::Shared;
 pub use store::StoreBackend;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("tls: {0}")]
-    Tls(#[from] mailsuite_runtime::tls::TlsError),
-    #[error("store_url: {0}")]
-    Grpc(#[from] tonic::transport::Error),
-    #[error("{0}")]
-    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
-}
+/// Why the gateway could not start.
+pub use mailsuite_runtime::service::StartError as Error;
 
 /// The listeners by the names `proxy_protocol.listeners` uses: STARTTLS, implicit TLS.
 pub const LISTENERS: [&str; 2] = ["pop3", "pop3s"];
@@ -111,28 +102,17 @@ pub async fn start_with<B: Backend>(
     Ok(started)
 }
 
-/// Keep `/readyz` in step with the store's health, so a load balancer stops sending clients
-/// to a gateway whose store is gone. One check per interval, whatever the probe rate.
+/// Keep `/readyz` in step with the store's health (see `mailsuite_store_client`).
 async fn watch_store<B: Backend>(shared: Arc<Shared<B>>, ops: mailsuite_runtime::ops::Ops) {
     let limits = &shared.config.limits;
     let interval = Duration::from_secs(limits.store_health_interval_secs.max(1));
-    let timeout = Duration::from_secs(limits.store_timeout_secs.max(1)).min(interval);
+    let deadline = Duration::from_secs(limits.store_timeout_secs.max(1));
     let shutdown = shared.shutdown.clone();
-    loop {
-        let ready = tokio::select! {
-            biased;
-            _ = shutdown.stopping() => return,
-            r = tokio::time::timeout(timeout, shared.backend.ready()) => r.unwrap_or(false),
-        };
-        if ready != ops.is_ready() {
-            tracing::info!(ready, "store readiness changed");
-        }
-        ops.set_ready(ready);
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.stopping() => return,
-        }
-    }
+    let check = move || {
+        let shared = shared.clone();
+        async move { shared.backend.ready().await }
+    };
+    mailsuite_store_client::track_readiness(check, ops, shutdown, interval, deadline).await
 }
 
 async fn accept_loop<B: Backend>(shared: Arc<Shared<B>>, listener: LimitedListener, tls: bool) {

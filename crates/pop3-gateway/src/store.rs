@@ -1,22 +1,20 @@
-//! The [`Backend`] over mailbox-store's gRPC API (Directory, Mailbox). The one place where
-//! store errors become POP3 outcomes: credentials → `[AUTH]`, lock held → `[IN-USE]`,
+//! The [`Backend`] over mailbox-store's gRPC API, through the shared `StoreClient` (one
+//! deadline, one error mapping, store health). The one place where store errors become POP3
+//! outcomes: credentials → `[AUTH]`, lock held → `[IN-USE]`,
 //! temporary trouble → `[SYS/TEMP]`, the rest → `[SYS/PERM]`.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use mailsuite_proto::directory_client::DirectoryClient;
 use mailsuite_proto::mailbox_client::MailboxClient;
 use mailsuite_proto::{
-    AuthenticateRequest, BodyChunk, ExpungeRequest, FetchBodyRequest, FetchRequest, LockControl,
-    LockEvent, Section, SelectRequest, StoreFlagsRequest, StoreMode, UidSet,
+    BodyChunk, ExpungeRequest, FetchBodyRequest, FetchRequest, LockControl, LockEvent, Section,
+    SelectRequest, StoreFlagsRequest, StoreMode, UidSet,
 };
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::GrpcChannel;
+use mailsuite_store_client::StoreClient;
 use tonic::{Status, Streaming};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 use crate::backend::{Backend, BodyStream, Failure};
 use crate::session::{LoginError, Maildrop, Message, Target};
@@ -26,15 +24,11 @@ pub const MAILDROP: &str = "INBOX";
 
 #[derive(Clone)]
 pub struct StoreBackend {
-    directory: DirectoryClient<GrpcChannel>,
+    store: StoreClient,
     mailbox: MailboxClient<GrpcChannel>,
-    health: HealthClient<GrpcChannel>,
     timeout: Duration,
     window: u64,
 }
-
-/// The service whose health decides readiness: the one every POP3 command goes through.
-const HEALTH_SERVICE: &str = "mailsuite.v1.Mailbox";
 
 struct WindowReader {
     mailbox: MailboxClient<GrpcChannel>,
@@ -131,20 +125,17 @@ impl StoreBackend {
         timeout: Duration,
         window: u64,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = mailsuite_runtime::grpc::connect_lazy_with_token(url, token)?;
+        let store = StoreClient::connect(url, token, timeout)?;
         Ok(StoreBackend {
-            directory: DirectoryClient::new(channel.clone()),
-            mailbox: MailboxClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            mailbox: store.mailbox(),
+            store,
             timeout,
             window: window.max(1),
         })
     }
 
     fn unary<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.set_timeout(self.timeout);
-        r
+        self.store.request(msg)
     }
 
     async fn lock(&self, account_id: i64) -> Result<MaildropLock, LoginError> {
@@ -184,14 +175,18 @@ impl StoreBackend {
 /// A store error as a login outcome. The client sees a short generic text; the details go
 /// to the log.
 fn login_error(status: Status, during: &str) -> LoginError {
+    login_error_of(ServiceError::from(status), during)
+}
+
+fn login_error_of(e: ServiceError, during: &str) -> LoginError {
     // Only the store's own "authentication failed" is the user's bad password; a refused
     // internal token (also UNAUTHENTICATED on the wire) is this gateway's misconfiguration,
     // which must not count against the client's auth-failure limit (ServiceError tells them
     // apart by the reason metadata).
-    if ServiceError::from(status.clone()) == ServiceError::Unauthenticated {
+    if e == ServiceError::Unauthenticated {
         return LoginError::BadCredentials;
     }
-    match failure(status, during) {
+    match failure_of(e, during) {
         Failure::Temporary(m) => LoginError::Temporary(m),
         Failure::Permanent(m) => LoginError::Permanent(m),
         Failure::Gone => LoginError::Permanent("the maildrop does not exist".into()),
@@ -199,7 +194,10 @@ fn login_error(status: Status, during: &str) -> LoginError {
 }
 
 fn failure(status: Status, during: &str) -> Failure {
-    let e = ServiceError::from(status);
+    failure_of(ServiceError::from(status), during)
+}
+
+fn failure_of(e: ServiceError, during: &str) -> Failure {
     tracing::warn!(error = %e, "mail store failed {during}");
     match e {
         ServiceError::NotFound(_) => Failure::Gone,
@@ -218,16 +216,7 @@ impl Backend for StoreBackend {
     }
 
     async fn ready(&self) -> bool {
-        let request = self.unary(HealthCheckRequest {
-            service: HEALTH_SERVICE.into(),
-        });
-        match self.health.clone().check(request).await {
-            Ok(r) => r.into_inner().status() == ServingStatus::Serving,
-            Err(s) => {
-                tracing::debug!(error = %s, "store health check failed");
-                false
-            }
-        }
+        self.store.ready().await
     }
 
     async fn login(
@@ -236,22 +225,12 @@ impl Backend for StoreBackend {
         password: &str,
         peer: IpAddr,
     ) -> Result<(Maildrop, MaildropLock), LoginError> {
-        let auth = self
-            .directory
-            .clone()
-            .authenticate(self.unary(AuthenticateRequest {
-                username: user.to_string(),
-                password: password.to_string(),
-                remote_ip: peer.to_string(),
-                protocol: "pop3".into(),
-            }))
+        let account = self
+            .store
+            .authenticate(user, password, &peer.to_string(), "pop3")
             .await
-            .map_err(|s| login_error(s, "authenticating"))?
-            .into_inner();
-        let account = match auth.account {
-            Some(a) if auth.ok => a,
-            _ => return Err(LoginError::BadCredentials),
-        };
+            .map_err(|e| login_error_of(e, "authenticating"))?
+            .ok_or(LoginError::BadCredentials)?;
         if !account.enabled {
             return Err(LoginError::Permanent("account disabled".into()));
         }

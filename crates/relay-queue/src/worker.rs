@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use mailsuite_proto::delivery_client::DeliveryClient;
-use mailsuite_proto::directory_client::DirectoryClient;
-use mailsuite_proto::{AddressKind, DeliverChunk, DeliverHeader, RecipientStatus, ResolveRequest};
+use mailsuite_proto::{AddressKind, DeliverHeader, RecipientStatus};
 use mailsuite_runtime::grpc::GrpcChannel;
 use mailsuite_runtime::{ServiceError, Shutdown};
+use mailsuite_store_client::StoreClient;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -28,8 +27,8 @@ pub struct Engine {
     pub config: Config,
     pub db: Db,
     pub keyring: Keyring,
-    pub directory: DirectoryClient<GrpcChannel>,
-    pub delivery: DeliveryClient<GrpcChannel>,
+    /// mailbox-store, for local recipients (deadline `timeouts.rpc`).
+    pub store: StoreClient,
     pub tls: TlsClients,
     resolver: Mutex<Option<Arc<TokioResolver>>>,
     in_flight: Arc<Semaphore>,
@@ -58,8 +57,10 @@ impl Engine {
         let workers = config.workers.count.max(1);
         Arc::new(Engine {
             in_flight: Arc::new(Semaphore::new(config.workers.max_in_flight.max(1))),
-            directory: DirectoryClient::new(store.clone()),
-            delivery: DeliveryClient::new(store),
+            store: StoreClient::with_channel(
+                store,
+                Duration::from_secs(config.timeouts.rpc.max(1)),
+            ),
             config,
             db,
             keyring,
@@ -436,19 +437,7 @@ impl Engine {
     }
 
     async fn is_local(&self, address: &str) -> Result<bool, ServiceError> {
-        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
-        let mut c = self.directory.clone();
-        let r = tokio::time::timeout(
-            rpc,
-            c.resolve(ResolveRequest {
-                address: address.to_string(),
-            }),
-        )
-        .await
-        .map_err(|_| ServiceError::Unavailable("timeout".into()))?
-        .map_err(ServiceError::from)?
-        .into_inner();
-        Ok(r.kind() != AddressKind::Remote)
+        Ok(self.store.resolve(address).await?.kind() != AddressKind::Remote)
     }
 
     /// One Deliver call per recipient, keyed by (message, recipient address): the key must not
@@ -489,38 +478,21 @@ impl Engine {
             add_delivery_headers: true,
             ..Default::default()
         };
-        let mut chunks = vec![DeliverChunk {
-            part: Some(mailsuite_proto::deliver_chunk::Part::Header(header)),
-        }];
-        for c in msg.raw.chunks(64 * 1024) {
-            chunks.push(DeliverChunk {
-                part: Some(mailsuite_proto::deliver_chunk::Part::Data(
-                    bytes::Bytes::copy_from_slice(c),
-                )),
-            });
-        }
-        let rpc = Duration::from_secs(self.config.timeouts.rpc.max(1));
-        let mut client = self.delivery.clone();
-        let res = tokio::time::timeout(rpc, client.deliver(tokio_stream::iter(chunks))).await;
-        let resp = match res {
-            Err(_) => {
-                return (
-                    Outcome::Deferred("4.4.1 local delivery timed out".into()),
-                    Vec::new(),
-                );
-            }
-            Ok(Err(status)) => {
-                let e = ServiceError::from(status);
+        let body = bytes::Bytes::copy_from_slice(&msg.raw);
+        let resp = match self.store.deliver(header, body).await {
+            Ok(r) => r,
+            Err(e) => {
                 let o = match &e {
                     ServiceError::OverQuota {
                         permanent: true, ..
                     }
                     | ServiceError::TooLarge(_) => Outcome::Failed(format!("5.2.2 {e}")),
+                    // A deadline passed is ServiceError::Unavailable: retried later, as any
+                    // temporary trouble.
                     _ => Outcome::Deferred(format!("4.3.0 local delivery: {e}")),
                 };
                 return (o, Vec::new());
             }
-            Ok(Ok(r)) => r.into_inner(),
         };
         let wanted = rcpt.address.to_ascii_lowercase();
         let Some(r) = resp

@@ -16,6 +16,23 @@ use serde::de::DeserializeOwned;
 use crate::config::{self, ConfigArgs};
 use crate::{Shutdown, shutdown, telemetry};
 
+/// Why a protocol gateway could not start: what binding its listeners, loading TLS and
+/// setting up its clients can fail on.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("grpc endpoint: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    ProxyProtocol(#[from] crate::proxy_protocol::ProxyConfigError),
+    /// Set-up of the service's own (a DNS resolver, say), with what it was.
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Command-line flags every service binary takes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServiceArgs {
@@ -88,6 +105,27 @@ impl<C> Service<C> {
             .map(Duration::from_secs)
             .or_else(|| (self.config_grace)(config))
             .unwrap_or(self.default_grace)
+    }
+
+    /// A service binary's whole `main`: parse the command line (`about` and `version` are what
+    /// `--help` and `--version` show), then [`Service::run`].
+    pub async fn main<S, E, F, Fut>(
+        self,
+        about: &'static str,
+        version: &'static str,
+        start: F,
+    ) -> anyhow::Result<()>
+    where
+        C: DeserializeOwned + Serialize + Default,
+        S: Debug,
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce(C, Shutdown) -> Fut,
+        Fut: Future<Output = Result<S, E>>,
+    {
+        let command = clap::Command::new(self.name).version(version).about(about);
+        let matches = <ServiceArgs as clap::Args>::augment_args(command).get_matches();
+        let args = <ServiceArgs as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        self.run(args, start).await
     }
 
     /// Run the service until SIGTERM/SIGINT, then drain.

@@ -1,29 +1,29 @@
 //! What the session needs from the rest of the system, as a trait (so the state machine is
-//! tested without sockets), and its implementation over gRPC: Directory, Delivery and
-//! Mailbox of mailbox-store, Queue of relay-queue.
+//! tested without sockets), and its implementation over gRPC: mailbox-store through the shared
+//! `StoreClient` (one deadline, one error mapping, chunked uploads), and relay-queue's Queue
+//! under the same deadline.
 
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mailsuite_proto::delivery_client::DeliveryClient;
-use mailsuite_proto::directory_client::DirectoryClient;
-use mailsuite_proto::mailbox_client::MailboxClient;
 use mailsuite_proto::queue_client::QueueClient;
 use mailsuite_proto::{
-    Account, AlertRequest, AuthenticateRequest, CheckSenderRequest, DeliverChunk, DeliverHeader,
-    DeliverResponse, EnqueueChunk, EnqueueHeader, EnqueueResponse, ExpandRequest, ExpandResponse,
-    FlushRequest, ResolveRequest, ResolveResponse, deliver_chunk, enqueue_chunk,
+    Account, AlertRequest, CheckSenderRequest, DeliverHeader, DeliverResponse, EnqueueChunk,
+    EnqueueHeader, EnqueueResponse, ExpandRequest, ExpandResponse, FlushRequest, ResolveResponse,
+    enqueue_chunk,
 };
 use mailsuite_runtime::ServiceError;
 use mailsuite_runtime::grpc::{GrpcChannel, connect_lazy_with_token};
-
-/// Streamed message chunks stay under the 64 KiB frame rule.
-const CHUNK: usize = 64 * 1024;
+use mailsuite_store_client::{StoreClient, chunks};
 
 pub type BResult<T> = Result<T, ServiceError>;
 
 pub trait Backend: Send + Sync + 'static {
+    /// Whether the store can serve requests now (drives `/readyz`).
+    fn ready(&self) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
     fn resolve(&self, address: &str) -> impl Future<Output = BResult<ResolveResponse>> + Send;
     /// `Ok(None)` for a wrong user name or password.
     fn authenticate(
@@ -58,64 +58,38 @@ pub trait Backend: Send + Sync + 'static {
 
 #[derive(Clone)]
 pub struct GrpcBackend {
-    directory: DirectoryClient<GrpcChannel>,
-    delivery: DeliveryClient<GrpcChannel>,
-    mailbox: MailboxClient<GrpcChannel>,
+    store: StoreClient,
     queue: QueueClient<GrpcChannel>,
-    timeout: Duration,
 }
 
 impl GrpcBackend {
-    /// `token`: the services' shared internal token (empty = none).
+    /// `token`: the services' shared internal token (empty = none). Every call is bounded by
+    /// `deadline`: a hung store or queue becomes a temporary failure (451), never a session
+    /// that waits forever.
     pub fn new(
         store_url: &str,
         queue_url: &str,
         token: &str,
+        deadline: Duration,
     ) -> Result<Self, tonic::transport::Error> {
-        let store = connect_lazy_with_token(store_url, token)?;
-        let queue = connect_lazy_with_token(queue_url, token)?;
         Ok(GrpcBackend {
-            directory: DirectoryClient::new(store.clone()),
-            delivery: DeliveryClient::new(store.clone()),
-            mailbox: MailboxClient::new(store),
-            queue: QueueClient::new(queue),
-            timeout: Duration::from_secs(60),
+            store: StoreClient::connect(store_url, token, deadline)?,
+            queue: QueueClient::new(connect_lazy_with_token(queue_url, token)?),
         })
     }
 
-    /// Bound every call: a hung store or queue becomes a temporary failure (451), never a
-    /// session that waits forever.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
+    pub fn store(&self) -> &StoreClient {
+        &self.store
     }
-
-    async fn bounded<T>(
-        &self,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> BResult<T> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => Ok(r?.into_inner()),
-            Err(_) => Err(ServiceError::Unavailable("call timed out".into())),
-        }
-    }
-}
-
-/// The body as a lazy sequence of chunk messages, each a slice of `body` (shared, not copied:
-/// the proto's body fields are `Bytes`), so a hand-off never holds a second copy of the body;
-/// the only copy is tonic encoding each chunk into its frame.
-fn chunks<T>(body: Bytes, wrap: impl Fn(Bytes) -> T) -> impl Iterator<Item = T> {
-    (0..body.len())
-        .step_by(CHUNK)
-        .map(move |at| wrap(body.slice(at..(at + CHUNK).min(body.len()))))
 }
 
 impl Backend for GrpcBackend {
+    async fn ready(&self) -> bool {
+        self.store.ready().await
+    }
+
     async fn resolve(&self, address: &str) -> BResult<ResolveResponse> {
-        self.bounded(self.directory.clone().resolve(ResolveRequest {
-            address: address.to_string(),
-        }))
-        .await
+        self.store.resolve(address).await
     }
 
     async fn authenticate(
@@ -124,47 +98,32 @@ impl Backend for GrpcBackend {
         password: &str,
         remote_ip: &str,
     ) -> BResult<Option<Account>> {
-        let r = self
-            .bounded(self.directory.clone().authenticate(AuthenticateRequest {
-                username: username.to_string(),
-                password: password.to_string(),
-                remote_ip: remote_ip.to_string(),
-                protocol: "smtp".into(),
-            }))
-            .await;
-        match r {
-            Ok(r) => Ok(if r.ok { r.account } else { None }),
-            Err(ServiceError::Unauthenticated | ServiceError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.store
+            .authenticate(username, password, remote_ip, "smtp")
+            .await
     }
 
     async fn check_sender(&self, account_id: i64, address: &str) -> BResult<bool> {
-        let r = self
-            .bounded(self.directory.clone().check_sender(CheckSenderRequest {
+        let st = &self.store;
+        let r = st
+            .call(st.directory().check_sender(st.request(CheckSenderRequest {
                 account_id,
                 address: address.to_string(),
-            }))
+            })))
             .await?;
         Ok(r.allowed)
     }
 
     async fn expand(&self, address: &str) -> BResult<ExpandResponse> {
-        self.bounded(self.directory.clone().expand(ExpandRequest {
+        let st = &self.store;
+        st.call(st.directory().expand(st.request(ExpandRequest {
             address: address.to_string(),
-        }))
+        })))
         .await
     }
 
     async fn deliver(&self, header: DeliverHeader, body: Bytes) -> BResult<DeliverResponse> {
-        let header = DeliverChunk {
-            part: Some(deliver_chunk::Part::Header(header)),
-        };
-        let msgs = std::iter::once(header).chain(chunks(body, |b| DeliverChunk {
-            part: Some(deliver_chunk::Part::Data(b)),
-        }));
-        self.bounded(self.delivery.clone().deliver(tokio_stream::iter(msgs)))
-            .await
+        self.store.deliver(header, body).await
     }
 
     async fn enqueue(&self, header: EnqueueHeader, body: Bytes) -> BResult<EnqueueResponse> {
@@ -174,78 +133,46 @@ impl Backend for GrpcBackend {
         let msgs = std::iter::once(header).chain(chunks(body, |b| EnqueueChunk {
             part: Some(enqueue_chunk::Part::Data(b)),
         }));
-        self.bounded(self.queue.clone().enqueue(tokio_stream::iter(msgs)))
-            .await
+        let st = &self.store;
+        st.call(
+            self.queue
+                .clone()
+                .enqueue(st.request(tokio_stream::iter(msgs))),
+        )
+        .await
     }
 
     async fn alert(&self, address: &str, text: &str) -> BResult<bool> {
-        let r = self
-            .bounded(self.mailbox.clone().alert(AlertRequest {
+        let st = &self.store;
+        let r = st
+            .call(st.mailbox().alert(st.request(AlertRequest {
                 address: address.to_string(),
                 text: text.to_string(),
                 probe_only: false,
-            }))
+            })))
             .await?;
         Ok(r.online)
     }
 
     async fn online(&self, address: &str) -> BResult<bool> {
-        let r = self
-            .bounded(self.mailbox.clone().alert(AlertRequest {
+        let st = &self.store;
+        let r = st
+            .call(st.mailbox().alert(st.request(AlertRequest {
                 address: address.to_string(),
                 probe_only: true,
                 ..Default::default()
-            }))
+            })))
             .await?;
         Ok(r.online)
     }
 
     async fn flush(&self, domain: &str) -> BResult<u32> {
-        let r = self
-            .bounded(self.queue.clone().flush(FlushRequest {
+        let st = &self.store;
+        let r = st
+            .call(self.queue.clone().flush(st.request(FlushRequest {
                 domain: domain.to_string(),
-            }))
+            })))
             .await?;
         Ok(r.recipients)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bodies_are_chunked_under_64k() {
-        let body = Bytes::from(vec![7u8; CHUNK * 2 + 5]);
-        let c: Vec<usize> = chunks(body, |b| b.len()).collect();
-        assert_eq!(c, vec![CHUNK, CHUNK, 5]);
-        assert_eq!(chunks(Bytes::new(), |b| b.len()).count(), 0);
-    }
-
-    /// The chunk messages carry slices of the message buffer, not copies of its bytes: every
-    /// chunk points into the one buffer, in order, and together they are the message.
-    #[test]
-    fn chunks_share_the_message_buffer() {
-        let body = Bytes::from((0..CHUNK * 3 + 100).map(|i| i as u8).collect::<Vec<u8>>());
-        let base = body.as_ptr() as usize;
-        let parts: Vec<Bytes> = chunks(body.clone(), |b| {
-            match (DeliverChunk {
-                part: Some(deliver_chunk::Part::Data(b)),
-            })
-            .part
-            {
-                Some(deliver_chunk::Part::Data(d)) => d,
-                _ => unreachable!(),
-            }
-        })
-        .collect();
-        for (i, p) in parts.iter().enumerate() {
-            assert_eq!(
-                p.as_ptr() as usize,
-                base + i * CHUNK,
-                "chunk {i} is a slice"
-            );
-        }
-        assert_eq!(parts.concat(), body);
     }
 }

@@ -99,7 +99,10 @@ pub struct Limits {
     /// Lifetime of one connection, so no client can hold a task forever.
     pub session_timeout_secs: u64,
     /// One call to the store or the queue; past it the client gets a temporary failure.
-    pub rpc_timeout_secs: u64,
+    pub store_timeout_secs: u64,
+    /// How often the store's gRPC health is checked for `/readyz` (each check bounded by
+    /// `store_timeout_secs`).
+    pub store_health_interval_secs: u64,
     /// Writing one batch of replies; a client that stops reading is disconnected after this.
     pub write_timeout_secs: u64,
     /// Clients (IPv4 addresses, IPv6 /64s) whose per-minute rates are tracked at once, per
@@ -151,7 +154,8 @@ impl Default for Limits {
             data_timeout_secs: 180,
             data_total_timeout_secs: 600,
             session_timeout_secs: 3600,
-            rpc_timeout_secs: 60,
+            store_timeout_secs: 60,
+            store_health_interval_secs: 5,
             write_timeout_secs: 60,
             max_tracked_clients: crate::limits::DEFAULT_CAPACITY,
             max_etrn_per_ip_per_minute: 10,
@@ -184,6 +188,7 @@ pub const RENAMED: &mailsuite_runtime::config::Renamed = &[
         "limits.max_auth_failures_per_ip_per_minute",
         "limits.max_auth_failures_per_ip",
     ),
+    ("limits.rpc_timeout_secs", "limits.store_timeout_secs"),
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -355,57 +360,13 @@ mod tests {
         }
     }
 
-    /// The spelling docker compose uses: one variable per key, lists comma-separated.
+    /// Every spelling an operator may use: one variable per key with comma lists (docker
+    /// compose), TOML arrays; unknown keys refused.
     #[test]
     fn proxy_protocol_from_the_environment() {
-        let c: Config = load(&ConfigSources::default()).unwrap();
-        assert!(c.proxy_protocol.listeners.is_empty(), "off by default");
-        assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
-        let env = [
-            (
-                "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
-                "172.16.0.0/12, 10.0.0.5",
-            ),
-            (
-                "MAILSUITE_PROXY_PROTOCOL__LISTENERS",
-                "smtp,submission,submissions",
-            ),
-            ("MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS", "3"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let c: Config = load(&ConfigSources {
-            env,
-            ..Default::default()
-        })
-        .unwrap();
-        let p = &c.proxy_protocol;
-        assert_eq!(p.listeners, ["smtp", "submission", "submissions"]);
-        assert_eq!(p.header_timeout_secs, 3);
-        for name in ["smtp", "submission", "submissions"] {
-            let policy = p.policy(name).expect("enabled");
-            assert!(policy.trusts("172.20.0.9".parse().unwrap()));
-            assert!(policy.trusts("10.0.0.5".parse().unwrap()));
-            assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
-        }
-        // The TOML spelling, and unknown keys refused.
-        let c: Config = load(&ConfigSources {
-            overrides: vec![
-                "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
-                "proxy_protocol.listeners=[\"smtp\"]".into(),
-            ],
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(c.proxy_protocol.policy("smtp").is_some());
-        assert!(c.proxy_protocol.policy("submission").is_none());
-        for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
-            let bad = ConfigSources {
-                overrides: vec![bad.into()],
-                ..Default::default()
-            };
-            assert!(load::<Config>(&bad).is_err(), "{bad:?}");
-        }
+        mailsuite_testkit::proxy::assert_proxy_protocol_spellings::<Config>(
+            &crate::LISTENERS,
+            |c| &c.proxy_protocol,
+        );
     }
 }

@@ -28,18 +28,13 @@ pub use config::Config;
 use session::{Port, Session, Shared};
 pub use verify::Verifier;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("tls: {0}")]
-    Tls(#[from] mailsuite_runtime::tls::TlsError),
-    #[error("grpc endpoint: {0}")]
-    Grpc(#[from] tonic::transport::Error),
-    #[error("dns: {0}")]
-    Verify(#[from] verify::VerifyError),
-    #[error("{0}")]
-    ProxyProtocol(#[from] mailsuite_runtime::proxy_protocol::ProxyConfigError),
+/// Why smtp-ingress could not start.
+pub use mailsuite_runtime::service::StartError as Error;
+
+impl From<verify::VerifyError> for Error {
+    fn from(e: verify::VerifyError) -> Error {
+        Error::Other(format!("dns: {e}"))
+    }
 }
 
 /// The listeners by the names `proxy_protocol.listeners` uses: MX, submission with STARTTLS,
@@ -61,10 +56,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         &config.store_url,
         &config.queue_url,
         config.internal_token.as_str(),
-    )?
-    .with_timeout(std::time::Duration::from_secs(
-        config.limits.rpc_timeout_secs.max(1),
-    ));
+        std::time::Duration::from_secs(config.limits.store_timeout_secs.max(1)),
+    )?;
     let verifier = if config.policy.verify_inbound {
         Some(Verifier::new(&config.dns, &config.hostname)?)
     } else {
@@ -154,7 +147,22 @@ pub async fn start_with<B: Backend>(
     }
     if let Some((listener, _)) = ops {
         let o = mailsuite_runtime::metrics::ops();
-        o.set_ready(true);
+        let l = &shared.config.limits;
+        let (interval, deadline) = (
+            std::time::Duration::from_secs(l.store_health_interval_secs.max(1)),
+            std::time::Duration::from_secs(l.store_timeout_secs.max(1)),
+        );
+        let backend = shared.clone();
+        shutdown.spawn(mailsuite_store_client::track_readiness(
+            move || {
+                let b = backend.clone();
+                async move { b.backend.ready().await }
+            },
+            o.clone(),
+            shutdown.clone(),
+            interval,
+            deadline,
+        ));
         shutdown.spawn(o.serve(listener, shutdown.clone()));
     }
     tracing::info!(?started, "smtp-ingress listening");

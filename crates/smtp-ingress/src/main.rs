@@ -2,22 +2,19 @@
 
 use std::time::Duration;
 
-use clap::Parser;
-use mailsuite_runtime::service::{Service, ServiceArgs};
+use mailsuite_runtime::service::Service;
 
-/// mailsuite smtp-ingress: ESMTP for MX (25), submission (587, STARTTLS) and submissions (465).
-#[derive(Debug, Parser)]
-#[command(name = "smtp-ingress", version, about)]
-struct Args {
-    #[command(flatten)]
-    service: ServiceArgs,
-}
+const ABOUT: &str =
+    "mailsuite smtp-ingress: ESMTP for MX (25), submission (587, STARTTLS) and submissions (465)";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
     Service::<mailsuite_smtp_ingress::Config>::new("smtp-ingress", Duration::from_secs(30))
         .with_renamed(mailsuite_smtp_ingress::config::RENAMED)
-        .run(args.service, mailsuite_smtp_ingress::start)
+        .main(
+            ABOUT,
+            env!("CARGO_PKG_VERSION"),
+            mailsuite_smtp_ingress::start,
+        )
         .await
 }

@@ -405,7 +405,7 @@ async fn hung_queue_is_a_temporary_failure_not_a_hang() {
         no_verify(c);
         c.auth.allow_plaintext_loopback = true;
         c.queue_url = format!("http://{hole_addr}");
-        c.limits.rpc_timeout_secs = 1;
+        c.limits.store_timeout_secs = 1;
     })
     .await;
     let mut c = connect(e.smtp.submission.unwrap()).await;

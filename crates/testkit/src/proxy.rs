@@ -96,6 +96,67 @@ pub async fn assert_closed_silently(mut s: TcpStream, within: Duration) {
     );
 }
 
+/// A service's `proxy_protocol` table read in every spelling an operator may use: off by
+/// default; one environment variable per key with comma-separated lists (docker compose);
+/// TOML arrays in `--set`; unknown keys and bad networks refused. `listeners` are the
+/// service's listener names (at least two); `get` finds the table in its configuration.
+pub fn assert_proxy_protocol_spellings<C>(
+    listeners: &[&str],
+    get: fn(&C) -> &mailsuite_runtime::proxy_protocol::ProxyProtocolConfig,
+) where
+    C: serde::de::DeserializeOwned + serde::Serialize + Default,
+{
+    use mailsuite_runtime::config::{ConfigSources, load};
+    let c: C = load(&ConfigSources::default()).unwrap();
+    assert!(get(&c).listeners.is_empty(), "off by default");
+    assert_eq!(get(&c).header_timeout_secs, 5);
+    let env = [
+        (
+            "MAILSUITE_PROXY_PROTOCOL__TRUSTED",
+            "172.16.0.0/12, 10.0.0.5".to_string(),
+        ),
+        ("MAILSUITE_PROXY_PROTOCOL__LISTENERS", listeners.join(",")),
+        (
+            "MAILSUITE_PROXY_PROTOCOL__HEADER_TIMEOUT_SECS",
+            "3".to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let c: C = load(&ConfigSources {
+        env,
+        ..Default::default()
+    })
+    .unwrap();
+    let p = get(&c);
+    assert_eq!(p.listeners, listeners);
+    assert_eq!(p.header_timeout_secs, 3);
+    for name in listeners {
+        let policy = p.policy(name).expect("enabled");
+        assert!(policy.trusts("172.20.0.9".parse().unwrap()));
+        assert!(policy.trusts("10.0.0.5".parse().unwrap()));
+        assert!(!policy.trusts("10.0.0.6".parse().unwrap()));
+    }
+    let c: C = load(&ConfigSources {
+        overrides: vec![
+            "proxy_protocol.trusted=[\"fd00::/8\"]".into(),
+            format!("proxy_protocol.listeners=[\"{}\"]", listeners[0]),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(get(&c).policy(listeners[0]).is_some());
+    assert!(get(&c).policy(listeners[1]).is_none());
+    for bad in ["proxy_protocol.nope=1", "proxy_protocol.trusted=not-a-net"] {
+        let bad = ConfigSources {
+            overrides: vec![bad.into()],
+            ..Default::default()
+        };
+        assert!(load::<C>(&bad).is_err(), "{bad:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,10 +212,13 @@ pub async fn env_dns(
     } else {
         None
     };
-    let backend =
-        mailsuite_smtp_ingress::GrpcBackend::new(&config.store_url, &config.queue_url, "")
-            .unwrap()
-            .with_timeout(Duration::from_secs(config.limits.rpc_timeout_secs));
+    let backend = mailsuite_smtp_ingress::GrpcBackend::new(
+        &config.store_url,
+        &config.queue_url,
+        "",
+        Duration::from_secs(config.limits.store_timeout_secs),
+    )
+    .unwrap();
     let shutdown = Shutdown::new();
     let smtp = mailsuite_smtp_ingress::start_with(config, backend, verifier, shutdown.clone())
         .await
