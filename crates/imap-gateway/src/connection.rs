@@ -2,12 +2,8 @@
 //! continuation, STARTTLS as an upgrade of the stream, AUTHENTICATE and IDLE exchanges,
 //! unsolicited updates from the change feed, command rate limiting, and `* BYE` on shutdown.
 
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
@@ -16,10 +12,9 @@ use imap_codec::imap_types::core::Tag;
 use imap_codec::imap_types::response::{Code, CommandContinuationRequest, Response, StatusKind};
 use mailsuite_proto as pb;
 use mailsuite_runtime::Shutdown;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use mailsuite_runtime::stream::{MailStream, TLS_HANDSHAKE_TIMEOUT, WriteTimeout};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::either::Either;
 
 use crate::codec::{Decoder, DecoderLimits, Input, Mode};
 use crate::config::Config;
@@ -113,91 +108,9 @@ async fn next_event(sub: &mut Option<Subscription>) -> Option<pb::ChangeEvent> {
     }
 }
 
-type Stream<S> = Either<WriteTimeout<S>, TlsStream<WriteTimeout<S>>>;
-
-/// Fails a write, flush or shutdown that makes no progress for `timeout`: a client that
-/// stops reading must not pin the connection (and the FETCH buffers behind it) forever.
-/// Wraps the socket beneath TLS so that TLS records and the goodbye are bounded too.
-pub struct WriteTimeout<S> {
-    inner: S,
-    timeout: Duration,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<S> WriteTimeout<S> {
-    pub fn new(inner: S, timeout: Duration) -> Self {
-        WriteTimeout {
-            inner,
-            timeout,
-            deadline: None,
-        }
-    }
-
-    fn guard<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if r.is_ready() {
-            self.deadline = None;
-            return r;
-        }
-        let timeout = self.timeout;
-        let deadline = self
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.deadline = None;
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client stopped reading: write timed out",
-                )))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        self.guard(cx, r)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.guard(cx, r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.guard(cx, r)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.guard(cx, r)
-    }
-}
+/// Writes are bounded beneath TLS (`WriteTimeout`): a client that stops reading must not pin
+/// the connection (and the FETCH buffers behind it) forever.
+type Stream<S> = MailStream<WriteTimeout<S>>;
 
 /// Serve one accepted connection to its end, as one `imap.session` span (commands are child
 /// spans, see `Session::handle`).
@@ -228,20 +141,19 @@ where
         let Some(acceptor) = shared.tls.clone() else {
             return;
         };
-        let handshake = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream));
+        let handshake = MailStream::accept(stream, &acceptor, TLS_HANDSHAKE_TIMEOUT);
         match tokio::select! {
             r = handshake => r,
             _ = shared.shutdown.stopping() => return,
         } {
-            Ok(Ok(s)) => Either::Right(s),
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }
-            Err(_) => return,
         }
     } else {
-        Either::Left(stream)
+        MailStream::Plain(stream)
     };
     if let Err(e) = drive(shared, stream, peer).await {
         tracing::debug!(%peer, error = %e, "connection ended");
@@ -256,14 +168,13 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut metric =
-        mailsuite_runtime::metrics::Session::start("imap", matches!(stream, Either::Right(_)));
+    let mut metric = mailsuite_runtime::metrics::Session::start("imap", stream.is_tls());
     let mut session = Session::new(
         shared.store.clone(),
         shared.hub.clone(),
         shared.session_limits(),
     );
-    session.tls = matches!(stream, Either::Right(_));
+    session.tls = stream.is_tls();
     session.tls_available = shared.tls.is_some();
     session.plaintext_ok = shared.config.auth.allow_plaintext_loopback && peer.ip().is_loopback();
     session.remote_ip = peer.ip().to_string();
@@ -322,16 +233,7 @@ where
                             out.tagged(&tag, StatusKind::Ok, None, "Begin TLS negotiation now");
                             out.flush().await?;
                             drop(out);
-                            let Either::Left(plain) = stream else {
-                                return Ok(());
-                            };
-                            let tls = tokio::time::timeout(
-                                Duration::from_secs(30),
-                                acceptor.accept(plain),
-                            )
-                            .await
-                            .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
-                            stream = Either::Right(tls);
+                            stream = stream.into_tls(&acceptor, TLS_HANDSHAKE_TIMEOUT).await?;
                             session.tls = true;
                             metric.tls_upgraded();
                             // Bytes pipelined after STARTTLS came in plaintext: never act on

@@ -12,6 +12,7 @@ use futures::{FutureExt, StreamExt};
 use mailsuite_runtime::Shutdown;
 use mailsuite_runtime::limiter::{ClientWindows, client_key};
 use mailsuite_runtime::metrics;
+use mailsuite_runtime::stream::MailStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -191,18 +192,14 @@ async fn serve<B: Backend>(
         shared: shared.clone(),
     };
     if implicit_tls {
-        let tls =
-            match tokio::time::timeout_at(handshake_deadline, shared.acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("TLS handshake timed out");
-                    return;
-                }
-            };
+        let within = handshake_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let tls = match MailStream::accept(tcp, &shared.acceptor, within).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+        };
         conn.session.greeting().serialize(&mut conn.out);
         conn.run(tls).await;
         return;
@@ -210,16 +207,19 @@ async fn serve<B: Backend>(
     conn.session.greeting().serialize(&mut conn.out);
     if let Next::StartTls(tcp) = conn.run(tcp).await {
         let handshake_deadline = (tokio::time::Instant::now() + handshake).min(login_deadline);
-        match tokio::time::timeout_at(handshake_deadline, shared.acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
+        let within = handshake_deadline.saturating_duration_since(tokio::time::Instant::now());
+        match MailStream::Plain(tcp)
+            .into_tls(&shared.acceptor, within)
+            .await
+        {
+            Ok(tls) => {
                 conn.session.tls_started();
                 session_metrics.tls_upgraded();
                 tracing::debug!("STLS complete");
                 // The TLS layer cannot start TLS again: the session refuses a second STLS.
                 let _ = conn.run(tls).await;
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "STLS handshake failed"),
-            Err(_) => tracing::debug!("STLS handshake timed out"),
+            Err(e) => tracing::debug!(error = %e, "STLS handshake failed"),
         }
     }
 }

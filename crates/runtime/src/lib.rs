@@ -15,6 +15,7 @@ pub mod pg;
 pub mod proxy_protocol;
 pub mod service;
 pub mod shutdown;
+pub mod stream;
 pub mod telemetry;
 pub mod tls;
 

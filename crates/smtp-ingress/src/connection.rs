@@ -16,7 +16,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::backend::Backend;
 use crate::codec::{BdatReader, DataReader, Line, LineLimits, LineReader, parse_command};
 use crate::reply::Reply;
-use crate::session::{Next, Outcome, Session, TlsInfo};
+use crate::session::{Next, Outcome, Session};
+use mailsuite_runtime::stream::{MailStream, TLS_HANDSHAKE_TIMEOUT};
 
 /// Room in the DATA buffer, beyond the declared SIZE=, for the trace fields put in front of
 /// the body (Received:, Authentication-Results:), so adding them does not reallocate.
@@ -32,31 +33,8 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 const READ_CHUNK: usize = 16 * 1024;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Upgrade a stream to TLS (STARTTLS, or implicit TLS on 465).
-pub async fn into_tls<S: Io + 'static>(
-    stream: S,
-    acceptor: &TlsAcceptor,
-) -> std::io::Result<(Box<dyn Io>, TlsInfo)> {
-    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout")
-        })??;
-    let conn = tls.get_ref().1;
-    let version = conn
-        .protocol_version()
-        .and_then(|v| v.as_str())
-        .unwrap_or("TLS")
-        .replace('_', ".");
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .and_then(|c| c.suite().as_str())
-        .unwrap_or("unknown")
-        .to_string();
-    Ok((Box::new(tls), TlsInfo { version, cipher }))
-}
+/// The session's stream: plain or TLS over the boxed transport (TCP, or a pipe in tests).
+type Stream = MailStream<Box<dyn Io>>;
 
 enum Stop {
     /// The peer closed, or an I/O error: nothing more to say.
@@ -66,7 +44,7 @@ enum Stop {
 }
 
 struct Driver<B: Backend> {
-    io: Box<dyn Io>,
+    io: Stream,
     session: Session<B>,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -283,9 +261,17 @@ impl<B: Backend> Driver<B> {
                         let Some(acceptor) = tls else {
                             return Err(Stop::Gone);
                         };
-                        let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
-                        let (io, info) = into_tls(plain, acceptor).await.map_err(|_| Stop::Gone)?;
-                        self.io = io;
+                        let plain = std::mem::replace(
+                            &mut self.io,
+                            MailStream::Plain(Box::new(tokio::io::empty())),
+                        );
+                        self.io = plain
+                            .into_tls(acceptor, TLS_HANDSHAKE_TIMEOUT)
+                            .await
+                            .map_err(|_| Stop::Gone)?;
+                        let Some(info) = self.io.tls_info() else {
+                            return Err(Stop::Gone);
+                        };
                         self.session.tls_established(info);
                         metric.tls_upgraded();
                         break;
@@ -353,7 +339,7 @@ fn count_rejection(r: &Reply) {
 /// Run one SMTP session to its end. `implicit_tls` has already been applied by the caller
 /// when the session starts with TLS (`session` then knows it).
 pub async fn serve<B: Backend>(
-    io: Box<dyn Io>,
+    io: Stream,
     session: Session<B>,
     shared: Arc<crate::session::Shared<B>>,
     tls: Option<TlsAcceptor>,

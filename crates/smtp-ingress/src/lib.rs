@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use mailsuite_runtime::Shutdown;
 use mailsuite_runtime::listener::{self, LimitedListener};
+use mailsuite_runtime::stream::{MailStream, TLS_HANDSHAKE_TIMEOUT};
 use tokio_rustls::TlsAcceptor;
 
 pub use backend::{Backend, GrpcBackend};
@@ -207,18 +208,19 @@ async fn accept_loop<B: Backend>(
             );
             tracing::Instrument::instrument(
                 async move {
-                    let (io, info): (Box<dyn connection::Io>, _) = if port == Port::Submissions {
-                        match connection::into_tls(stream, &tls).await {
-                            Ok((io, info)) => (io, Some(info)),
+                    let stream: Box<dyn connection::Io> = Box::new(stream);
+                    let io = if port == Port::Submissions {
+                        match MailStream::accept(stream, &tls, TLS_HANDSHAKE_TIMEOUT).await {
+                            Ok(io) => io,
                             Err(e) => {
                                 tracing::debug!(%peer, error = %e, "implicit TLS handshake failed");
                                 return;
                             }
                         }
                     } else {
-                        (Box::new(stream), None)
+                        MailStream::Plain(stream)
                     };
-                    let session = Session::new(shared.clone(), port, peer, info);
+                    let session = Session::new(shared.clone(), port, peer, io.tls_info());
                     connection::serve(io, session, shared, Some(tls), sd).await;
                 },
                 span,

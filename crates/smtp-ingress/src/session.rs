@@ -37,11 +37,7 @@ pub enum Port {
 }
 
 /// The TLS parameters of the connection, for the Received header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInfo {
-    pub version: String,
-    pub cipher: String,
-}
+pub use mailsuite_runtime::stream::TlsInfo;
 
 /// State shared by all sessions of a server.
 pub struct Shared<B> {
