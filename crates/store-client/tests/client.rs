@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mailsuite_proto::admin_client::AdminClient;
 use mailsuite_proto::*;
 use mailsuite_runtime::{ServiceError, Shutdown};
 use mailsuite_store_client::{CHUNK, StoreClient};
@@ -42,28 +41,7 @@ async fn store() -> Store {
     .await
     .expect("store starts");
     let url = format!("http://{}", started.grpc);
-    let mut admin = AdminClient::new(
-        tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    admin
-        .add_domain(AddDomainRequest {
-            name: "example.test".into(),
-            catch_all: String::new(),
-        })
-        .await
-        .unwrap();
-    admin
-        .add_account(AddAccountRequest {
-            address: USER.into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    mailsuite_testkit::add_account(&url, USER, PASSWORD).await;
     Store {
         _db: db,
         url,

@@ -52,3 +52,37 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 pub mod suite;
 #[cfg(feature = "suite")]
 pub use suite::TestSuite;
+
+/// Add `address`'s domain (if it is not there yet) and the account itself, through the store's
+/// Admin API at `store_url` (`http://host:port`).
+pub async fn add_account(store_url: &str, address: &str, password: &str) {
+    use mailsuite_proto::admin_client::AdminClient;
+    let channel = tonic::transport::Endpoint::from_shared(store_url.to_string())
+        .expect("store url")
+        .connect()
+        .await
+        .expect("connect to the store");
+    let mut admin = AdminClient::new(channel);
+    let domain = address.rsplit_once('@').expect("an address").1;
+    let added = admin
+        .add_domain(mailsuite_proto::AddDomainRequest {
+            name: domain.into(),
+            catch_all: String::new(),
+        })
+        .await;
+    if let Err(s) = added {
+        assert_eq!(
+            s.code(),
+            tonic::Code::AlreadyExists,
+            "add domain {domain}: {s}"
+        );
+    }
+    admin
+        .add_account(mailsuite_proto::AddAccountRequest {
+            address: address.into(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("add account");
+}
