@@ -21,6 +21,9 @@ SMTP_MESSAGES=${SMTP_MESSAGES:-20000}
 SMTP_CONNECTIONS=${SMTP_CONNECTIONS:-50}
 PER_USER=${PER_USER:-1000}
 IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
+# Accounts the IDLE sessions spread over (bench1..benchN; needs USERS >= IDLE_USERS): 1 puts
+# every session on one account, 1000 with 10000 sessions gives 10 per account.
+IDLE_USERS=${IDLE_USERS:-1}
 DURATION=${DURATION:-20}
 # Seconds over which the SMTP sessions open (0: all at once). Only needed to dodge the queue-id
 # collision smtp-ingress had before c9824ad.
@@ -167,7 +170,7 @@ if want bigmsg; then
 fi
 if want idle; then
   # Logins are argon2id verifications: a small ramp keeps the store's memory bounded.
-  run idle idle --server $IMAP --users 1 -n "$IDLE_SESSIONS" --ramp "${IDLE_RAMP:-16}" --server-pid "$PID_imap_gateway" --smtp $SMTP \
+  run idle idle --server $IMAP --users "$IDLE_USERS" -n "$IDLE_SESSIONS" --ramp "${IDLE_RAMP:-16}" --server-pid "$PID_imap_gateway" --smtp $SMTP \
     --deliveries 3
 fi
 if want serve; then

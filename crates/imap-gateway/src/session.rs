@@ -821,6 +821,7 @@ impl Session {
             c("LIST-EXTENDED"),
             c("LIST-STATUS"),
             c("MULTIAPPEND"),
+            Capability::Within,
         ]);
         if self.state != StateKind::NotAuthenticated {
             caps.extend([
@@ -3353,6 +3354,8 @@ impl Session {
             SearchKey::Header(n, v) => header(&s(n), v),
             SearchKey::Body(v) => K::Body(s(v)),
             SearchKey::Text(v) => K::Text(s(v)),
+            SearchKey::Older(n) => K::OlderThanSecs(u64::from(n.get())),
+            SearchKey::Younger(n) => K::YoungerThanSecs(u64::from(n.get())),
             SearchKey::ModSequence { modseq: m, .. } => {
                 *modseq = true;
                 K::Modseq(*m)

@@ -118,6 +118,14 @@ impl Builder {
                 }
             }
             Key::Not(k) => format!("(NOT {})", self.cond(k, depth + 1)?),
+            // RFC 5032: "less recent than or equal to" / "more recent than or equal to" the
+            // server's current time minus the interval.
+            Key::OlderThanSecs(n) | Key::YoungerThanSecs(n) => {
+                let secs = i64::try_from(*n).unwrap_or(i64::MAX).min(1 << 40);
+                let p = self.bind(Arg::I64(secs));
+                let op = if matches!(k, Key::OlderThanSecs(_)) { "<=" } else { ">=" };
+                format!("(m.internal_date {op} now() - make_interval(secs => {p}::bigint))")
+            }
             Key::Uids(set) => {
                 let (s, e) = crate::store::uidset_pairs(Some(set));
                 let a = self.bind(Arg::I64s(s));

@@ -1,16 +1,19 @@
 //! The `smtp-ingress` binary: --help, config from flags, readiness, greeting, SIGTERM.
 
-use mailsuite_testkit::process::{check_service_binary, free_addr};
+use mailsuite_testkit::process::{check_service_binary, free_addr, store_health_standin};
 
 #[tokio::test]
 async fn binary_starts_greets_and_exits_on_sigterm() {
+    // Readiness follows the store's gRPC health: a health service reporting the Mailbox
+    // service SERVING stands in for the store.
+    let (store, server) = store_health_standin().await;
     let (smtp, ops) = (free_addr(), free_addr());
     let settings = [
         ("listen_smtp", smtp.clone()),
         ("listen_submission", free_addr()),
         ("listen_submissions", free_addr()),
         ("listen_ops", ops.clone()),
-        ("store_url", format!("http://{}", free_addr())),
+        ("store_url", store),
         ("queue_url", format!("http://{}", free_addr())),
     ];
     check_service_binary(
@@ -21,4 +24,5 @@ async fn binary_starts_greets_and_exits_on_sigterm() {
         Some((&smtp, "220 ")),
     )
     .await;
+    server.abort();
 }

@@ -261,3 +261,23 @@ pub async fn assert_refuses_public_grpc_without_token(bin: &'static str) {
         "{err}"
     );
 }
+
+/// A gRPC health service reporting `mailsuite.v1.Mailbox` SERVING, standing in for the store
+/// whose health a gateway's `/readyz` follows. Returns its `http://` URL; dropping the handle
+/// leaves it running until the test's runtime ends (abort it to take the "store" away).
+pub async fn store_health_standin() -> (String, tokio::task::JoinHandle<()>) {
+    let (reporter, health) = mailsuite_runtime::grpc::health_reporter();
+    reporter
+        .set_service_status("mailsuite.v1.Mailbox", tonic_health::ServingStatus::Serving)
+        .await;
+    let (listener, addr) = mailsuite_runtime::grpc::bind("127.0.0.1:0")
+        .await
+        .expect("bind the health stand-in");
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(mailsuite_runtime::grpc::incoming(listener))
+            .await;
+    });
+    (format!("http://{addr}"), server)
+}
