@@ -64,20 +64,14 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Started, Error>
         Duration::from_secs(config.limits.store_timeout_secs.max(1)),
     )?;
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
-    config.proxy_protocol.validate(&LISTENERS)?;
-    let limits = config.limits.connections;
-    let bind = |addr: &str, name: &str| {
-        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
-        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
-    };
-    let imap = bind(&config.listen_imap, LISTENERS[0]).await?;
-    let imaps = bind(&config.listen_imaps, LISTENERS[1]).await?;
-    let ops = if config.listen_ops.is_empty() {
-        None
-    } else {
-        let (l, _) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
-        Some(l)
-    };
+    let ([imap, imaps], ops) = LimitedListener::bind_all(
+        [&config.listen_imap, &config.listen_imaps],
+        &LISTENERS,
+        config.limits.connections,
+        &config.proxy_protocol,
+        &config.listen_ops,
+    )
+    .await?;
     let started = Started {
         imap: imap.as_ref().map(|l| l.local_addr()).transpose()?,
         imaps: imaps.as_ref().map(|l| l.local_addr()).transpose()?,

@@ -66,20 +66,14 @@ pub async fn start_with<B: Backend>(
         );
     }
     let acceptor = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
-    config.proxy_protocol.validate(&LISTENERS)?;
-    let limits = config.limits.connections;
-    let bind = |addr: &str, name: &str| {
-        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
-        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
-    };
-    let pop3 = bind(&config.listen_pop3, LISTENERS[0]).await?;
-    let pop3s = bind(&config.listen_pop3s, LISTENERS[1]).await?;
-    let ops = if config.listen_ops.is_empty() {
-        None
-    } else {
-        let (l, _) = mailsuite_runtime::grpc::bind(&config.listen_ops).await?;
-        Some(l)
-    };
+    let ([pop3, pop3s], ops) = LimitedListener::bind_all(
+        [&config.listen_pop3, &config.listen_pop3s],
+        &LISTENERS,
+        config.limits.connections,
+        &config.proxy_protocol,
+        &config.listen_ops,
+    )
+    .await?;
     let started = Started {
         pop3: pop3.as_ref().map(|l| l.local_addr()).transpose()?,
         pop3s: pop3s.as_ref().map(|l| l.local_addr()).transpose()?,

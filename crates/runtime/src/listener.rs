@@ -187,6 +187,30 @@ impl LimitedListener {
         Ok(Some(Self::bind(addr, limits).await?.with_proxy(proxy)))
     }
 
+    /// Every listener of a protocol gateway, by name: `addrs[i]` is bound as `names[i]`
+    /// (`None` where the address is empty), each with `limits` and the PROXY policy `proxy`
+    /// gives that name (unknown names in `proxy` are refused first); and the ops listener at
+    /// `ops` (`None` when empty).
+    pub async fn bind_all<const N: usize>(
+        addrs: [&str; N],
+        names: &[&str; N],
+        limits: ConnLimits,
+        proxy: &crate::proxy_protocol::ProxyProtocolConfig,
+        ops: &str,
+    ) -> Result<([Option<Self>; N], Option<TcpListener>), crate::service::StartError> {
+        proxy.validate(names)?;
+        let mut bound: [Option<Self>; N] = std::array::from_fn(|_| None);
+        for (i, addr) in addrs.iter().enumerate() {
+            bound[i] = Self::bind_configured(addr, limits, proxy.policy(names[i])).await?;
+        }
+        let ops = if ops.is_empty() {
+            None
+        } else {
+            Some(crate::grpc::bind(ops).await?.0)
+        };
+        Ok((bound, ops))
+    }
+
     pub fn from_listener(inner: TcpListener, limits: ConnLimits) -> Self {
         LimitedListener {
             inner,

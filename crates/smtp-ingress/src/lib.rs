@@ -74,26 +74,25 @@ pub async fn start_with<B: Backend>(
     verifier: Option<Verifier>,
     shutdown: Shutdown,
 ) -> Result<Started, Error> {
-    config.proxy_protocol.validate(&LISTENERS)?;
     let tls = TlsAcceptor::from(mailsuite_runtime::tls::server_config(&config.tls)?);
     let limits = config.limits.conn_limits();
-    let bind = |addr: &str, name: &str| {
-        let (addr, proxy) = (addr.to_owned(), config.proxy_protocol.policy(name));
-        async move { LimitedListener::bind_configured(&addr, limits, proxy).await }
-    };
-    let smtp = bind(&config.listen_smtp, LISTENERS[0]).await?;
-    let submission = bind(&config.listen_submission, LISTENERS[1]).await?;
-    let submissions = bind(&config.listen_submissions, LISTENERS[2]).await?;
-    let ops = if config.listen_ops.is_empty() {
-        None
-    } else {
-        Some(mailsuite_runtime::grpc::bind(&config.listen_ops).await?)
-    };
+    let ([smtp, submission, submissions], ops) = LimitedListener::bind_all(
+        [
+            &config.listen_smtp,
+            &config.listen_submission,
+            &config.listen_submissions,
+        ],
+        &LISTENERS,
+        limits,
+        &config.proxy_protocol,
+        &config.listen_ops,
+    )
+    .await?;
     let started = Started {
         smtp: smtp.as_ref().map(|l| l.local_addr()).transpose()?,
         submission: submission.as_ref().map(|l| l.local_addr()).transpose()?,
         submissions: submissions.as_ref().map(|l| l.local_addr()).transpose()?,
-        ops: ops.as_ref().map(|o| o.1),
+        ops: ops.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     let rates = limits::RateLimiter::new(&config.limits);
     let l = &config.limits;
@@ -146,7 +145,7 @@ pub async fn start_with<B: Backend>(
             ));
         }
     }
-    if let Some((listener, _)) = ops {
+    if let Some(listener) = ops {
         let o = mailsuite_runtime::metrics::ops();
         let l = &shared.config.limits;
         let (interval, deadline) = (
