@@ -214,8 +214,11 @@ where
                         tokio::time::sleep(wait).await;
                     }
                     let tag = cmd.tag.clone();
+                    // Boxed: a command's future (SORT, FETCH, APPEND ... each hold large
+                    // state across awaits) would otherwise be part of every connection's
+                    // future, and so of every idle session's memory, not only while it runs.
                     let next = tokio::select! {
-                        n = session.handle_ext(*cmd, ext, &mut out) => n?,
+                        n = Box::pin(session.handle_ext(*cmd, ext, &mut out)) => n?,
                         _ = shared.shutdown.forced() => return Ok(()),
                     };
                     match next {
@@ -233,7 +236,8 @@ where
                             out.tagged(&tag, StatusKind::Ok, None, "Begin TLS negotiation now");
                             out.flush().await?;
                             drop(out);
-                            stream = stream.into_tls(&acceptor, TLS_HANDSHAKE_TIMEOUT).await?;
+                            stream =
+                                Box::pin(stream.into_tls(&acceptor, TLS_HANDSHAKE_TIMEOUT)).await?;
                             session.tls = true;
                             metric.tls_upgraded();
                             // Bytes pipelined after STARTTLS came in plaintext: never act on
@@ -257,7 +261,7 @@ where
                             // hub event (a lost event turns into a resync event), so a change
                             // not yet announced is reported during IDLE when it is. Polling
                             // here made every re-IDLE of every session a store call.
-                            session.sync(&mut out, true, false).await?;
+                            Box::pin(session.sync(&mut out, true, false)).await?;
                         }
                     }
                     let _ = tag;
@@ -273,7 +277,7 @@ where
                             Next::Continue
                         }
                         AuthenticateData::Continue(d) => {
-                            session.auth_plain(&tag, d.declassify(), &mut out).await?
+                            Box::pin(session.auth_plain(&tag, d.declassify(), &mut out)).await?
                         }
                     };
                     if next == Next::Logout {
@@ -284,7 +288,7 @@ where
                 Input::IdleDone => {
                     decoder.set_mode(Mode::Command);
                     if let Some(tag) = pending.take() {
-                        session.sync(&mut out, true, false).await?;
+                        Box::pin(session.sync(&mut out, true, false)).await?;
                         out.tagged(&tag, StatusKind::Ok, None, "IDLE terminated");
                     }
                 }
@@ -390,7 +394,7 @@ where
             Wake::Event(Some(ev)) => {
                 let affected = session.on_event(&ev, &mut out);
                 if affected && decoder.mode() == Mode::IdleDone {
-                    session.sync(&mut out, true, false).await?;
+                    Box::pin(session.sync(&mut out, true, false)).await?;
                 }
                 out.flush().await?;
                 if session.state() == StateKind::Logout {
@@ -430,5 +434,31 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(unlimited.take(), Duration::ZERO);
         }
+    }
+
+    /// Every connection's task holds its whole future, idle or not: a command's state held
+    /// inline (SORT, FETCH, APPEND, a store call) would cost every idle session that much
+    /// memory (issue 13: < 32 KiB per IDLE session). Commands, syncs, login and the TLS
+    /// upgrade are boxed so they cost only while they run.
+    #[tokio::test]
+    async fn an_idle_connection_future_stays_small() {
+        let config = Config::default();
+        let shared = Arc::new(Shared {
+            auth_limiter: Arc::new(crate::authlimit::AuthLimiter::new(
+                5,
+                Duration::from_secs(60),
+                16,
+            )),
+            store: Store::connect("http://127.0.0.1:9", "", Duration::from_secs(1)).unwrap(),
+            hub: Hub::new(10),
+            tls: None,
+            shutdown: Shutdown::new(),
+            config,
+        });
+        let (stream, _peer_end) = tokio::io::duplex(64);
+        let fut = handle(shared, stream, "192.0.2.1:1143".parse().unwrap(), false);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        assert!(size < 4096, "the connection future is {size} bytes");
     }
 }
