@@ -33,8 +33,10 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 const READ_CHUNK: usize = 16 * 1024;
+/// Room for the next command(s) while waiting between commands.
+const IDLE_READ_CHUNK: usize = 2 * 1024;
 /// The session's stream: plain or TLS over the boxed transport (TCP, or a pipe in tests).
-type Stream = MailStream<Box<dyn Io>>;
+pub type Stream = MailStream<Box<dyn Io>>;
 
 enum Stop {
     /// The peer closed, or an I/O error: nothing more to say.
@@ -97,10 +99,18 @@ impl<B: Backend> Driver<B> {
     async fn fill(&mut self, deadline: Instant, idle: bool) -> Result<(), Stop> {
         self.flush().await?;
         let deadline = deadline.min(self.session_deadline);
-        let mut tmp = [0u8; READ_CHUNK];
+        // Straight into the input buffer (no chunk array in this future: it would be part of
+        // every connection's task). Between commands a small read does; a body is read in
+        // large ones, and the room it took is given back once the session is idle again.
+        let chunk = if idle { IDLE_READ_CHUNK } else { READ_CHUNK };
+        if idle && self.input.is_empty() && self.input.capacity() > 2 * IDLE_READ_CHUNK {
+            self.input = Vec::new();
+        }
+        self.input.reserve(chunk);
+        let (io, input) = (&mut self.io, &mut self.input);
         let read = async {
             tokio::select! {
-                r = timeout_at(deadline, self.io.read(&mut tmp)) => Some(r),
+                r = timeout_at(deadline, io.read_buf(input)) => Some(r),
                 _ = self.shutdown.stopping(), if idle => None,
                 _ = self.shutdown.forced() => None,
             }
@@ -109,10 +119,7 @@ impl<B: Backend> Driver<B> {
             None => Err(Stop::Say(self.session.shutdown_reply())),
             Some(Err(_)) => Err(Stop::Say(self.timeout_reply())),
             Some(Ok(Ok(0))) | Some(Ok(Err(_))) => Err(Stop::Gone),
-            Some(Ok(Ok(n))) => {
-                self.input.extend_from_slice(&tmp[..n]);
-                Ok(())
-            }
+            Some(Ok(Ok(_))) => Ok(()),
         }
     }
 
@@ -133,6 +140,9 @@ impl<B: Backend> Driver<B> {
     }
 
     /// Run a session step, abandoning it only when shutdown is forced.
+    /// Run one session step unless a forced shutdown comes first. Callers box the step's
+    /// future: held inline, the largest step's state (a Deliver, an AUTH) would be part of
+    /// every connection's task, idle or not.
     async fn step<F: std::future::Future<Output = Outcome>>(
         shutdown: &Shutdown,
         fut: F,
@@ -216,7 +226,9 @@ impl<B: Backend> Driver<B> {
                     .session
                     .bad_command(crate::codec::CommandError::AuthLineTooLong),
                 Line::Complete(l) => match parse_command(&l) {
-                    Ok(cmd) => Self::step(&self.shutdown, self.session.command(cmd)).await?,
+                    Ok(cmd) => {
+                        Self::step(&self.shutdown, Box::pin(self.session.command(cmd))).await?
+                    }
                     Err(e) => self.session.bad_command(e),
                 },
             };
@@ -265,8 +277,7 @@ impl<B: Backend> Driver<B> {
                             &mut self.io,
                             MailStream::Plain(Box::new(tokio::io::empty())),
                         );
-                        self.io = plain
-                            .into_tls(acceptor, TLS_HANDSHAKE_TIMEOUT)
+                        self.io = Box::pin(plain.into_tls(acceptor, TLS_HANDSHAKE_TIMEOUT))
                             .await
                             .map_err(|_| Stop::Gone)?;
                         let Some(info) = self.io.tls_info() else {
@@ -285,7 +296,8 @@ impl<B: Backend> Driver<B> {
                         lines.expect_auth_response(false);
                         outcome = match line? {
                             Line::Complete(l) => {
-                                Self::step(&self.shutdown, self.session.auth_line(&l)).await?
+                                Self::step(&self.shutdown, Box::pin(self.session.auth_line(&l)))
+                                    .await?
                             }
                             Line::TooLong | Line::AuthTooLong => self.session.auth_line_too_long(),
                         };
@@ -296,7 +308,8 @@ impl<B: Backend> Driver<B> {
                         }
                         let (body, end) = self.read_data().await?;
                         outcome =
-                            Self::step(&self.shutdown, self.session.data_end(body, end)).await?;
+                            Self::step(&self.shutdown, Box::pin(self.session.data_end(body, end)))
+                                .await?;
                     }
                     Next::Bdat { size, last } => {
                         if let Some(r) = reply {
@@ -304,7 +317,8 @@ impl<B: Backend> Driver<B> {
                         }
                         self.read_bdat(size).await?;
                         outcome =
-                            Self::step(&self.shutdown, self.session.bdat_end(size, last)).await?;
+                            Self::step(&self.shutdown, Box::pin(self.session.bdat_end(size, last)))
+                                .await?;
                     }
                 }
             }

@@ -155,7 +155,16 @@ fn config() -> Config {
 }
 
 fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session<Fake> {
-    let shared = Arc::new(Shared {
+    let shared = shared_with(config, backend);
+    let tls = tls.then(|| TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+    });
+    Session::new(shared, port, "192.0.2.9:4000".parse().unwrap(), tls)
+}
+
+fn shared_with(config: Config, backend: Fake) -> Arc<Shared<Fake>> {
+    Arc::new(Shared {
         rates: RateLimiter::new(&config.limits),
         config,
         backend,
@@ -166,12 +175,7 @@ fn session_with(port: Port, tls: bool, config: Config, backend: Fake) -> Session
             std::time::Duration::from_secs(30),
             crate::domains::MAX_DOMAINS,
         ),
-    });
-    let tls = tls.then(|| TlsInfo {
-        version: "TLSv1.3".into(),
-        cipher: "TLS13_AES_128_GCM_SHA256".into(),
-    });
-    Session::new(shared, port, "192.0.2.9:4000".parse().unwrap(), tls)
+    })
 }
 
 fn session(port: Port, tls: bool) -> Session<Fake> {
@@ -1275,4 +1279,23 @@ mod iprev {
         assert!(text.contains("iprev=fail"), "{text}");
         assert!(!text.contains("liar.example"), "{text}");
     }
+}
+
+/// Every connection's task holds its whole future, idle or not: a read buffer or a step's
+/// state (a Deliver, an AUTH) held inline would cost every open connection that much memory.
+/// Steps and the TLS upgrade are boxed, and reads go straight into the input buffer.
+#[tokio::test]
+async fn an_idle_connection_future_stays_small() {
+    let shared = shared_with(config(), fake());
+    let s = Session::new(
+        shared.clone(),
+        Port::Mx,
+        "192.0.2.9:4000".parse().unwrap(),
+        None,
+    );
+    let (a, _b) = tokio::io::duplex(64);
+    let io: crate::connection::Stream = mailsuite_runtime::stream::MailStream::Plain(Box::new(a));
+    let fut = crate::connection::serve(io, s, shared, None, mailsuite_runtime::Shutdown::new());
+    let size = std::mem::size_of_val(&fut);
+    assert!(size < 4096, "the connection future is {size} bytes");
 }
