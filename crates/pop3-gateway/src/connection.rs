@@ -193,7 +193,7 @@ async fn serve<B: Backend>(
     };
     if implicit_tls {
         let within = handshake_deadline.saturating_duration_since(tokio::time::Instant::now());
-        let tls = match MailStream::accept(tcp, &shared.acceptor, within).await {
+        let tls = match Box::pin(MailStream::accept(tcp, &shared.acceptor, within)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -208,10 +208,7 @@ async fn serve<B: Backend>(
     if let Next::StartTls(tcp) = conn.run(tcp).await {
         let handshake_deadline = (tokio::time::Instant::now() + handshake).min(login_deadline);
         let within = handshake_deadline.saturating_duration_since(tokio::time::Instant::now());
-        match MailStream::Plain(tcp)
-            .into_tls(&shared.acceptor, within)
-            .await
-        {
+        match Box::pin(MailStream::Plain(tcp).into_tls(&shared.acceptor, within)).await {
             Ok(tls) => {
                 conn.session.tls_started();
                 session_metrics.tls_upgraded();
@@ -246,7 +243,12 @@ impl<B: Backend> Conn<B> {
             {
                 let span = tracing::info_span!("pop3.command", pop3.command = keyword_of(&line));
                 let action = span.in_scope(|| self.session.handle_line(line));
-                match self.perform(action, &mut io).instrument(span).await {
+                // Boxed: a command's future (a login, a RETR streaming from the store) would
+                // otherwise be part of every connection's task, idle or not.
+                match Box::pin(self.perform(action, &mut io))
+                    .instrument(span)
+                    .await
+                {
                     Flow::Continue => {}
                     Flow::Close => {
                         self.close(&mut io).await;

@@ -947,3 +947,33 @@ async fn read_ahead_can_be_turned_off() {
     assert!(s.bodies_calls.is_empty());
     assert_eq!(s.body_calls, vec![3, 5]);
 }
+
+/// Every connection's task holds its whole future, idle or not: a command's state held
+/// inline (a login or a RETR through the real store client) would cost every open
+/// connection that much memory. Commands and the TLS handshakes are boxed.
+#[tokio::test]
+async fn an_idle_connection_future_stays_small() {
+    let certs = TestCerts::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        mailsuite_runtime::tls::server_config(&certs.tls_config()).unwrap(),
+    );
+    let backend = mailsuite_pop3_gateway::StoreBackend::connect(
+        "http://127.0.0.1:9",
+        "",
+        Duration::from_secs(1),
+        64 * 1024,
+    )
+    .unwrap();
+    let shared = Arc::new(mailsuite_pop3_gateway::connection::Shared::new(
+        backend,
+        Config::default(),
+        acceptor,
+        Shutdown::new(),
+    ));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let peer = "192.0.2.1:110".parse().unwrap();
+    let fut = mailsuite_pop3_gateway::connection::handle(shared, c, peer, false);
+    let size = std::mem::size_of_val(&fut);
+    assert!(size < 4096, "the connection future is {size} bytes");
+}
