@@ -240,24 +240,24 @@ fn take_path(t: &mut Table, path: &[String]) -> Option<Value> {
     }
 }
 
+/// The table at `parents`, making the tables on the way (a non-table in the way is replaced).
+fn table_at<'a>(t: &'a mut Table, parents: &[String]) -> &'a mut Table {
+    let Some((first, rest)) = parents.split_first() else {
+        return t;
+    };
+    let entry = t
+        .entry(first.clone())
+        .or_insert_with(|| Value::Table(Table::new()));
+    if !entry.is_table() {
+        *entry = Value::Table(Table::new());
+    }
+    table_at(entry.as_table_mut().expect("made a table just above"), rest)
+}
+
 /// Put `value` at `path` as it is (a file's typed value), making the tables on the way.
 fn insert_path(t: &mut Table, path: &[String], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            t.insert(last.clone(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = t
-                .entry(first.clone())
-                .or_insert_with(|| Value::Table(Table::new()));
-            if !entry.is_table() {
-                *entry = Value::Table(Table::new());
-            }
-            if let Value::Table(sub) = entry {
-                insert_path(sub, rest, value);
-            }
-        }
+    if let Some((last, parents)) = path.split_last() {
+        table_at(t, parents).insert(last.clone(), value);
     }
 }
 
@@ -273,39 +273,27 @@ fn has_path(t: &Table, path: &[String]) -> bool {
 }
 
 fn set_path(t: &mut Table, path: &[String], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            // Keep strings for keys that are strings by default ("0123" stays a string);
-            // a list key given one plain value takes it as a comma-separated list
-            // (`MAILSUITE_PROXY_PROTOCOL__TRUSTED=10.0.0.0/8,fd00::/8`; TOML's `["a", "b"]`
-            // works too, and an empty value is the empty list).
-            let value = match (t.get(last), value) {
-                (Some(Value::String(_)), v) if !v.is_str() => Value::String(scalar_text(&v)),
-                (Some(Value::Array(_)), v) if !v.is_array() => Value::Array(
-                    scalar_text(&v)
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| Value::String(s.to_owned()))
-                        .collect(),
-                ),
-                (_, v) => v,
-            };
-            t.insert(last.clone(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = t
-                .entry(first.clone())
-                .or_insert_with(|| Value::Table(Table::new()));
-            if !entry.is_table() {
-                *entry = Value::Table(Table::new());
-            }
-            if let Value::Table(sub) = entry {
-                set_path(sub, rest, value);
-            }
-        }
-    }
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let t = table_at(t, parents);
+    // Keep strings for keys that are strings by default ("0123" stays a string); a list key
+    // given one plain value takes it as a comma-separated list
+    // (`MAILSUITE_PROXY_PROTOCOL__TRUSTED=10.0.0.0/8,fd00::/8`; TOML's `["a", "b"]` works
+    // too, and an empty value is the empty list).
+    let value = match (t.get(last), value) {
+        (Some(Value::String(_)), v) if !v.is_str() => Value::String(scalar_text(&v)),
+        (Some(Value::Array(_)), v) if !v.is_array() => Value::Array(
+            scalar_text(&v)
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        ),
+        (_, v) => v,
+    };
+    t.insert(last.clone(), value);
 }
 
 fn scalar_text(v: &Value) -> String {
